@@ -1,0 +1,26 @@
+"""Models: open_clip builds every architecture; ``TBPSModel`` adds token-level outputs.
+
+Paper architectures come from open_clip by name (``ViT-B-16``, ``RN50``, ``RN101``,
+``EVA02-B-16``) with weights by tag (``openai``) or a local checkpoint path. Tiny
+architectures for CPU work are JSON files in ``model_configs/`` beside this file.
+"""
+
+from tbps.models.factory import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ModelSpec,
+    create_model,
+    get_tokenizer,
+    list_architectures,
+)
+from tbps.models.tbps_model import TBPSModel
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "ModelSpec",
+    "TBPSModel",
+    "create_model",
+    "get_tokenizer",
+    "list_architectures",
+]

@@ -1,0 +1,155 @@
+"""``TBPSModel``: an open_clip model with the token-level outputs TBPS recipes need.
+
+``forward`` does no tokenisation, augmentation or device moves: it takes a batch of
+preprocessed images (B, 3, H, W) and token ids (B, L) and returns features.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from tbps.models.factory import ModelSpec
+
+
+class TBPSModel(nn.Module):
+    """Dual encoder over an open_clip ``CLIP`` / ``CustomTextCLIP``.
+
+    Global features are the projected (not normalised) embeddings, (B, D). Token
+    outputs are projected into the same D-dim space so cross-modal modules can mix them.
+    """
+
+    def __init__(self, clip: nn.Module, spec: "ModelSpec"):
+        super().__init__()
+        self.clip = clip
+        self.spec = spec
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """Log of the learnable inverse temperature (CLIP initialises it to log(1/0.07))."""
+        return self.clip.logit_scale
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = getattr(self.clip.visual, "image_size", None)
+        if size is None:  # timm trunks
+            size = self.clip.visual.trunk.patch_embed.img_size
+        if isinstance(size, int):
+            size = (size, size)
+        return tuple(int(s) for s in size)
+
+    @property
+    def embed_dim(self) -> int:
+        with torch.no_grad():
+            return int(self.clip.encode_text(torch.zeros(1, self.context_length, dtype=torch.long)).shape[-1])
+
+    @property
+    def context_length(self) -> int:
+        if hasattr(self.clip, "context_length"):
+            return int(self.clip.context_length)
+        return int(self.clip.text.context_length)
+
+    def _text_blocks(self):
+        transformer = self.clip.transformer if hasattr(self.clip, "transformer") else self.clip.text.transformer
+        return transformer.resblocks
+
+    # ------------------------------------------------------------------- settings
+    def set_text_attention_dropout(self, p: float) -> None:
+        """Dropout on the text encoder's attention weights (TBPS-CLIP uses 0.05)."""
+        for block in self._text_blocks():
+            attn = block.attn
+            if isinstance(attn, nn.MultiheadAttention):
+                attn.dropout = float(p)
+            else:  # open_clip's custom Attention
+                attn.attn_drop = nn.Dropout(p) if not hasattr(attn, "attn_drop") else attn.attn_drop
+                attn.attn_drop.p = float(p)
+
+    def freeze_patch_embedding(self) -> None:
+        """Freeze the image patch-embedding conv (a TBPS-CLIP trick for stability)."""
+        visual = self.clip.visual
+        if hasattr(visual, "conv1"):
+            visual.conv1.requires_grad_(False)
+        elif hasattr(visual, "trunk") and hasattr(visual.trunk, "patch_embed"):
+            visual.trunk.patch_embed.requires_grad_(False)
+        else:
+            raise ValueError(f"{type(visual).__name__} has no patch embedding to freeze")
+
+    # ------------------------------------------------------------------- encoders
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) projected global image features."""
+        return self.clip.encode_image(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, D) projected global text features."""
+        return self.clip.encode_text(tokens)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "image_features": self.encode_image(images),
+            "text_features": self.encode_text(tokens),
+            "logit_scale": self.logit_scale.exp(),
+        }
+
+    def image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> global (B, D) and patch tokens (B, N, D), both projected."""
+        visual = self.clip.visual
+        if hasattr(visual, "_embeds") and hasattr(visual, "_pool"):  # open_clip ViT
+            x = visual.transformer(visual._embeds(images))  # (B, 1+N, W)
+            pooled, tokens = visual._pool(x)  # (B, W), (B, N, W)
+            if visual.proj is not None:
+                pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
+            return pooled, tokens
+        if hasattr(visual, "trunk"):  # timm trunk (EVA02)
+            feats = visual.trunk.forward_features(images)  # (B, prefix+N, C)
+            n_prefix = getattr(visual.trunk, "num_prefix_tokens", 1)
+            pooled = visual.head(visual.trunk.forward_head(feats, pre_logits=True))
+            return pooled, visual.head(feats[:, n_prefix:])
+        if hasattr(visual, "attnpool"):  # ModifiedResNet
+            x = visual.stem(images)
+            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # (B, C, h, w)
+            pooled = visual.attnpool(x)
+            pool = visual.attnpool
+            # Value path of the attention pool applied to every position: a D-dim token per cell.
+            tokens = pool.c_proj(pool.v_proj(x.flatten(2).transpose(1, 2)))  # (B, h*w, D)
+            return pooled, tokens
+        raise TypeError(f"token outputs not supported for {type(visual).__name__}")
+
+    def text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L) ids -> global (B, D), word tokens (B, L, D), and a (B, L) mask of real tokens."""
+        from open_clip.transformer import text_global_pool
+
+        clip = self.clip
+        if hasattr(clip, "token_embedding"):  # CLIP: text tower inlined in the model
+            cast = clip.transformer.get_cast_dtype()
+            x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding.to(cast)
+            x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))  # (B, L, W)
+            pooled = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+            proj = clip.text_projection
+        else:  # CustomTextCLIP with an open_clip TextTransformer
+            text = clip.text
+            was = text.output_tokens
+            text.output_tokens = True
+            try:
+                pooled, x = text(tokens)
+            finally:
+                text.output_tokens = was
+            proj = None  # TextTransformer already projected `pooled`
+            x = x @ text.text_projection if text.text_projection is not None else x
+            mask = tokens != 0
+            return pooled, x, mask
+        if proj is not None:
+            if isinstance(proj, nn.Linear):
+                pooled, x = proj(pooled), proj(x)
+            else:
+                pooled, x = pooled @ proj, x @ proj
+        mask = tokens != 0  # open_clip pads with 0
+        return pooled, x, mask
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
