@@ -147,7 +147,6 @@ def _make_record(
     base: Path,
     image_key: str,
     split: str | None,
-    allowed_splits: tuple[str, ...] = SPLITS,
     caption_keys: tuple[str, ...] = ("captions",),
 ) -> _Located:
     """Build one Record from one annotation object.
@@ -163,7 +162,7 @@ def _make_record(
     where = f"{where} ({image_key}={raw[image_key]!r})"
     pid = _pid(raw, "id", where)
     if split is None:
-        split = _split(_field(raw, "split", where), "split", where, allowed_splits)
+        split = _split(_field(raw, "split", where), "split", where, SPLITS)
 
     key = next((k for k in caption_keys if k in raw), caption_keys[0])
     value = _field(raw, key, where)
@@ -195,7 +194,6 @@ class JsonListLayout:
     name: str
     files: tuple[str, ...]  # accepted annotation file names, in order of preference
     image_key: str
-    splits: tuple[str, ...]
     image_dir: str = "imgs"
 
     def annotation_files(self, root: Path) -> list[Path]:
@@ -226,8 +224,7 @@ class JsonListLayout:
         if not raws:
             raise DataError(f"{path}: no records (the list is empty)")
         return [
-            _make_record(raw, f"{path}, record {i}", base=base, image_key=self.image_key, split=None,
-                         allowed_splits=self.splits)
+            _make_record(raw, f"{path}, record {i}", base=base, image_key=self.image_key, split=None)
             for i, raw in enumerate(raws)
         ]
 
@@ -241,10 +238,14 @@ class SplitFilesLayout:
     """
 
     name: str
-    files: tuple[tuple[str, str], ...]  # (split, file name)
+    split_files: tuple[tuple[str, str], ...]  # (split, file name)
     required_any: tuple[str, ...]  # detect() needs at least one of these
     image_key: str = "file_path"
     image_dir: str = "imgs"
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(f for _, f in self.split_files)
 
     def detect(self, root: Path) -> bool:
         return any((Path(root) / f).is_file() for f in self.required_any)
@@ -260,7 +261,7 @@ class SplitFilesLayout:
             raise DataError(f"{root}: no {self.looks_for()} found for layout {self.name!r}")
         base = Path(image_root) if image_root is not None else root / self.image_dir
         out: list[_Located] = []
-        for split, fname in self.files:
+        for split, fname in self.split_files:
             path = root / fname
             if not path.is_file():
                 continue
@@ -269,7 +270,7 @@ class SplitFilesLayout:
                 for i, raw in enumerate(_read_json_list(path))
             ]
         if not out:
-            names = ", ".join(f for _, f in self.files if (root / f).is_file())
+            names = ", ".join(f for f in self.files if (root / f).is_file())
             raise DataError(f"{root}: no records in {names} (the lists are empty)")
         return out
 
@@ -285,6 +286,11 @@ class JsonlLayout:
 
     name: str = "jsonl"
     file: str = "annotations.jsonl"
+    image_dir: str = ""  # image paths are relative to the root itself
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.file,)
 
     def detect(self, root: Path) -> bool:
         return (Path(root) / self.file).is_file()
@@ -313,12 +319,12 @@ class JsonlLayout:
 
 
 LAYOUTS: dict[str, Adapter] = {
-    "cuhk-pedes": JsonListLayout("cuhk-pedes", ("reid_raw.json",), "file_path", SPLITS),
-    "icfg-pedes": JsonListLayout("icfg-pedes", ("ICFG-PEDES.json", "ICFG_PEDES.json"), "file_path", SPLITS),
-    "rstpreid": JsonListLayout("rstpreid", ("data_captions.json",), "img_path", SPLITS),
+    "cuhk-pedes": JsonListLayout("cuhk-pedes", ("reid_raw.json",), "file_path"),
+    "icfg-pedes": JsonListLayout("icfg-pedes", ("ICFG-PEDES.json", "ICFG_PEDES.json"), "file_path"),
+    "rstpreid": JsonListLayout("rstpreid", ("data_captions.json",), "img_path"),
     "tbps-clip": SplitFilesLayout(
         "tbps-clip",
-        files=(("train", "train_reid.json"), ("val", "val_reid.json"), ("test", "test_reid.json")),
+        split_files=(("train", "train_reid.json"), ("val", "val_reid.json"), ("test", "test_reid.json")),
         required_any=("train_reid.json", "test_reid.json"),
     ),
     "jsonl": JsonlLayout(),
@@ -349,20 +355,9 @@ def _existing_root(root: str | os.PathLike) -> tuple[Path, str | None]:
     if path.is_dir():
         return Path(os.path.abspath(path)), None
     for name, adapter in LAYOUTS.items():
-        files = _file_names(adapter)
-        if path.name in files:
+        if path.name in getattr(adapter, "files", ()):
             return Path(os.path.abspath(path.parent)), name
     raise DataError(f"{path} is a file, not a dataset folder (and not a known annotation file name)")
-
-
-def _file_names(adapter: Any) -> tuple[str, ...]:
-    if isinstance(adapter, JsonListLayout):
-        return adapter.files
-    if isinstance(adapter, SplitFilesLayout):
-        return tuple(f for _, f in adapter.files)
-    if isinstance(adapter, JsonlLayout):
-        return (adapter.file,)
-    return ()
 
 
 def detect_layout(root: str | os.PathLike) -> str:
