@@ -106,7 +106,7 @@ def test_tbps_clip_bundle(tmp_path):
         _image(root / "imgs" / r["rel"])
     train = [{"file_path": "cam1/0001_a.png", "id": 1, "captions": ["a b", "c d"], "captions_bt": ["a-b", ""]}]
     test = [
-        {"file_path": "cam2/0003_b.png", "id": 3, "captions": ["kid"]},
+        {"file_path": "cam2/0003_b.png", "id": 3, "captions": ["kid"], "split": "train"},  # file decides
         {"file_path": "cam1/0002_a.jpg", "id": 2, "captions": ["woman"]},
     ]
     _write_json(root / "train_reid.json", train)
@@ -217,8 +217,27 @@ def test_root_missing(tmp_path):
         detect_layout(tmp_path / "nope")
 
 
-def test_data_error_is_user_error():
-    assert DataError.user_error is True
+def test_data_error_is_a_one_line_cli_error():
+    from tbps.cli.main import _is_user_error
+
+    assert _is_user_error(DataError("x")) and not _is_user_error(ValueError("x"))
+
+
+def test_both_icfg_names_warns_and_reads_hyphenated(tmp_path):
+    root = _public(tmp_path / "icfg", "ICFG-PEDES.json", "file_path")
+    _write_json(root / "ICFG_PEDES.json", [{"file_path": "nope.png", "id": 9, "split": "train", "captions": ["x"]}])
+    with pytest.warns(DataWarning, match="both ICFG-PEDES.json and ICFG_PEDES.json exist; reading ICFG-PEDES.json"):
+        ann = load_annotations(root)
+    assert [r.pid for r in ann.records] == [1, 2, 3]
+
+
+def test_byte_order_mark_and_dotted_paths(tmp_path):
+    root = tmp_path / "r"
+    _image(root / "imgs/a/1.png")
+    text = json.dumps([{"img_path": "b/../a/1.png", "id": 4, "split": "train", "captions": ["c"]}])
+    (root / "data_captions.json").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (rec,) = load_annotations(root).records
+    assert rec.image == root / "imgs/a/1.png"  # normalised, still absolute
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +334,16 @@ def test_missing_and_corrupt_images_skipped(cuhk):
     assert data_warnings[0].filename == __file__
     # without checks every record is kept
     assert len(load_annotations(cuhk, check_images=False).records) == 3
+
+
+def test_empty_and_truncated_image_files_skipped(cuhk):
+    (cuhk / "imgs" / BASE[0]["rel"]).write_bytes(b"")
+    png = (cuhk / "imgs" / BASE[2]["rel"]).read_bytes()
+    (cuhk / "imgs" / BASE[2]["rel"]).write_bytes(png[:20])  # cut inside the header
+    with pytest.warns(DataWarning, match="skipped 2 of 3"):
+        ann = load_annotations(cuhk)
+    assert [r.pid for r in ann.records] == [2]
+    assert dict(ann.skipped)[str(cuhk / "imgs" / BASE[0]["rel"])] == "not an image PIL can read"
 
 
 def test_strict_raises_on_first_bad_image(cuhk):

@@ -64,7 +64,7 @@ _Located = tuple[Record, str]
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark from Windows editors
     except FileNotFoundError:
         raise DataError(f"{path}: annotation file not found") from None
     except UnicodeDecodeError as e:
@@ -407,6 +407,8 @@ def check_image(path: Path) -> str | None:
         return "is a directory"
     except UnidentifiedImageError:
         return "not an image PIL can read"
+    except Image.DecompressionBombError as e:
+        return f"too large: {e}"
     except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's way of saying "broken header"
         return f"unreadable: {e}"
     if width <= 0 or height <= 0:
@@ -427,13 +429,16 @@ def _check_images(located: list[_Located], strict: bool, progress: bool) -> tupl
     if strict:
         for r, where in located:
             first_user.setdefault(r.image, where)
-    for path in items:
-        reason = check_image(path)
-        if reason is None:
-            continue
-        if strict:
-            raise DataError(f"{first_user[path]}: image {path}: {reason}")
-        bad[path] = reason
+    with warnings.catch_warnings():
+        # PIL warns about e.g. corrupt EXIF while reading headers; the summary below is what counts.
+        warnings.simplefilter("ignore")
+        for path in items:
+            reason = check_image(path)
+            if reason is None:
+                continue
+            if strict:
+                raise DataError(f"{first_user[path]}: image {path}: {reason}")
+            bad[path] = reason
     kept = [(r, w) for r, w in located if r.image not in bad]
     return kept, [(str(p), why) for p, why in bad.items()]
 
