@@ -211,8 +211,10 @@ def test_no_layout_lists_what_it_looked_for(tmp_path, cuhk):
     _expect_error(cuhk.parent, "CUHK-PEDES/ (cuhk-pedes)")
 
 
-def test_root_missing(tmp_path):
+def test_root_missing(tmp_path, cuhk):
     _expect_error(tmp_path / "nope", "nope", "does not exist")
+    _expect_error(cuhk, "image folder", "elsewhere", "does not exist", image_root=tmp_path / "elsewhere")
+    _expect_error(cuhk / "imgs" / BASE[0]["rel"], "0001_a.png", "not a dataset folder")
     with pytest.raises(DataError, match="does not exist"):
         detect_layout(tmp_path / "nope")
 
