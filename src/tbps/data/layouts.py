@@ -416,7 +416,9 @@ def check_image(path: Path) -> str | None:
     return None
 
 
-def _check_images(located: list[_Located], strict: bool, progress: bool) -> tuple[list[_Located], list[tuple[str, str]]]:
+def _check_images(
+    located: list[_Located], strict: bool, progress: bool
+) -> tuple[list[_Located], list[tuple[str, str]]]:
     """Drop records whose image is missing or unreadable; (kept, skipped (path, reason))."""
     unique = list(dict.fromkeys(r.image for r, _ in located))  # each file opened once
     items: Iterable[Path] = unique
