@@ -1,0 +1,153 @@
+"""Torch datasets over ``Record``s: training pairs and the evaluation gallery/queries.
+
+A training item is one (image, caption) pair; person ids are remapped to 0..P-1 for
+classifiers. Tokenisation happens in :class:`Collate`, never in the model.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from tbps.data.records import Record
+from tbps.data.text import clean_caption
+from tbps.data.text_aug import TextAugmentConfig, augment_caption
+from tbps.data.transforms import AugmentConfig, PoolAugment, StrongViews, eval_transform, load_image
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    # A fixed mix of the three numbers, so a sample's randomness ignores worker and resume order.
+    return (seed * 1_000_003 + epoch) * 2_147_483_647 + index
+
+
+class TrainPairs(Dataset):
+    """(image, caption, person index) per caption of each training record."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        image_size: tuple[int, int],
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: AugmentConfig | None = None,
+        text_augment: TextAugmentConfig | None = None,
+        max_words: int = 77,
+        seed: int = 0,
+    ):
+        self.records = list(records)
+        self.size = tuple(image_size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment = augment
+        self.text_augment = text_augment
+        self.max_words = max_words
+        self.seed = seed
+        self.epoch = 0
+        self.pid_index = {pid: i for i, pid in enumerate(sorted({r.pid for r in self.records}))}
+        self.items = [(ri, ci) for ri, r in enumerate(self.records) for ci in range(len(r.captions))]
+        self.pool = PoolAugment(self.size, augment, self.mean, self.std) if augment else None
+        self.strong = StrongViews(self.size, self.mean, self.std) if augment and augment.ss_views else None
+        self._failed: set[str] = set()
+
+    @property
+    def num_identities(self) -> int:
+        return len(self.pid_index)
+
+    def item_pids(self) -> list[int]:
+        """Contiguous person index of every item (for the P x K sampler)."""
+        return [self.pid_index[self.records[ri].pid] for ri, _ in self.items]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, index: int):
+        # A file that passed the header check can still fail to decode: report it once, use a neighbour.
+        for step in range(len(self.items)):
+            ri, ci = self.items[(index + step) % len(self.items)]
+            rec = self.records[ri]
+            try:
+                return rec, ci, load_image(rec.image, self.size)
+            except (OSError, ValueError, SyntaxError) as e:
+                if str(rec.image) not in self._failed:
+                    self._failed.add(str(rec.image))
+                    print(f"tbps: warning: skipping unreadable image {rec.image}: {e}", file=sys.stderr)
+        raise RuntimeError("no readable image in the training set")
+
+    def __getitem__(self, index: int) -> dict:
+        rec, ci, img = self._load(index)
+        rng = random.Random(_sample_seed(self.seed, self.epoch, index))
+        caption = rec.captions[ci]
+        if self.text_augment:
+            bt = rec.captions_bt[ci] if rec.captions_bt else None
+            caption = augment_caption(
+                caption,
+                bt,
+                rng,
+                backtranslation_prob=self.text_augment.backtranslation_prob,
+                deletion_prob=self.text_augment.deletion_prob,
+            )
+        item = {"caption": clean_caption(caption, self.max_words), "pid": self.pid_index[rec.pid]}
+        if self.pool is None:
+            item["image"] = eval_transform(img, self.size, self.mean, self.std)
+            return item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.getrandbits(63))
+            item["image"] = self.pool(img, rng)
+            if self.augment.mvs:
+                item["image_view2"] = self.pool(img, rng)
+            if self.strong is not None:
+                item["ss_view1"] = self.strong(img)
+                item["ss_view2"] = self.strong(img)
+        return item
+
+
+@dataclass
+class Collate:
+    """Stack tensors and tokenise captions: a list of items -> a batch dict."""
+
+    tokenizer: object
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = {"tokens": self.tokenizer([it["caption"] for it in items]), "pid": torch.tensor([it["pid"] for it in items])}
+        for key in items[0]:
+            if key not in ("caption", "pid"):
+                batch[key] = torch.stack([it[key] for it in items])
+        batch["captions"] = [it["caption"] for it in items]
+        return batch
+
+
+class GalleryImages(Dataset):
+    """Unique test images with the eval transform; yields (tensor, index)."""
+
+    def __init__(self, paths: Sequence, image_size: tuple[int, int], mean, std):
+        self.paths = list(paths)
+        self.size, self.mean, self.std = tuple(image_size), tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            return eval_transform(im, self.size, self.mean, self.std), i
+
+
+def eval_split(records: Sequence[Record]) -> tuple[list, list[int], list[str], list[int]]:
+    """Gallery (image paths, raw ids) and queries (captions, raw ids) of an evaluation split."""
+    image_paths, image_ids, captions, caption_ids = [], [], [], []
+    for r in records:
+        image_paths.append(r.image)
+        image_ids.append(r.pid)
+        for c in r.captions:
+            captions.append(c)
+            caption_ids.append(r.pid)
+    return image_paths, image_ids, captions, caption_ids

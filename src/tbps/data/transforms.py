@@ -1,0 +1,119 @@
+"""Image transforms: the eval transform, TBPS-CLIP's augmentation pool, strong SimCLR views.
+
+Everything here runs in the data pipeline (workers), never inside ``model.forward``.
+Randomness comes from an explicit ``random.Random`` and a forked torch RNG per sample,
+so a sample's augmentation depends only on (seed, epoch, index): runs are reproducible
+and a resumed run sees the same images as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from tbps.models.factory import CLIP_MEAN, CLIP_STD
+
+# TBPS-CLIP's pool: each training image gets `num_ops` draws (with replacement) from these.
+AUGMENT_POOL = ("color_jitter", "rotation", "resized_crop", "grayscale", "hflip", "erasing")
+
+
+@dataclass
+class AugmentConfig:
+    """Image augmentation settings of a recipe (``data.augment`` in the YAML)."""
+
+    pool: Sequence[str] = AUGMENT_POOL
+    num_ops: int = 2
+    mvs: bool = False  # a second, independently augmented view for N-ITC (MVS)
+    ss_views: bool = False  # two strong views for the SimCLR loss (SS)
+
+    def __post_init__(self):
+        unknown = set(self.pool) - set(AUGMENT_POOL)
+        if unknown:
+            raise ValueError(f"unknown augmentation(s) {sorted(unknown)}; choose from {list(AUGMENT_POOL)}")
+
+
+def load_image(path, size: tuple[int, int]) -> Image.Image:
+    """Open as RGB and resize to (height, width) with bicubic filtering."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        return im.resize((size[1], size[0]), Image.BICUBIC)
+
+
+def to_tensor(img: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """PIL RGB -> normalised (3, H, W) float tensor."""
+    from torchvision.transforms.functional import normalize, pil_to_tensor
+
+    x = pil_to_tensor(img).float().div_(255.0)
+    return normalize(x, mean, std)
+
+
+def eval_transform(img: Image.Image, size: tuple[int, int], mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """The deterministic test-time transform: RGB, resize to (H, W), normalise."""
+    img = img.convert("RGB")
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.BICUBIC)
+    return to_tensor(img, mean, std)
+
+
+def _op(name: str, size: tuple[int, int]):
+    import torchvision.transforms as T
+
+    # Arguments as in TBPS-CLIP's code; defaults otherwise (flip p=0.5, grayscale p=0.1).
+    return {
+        "color_jitter": lambda: T.ColorJitter(0.1, 0.1, 0.1, 0),
+        "rotation": lambda: T.RandomRotation(15),
+        "resized_crop": lambda: T.RandomResizedCrop(size, scale=(0.9, 1.0), antialias=True),
+        "grayscale": lambda: T.RandomGrayscale(),
+        "hflip": lambda: T.RandomHorizontalFlip(),
+        "erasing": lambda: T.RandomErasing(scale=(0.10, 0.20), value=0),
+    }[name]()
+
+
+class PoolAugment:
+    """Apply ``num_ops`` operations drawn with replacement from the pool, then normalise."""
+
+    def __init__(self, size: tuple[int, int], config: AugmentConfig, mean=CLIP_MEAN, std=CLIP_STD):
+        self.size, self.config, self.mean, self.std = tuple(size), config, mean, std
+        self.ops = {name: _op(name, self.size) for name in config.pool}
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        x = to_tensor(img, (0, 0, 0), (1, 1, 1))  # (3, H, W) in [0, 1]
+        erase = []
+        for name in rng.choices(list(self.config.pool), k=self.config.num_ops) if self.config.pool else []:
+            if name == "erasing":
+                erase.append(self.ops[name])  # erasing acts after normalisation, as in torchvision pipelines
+            else:
+                x = self.ops[name](x)
+        from torchvision.transforms.functional import normalize
+
+        x = normalize(x, self.mean, self.std)
+        for op in erase:
+            x = op(x)
+        return x
+
+
+class StrongViews:
+    """SimCLR-style strong augmentation for the SS loss: crop 0.2-1, jitter, grayscale, blur, flip."""
+
+    def __init__(self, size: tuple[int, int], mean=CLIP_MEAN, std=CLIP_STD):
+        import torchvision.transforms as T
+
+        k = max(3, (min(size) // 10) | 1)  # odd blur kernel ~10% of the short side
+        self.t = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                T.RandomApply([T.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5),
+                T.RandomHorizontalFlip(),
+                T.Normalize(mean, std),
+            ]
+        )
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.t(to_tensor(img, (0, 0, 0), (1, 1, 1)))
+

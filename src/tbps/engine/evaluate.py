@@ -1,0 +1,93 @@
+"""Evaluation: encode a split's gallery and queries, score all pairs, compute the metrics.
+
+Text-to-image is the headline (queries = captions, gallery = images); image-to-text uses
+the transposed matrix. Metrics are computed in bounded-memory query chunks
+(:func:`tbps.metrics.retrieval_metrics`), never with a full argsort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from tbps.data.dataset import GalleryImages, eval_split
+from tbps.data.records import Record
+from tbps.data.text import clean_caption
+
+
+@torch.no_grad()
+def encode_images(model, paths: Sequence, *, batch_size: int = 256, device="cpu", num_workers: int = 0,
+                  progress: bool = True) -> torch.Tensor:
+    """Image paths -> (N, D) L2-normalised features, in order."""
+    spec = model.spec
+    ds = GalleryImages(paths, model.image_size, spec.mean, spec.std)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    feats = []
+    for x, _ in tqdm(loader, desc="encode images", unit="batch", disable=not progress, leave=False):
+        feats.append(F.normalize(model.encode_image(x.to(device)).float(), dim=-1).cpu())
+    return torch.cat(feats) if feats else torch.empty(0, 0)
+
+
+@torch.no_grad()
+def encode_captions(model, tokenizer, captions: Sequence[str], *, batch_size: int = 256, device="cpu",
+                    max_words: int = 77, progress: bool = True) -> torch.Tensor:
+    """Captions -> (N, D) L2-normalised features (captions cleaned as in training)."""
+    feats = []
+    steps = range(0, len(captions), batch_size)
+    for i in tqdm(steps, desc="encode captions", unit="batch", disable=not progress, leave=False):
+        chunk = [clean_caption(c, max_words) for c in captions[i : i + batch_size]]
+        feats.append(F.normalize(model.encode_text(tokenizer(chunk).to(device)).float(), dim=-1).cpu())
+    return torch.cat(feats) if feats else torch.empty(0, 0)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict  # {"t2i": {...}, "i2t": {...}, "queries": Q, "gallery": G}
+    similarity: torch.Tensor  # (Q, G) text-to-image cosine similarity
+    image_paths: list
+    image_ids: list[int]
+    captions: list[str]
+    caption_ids: list[int]
+
+
+def evaluate(model, tokenizer, records: Sequence[Record], *, batch_size: int = 256, device="cpu",
+             num_workers: int = 0, max_words: int = 77, progress: bool = True) -> EvalResult:
+    """Text-to-image and image-to-text R@1/5/10, mAP and mINP (percent) on ``records``."""
+    from tbps.metrics import retrieval_metrics
+
+    was_training = model.training
+    model.eval()
+    paths, image_ids, captions, caption_ids = eval_split(records)
+    img = encode_images(model, paths, batch_size=batch_size, device=device, num_workers=num_workers,
+                        progress=progress)
+    txt = encode_captions(model, tokenizer, captions, batch_size=batch_size, device=device,
+                          max_words=max_words, progress=progress)
+    model.train(was_training)
+    sim = txt @ img.t()  # (Q, G)
+    qids, gids = torch.tensor(caption_ids), torch.tensor(image_ids)
+    metrics = {
+        "t2i": retrieval_metrics(sim, qids, gids),
+        "i2t": retrieval_metrics(sim.t(), gids, qids),
+        "queries": len(captions),
+        "gallery": len(paths),
+    }
+    return EvalResult(metrics, sim, paths, image_ids, captions, caption_ids)
+
+
+def format_table(metrics: dict, title: str = "") -> str:
+    """A plain-text table of both directions, as printed by `tbps eval`."""
+    keys = ["R1", "R5", "R10", "mAP", "mINP"]
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append(f"{'':<14}" + "".join(f"{k:>8}" for k in keys))
+    for direction, label in (("t2i", "text->image"), ("i2t", "image->text")):
+        if direction in metrics:
+            lines.append(f"{label:<14}" + "".join(f"{metrics[direction][k]:>8.2f}" for k in keys))
+    lines.append(f"({metrics.get('queries', '?')} queries, {metrics.get('gallery', '?')} gallery images)")
+    return "\n".join(lines)

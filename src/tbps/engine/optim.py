@@ -1,0 +1,69 @@
+"""Optimiser with the paper's parameter groups, and the per-step learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from tbps.config import OptimConfig
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    # Biases, norm weights, logit scale and every other 1-d parameter get no weight decay.
+    return p.ndim < 2 or name.endswith(".bias") or "logit_scale" in name
+
+
+def param_groups(modules: dict[str, nn.Module], cfg: OptimConfig) -> list[dict]:
+    """Groups keyed by (lr factor, decay). ``modules`` maps a prefix to a module so that
+    ``cfg.lr_factors`` can address e.g. ``objective.`` or ``model.clip.visual.``."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for prefix, module in modules.items():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            full = f"{prefix}.{name}"
+            factor = 1.0
+            for key, f in cfg.lr_factors.items():
+                if full.startswith(key):
+                    factor = f
+            groups.setdefault((factor, not _no_decay(name, p)), []).append(p)
+    return [
+        {"params": ps, "lr_factor": factor, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (factor, decay), ps in groups.items()
+    ]
+
+
+def build_optimizer(modules: dict[str, nn.Module], cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(modules, cfg)
+    name = cfg.name.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    raise ValueError(f"unknown optimiser {cfg.name!r}: adamw, adam or sgd")
+
+
+def lr_at(progress_epochs: float, total_epochs: float, cfg: OptimConfig) -> float:
+    """Learning rate at a fractional epoch: linear warm-up from ``warmup_start_lr``, then
+    cosine decay to ``min_lr`` at ``total_epochs`` (or step decay at ``milestones``)."""
+    if progress_epochs < cfg.warmup_epochs:
+        t = progress_epochs / cfg.warmup_epochs
+        return cfg.warmup_start_lr + t * (cfg.lr - cfg.warmup_start_lr)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** sum(progress_epochs >= m for m in cfg.milestones)
+    if cfg.schedule == "cosine":
+        span = max(total_epochs - cfg.warmup_epochs, 1e-8)
+        t = min(max((progress_epochs - cfg.warmup_epochs) / span, 0.0), 1.0)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+    raise ValueError(f"unknown schedule {cfg.schedule!r}: cosine, step or constant")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_factor", 1.0)

@@ -1,0 +1,36 @@
+"""N-ITC: image-text contrast with soft, identity-aware targets (TBPS-CLIP, AAAI'24).
+
+L = 1/2 [CE(s_i2t, t_i2t) + CE(s_t2i, t_t2i)],  t = a * softmax(s.detach()) + (1 - a) * q,
+with s the scaled cosine similarity of local queries to global keys and q the
+row-normalised same-person mask. ``a`` is ramped from 0 by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tbps.losses.common import identity_targets
+
+
+def _soft_ce(logits: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.Tensor:
+    if alpha > 0:
+        targets = alpha * F.softmax(logits.detach(), dim=1) + (1.0 - alpha) * targets
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def nitc_loss(
+    image_local: torch.Tensor,
+    text_local: torch.Tensor,
+    image_global: torch.Tensor,
+    text_global: torch.Tensor,
+    pids_local: torch.Tensor,
+    pids_global: torch.Tensor,
+    logit_scale: torch.Tensor,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    """Features are L2-normalised: (B, D) local, (G, D) global; ``logit_scale`` is exp'd (a scalar)."""
+    q = identity_targets(pids_local, pids_global)  # (B, G)
+    s_i2t = logit_scale * image_local @ text_global.t()  # (B, G)
+    s_t2i = logit_scale * text_local @ image_global.t()  # (B, G)
+    return 0.5 * (_soft_ce(s_i2t, q, alpha) + _soft_ce(s_t2i, q, alpha))
