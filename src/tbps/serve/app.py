@@ -1,0 +1,555 @@
+"""The search server: a FastAPI app built by ``create_app(index, encoder)``.
+
+Routes (all but ``/health`` need the token when one is set):
+
+- ``POST /search``        text query -> ranked hits (ids, scores, metadata, image URLs)
+- ``POST /search/image``  find by example: an uploaded image -> ranked hits
+- ``GET  /images/{id}``   the original gallery image, looked up by index id only
+- ``GET  /thumbs/{id}``   a small JPEG made on the fly with PIL, kept in an LRU cache
+- ``GET  /health``        liveness, never authenticated
+- ``GET  /stats``         gallery size, model fingerprint, index info, limits
+- ``GET  /``              the web page (``static/``), no external assets
+
+Input rules, chosen so that bad input always gets a clear 4xx and never a 500:
+
+- ``text`` must hold a non-space character and at most ``MAX_QUERY_CHARS`` characters
+  (longer -> 422; the tokenizer would truncate silently, we prefer to say so).
+- ``k`` must be in ``1..MAX_K`` (else 422); a ``k`` above the gallery size is clamped to it,
+  and the response's ``k`` says how many were asked of the index.
+- ``filters`` is a ``where`` expression string (parsed by the index, never pasted into SQL)
+  or a ``{column: value}`` object turned into ``column = 'value' AND ...`` with quoting done
+  here; an unknown column or a malformed expression -> 422 naming the problem.
+
+Auth: with ``token`` set, a request is accepted when it carries ``Authorization: Bearer
+TOKEN``, or ``?token=TOKEN``, or the ``tbps_token`` cookie. Opening the page as
+``/?token=TOKEN`` sets that cookie (HttpOnly, SameSite=Strict), so the page's own requests and
+``<img>`` tags authenticate without the token ever appearing in image URLs; the page then
+drops ``token`` from its address bar so that shared links never carry it. Tokens are compared
+with ``hmac.compare_digest``.
+
+FastAPI is imported inside ``create_app`` (the ``[serve]`` extra); the pydantic models are
+built there too, since they subclass pydantic's ``BaseModel``.
+"""
+
+
+import hmac
+import io
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+MAX_QUERY_CHARS = 1000  # a long description is ~300 characters; CLIP reads 77 tokens
+MAX_FILTER_CHARS = 2000
+MAX_K = 1000
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+THUMB_BOX = (160, 320)  # (W, H) bounding box; person crops are tall
+THUMB_CACHE_ITEMS = 2048  # ~8 KB each -> ~16 MB at most
+TOKEN_COOKIE = "tbps_token"
+STATIC_DIR = Path(__file__).parent / "static"
+STATIC_FILES = {  # the only files the page may load: name -> media type
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+_MAX_ID = 2**62  # ids above this cannot exist; refuse before numpy sees them
+
+
+class ThumbCache:
+    """A thread-safe LRU of encoded thumbnails: ``get(key, make)`` returns bytes.
+
+    ``make`` runs outside the lock, so two threads may build the same thumbnail once each;
+    that is cheaper than serialising every miss.
+    """
+
+    def __init__(self, capacity: int = THUMB_CACHE_ITEMS):
+        self.capacity = int(capacity)
+        self._items: OrderedDict[Any, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Any, make: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+        data = make()
+        with self._lock:
+            self._items[key] = data
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return data
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def make_thumbnail(path: str | os.PathLike, box: tuple[int, int] = THUMB_BOX, quality: int = 85) -> bytes:
+    """Return a JPEG of the image at ``path`` shrunk to fit ``box`` (W, H), aspect kept."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        im.draft("RGB", box)  # JPEG decoders can downscale while reading
+        im = im.convert("RGB")
+        im.thumbnail(box, Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
+
+
+def filters_to_where(filters: dict[str, Any], columns: list[str]) -> str | None:
+    """Turn ``{column: value}`` into ``col = 'value' AND ...``, quoting values safely.
+
+    Strings are single-quoted with embedded quotes doubled; numbers are written as numbers;
+    booleans as ``'true'``/``'false'`` strings. Raises ``ValueError`` naming an unknown column.
+    """
+    parts = []
+    for column, value in filters.items():
+        if column not in columns:
+            known = ", ".join(columns) or "(none)"
+            raise ValueError(f"unknown filter column {column!r}; known columns: {known}")
+        if isinstance(value, bool):
+            literal = "'true'" if value else "'false'"
+        elif isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise ValueError(f"filter value for {column!r} must be a finite number")
+            literal = repr(value)
+        else:
+            literal = "'" + str(value).replace("'", "''") + "'"
+        parts.append(f"{column} = {literal}")
+    return " AND ".join(parts) or None
+
+
+def _jsonable(value: Any) -> Any:
+    """Make index metadata safe for strict JSON (numpy scalars, NaN, paths, bytes)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _index_errors() -> tuple[type[Exception], ...]:
+    """The index's errors about a request (bad ``where``, bad query), mapped to 422, not 500."""
+    try:
+        from tbps.index.errors import FilterError, QueryError
+    except ImportError:  # an index package without these: nothing to map
+        return ()
+    return (FilterError, QueryError)
+
+
+def create_app(
+    index,
+    encoder,
+    *,
+    token: str | None = None,
+    title: str = "tbps search",
+    thumb_cache_items: int = THUMB_CACHE_ITEMS,
+    encode_lock: bool = True,
+):
+    """Build the FastAPI app that serves ``index`` (a ``GalleryIndex``) with ``encoder``.
+
+    ``encoder`` must be the one the index was built with (check it before with
+    ``index.check_encoder(encoder)``; ``tbps serve`` does). ``token``: when set, every route
+    but ``/health`` requires it (see the module docstring for the three ways to send it).
+    ``encode_lock`` runs one encoder call at a time: on a CPU, torch already spreads one call
+    over the cores, and concurrent calls only thrash. The app keeps ``index`` and ``encoder``
+    in ``app.state`` and the thumbnail cache in ``app.state.thumbs``.
+    """
+    from fastapi import Depends, FastAPI, File, Form, HTTPException, Path as PathParam, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from tbps import __version__
+
+    filter_errors = _index_errors()
+    columns = list(getattr(index, "columns", []))
+    lock = threading.Lock() if encode_lock else None
+    thumbs = ThumbCache(thumb_cache_items)
+    started = time.time()
+
+    # ---- models: these are the OpenAPI schema -------------------------------------------
+    # filter objects may only name the index's columns; the schema lists them
+    ColumnName = Literal[tuple(columns)] if columns else str
+    class SearchRequest(BaseModel):
+        """A text query."""
+
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={
+                "examples": [{"text": "a woman in a red coat with a black backpack", "k": 10}]
+            },
+        )
+        text: str = Field(
+            ...,
+            min_length=1,
+            max_length=MAX_QUERY_CHARS,
+            pattern=r"\S",
+            description=f"Description of the person, in natural language; at most "
+            f"{MAX_QUERY_CHARS} characters and not only spaces.",
+        )
+        k: int = Field(
+            10,
+            ge=1,
+            le=MAX_K,
+            description=f"How many results to return (1..{MAX_K}); "
+            "a k above the gallery size is clamped to the gallery size.",
+        )
+        filters: str | dict[ColumnName, str | int | float | bool] | None = Field(
+            None,
+            description="Metadata filter: either a `where` expression such as "
+            "`camera = 'c3' AND time >= '2024-01-01'`, or an object of column -> value "
+            "that must all match (turned into such an expression with safe quoting). "
+            "`GET /stats` lists the columns.",
+            examples=["camera = 'c3'", {"camera": "c3"}],
+        )
+
+        @field_validator("filters")
+        @classmethod
+        def _check_filters(cls, v):
+            if isinstance(v, str) and len(v) > MAX_FILTER_CHARS:
+                raise ValueError(f"filter expression longer than {MAX_FILTER_CHARS} characters")
+            if isinstance(v, dict):
+                for key, value in v.items():
+                    if isinstance(value, float) and not math.isfinite(value):
+                        raise ValueError(f"filter value for {key!r} must be a finite number")
+            return v
+
+    class SearchHit(BaseModel):
+        id: int = Field(..., description="Stable id of the gallery item in this index.")
+        rank: int = Field(..., description="1 for the best match.")
+        score: float = Field(..., description="Cosine similarity (after any re-ranking); higher is better.")
+        name: str = Field(..., description="File name of the image (no server path).")
+        image_url: str = Field(..., description="URL of the full image (same auth as the API).")
+        thumb_url: str = Field(..., description="URL of a small JPEG thumbnail.")
+        metadata: dict[str, Any] = Field(
+            ..., description="width, height, mtime, sha256 and the gallery's CSV columns."
+        )
+
+    class SearchResponse(BaseModel):
+        query: str = Field(..., description="The text searched for, or the uploaded file name.")
+        k: int = Field(..., description="Number of results asked of the index (after clamping).")
+        where: str | None = Field(None, description="The filter expression applied, if any.")
+        results: list[SearchHit]
+        took_ms: float = Field(..., description="Server time spent on this search.")
+
+    class ErrorItem(BaseModel):
+        loc: list[str | int]
+        msg: str
+        type: str
+
+    class ErrorResponse(BaseModel):
+        detail: str = Field(..., description="What was wrong, in one line.")
+        errors: list[ErrorItem] | None = Field(None, description="Per-field validation errors.")
+
+    class Health(BaseModel):
+        status: str
+        version: str
+
+    class Stats(BaseModel):
+        items: int = Field(..., description="Number of images in the gallery.")
+        embed_dim: int
+        columns: list[str] = Field(..., description="Metadata columns usable in filters.")
+        model: dict[str, Any] = Field(..., description="Fingerprint of the encoder that built the index.")
+        index: dict[str, Any] = Field(..., description="The index's own info (sizes, search mode).")
+        limits: dict[str, int]
+        auth: bool = Field(..., description="Whether a token is required.")
+        thumb_cache: dict[str, int]
+        uptime_s: float
+
+    err = {"model": ErrorResponse}
+    auth_errors = {401: {**err, "description": "Missing or wrong token."}} if token else {}
+
+    # ---- auth --------------------------------------------------------------------------
+    dependencies = []
+    if token:
+        expected = token.encode("utf-8")
+        bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer TOKEN`")
+        query_key = APIKeyQuery(name="token", auto_error=False, description="`?token=TOKEN` (for links and <img>)")
+        cookie_key = APIKeyCookie(name=TOKEN_COOKIE, auto_error=False, description="Set by opening `/?token=TOKEN`.")
+
+        def _matches(candidate: str | None) -> bool:
+            return candidate is not None and hmac.compare_digest(candidate.encode("utf-8"), expected)
+
+        def require_token(
+            cred: HTTPAuthorizationCredentials | None = Depends(bearer),
+            q: str | None = Depends(query_key),
+            c: str | None = Depends(cookie_key),
+        ) -> None:
+            # Check every offered credential: a stale cookie must not hide a good header.
+            offered = [x for x in (cred.credentials if cred else None, q, c) if x is not None]
+            if any(_matches(x) for x in offered):
+                return
+            detail = "wrong token" if offered else (
+                "this server needs a token: send 'Authorization: Bearer TOKEN' or add ?token=TOKEN"
+            )
+            raise HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+        dependencies = [Depends(require_token)]
+
+    app = FastAPI(
+        title=title,
+        version=__version__,
+        description="Text-based person search over a gallery of person crops. "
+        "POST a description to `/search`; images are served by index id.",
+        docs_url="/docs",
+        redoc_url=None,
+        dependencies=None,
+    )
+    app.state.index = index
+    app.state.encoder = encoder
+    app.state.thumbs = thumbs
+
+    # ---- errors: one readable line, never the (possibly huge) input echoed back --------
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        items = []
+        for e in exc.errors():
+            loc = [x if isinstance(x, int) else str(x) for x in e.get("loc", ())]
+            items.append({"loc": loc, "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))})
+        for i in items:  # pydantic's wording for these is cryptic
+            if i["type"] == "string_pattern_mismatch" and i["loc"][-1:] == ["text"]:
+                i["msg"] = "the query is empty or only whitespace"
+        first = items[0] if items else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(x) for x in first["loc"] if x != "body") or "body"
+        detail = f"{where}: {first['msg']}"
+        if any(i["type"] == "json_invalid" for i in items):
+            detail = "the request body is not valid JSON: " + first["msg"]
+        return JSONResponse({"detail": detail, "errors": items}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(
+            {"detail": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _prefix(request: Request) -> str:
+        return request.scope.get("root_path", "").rstrip("/")
+
+    def _hits_to_response(request: Request, hits, query: str, k: int, where, t0: float):
+        base = _prefix(request)
+        results = []
+        for rank, h in enumerate(hits, start=1):
+            results.append(
+                SearchHit(
+                    id=int(h.id),
+                    rank=rank,
+                    score=float(h.score) if math.isfinite(float(h.score)) else -1.0,
+                    name=Path(str(h.path)).name,
+                    image_url=f"{base}/images/{int(h.id)}",
+                    thumb_url=f"{base}/thumbs/{int(h.id)}",
+                    metadata=_jsonable(dict(h.metadata or {})),
+                )
+            )
+        return SearchResponse(
+            query=query, k=k, where=where, results=results, took_ms=round((time.perf_counter() - t0) * 1e3, 3)
+        )
+
+    def _where(filters) -> str | None:
+        if filters is None:
+            return None
+        if isinstance(filters, dict):
+            try:
+                return filters_to_where(filters, columns)
+            except ValueError as e:
+                raise HTTPException(422, f"filters: {e}") from None
+        return filters.strip() or None
+
+    def _search(feats: np.ndarray, k: int, where: str | None):
+        n = len(index)
+        if n == 0:
+            return []
+        k = min(k, n)
+        try:
+            return index.search(feats, k=k, where=where)[0]
+        except filter_errors as e:
+            raise HTTPException(422, f"filters: {e}") from None
+
+    def _encode(fn, arg):
+        if lock is None:
+            return fn(arg)
+        with lock:
+            return fn(arg)
+
+    def _image_path(item_id: int) -> Path:
+        if item_id >= _MAX_ID:
+            raise HTTPException(404, f"no image with id {item_id} in this index")
+        try:
+            path = Path(index.image_path(item_id))
+        except (KeyError, IndexError):
+            raise HTTPException(404, f"no image with id {item_id} in this index") from None
+        if not path.is_file():
+            raise HTTPException(404, f"the image file for id {item_id} is gone from disk")
+        return path
+
+    id_param = PathParam(..., ge=0, description="Gallery item id, as returned by /search.")
+
+    # ---- routes ------------------------------------------------------------------------
+    @app.get("/health", response_model=Health, tags=["server"], summary="Liveness probe (no token needed)")
+    def health():
+        return Health(status="ok", version=__version__)
+
+    @app.get(
+        "/stats",
+        response_model=Stats,
+        tags=["server"],
+        summary="Gallery size, model and index info",
+        dependencies=dependencies,
+        responses={**auth_errors},
+    )
+    def stats():
+        info = index.info() if hasattr(index, "info") else {}
+        return Stats(
+            items=len(index),
+            embed_dim=int(getattr(encoder, "embed_dim", 0)),
+            columns=columns,
+            model=_jsonable(dict(getattr(index, "fingerprint", {}) or {})),
+            index=_jsonable(dict(info or {})),
+            limits={"max_k": MAX_K, "max_query_chars": MAX_QUERY_CHARS, "max_upload_bytes": MAX_UPLOAD_BYTES},
+            auth=bool(token),
+            thumb_cache={"items": len(thumbs), "capacity": thumbs.capacity, "hits": thumbs.hits, "misses": thumbs.misses},
+            uptime_s=round(time.time() - started, 3),
+        )
+
+    @app.post(
+        "/search",
+        response_model=SearchResponse,
+        tags=["search"],
+        summary="Search the gallery by a text description",
+        dependencies=dependencies,
+        responses={
+            400: {**err, "description": "The body could not be read (e.g. not UTF-8)."},
+            422: {**err, "description": "Invalid query, k, or filter (the message says which)."},
+            **auth_errors,
+        },
+    )
+    def search(req: SearchRequest, request: Request):
+        t0 = time.perf_counter()
+        where = _where(req.filters)
+        text = req.text.strip()
+        feats = _encode(encoder.encode_texts, [text])  # (1, D) float32, L2-normalised
+        k = min(req.k, len(index))
+        hits = _search(np.asarray(feats, dtype=np.float32), k, where)
+        return _hits_to_response(request, hits, text, k, where, t0)
+
+    @app.post(
+        "/search/image",
+        response_model=SearchResponse,
+        tags=["search"],
+        summary="Find by example: search with an uploaded image",
+        dependencies=dependencies,
+        responses={
+            400: {**err, "description": "The upload is not a readable image."},
+            413: {**err, "description": "The upload is too large."},
+            422: {**err, "description": "Invalid k or filter."},
+            **auth_errors,
+        },
+    )
+    async def search_image(
+        request: Request,
+        file: UploadFile = File(..., description="An image (JPEG, PNG, ...) of a person."),
+        k: int = Form(10, ge=1, le=MAX_K, description="How many results (clamped to the gallery size)."),
+        filters: str | None = Form(None, max_length=MAX_FILTER_CHARS, description="A `where` expression."),
+    ):
+        from PIL import Image, UnidentifiedImageError
+        from starlette.concurrency import run_in_threadpool
+
+        t0 = time.perf_counter()
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+        where = _where(filters)
+
+        def work():  # decoding and encoding are CPU work: keep them off the event loop
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    im.load()
+                    pixels = encoder.preprocess(im)  # (3, H, W)
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+                name = file.filename or "upload"
+                raise HTTPException(400, f"the upload {name!r} is not a readable image ({type(e).__name__})") from None
+            feats = _encode(encoder.encode_images, pixels.unsqueeze(0))  # (1, D)
+            kk = min(k, len(index))
+            return kk, _search(np.asarray(feats, dtype=np.float32), kk, where)
+
+        kk, hits = await run_in_threadpool(work)
+        return _hits_to_response(request, hits, file.filename or "upload", kk, where, t0)
+
+    @app.get(
+        "/images/{item_id}",
+        tags=["images"],
+        summary="The original gallery image",
+        dependencies=dependencies,
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"image/*": {}}, "description": "The image file."},
+            404: {**err, "description": "No such id, or its file is gone."},
+            422: {**err, "description": "The id is not a non-negative integer."},
+            **auth_errors,
+        },
+    )
+    def image(item_id: int = id_param):
+        path = _image_path(item_id)
+        return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get(
+        "/thumbs/{item_id}",
+        tags=["images"],
+        summary=f"A JPEG thumbnail fitting {THUMB_BOX[0]}x{THUMB_BOX[1]}",
+        dependencies=dependencies,
+        response_class=Response,
+        responses={
+            200: {"content": {"image/jpeg": {}}, "description": "The thumbnail."},
+            404: {**err, "description": "No such id, or its file is gone or unreadable."},
+            422: {**err, "description": "The id is not a non-negative integer."},
+            **auth_errors,
+        },
+    )
+    def thumb(item_id: int = id_param):
+        path = _image_path(item_id)
+        try:
+            mtime = path.stat().st_mtime_ns
+            data = thumbs.get((item_id, mtime), lambda: make_thumbnail(path))
+        except (OSError, ValueError) as e:
+            raise HTTPException(404, f"the image for id {item_id} cannot be read ({type(e).__name__})") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    # ---- the page ----------------------------------------------------------------------
+    @app.get("/", include_in_schema=False, dependencies=dependencies)
+    def page(request: Request):
+        html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+        resp = HTMLResponse(html, headers={"Cache-Control": "no-cache"})
+        q = request.query_params.get("token")
+        if token and q is not None and hmac.compare_digest(q.encode("utf-8"), token.encode("utf-8")):
+            resp.set_cookie(TOKEN_COOKIE, q, httponly=True, samesite="strict", path="/")
+        return resp
+
+    @app.get("/static/{name}", include_in_schema=False, dependencies=dependencies)
+    def static(name: str):
+        if name not in STATIC_FILES:  # a fixed list: no client path reaches the filesystem
+            raise HTTPException(404, f"no static file {name!r}")
+        return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
+
+    return app

@@ -1,0 +1,503 @@
+"""The search server, in-process through FastAPI's TestClient.
+
+The gallery is a few tiny images made here, indexed with a deterministic colour encoder
+(``ColourEncoder``: an image is its histogram over a small palette, a text the count of the
+palette's colour words), so every ranking can be checked against a naive dot product.
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import io
+import json
+import math
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from tbps.serve import MAX_K, MAX_QUERY_CHARS, ThumbCache, create_app, filters_to_where  # noqa: E402
+from tbps.serve.app import THUMB_BOX  # noqa: E402
+
+PALETTE = {  # name -> RGB; the embedding has one dimension per name
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (30, 60, 210),
+    "yellow": (235, 210, 40),
+    "black": (20, 20, 20),
+    "white": (240, 240, 240),
+    "orange": (240, 140, 20),
+    "purple": (130, 40, 160),
+}
+NAMES = list(PALETTE)
+
+
+class ColourEncoder:
+    """A stand-in for ``tbps.inference.Encoder`` with the same interface and exact semantics."""
+
+    embed_dim = len(PALETTE)
+    fingerprint = {
+        "checkpoint_sha256": "0" * 64,
+        "arch": "colour-histogram",
+        "image_size": [32, 16],
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+        "embed_dim": len(PALETTE),
+    }
+    _palette = torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 255.0  # (D, 3)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        im = image.convert("RGB").resize((16, 32), Image.Resampling.NEAREST)
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, 32, 16)
+
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        b = pixels.shape[0]
+        flat = pixels.reshape(b, 3, -1).transpose(1, 2)  # (B, P, 3)
+        nearest = torch.cdist(flat, self._palette.expand(b, -1, -1)).argmin(-1)  # (B, P)
+        hist = torch.stack([torch.bincount(n, minlength=self.embed_dim) for n in nearest]).float()
+        hist = hist + 0.01  # no zero vectors
+        return (hist / hist.norm(dim=1, keepdim=True)).numpy().astype(np.float32)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        out = np.full((len(texts), self.embed_dim), 0.01, dtype=np.float32)
+        for i, t in enumerate(texts):
+            for word in t.lower().replace(",", " ").split():
+                if word in PALETTE:
+                    out[i, NAMES.index(word)] += 1.0
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+# (file name, top colour, bottom colour, camera, person id): two-colour "pedestrians"
+GALLERY = [
+    ("p00.png", "red", "black", "c1", 1),
+    ("p01.png", "red", "blue", "c2", 1),
+    ("p02.png", "blue", "black", "c1", 2),
+    ("p03.png", "green", "white", "c2", 3),
+    ("p04.png", "yellow", "blue", "c3", 4),
+    ("p05.png", "white", "black", "c1", 5),
+    ("p06.png", "orange", "green", "c3", 6),
+    ("p07.png", "purple", "white", "c2", 7),
+    ("p08.png", "red", "red", "c3", 8),
+    ("p09.jpg", "black", "yellow", "c1", 9),
+]
+
+
+def make_gallery(root: Path) -> tuple[Path, Path]:
+    """Write GALLERY as 24x48 images (top half, bottom half) and a metadata CSV."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for name, top, bottom, _, _ in GALLERY:
+        im = Image.new("RGB", (24, 48), PALETTE[top])
+        im.paste(Image.new("RGB", (24, 24), PALETTE[bottom]), (0, 24))
+        im.save(images / name)
+    meta = root / "metadata.csv"
+    with meta.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "camera", "person_id"])
+        for name, _, _, cam, pid in GALLERY:
+            w.writerow([name, cam, pid])
+    return images, meta
+
+
+class Hit:
+    def __init__(self, id, score, path, metadata):
+        self.id, self.score, self.path, self.metadata = id, score, path, metadata
+
+
+class StandInIndex:
+    """The GalleryIndex contract over an in-memory table (used until tbps.index lands)."""
+
+    def __init__(self, encoder, images: Path, meta_csv: Path):
+        from tbps.index.filters import compile_filter
+
+        self._compile = compile_filter
+        rows = list(csv.DictReader(meta_csv.open()))
+        self.paths = [str((images / r["file"]).resolve()) for r in rows]
+        self.meta = [{"camera": r["camera"], "person_id": int(r["person_id"])} for r in rows]
+        self.columns = ["camera", "person_id"]
+        self.fingerprint = dict(encoder.fingerprint)
+        pix = torch.stack([encoder.preprocess(Image.open(p)) for p in self.paths])
+        self.feats = encoder.encode_images(pix)
+        self.db = sqlite3.connect(":memory:", check_same_thread=False)
+        self.db.execute('CREATE TABLE items (id INTEGER, "camera" TEXT, "person_id" INTEGER)')
+        self.db.executemany("INSERT INTO items VALUES (?, ?, ?)", [(i, m["camera"], m["person_id"]) for i, m in enumerate(self.meta)])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def info(self):
+        return {"items": len(self), "mode": "exact"}
+
+    def search(self, queries, k=10, *, where=None, reranker=None):
+        q = np.atleast_2d(queries)
+        allowed = np.arange(len(self))
+        if where:
+            sql, params = self._compile(where, self.columns)
+            allowed = np.array([r[0] for r in self.db.execute(f"SELECT id FROM items WHERE {sql}", params)], dtype=int)
+        out = []
+        for row in q @ self.feats.T:
+            order = allowed[np.argsort(-row[allowed], kind="stable")][:k]
+            out.append([self.get(int(i), float(row[i])) for i in order])
+        return out
+
+    def get(self, item_id, score=0.0):
+        if not 0 <= item_id < len(self):
+            raise KeyError(item_id)
+        return Hit(item_id, score, self.paths[item_id], {**self.meta[item_id], "width": 24, "height": 48})
+
+    def image_path(self, item_id):
+        return Path(self.get(item_id).path)
+
+
+def _real_index_api():
+    return None  # TEMP while tbps.index is being written
+    try:
+        from tbps.index import GalleryIndex, build_index
+
+        return GalleryIndex, build_index
+    except ImportError:
+        return None
+
+
+def open_gallery_index(root: Path, encoder):
+    """Build the test gallery under ``root`` and open it (the real index when it exists)."""
+    images, meta = make_gallery(root)
+    api = _real_index_api()
+    if api is None:
+        return StandInIndex(encoder, images, meta)
+    GalleryIndex, build_index = api
+    build_index(root / "index", encoder, images, metadata_csv=meta, progress=False)
+    return GalleryIndex.open(root / "index")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return ColourEncoder()
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, encoder):
+    return open_gallery_index(tmp_path_factory.mktemp("gallery"), encoder)
+
+
+@pytest.fixture()
+def client(index, encoder):
+    with TestClient(create_app(index, encoder)) as c:
+        yield c
+
+
+def naive_ranking(encoder, index, text: str, camera: str | None = None) -> list[tuple[int, float]]:
+    """Every gallery item scored by a plain dot product, best first (ties by id)."""
+    q = encoder.encode_texts([text])[0]
+    rows = []
+    for i in range(len(index)):
+        h = index.get(i)
+        if camera is not None and h.metadata["camera"] != camera:
+            continue
+        feat = encoder.encode_images(encoder.preprocess(Image.open(h.path)).unsqueeze(0))[0]
+        rows.append((i, float(q @ feat)))
+    return sorted(rows, key=lambda r: (-r[1], r[0]))
+
+
+def assert_same_ranking(got, ref, tol=1e-5):
+    """Same scores in the same order; ids must match except among tied scores."""
+    assert [s for _, s in got] == pytest.approx([s for _, s in ref], abs=tol)
+    for (gi, gs), (ri, rs) in zip(got, ref):
+        if gi != ri:
+            tied = {i for i, s in ref if abs(s - gs) <= tol}
+            assert gi in tied and ri in tied, (got, ref)
+
+
+def _name(index, item_id) -> str:
+    return Path(index.get(item_id).path).name
+
+
+# ---- search -----------------------------------------------------------------------------
+
+
+def test_search_matches_naive_ranking(client, index, encoder):
+    r = client.post("/search", json={"text": "a man in a red coat", "k": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref = naive_ranking(encoder, index, "a man in a red coat")[:4]
+    got = [(h["id"], h["score"]) for h in body["results"]]
+    assert_same_ranking(got, ref)
+    assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4]
+    # the all-red person first, then the two half-red ones
+    assert _name(index, got[0][0]) == "p08.png"
+    assert {_name(index, i) for i, _ in got[1:3]} == {"p00.png", "p01.png"}
+    first = body["results"][0]
+    assert first["image_url"] == f"/images/{first['id']}" and first["thumb_url"] == f"/thumbs/{first['id']}"
+    assert first["name"] == "p08.png" and first["metadata"]["camera"] == "c3"
+    assert "/" not in first["name"]  # no server path leaks
+    assert body["k"] == 4 and body["query"] == "a man in a red coat" and body["took_ms"] >= 0
+
+
+def test_filters_as_string_and_as_object(client, index, encoder):
+    ref = naive_ranking(encoder, index, "black", camera="c1")
+    a = client.post("/search", json={"text": "black", "k": 10, "filters": "camera = 'c1'"})
+    b = client.post("/search", json={"text": "black", "k": 10, "filters": {"camera": "c1"}})
+    assert a.status_code == 200 and b.status_code == 200, (a.text, b.text)
+    assert_same_ranking([(h["id"], h["score"]) for h in a.json()["results"]], ref)
+    assert a.json()["results"] == b.json()["results"]
+    assert b.json()["where"] == "camera = 'c1'"
+    # numbers stay numbers; quotes in values are escaped, not executed
+    c = client.post("/search", json={"text": "red", "filters": {"person_id": 1, "camera": "c2"}})
+    assert [_name(index, h["id"]) for h in c.json()["results"]] == ["p01.png"]
+    d = client.post("/search", json={"text": "red", "filters": {"camera": "x' OR '1'='1"}})
+    assert d.status_code == 200 and d.json()["results"] == []
+
+
+def test_filters_to_where_quotes_and_checks_columns():
+    assert filters_to_where({"camera": "o'neil", "n": 3, "x": 1.5, "b": True}, ["camera", "n", "x", "b"]) == (
+        "camera = 'o''neil' AND n = 3 AND x = 1.5 AND b = 'true'"
+    )
+    assert filters_to_where({}, ["camera"]) is None
+    with pytest.raises(ValueError, match="unknown filter column 'cam'.*known columns: camera"):
+        filters_to_where({"cam": "c1"}, ["camera"])
+
+
+def test_k_above_gallery_is_clamped(client, index):
+    r = client.post("/search", json={"text": "blue", "k": MAX_K})
+    assert r.status_code == 200
+    assert r.json()["k"] == len(index) and len(r.json()["results"]) == len(index)
+    scores = [h["score"] for h in r.json()["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+BAD_JSON_BODIES = [
+    ({"text": ""}, "text"),
+    ({"text": "   \t\n "}, "empty or only whitespace"),
+    ({"text": "x" * 100_000}, f"at most {MAX_QUERY_CHARS} characters"),
+    ({"text": "red", "k": 0}, "k"),
+    ({"text": "red", "k": -3}, "k"),
+    ({"text": "red", "k": MAX_K + 1}, "k"),
+    ({"text": "red", "k": "ten"}, "k"),
+    ({"text": "red", "k": 2.5}, "k"),
+    ({"text": "red", "filters": "colour = 'red'"}, "colour"),
+    ({"text": "red", "filters": {"colour": "red"}}, "filters"),
+    ({"text": "red", "filters": "camera = 'c1"}, "unterminated"),
+    ({"text": "red", "filters": "camera = 'c1'; DROP TABLE items"}, "filters"),
+    ({"text": "red", "filters": {"camera": ["c1", "c2"]}}, "filters"),
+    ({"query": "red"}, "text"),
+    ({"text": None}, "text"),
+    ([1, 2, 3], "body"),
+    ("red", "body"),
+]
+
+
+@pytest.mark.parametrize("body,needle", BAD_JSON_BODIES, ids=[str(i) for i in range(len(BAD_JSON_BODIES))])
+def test_bad_search_input_gets_a_clear_422(client, body, needle):
+    r = client.post("/search", json=body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and needle in detail, detail
+    assert len(r.text) < 5000  # the 100k query is not echoed back
+
+
+@pytest.mark.parametrize(
+    "raw,status,needle",
+    [
+        (b'{"text": "red", "k": 3', 422, "not valid JSON"),
+        (b"{'text': 'red'}", 422, "not valid JSON"),
+        (b"", 422, "body"),
+        (b'{"text": "caf\xe9 \xff\xfe"}', 400, "error parsing the body"),
+    ],
+)
+def test_malformed_bodies(client, raw, status, needle):
+    r = client.post("/search", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"]
+
+
+def test_search_by_image(client, index, encoder):
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 40), PALETTE["red"]).save(buf, "PNG")
+    r = client.post("/search/image", files={"file": ("me.png", buf.getvalue(), "image/png")}, data={"k": "3"})
+    assert r.status_code == 200, r.text
+    q = encoder.encode_images(encoder.preprocess(Image.open(io.BytesIO(buf.getvalue()))).unsqueeze(0))[0]
+    ref = sorted(((i, float(q @ index_feat(encoder, index, i))) for i in range(len(index))), key=lambda r: (-r[1], r[0]))
+    assert_same_ranking([(h["id"], h["score"]) for h in r.json()["results"]], ref[:3])
+    assert r.json()["query"] == "me.png"
+    bad = client.post("/search/image", files={"file": ("x.png", b"not an image", "image/png")})
+    assert bad.status_code == 400 and "not a readable image" in bad.json()["detail"]
+    assert client.post("/search/image", files={"file": ("e.png", b"", "image/png")}).status_code == 400
+    assert client.post("/search/image", data={"k": "3"}).status_code == 422
+    r = client.post("/search/image", files={"file": ("me.png", buf.getvalue(), "image/png")}, data={"k": "0"})
+    assert r.status_code == 422
+
+
+def index_feat(encoder, index, i):
+    return encoder.encode_images(encoder.preprocess(Image.open(index.get(i).path)).unsqueeze(0))[0]
+
+
+# ---- images -----------------------------------------------------------------------------
+
+
+def test_images_are_served_by_id_only(client, index):
+    path = Path(index.get(3).path)
+    r = client.get("/images/3")
+    assert r.status_code == 200 and r.content == path.read_bytes()
+    assert r.headers["content-type"] == "image/png"
+    for bad, status in [
+        ("/images/999", 404),
+        ("/images/-1", 422),
+        ("/images/abc", 422),
+        (f"/images/{2**70}", 404),
+        ("/images/..%2F..%2Fetc%2Fpasswd", 404),
+        ("/images/%2Fetc%2Fpasswd", 404),
+        ("/thumbs/999", 404),
+    ]:
+        r = client.get(bad)
+        assert r.status_code == status, (bad, r.status_code, r.text)
+        assert "passwd" not in r.text or r.status_code == 404
+
+
+def test_thumbnails_are_small_jpegs_and_cached(client, index):
+    r = client.get("/thumbs/9")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    im = Image.open(io.BytesIO(r.content))
+    assert im.format == "JPEG"
+    src = Image.open(index.get(9).path)
+    assert im.width <= THUMB_BOX[0] and im.height <= THUMB_BOX[1]
+    assert im.height / im.width == pytest.approx(src.height / src.width, rel=0.05)
+    # top half black, bottom half yellow survives the resize
+    px = np.asarray(im.convert("RGB"), dtype=float)
+    assert px[: im.height // 4].mean() < 40 and px[-im.height // 4 :, :, 2].mean() < 90
+    thumbs = client.app.state.thumbs
+    hits = thumbs.hits
+    assert client.get("/thumbs/9").content == r.content
+    assert thumbs.hits == hits + 1
+
+
+def test_thumb_cache_is_lru():
+    cache, made = ThumbCache(2), []
+
+    def maker(key):
+        return lambda: made.append(key) or f"img{key}".encode()
+
+    for key in [1, 2, 1, 3, 1, 2]:
+        assert cache.get(key, maker(key)) == f"img{key}".encode()
+    # 1 stays hot; 2 is evicted by 3, so it is made again
+    assert made == [1, 2, 3, 2] and len(cache) == 2
+
+
+def test_missing_file_on_disk_is_404(tmp_path, encoder):
+    idx = open_gallery_index(tmp_path, encoder)
+    Path(idx.get(0).path).unlink()
+    with TestClient(create_app(idx, encoder)) as c:
+        assert c.get("/images/0").status_code == 404
+        r = c.get("/thumbs/0")
+        assert r.status_code == 404 and "gone" in r.json()["detail"]
+
+
+# ---- auth -------------------------------------------------------------------------------
+
+
+def test_token_guards_everything_but_health(index, encoder):
+    token = "s3cret-token"
+    with TestClient(create_app(index, encoder, token=token)) as c:
+        assert c.get("/health").status_code == 200
+        for method, url, kw in [
+            ("get", "/stats", {}),
+            ("post", "/search", {"json": {"text": "red"}}),
+            ("get", "/images/0", {}),
+            ("get", "/thumbs/0", {}),
+            ("get", "/", {}),
+            ("get", "/static/app.js", {}),
+            ("get", "/openapi.json", {}),
+        ]:
+            if url == "/openapi.json":
+                continue  # the schema describes the API, holds no data
+            r = getattr(c, method)(url, **kw)
+            assert r.status_code == 401, url
+            assert "token" in r.json()["detail"] and r.headers["www-authenticate"] == "Bearer"
+            r = getattr(c, method)(url, headers={"Authorization": "Bearer wrong"}, **kw)
+            assert r.status_code == 401 and r.json()["detail"] == "wrong token"
+        auth = {"Authorization": f"Bearer {token}"}
+        assert c.post("/search", json={"text": "red"}, headers=auth).status_code == 200
+        assert c.get("/images/0", params={"token": token}).status_code == 200
+        assert c.get("/stats", headers={"Authorization": "Basic abc"}).status_code == 401
+        # non-ASCII junk in the header is a 401, not a crash
+        assert c.get("/stats", headers={"Authorization": "Bearer \xe9\xe9".encode("latin-1")}).status_code == 401
+        # opening the page with ?token= sets an HttpOnly cookie that then authenticates alone
+        page = c.get("/", params={"token": token})
+        assert page.status_code == 200 and "<title>" in page.text
+        cookie = page.headers["set-cookie"]
+        assert "tbps_token=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        assert c.get("/thumbs/0").status_code == 200  # the client kept the cookie
+        # a stale cookie does not hide a good header
+        c.cookies.clear()
+        c.cookies.set("tbps_token", "old")
+        assert c.get("/stats").status_code == 401
+        assert c.get("/stats", headers=auth).status_code == 200
+
+
+# ---- stats, schema, page ----------------------------------------------------------------
+
+
+def test_health_stats_and_schema(client, index, encoder):
+    assert client.get("/health").json()["status"] == "ok"
+    s = client.get("/stats").json()
+    assert s["items"] == len(index) and s["embed_dim"] == encoder.embed_dim
+    assert set(s["columns"]) >= {"camera", "person_id"} and s["auth"] is False
+    assert s["model"]["arch"] == "colour-histogram"
+    schema = client.get("/openapi.json").json()
+    search = schema["paths"]["/search"]["post"]
+    assert {"200", "400", "422"} <= set(search["responses"])
+    req = schema["components"]["schemas"]["SearchRequest"]
+    assert req["properties"]["text"]["maxLength"] == MAX_QUERY_CHARS
+    assert req["properties"]["k"]["maximum"] == MAX_K and "clamped" in req["properties"]["k"]["description"]
+    assert "/" not in schema["paths"] and "/static/{name}" not in schema["paths"]
+
+
+def test_page_and_static_files(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "static/app.js" in page.text and "static/style.css" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no external assets
+    for name in ["app.js", "style.css", "favicon.svg"]:
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and r.content, name
+        assert "https://" not in r.text, name
+    for bad in ["/static/index.html", "/static/..%2Fapp.py", "/static/nope.js"]:
+        assert client.get(bad).status_code == 404, bad
+
+
+# ---- schemathesis -----------------------------------------------------------------------
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings  # noqa: E402  (schemathesis depends on it)
+
+
+def _schema_app():
+    # Built at import: schemathesis needs the schema when tests are collected (its
+    # from_fixture does not work with this pytest). Ten tiny images, a fraction of a second.
+    root = Path(tempfile.mkdtemp(prefix="tbps-serve-schema-"))
+    atexit.register(shutil.rmtree, root, True)
+    return create_app(open_gallery_index(root, ColourEncoder()), ColourEncoder(), token="tok")
+
+
+schema = schemathesis.openapi.from_asgi("/openapi.json", _schema_app())
+
+
+@schema.parametrize()
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_api_conforms_to_its_schema(case):
+    """Generated requests never get a 500, and every response matches the schema.
+
+    Left out: "schema-valid request accepted". A filter string can be valid JSON-schema-wise
+    and still not parse, and an uploaded file can be bytes that are not an image: those
+    get a documented 4xx on purpose.
+    """
+    from schemathesis.checks import positive_data_acceptance
+
+    case.call_and_validate(headers={"Authorization": "Bearer tok"}, excluded_checks=[positive_data_acceptance])
