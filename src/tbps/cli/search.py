@@ -1,0 +1,107 @@
+"""``tbps search``: query a gallery index by text (or by an example image)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "search a gallery index by text description or example image"
+
+EPILOG = """\
+examples:
+  tbps search gallery.idx "a man in a black jacket with a red backpack"
+  tbps search gallery.idx "woman in a white dress" -k 20 --where "camera = 'c3' AND time >= '2024-01-01'"
+  tbps search gallery.idx --image query.jpg --json
+  tbps search gallery.idx "red coat" --checkpoint other/best.pt   # must match the index's model
+
+filters (--where): column = 'text' | column > 3 | column IN ('c1', 'c2') | column LIKE 'c%'
+| column BETWEEN 1 AND 5 | column IS NULL, combined with AND, OR, NOT and parentheses.
+Columns: id, path, relpath, size, mtime, sha256, width, height and the metadata CSV's
+columns (`tbps index info INDEX` lists them).
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("search", help=HELP, description=HELP + ".", epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("index", metavar="INDEX", help="index directory made by `tbps index build`")
+    p.add_argument("query", metavar="TEXT", nargs="?", help="text description of the person")
+    p.add_argument("--image", metavar="QUERY.jpg", help="search by example image instead of text")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--where", metavar="EXPR", help="metadata filter, e.g. \"camera = 'c3'\"")
+    p.add_argument("--checkpoint", metavar="CKPT",
+                   help="checkpoint to encode the query (default: the one the index was built with)")
+    p.add_argument("--exact", action="store_true", help="exact search even if the index has an ANN structure")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from tbps.cli.main import UserError
+
+    if args.image is not None and args.query is not None:
+        raise UserError("give either a TEXT query or --image, not both")
+    if args.image is None and (args.query is None or not args.query.strip()):
+        raise UserError("empty query: give a text description (or --image QUERY.jpg)")
+    if args.k <= 0:
+        raise UserError(f"-k must be a positive integer, got {args.k}")
+
+    from tbps.cli.index import load_encoder
+    from tbps.index import GalleryIndex
+
+    with GalleryIndex.open(args.index) as ix:
+        checkpoint = args.checkpoint or ix.checkpoint
+        if not checkpoint:
+            raise UserError(f"index {args.index} does not record its checkpoint; pass --checkpoint")
+        encoder = load_encoder(checkpoint, args.device)
+        ix.check_encoder(encoder)
+        if args.image is not None:
+            feats = encode_image_file(encoder, args.image)
+        else:
+            feats = encoder.encode_texts([args.query.strip()])
+        hits = ix.search(feats, args.k, where=args.where, exact=args.exact)[0]
+        mode = "exact" if args.exact else ix.search_mode
+        n = len(ix)
+    if args.json:
+        out = {
+            "query": args.query.strip() if args.image is None else None,
+            "image": args.image,
+            "k": args.k,
+            "where": args.where,
+            "index_size": n,
+            "search_mode": mode,
+            "results": [{"rank": r + 1, **h.to_dict()} for r, h in enumerate(hits)],
+        }
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        if not hits:
+            print("no results" + (" (no item matches the filter)" if args.where else ""))
+        else:
+            print(f"{'rank':>4}  {'score':>7}  {'id':>7}  path")
+            for r, h in enumerate(hits, start=1):
+                print(f"{r:>4}  {h.score:7.4f}  {h.id:>7}  {h.path}")
+    return 0
+
+
+def encode_image_file(encoder, path):
+    """(1, D) features of the image file ``path``; unreadable file -> a one-line user error."""
+    import pathlib
+
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from tbps.cli.main import UserError
+
+    p = pathlib.Path(path).expanduser()
+    try:
+        with Image.open(p) as im:
+            im.load()
+            pixels = encoder.preprocess(im)
+    except FileNotFoundError:
+        raise UserError(f"query image {str(p)!r} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"cannot read query image {str(p)!r}: {e}") from None
+    with torch.inference_mode():
+        return encoder.encode_images(pixels[None])
+

@@ -1,0 +1,42 @@
+"""Persistent gallery index: embed a folder of person crops once, search it by text or image.
+
+    from tbps.index import GalleryIndex, build_index
+    stats = build_index("gallery.idx", encoder, "crops/", metadata_csv="crops.csv")
+    index = GalleryIndex.open("gallery.idx")
+    index.check_encoder(encoder)
+    hits = index.search(encoder.encode_texts(["a man in a black jacket"]), k=10,
+                        where="camera = 'c3'")[0]
+
+Layout and crash safety: ``tbps.index.store``; writing: ``tbps.index.build``; filter
+grammar: ``tbps.index.filters``; approximate search: ``tbps.index.ann``.
+"""
+
+from tbps.index.build import add_to_index, build_index, read_metadata_csv, remove_from_index
+from tbps.index.errors import (
+    EncoderMismatchError,
+    FilterError,
+    GalleryIndexError,
+    IndexBusyError,
+    IndexFormatError,
+    IndexInputError,
+    QueryError,
+)
+from tbps.index.filters import compile_filter
+from tbps.index.store import GalleryIndex, Hit
+
+__all__ = [
+    "GalleryIndex",
+    "Hit",
+    "build_index",
+    "add_to_index",
+    "remove_from_index",
+    "read_metadata_csv",
+    "compile_filter",
+    "GalleryIndexError",
+    "IndexFormatError",
+    "IndexInputError",
+    "IndexBusyError",
+    "EncoderMismatchError",
+    "FilterError",
+    "QueryError",
+]

@@ -1,0 +1,137 @@
+"""Approximate nearest-neighbour structures (faiss, imported only here and only when used).
+
+The ANN structure is a *candidate generator*: faiss ids are the index's stable item ids,
+and the store rescores the candidates exactly against the memory-mapped features, so the
+scores a user sees are always exact inner products.
+
+Mode by gallery size (``mode="auto"``): exact search below ``EXACT_MAX`` items (a matrix
+product over at most a few hundred MB is fast and exact), HNSW up to ``HNSW_MAX`` (best
+latency/recall, but slow to build and cannot delete, so it is rebuilt after removals),
+IVF beyond (fast to build, supports add/remove; quantizer retrained when the gallery has
+grown 4x since training).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from tbps.index.errors import IndexInputError
+
+MODES = ("auto", "exact", "ivf", "hnsw")
+EXACT_MAX = 50_000
+HNSW_MAX = 200_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 64
+HNSW_EF_SEARCH = 128
+IVF_NPROBE_FRACTION = 1 / 48  # of nlist, at least IVF_MIN_NPROBE
+IVF_MIN_NPROBE = 16
+
+
+def choose_mode(n: int, requested: str = "auto") -> str:
+    """The search structure for a gallery of ``n`` items ("exact", "ivf" or "hnsw")."""
+    if requested not in MODES:
+        raise IndexInputError(f"unknown search mode {requested!r}; choose one of {', '.join(MODES)}")
+    if requested != "auto":
+        return requested
+    if n < EXACT_MAX:
+        return "exact"
+    return "hnsw" if n < HNSW_MAX else "ivf"
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise IndexInputError(
+            "approximate search needs faiss: pip install faiss-cpu (or tbps[serve])"
+        ) from e
+    return faiss
+
+
+def default_params(mode: str, n: int) -> dict[str, Any]:
+    """Build/search parameters for ``mode`` at gallery size ``n``."""
+    if mode == "ivf":
+        # ~2*sqrt(n) lists, each with >= 39 training points (faiss' own minimum).
+        nlist = max(1, min(int(2 * math.sqrt(max(n, 1))), max(1, n // 39)))
+        nprobe = min(nlist, max(IVF_MIN_NPROBE, int(round(nlist * IVF_NPROBE_FRACTION))))
+        return {"nlist": nlist, "nprobe": nprobe, "trained_on": n}
+    if mode == "hnsw":
+        return {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
+    return {}
+
+
+def build(mode: str, feats: np.ndarray, ids: np.ndarray, params: dict[str, Any], chunk: int = 65536):
+    """Build a faiss index over ``feats`` (N, D) float32 labelled by ``ids`` (N,) int64."""
+    faiss = _faiss()
+    n, d = feats.shape
+    if mode == "ivf":
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, int(params["nlist"]), faiss.METRIC_INNER_PRODUCT)
+        # Train on an evenly spaced sample (64 points per list is plenty for k-means).
+        n_train = min(n, 64 * int(params["nlist"]))
+        sample = np.ascontiguousarray(feats[np.linspace(0, n - 1, n_train).astype(np.int64)], dtype=np.float32)
+        index.train(sample)
+    elif mode == "hnsw":
+        inner = faiss.IndexHNSWFlat(d, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = int(params["ef_construction"])
+        index = faiss.IndexIDMap2(inner)
+    else:
+        raise ValueError(f"no ANN structure for mode {mode!r}")
+    add(index, feats, ids, chunk=chunk)
+    return index
+
+
+def add(index, feats: np.ndarray, ids: np.ndarray, chunk: int = 65536) -> None:
+    """Add rows ``feats`` (N, D) with labels ``ids`` (N,), streaming from a memmap in chunks."""
+    for s in range(0, len(ids), chunk):
+        block = np.ascontiguousarray(feats[s : s + chunk], dtype=np.float32)
+        index.add_with_ids(block, np.ascontiguousarray(ids[s : s + chunk], dtype=np.int64))
+
+
+def remove(index, ids: np.ndarray) -> None:
+    """Remove labels ``ids`` from an IVF index (HNSW cannot delete: rebuild it instead)."""
+    faiss = _faiss()
+    if len(ids):
+        index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
+
+
+def write(index, path) -> None:
+    _faiss().write_index(index, str(path))
+
+
+def read(path, mmap: bool = True):
+    faiss = _faiss()
+    if mmap:
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:
+            pass  # structures without mmap support (HNSW) are read into memory
+    return faiss.read_index(str(path))
+
+
+def search(index, mode: str, queries: np.ndarray, n_cand: int, params: dict[str, Any],
+           allowed_ids: np.ndarray | None = None) -> np.ndarray:
+    """Candidate ids (Q, n_cand) int64 for ``queries`` (Q, D); -1 pads missing candidates.
+
+    ``allowed_ids`` (sorted int64) restricts the search to those items (a filter).
+    """
+    faiss = _faiss()
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    sel = None
+    if allowed_ids is not None:
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
+    if mode == "ivf":
+        sp = faiss.SearchParametersIVF(nprobe=int(params["nprobe"]))
+        if sel is not None:
+            sp.sel = sel
+    elif mode == "hnsw":
+        sp = faiss.SearchParametersHNSW(efSearch=max(int(params["ef_search"]), n_cand))
+        if sel is not None:
+            sp.sel = sel
+    else:
+        raise ValueError(f"no ANN structure for mode {mode!r}")
+    _, labels = index.search(q, n_cand, params=sp)
+    return labels

@@ -1,0 +1,291 @@
+"""Gallery index: build/add/remove/info round trips, search against a naive reference,
+metadata CSV, encoder mismatch, exact vs faiss, corrupt files, reranking."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tbps.index import (
+    EncoderMismatchError,
+    GalleryIndex,
+    IndexFormatError,
+    IndexInputError,
+    QueryError,
+    add_to_index,
+    build_index,
+    remove_from_index,
+)
+from tbps.index import store as store_mod
+from tbps.index.fake import FakeEncoder
+
+
+def write_images(folder: pathlib.Path, n: int, seed: int = 0, start: int = 0, ext: str = "jpg") -> list[pathlib.Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(start, start + n):
+        p = folder / f"img{i:04d}.{ext}"
+        # Smooth random colour blobs: distinct images whose features survive JPEG.
+        base = rng.integers(0, 256, (4, 2, 3)).astype(np.uint8)
+        Image.fromarray(base).resize((16, 32), Image.BILINEAR).save(p, quality=95)
+        paths.append(p)
+    return paths
+
+
+def reference_features(enc: FakeEncoder, paths) -> np.ndarray:
+    """Features computed directly, without the index pipeline: (N, D)."""
+    import torch
+
+    px = torch.stack([enc.preprocess(Image.open(p)) for p in paths])
+    return enc.encode_images(px)
+
+
+def naive_topk(feats: np.ndarray, q: np.ndarray, k: int) -> list[int]:
+    s = feats @ q
+    return sorted(range(len(s)), key=lambda i: (-s[i], i))[:k]
+
+
+@pytest.fixture()
+def enc():
+    return FakeEncoder(embed_dim=32, seed=0)
+
+
+def test_build_search_matches_naive_reference(tmp_path, enc):
+    paths = write_images(tmp_path / "imgs", 30)
+    stats = build_index(tmp_path / "idx", enc, tmp_path / "imgs", workers=0, progress=False)
+    assert stats["count"] == 30 and stats["added"] == 30 and stats["skipped_count"] == 0
+    ref = reference_features(enc, paths)
+    with GalleryIndex.open(tmp_path / "idx") as ix:
+        assert len(ix) == 30 and ix.search_mode == "exact"
+        assert ix.fingerprint == enc.fingerprint
+        queries = enc.encode_texts(["a man in a red coat", "blue jeans", "backpack"])
+        results = ix.search(queries, k=7)
+        for q, hits in zip(queries, results):
+            expected = naive_topk(ref, q, 7)
+            assert [pathlib.Path(h.path).name for h in hits] == [paths[i].name for i in expected]
+            np.testing.assert_allclose([h.score for h in hits], ref[expected] @ q, atol=1e-5)
+        # Single (D,) query, get(), image_path(), metadata.
+        hit = ix.search(ref[3], k=1)[0][0]
+        assert hit.path == str(paths[3].resolve()) and hit.score == pytest.approx(1.0, abs=1e-5)
+        assert ix.get(hit.id).path == hit.path and ix.image_path(hit.id) == paths[3].resolve()
+        assert hit.metadata["width"] == 16 and hit.metadata["height"] == 32
+        assert hit.metadata["size"] == paths[3].stat().st_size and len(hit.metadata["sha256"]) == 64
+        with pytest.raises(KeyError):
+            ix.get(12345)
+        info = ix.info()
+        assert info["count"] == 30 and info["dim"] == 32 and info["sizes_bytes"]["features"] > 30 * 32 * 4
+
+
+def test_k_larger_than_gallery_and_bad_queries(tmp_path, enc):
+    write_images(tmp_path / "imgs", 5)
+    build_index(tmp_path / "idx", enc, tmp_path / "imgs", workers=0, progress=False)
+    ix = GalleryIndex.open(tmp_path / "idx")
+    q = enc.encode_texts(["anything"])
+    hits = ix.search(q, k=100)[0]
+    assert len(hits) == 5 and len({h.id for h in hits}) == 5
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    for bad_k in (0, -3):
+        with pytest.raises(QueryError, match="k must be a positive integer"):
+            ix.search(q, k=bad_k)
+    with pytest.raises(QueryError, match="D=32"):
+        ix.search(np.ones(7, np.float32), k=3)
+
+
+def test_add_detects_new_changed_and_touched_files(tmp_path, enc):
+    imgs = tmp_path / "imgs"
+    paths = write_images(imgs, 10)
+    build_index(tmp_path / "idx", enc, imgs, workers=0, progress=False)
+    before = GalleryIndex.open(tmp_path / "idx")
+    id_of = {h.path: h.id for h in before.search(enc.encode_texts(["x"]), k=10)[0]}
+
+    # Nothing changed: no new generation.
+    st = add_to_index(tmp_path / "idx", enc, imgs, workers=0, progress=False)
+    assert (st["added"], st["updated"], st["generation"]) == (0, 0, 1)
+
+    new = write_images(imgs, 2, seed=9, start=100)
+    changed = paths[4]
+    write_images(tmp_path / "other", 1, seed=5)[0].replace(changed)  # new content, same name
+    touched = paths[7]
+    os.utime(touched, ns=(time.time_ns(), time.time_ns() + 10**9))  # mtime only
+    st = add_to_index(tmp_path / "idx", enc, imgs, workers=0, progress=False)
+    assert (st["added"], st["updated"], st["touched"], st["unchanged"]) == (2, 1, 1, 8)
+    ix = GalleryIndex.open(tmp_path / "idx")
+    assert len(ix) == 12 and ix.generation == 2
+    ref = reference_features(enc, [changed, *new])
+    # The changed file keeps its id and gets its new feature.
+    cid = id_of[str(changed.resolve())]
+    np.testing.assert_allclose(ix.feature(cid), ref[0], atol=1e-6)
+    assert ix.get(cid).metadata["sha256"] != before.get(cid).metadata["sha256"]
+    # Touched file: same feature, new mtime recorded (so it is not re-hashed next time).
+    tid = id_of[str(touched.resolve())]
+    np.testing.assert_array_equal(ix.feature(tid), before.feature(tid))
+    assert ix.get(tid).metadata["mtime"] > before.get(tid).metadata["mtime"]
+    # New files got fresh ids and are found by their own features.
+    for p, f in zip(new, ref[1:]):
+        hit = ix.search(f, k=1)[0][0]
+        assert hit.path == str(p.resolve()) and hit.id >= 10
+    # The old generation stays readable for readers that opened it.
+    assert len(before) == 10 and before.search(enc.encode_texts(["x"]), k=3)[0]
+
+
+def test_remove_files_and_folders(tmp_path, enc):
+    imgs = tmp_path / "imgs"
+    write_images(imgs, 4)
+    write_images(imgs / "cam2", 3, seed=1, start=50)
+    build_index(tmp_path / "idx", enc, imgs, recursive=True, workers=0, progress=False)
+    before = GalleryIndex.open(tmp_path / "idx")
+    assert len(before) == 7
+    id_by_name = {pathlib.Path(before.get(i).path).name: int(i) for i in before.ids}
+    st = remove_from_index(tmp_path / "idx", [str(imgs / "img0001.jpg"), "cam2", "nope.jpg"])
+    assert st["removed"] == 4 and st["not_found"] == ["nope.jpg"]
+    ix = GalleryIndex.open(tmp_path / "idx")
+    left = sorted(pathlib.Path(ix.get(i).path).name for i in ix.ids)
+    assert left == ["img0000.jpg", "img0002.jpg", "img0003.jpg"]
+    kept = sorted(id_by_name[n] for n in left)
+    assert list(ix.ids) == kept  # ids are stable, never renumbered
+    for i in kept:
+        np.testing.assert_array_equal(ix.feature(i), before.feature(i))
+    # Removed ids are gone from search.
+    hits = ix.search(enc.encode_texts(["q"]), k=10)[0]
+    assert sorted(h.id for h in hits) == kept
+    # add brings back the removed files as new items with new ids.
+    st = add_to_index(tmp_path / "idx", enc, imgs, recursive=True, workers=0, progress=False)
+    assert st["added"] == 4 and list(GalleryIndex.open(tmp_path / "idx").ids) == kept + [7, 8, 9, 10]
+
+
+def test_metadata_csv_columns_and_filters(tmp_path, enc):
+    imgs = tmp_path / "imgs"
+    paths = write_images(imgs, 12)
+    rows = ["Image,Camera,Person ID,time"]
+    for i, p in enumerate(paths[:11]):  # the last image has no CSV row -> NULLs
+        rows.append(f"{p.name},c{i % 3},{i % 4},2024-01-{i + 1:02d}")
+    rows.append("ghost.jpg,c9,1,2024-02-01")  # names no image
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    st = build_index(tmp_path / "idx", enc, imgs, metadata_csv=tmp_path / "meta.csv", workers=0, progress=False)
+    assert st["metadata_rows_matched"] == 11 and st["metadata_rows_unmatched"] == 1
+    ix = GalleryIndex.open(tmp_path / "idx")
+    assert ix.columns[-3:] == ["camera", "person_id", "time"]
+    q = enc.encode_texts(["someone"])
+    ref = reference_features(enc, paths)
+
+    def check(where, pred):
+        hits = ix.search(q, k=50, where=where)[0]
+        expected = [i for i in naive_topk(ref, q[0], 12) if pred(i)]
+        assert [pathlib.Path(h.path).name for h in hits] == [paths[i].name for i in expected], where
+
+    check("camera = 'c1'", lambda i: i < 11 and i % 3 == 1)
+    check("camera = 'c1' AND person_id >= 2", lambda i: i < 11 and i % 3 == 1 and i % 4 >= 2)
+    check("time >= '2024-01-05' AND NOT camera IN ('c0', 'c2')", lambda i: 4 <= i < 11 and i % 3 == 1)
+    check("person_id = '3' OR camera IS NULL", lambda i: i == 11 or i % 4 == 3)
+    check("camera LIKE 'C%' AND person_id BETWEEN 1 AND 2", lambda i: i < 11 and i % 4 in (1, 2))
+    assert ix.search(q, k=5, where="camera = 'zzz'") == [[]]
+    h = ix.search(q, k=50, where="person_id = 2")[0][0]
+    assert isinstance(h.metadata["person_id"], int) and h.metadata["camera"].startswith("c")
+
+
+def test_encoder_mismatch_is_refused(tmp_path, enc):
+    write_images(tmp_path / "imgs", 3)
+    build_index(tmp_path / "idx", enc, tmp_path / "imgs", workers=0, progress=False)
+    ix = GalleryIndex.open(tmp_path / "idx")
+    ix.check_encoder(FakeEncoder(embed_dim=32, seed=0))  # same model: fine
+    other = FakeEncoder(embed_dim=32, seed=1)
+    with pytest.raises(EncoderMismatchError, match="checkpoint_sha256"):
+        ix.check_encoder(other)
+    with pytest.raises(EncoderMismatchError):
+        add_to_index(tmp_path / "idx", other, tmp_path / "imgs", workers=0, progress=False)
+    resized = FakeEncoder(embed_dim=32, seed=0)
+    resized.fingerprint = {**resized.fingerprint, "image_size": [32, 16]}
+    with pytest.raises(EncoderMismatchError, match="image_size"):
+        ix.check_encoder(resized)
+
+
+@pytest.mark.parametrize("mode", ["ivf", "hnsw"])
+def test_approximate_mode_agrees_with_exact(tmp_path, enc, mode, monkeypatch):
+    pytest.importorskip("faiss")
+    write_images(tmp_path / "imgs", 120, seed=3)
+    st = build_index(tmp_path / "idx", enc, tmp_path / "imgs", workers=0, progress=False, search_mode=mode)
+    assert st["search_mode"] == mode
+    ix = GalleryIndex.open(tmp_path / "idx")
+    assert ix.info()["sizes_bytes"]["ann"] > 0
+    q = np.concatenate([enc.encode_texts(["a", "b c", "d e f"]), np.asarray(ix.features[:5])])
+    approx = ix.search(q, k=10)
+    exact = ix.search(q, k=10, exact=True)
+    for a, e in zip(approx, exact):
+        # On a gallery this small both structures visit everything: identical results.
+        assert [h.id for h in a] == [h.id for h in e]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in e], atol=1e-6)
+    # Filters through the ANN structure (faiss IDSelector) when the subset is large.
+    monkeypatch.setattr(store_mod, "EXACT_SUBSET_MAX", 0)
+    fa = ix.search(q, k=10, where="id >= 60")
+    fe = ix.search(q, k=10, where="id >= 60", exact=True)
+    for a, e in zip(fa, fe):
+        assert all(h.id >= 60 for h in a)
+        assert [h.id for h in a] == [h.id for h in e]
+    # Incremental add and remove keep the ANN structure in step with the features.
+    write_images(tmp_path / "imgs", 5, seed=8, start=500)
+    add_to_index(tmp_path / "idx", enc, tmp_path / "imgs", workers=0, progress=False)
+    remove_from_index(tmp_path / "idx", [str(tmp_path / "imgs" / "img0000.jpg")])
+    ix2 = GalleryIndex.open(tmp_path / "idx")
+    assert ix2.search_mode == mode and len(ix2) == 124
+    for a, e in zip(ix2.search(q, k=10), ix2.search(q, k=10, exact=True)):
+        assert [h.id for h in a] == [h.id for h in e] and 0 not in [h.id for h in a]
+
+
+def test_corrupt_and_non_image_files_are_skipped_with_count(tmp_path, enc):
+    imgs = tmp_path / "imgs"
+    write_images(imgs, 6)
+    (imgs / "garbage.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    good = (imgs / "img0000.jpg").read_bytes()
+    (imgs / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (imgs / "notes.txt").write_text("not an image")
+    (imgs / ".hidden.jpg").write_bytes(b"ignored: hidden")
+    st = build_index(tmp_path / "idx", enc, imgs, workers=1, progress=False, batch_size=4)
+    assert st["count"] == 6 and st["skipped_count"] == 3
+    reasons = {pathlib.Path(s["path"]).name: s["reason"] for s in st["skipped"]}
+    assert set(reasons) == {"garbage.jpg", "truncated.jpg", "notes.txt"}
+    assert "not an image" in reasons["notes.txt"] and "truncated" in reasons["truncated.jpg"].lower()
+
+
+def test_reranker_reorders_candidates(tmp_path, enc):
+    write_images(tmp_path / "imgs", 20)
+    build_index(tmp_path / "idx", enc, tmp_path / "imgs", workers=0, progress=False)
+    ix = GalleryIndex.open(tmp_path / "idx")
+    q = enc.encode_texts(["person"])
+    plain = ix.search(q, k=5)[0]
+    seen = {}
+
+    def reverse(qf, cand_ids, cand_scores, index):
+        seen["shape"] = cand_ids.shape
+        assert index is ix and qf.shape == (1, 32)
+        np.testing.assert_allclose(cand_scores[0], np.sort(cand_scores[0])[::-1])
+        return -cand_scores  # the worst first-stage candidates win
+
+    hits = ix.search(q, k=5, reranker=reverse, rerank_depth=8)[0]
+    assert seen["shape"] == (1, 8)
+    first_stage = ix.search(q, k=8)[0]
+    assert [h.id for h in hits] == [h.id for h in first_stage[::-1][:5]]
+    assert [h.id for h in hits] != [h.id for h in plain]
+    assert hits[0].score == pytest.approx(-first_stage[-1].score)
+
+
+def test_open_errors_are_clear(tmp_path, enc):
+    with pytest.raises(IndexFormatError, match="does not exist"):
+        GalleryIndex.open(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(IndexFormatError, match="not a tbps index"):
+        GalleryIndex.open(tmp_path / "plain")
+    write_images(tmp_path / "imgs", 3)
+    build_index(tmp_path / "idx", enc, tmp_path / "imgs", workers=0, progress=False)
+    with pytest.raises(IndexInputError, match="already exists"):
+        build_index(tmp_path / "idx", enc, tmp_path / "imgs", workers=0, progress=False)
+    (tmp_path / "idx" / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexFormatError, match="corrupt index manifest"):
+        GalleryIndex.open(tmp_path / "idx")
+    with pytest.raises(IndexInputError, match="does not exist"):
+        build_index(tmp_path / "idx2", enc, tmp_path / "nope", workers=0, progress=False)
