@@ -255,7 +255,7 @@ def test_rendered_upper_colour_matches_attribute_in_written_jpegs(tmp_path):
     S.synthesize(tmp_path, ids=60, images_per_id=3, seed=seed, image_size=size, workers=1, progress=False)
     records = json.loads((tmp_path / "reid_raw.json").read_text())
     identities, _ = S.sample_identities(60, seed=seed)
-    checked = right = 0
+    checked = right = plain = plain_right = 0
     for r in records:
         pid = r["id"]
         k = int(r["file_path"].rsplit("_c", 1)[1][:2])
@@ -269,10 +269,16 @@ def test_rendered_upper_colour_matches_attribute_in_written_jpegs(tmp_path):
             continue
         x0, y0, x1, y1 = info["upper_probe"]
         colour = _nearest(np.median(saved[y0:y1, x0:x1].reshape(-1, 3), axis=0))
+        ok = colour == identities[pid - 1]["upper_colour"]
         checked += 1
-        right += colour == identities[pid - 1]["upper_colour"]
-    assert checked >= 100
-    assert right / checked >= 0.9, (right, checked)
+        right += ok
+        if identities[pid - 1]["pattern"] == "plain":
+            plain += 1
+            plain_right += ok
+    assert checked >= 100 and plain >= 50
+    # Patterns and camera blur mix colours a little; plain garments must read right.
+    assert right / checked >= 0.93, (right, checked)
+    assert plain_right / plain >= 0.97, (plain_right, plain)
 
 
 def test_bad_arguments_are_user_errors(tmp_path):

@@ -676,9 +676,9 @@ def _pattern(d: ImageDraw.ImageDraw, b: _Body, span, u0: float, u1: float, patte
     """Draw a garment pattern inside a trapezoid; span(u) -> (v_left, v_right)."""
     if pattern == "plain":
         return
-    step = max(4.0, 0.06 * b.ph)  # pixels between stripes / checks / dots
+    step = max(5.0, 0.075 * b.ph)  # pixels between stripes / checks / dots
     y0, y1 = b.p(0, u0)[1], b.p(0, u1)[1]
-    lw = 1 if step < 6 else 2
+    lw = 1 if step < 12 else 2
     if pattern in ("striped", "checked"):
         y = y0 + step / 2
         while y < y1 - 1:
@@ -908,10 +908,11 @@ def render_person(attrs: dict[str, Any], view: View, size: tuple[int, int], rng:
     img = _camera(img, view, rng)
 
     # The part of the torso that shows only the upper garment (clear of arms, straps, hair).
-    if side:
-        probe = b.box(-dirn * 0.062, 0.27, -dirn * 0.03, 0.40)
-    else:
-        probe = b.box(-0.035, 0.27, 0.035, 0.36)
+    if side:  # the half of the torso away from the swinging near arm, below long hair
+        s_arm = 1.0 if sw >= 0 else -1.0
+        probe = b.box(-s_arm * 0.058, 0.28, -s_arm * 0.026, 0.40)
+    else:  # centre of the chest/back: clear of arms, straps, long hair and the hoodie pocket
+        probe = b.box(-0.035, 0.295, 0.035, 0.365)
     probe = [int(round(probe[0])), int(round(probe[1])), int(round(probe[2])), int(round(probe[3]))]
     visible = not (a["bag_type"] == "backpack" and facing in ("back",) or
                    a["bag_type"] == "backpack" and side)
