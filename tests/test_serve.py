@@ -159,7 +159,6 @@ class StandInIndex:
 
 
 def _real_index_api():
-    return None  # TEMP while tbps.index is being written
     try:
         from tbps.index import GalleryIndex, build_index
 
@@ -501,3 +500,81 @@ def test_api_conforms_to_its_schema(case):
     from schemathesis.checks import positive_data_acceptance
 
     case.call_and_validate(headers={"Authorization": "Bearer tok"}, excluded_checks=[positive_data_acceptance])
+
+
+# ---- `tbps serve` startup errors and the real encoder -----------------------------------
+
+
+def _serve(argv, capsys):
+    from tbps.cli.main import main
+
+    code = main(["serve", *argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def real_gallery(tmp_path_factory):
+    """A real untrained checkpoint and an index built with it (records the checkpoint)."""
+    from tbps.index import build_index
+    from tbps.inference import Encoder, create_untrained_checkpoint
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("real")
+    ckpt = create_untrained_checkpoint(root / "ckpt" / "best.pt", seed=0)
+    encoder = Encoder.from_checkpoint(ckpt)
+    images, meta = make_gallery(root)
+    build_index(root / "index", encoder, images, metadata_csv=meta, progress=False, checkpoint=ckpt)
+    return root / "index", ckpt, encoder
+
+
+def test_serve_refuses_a_missing_or_corrupt_index(tmp_path, capsys):
+    code, err = _serve([str(tmp_path / "nope")], capsys)
+    assert code == 2 and err.startswith("tbps: error:") and "does not exist" in err and "Traceback" not in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    code, err = _serve([str(bad)], capsys)
+    assert code == 2 and "corrupt index manifest" in err
+    code, err = _serve([str(bad), "--port", "70000"], capsys)
+    assert code == 2 and "--port" in err
+
+
+def test_serve_refuses_a_bad_checkpoint(real_gallery, tmp_path, capsys):
+    from tbps.inference import create_untrained_checkpoint
+
+    index_dir, _, _ = real_gallery
+    code, err = _serve([str(index_dir), "--checkpoint", str(tmp_path / "missing.pt"), "--port", "0"], capsys)
+    assert code == 2 and err.startswith("tbps: error:") and "missing.pt" in err
+    other = create_untrained_checkpoint(tmp_path / "other.pt", seed=1)
+    code, err = _serve([str(index_dir), "--checkpoint", str(other), "--port", "0"], capsys)
+    assert code == 2 and "checkpoint" in err and "Traceback" not in err
+
+
+def test_serve_refuses_a_busy_port(real_gallery, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code, err = _serve([str(real_gallery[0]), "--port", str(port)], capsys)
+    assert code == 2 and f"127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_end_to_end_with_a_real_checkpoint(real_gallery):
+    """`tbps serve`'s app loader on a real (untrained) model: ranking = naive dot products."""
+    from tbps.cli.serve import load_app
+
+    index_dir, _, encoder = real_gallery
+    app = load_app(index_dir)  # finds the checkpoint recorded in the index
+    with TestClient(app) as c:
+        r = c.post("/search", json={"text": "a man in a red coat and black trousers", "k": 5})
+        assert r.status_code == 200, r.text
+        q = encoder.encode_texts(["a man in a red coat and black trousers"])[0]
+        ix = app.state.index
+        ref = sorted(((i, float(q @ index_feat(encoder, ix, i))) for i in range(len(ix))), key=lambda t: (-t[1], t[0]))
+        assert_same_ranking([(h["id"], h["score"]) for h in r.json()["results"]], ref[:5], tol=1e-4)
+        assert c.get("/stats").json()["model"]["arch"] == encoder.fingerprint["arch"]
+        # a 1,000-character query is accepted (the tokenizer truncates it), 1,001 is not
+        assert c.post("/search", json={"text": "red " * 250, "k": 1}).status_code == 200
+        assert c.post("/search", json={"text": "x" * 1001, "k": 1}).status_code == 422

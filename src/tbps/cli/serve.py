@@ -1,0 +1,122 @@
+"""``tbps serve``: the REST API and the search page over a gallery index (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+
+HELP = "serve a gallery index over HTTP: a REST API and a search page"
+
+EPILOG = """\
+examples:
+  tbps serve gallery.idx                         # http://127.0.0.1:8000/
+  tbps serve gallery.idx --port 9000 --checkpoint runs/cuhk/best.pt
+  TBPS_TOKEN=s3cret tbps serve gallery.idx --host 0.0.0.0
+  curl -s -H 'Authorization: Bearer s3cret' -H 'Content-Type: application/json' \\
+       -d '{"text": "a woman in a red coat", "k": 5}' http://127.0.0.1:8000/search
+
+routes: POST /search, POST /search/image, GET /images/ID, GET /thumbs/ID, GET /stats,
+GET /health, GET / (the page), GET /docs and /openapi.json (the API schema).
+
+auth: with --token (or $TBPS_TOKEN) every route but /health needs it, as
+'Authorization: Bearer TOKEN' or ?token=TOKEN. Open the page as http://HOST:PORT/?token=TOKEN:
+the server then sets an HttpOnly cookie and the page drops the token from its address.
+The server binds to 127.0.0.1 unless --host says otherwise; a public --host without a token
+prints a warning.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help=HELP, description=HELP + ".", epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("index", metavar="INDEX", help="index directory made by `tbps index build`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--token", default=None,
+                   help="require this token on every route but /health (default: $TBPS_TOKEN, else none)")
+    p.add_argument("--checkpoint", metavar="CKPT",
+                   help="checkpoint that encodes queries (default: the one the index was built with)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads for encoding queries (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default info)")
+    p.set_defaults(func=run)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail with one clear line before loading the model when the port is taken."""
+    from tbps.cli.main import UserError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port or --host)") from None
+
+
+def load_app(index_path, *, checkpoint=None, token=None, device="cpu"):
+    """Open the index, load and check its encoder, and build the app (no server started).
+
+    Every failure a user can cause (missing or corrupt index, missing or wrong checkpoint)
+    raises an error marked ``user_error``, so ``tbps`` prints one line and exits 2.
+    """
+    from tbps.cli.index import load_encoder
+    from tbps.cli.main import UserError
+    from tbps.index import GalleryIndex
+    from tbps.serve import create_app
+
+    index = GalleryIndex.open(index_path)
+    checkpoint = checkpoint or index.checkpoint
+    if not checkpoint:
+        raise UserError(f"index {index_path} does not record its checkpoint; pass --checkpoint")
+    encoder = load_encoder(str(checkpoint), device)
+    index.check_encoder(encoder)
+    return create_app(index, encoder, token=token)
+
+
+def run(args) -> int:
+    from tbps.cli.main import UserError
+
+    token = args.token if args.token is not None else os.environ.get("TBPS_TOKEN") or None
+    if token is not None and not token.strip():
+        raise UserError("--token is empty")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    if args.threads is not None and args.threads <= 0:
+        raise UserError(f"--threads must be positive, got {args.threads}")
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError("tbps serve needs the [serve] extra: pip install 'tbps[serve]'") from None
+    if args.port:
+        _check_port_free(args.host, args.port)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    app = load_app(args.index, checkpoint=args.checkpoint, token=token, device=args.device)
+    if not _is_loopback(args.host) and not token:
+        print(f"tbps: warning: serving on {args.host} without a token: anyone who can reach this "
+              "machine can search the gallery and fetch its images (set --token)", file=sys.stderr)
+    n = len(app.state.index)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"tbps: serving {n} images from {args.index} at http://{shown}:{args.port}/"
+          + ("?token=..." if token else ""), file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
