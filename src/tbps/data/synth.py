@@ -98,7 +98,7 @@ CAPTION_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
         "grey": ("grey", "gray"),
     },
     "upper_type": {
-        "t-shirt": ("t-shirt", "tee shirt", "short-sleeved shirt"),
+        "t-shirt": ("t-shirt", "tee", "short-sleeved t-shirt"),
         "shirt": ("shirt", "long-sleeved shirt", "button-up shirt"),
         "jacket": ("jacket", "zip-up jacket"),
         "coat": ("coat", "long coat", "overcoat"),
