@@ -592,7 +592,9 @@ def build_index(path, encoder, images_dir, *, recursive: bool = False, metadata_
 
 
 def _checkpoint_of(encoder, checkpoint) -> str | None:
-    ckpt = checkpoint or getattr(encoder, "checkpoint_path", None) or encoder.fingerprint.get("checkpoint_path")
+    ckpt = checkpoint or getattr(encoder, "checkpoint", None) or getattr(encoder, "checkpoint_path", None)
+    if not isinstance(ckpt, (str, os.PathLike)):
+        return None
     return str(pathlib.Path(ckpt).expanduser().resolve()) if ckpt else None
 
 
