@@ -70,8 +70,10 @@ def test_splits_disjoint_by_identity_and_families_together():
         assert len({splits[i] for i, g in enumerate(families) if g == f}) == 1  # siblings stay together
     counts = {s: splits.count(s) for s in ("train", "val", "test")}
     assert abs(counts["train"] - 140) <= 4 and abs(counts["val"] - 20) <= 4 and abs(counts["test"] - 40) <= 4
-    # tiny datasets still get every split
+    # tiny datasets still get every split, even a single family of three
     assert set(S.assign_splits([0, 1, 2, 3], (0.7, 0.1, 0.2), seed=0)) == {"train", "val", "test"}
+    assert sorted(S.assign_splits([0, 0, 0], (0.7, 0.1, 0.2), seed=0)) == ["test", "train", "val"]
+    assert set(S.assign_splits([0, 0, 1, 2], (1.0, 0.0, 0.0), seed=0)) == {"train"}
 
 
 def test_split_disjoint_in_written_dataset(small):

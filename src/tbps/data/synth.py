@@ -955,27 +955,34 @@ def render_image(attrs: dict[str, Any], seed: int, pid: int, k: int, size: tuple
 
 def assign_splits(families: list[int], fractions: tuple[float, float, float], seed: int) -> list[str]:
     """Split identities by family (siblings stay together, so the test gallery holds
-    near-duplicates): families in random order go to the split furthest below its target.
-    Every split with a positive fraction gets at least one family when there are enough."""
+    near-duplicates). Each split with a positive fraction first gets one of the smallest
+    families (a dataset with fewer families than such splits is split by identity), then the other families, largest first, go to the
+    split furthest below its target count."""
     n = len(families)
     rng = np.random.default_rng([seed, 5003])
+    target = np.asarray(fractions, dtype=np.float64) * n
+    wanted = [int(s) for s in np.argsort(target, kind="stable") if target[s] > 0]
     members: dict[int, list[int]] = {}
     for i, f in enumerate(families):
         members.setdefault(f, []).append(i)
-    order = [list(members)[int(j)] for j in rng.permutation(len(members))]
-    target = np.asarray(fractions, dtype=np.float64) * n
+    if len(members) < len(wanted) <= n:  # tiny dataset: split families rather than leave a split empty
+        members = {i: [i] for i in range(n)}
+    fams = list(members)
+    fams = [fams[int(j)] for j in rng.permutation(len(fams))]
+    fams.sort(key=lambda f: -len(members[f]))  # stable: random order within a size
     count = np.zeros(3)
     out = [""] * n
-    # First one family per split (smallest fraction first) so that none is empty.
-    wanted = [s for s in np.argsort(target, kind="stable") if target[s] > 0]
-    for fam in order:
-        if wanted and len(order) >= 3:
-            s = int(wanted.pop(0))
-        else:
-            s = int(np.argmax(target - count))
+
+    def put(fam: int, s: int) -> None:
         for i in members[fam]:
             out[i] = SPLITS[s]
         count[s] += len(members[fam])
+
+    if len(fams) >= len(wanted):
+        for s in wanted:
+            put(fams.pop(), s)
+    for fam in fams:
+        put(fam, int(np.argmax(target - count)))
     return out
 
 
