@@ -356,12 +356,13 @@ def _shoes_np(rng, a) -> str:
     return f"a pair of {col} {noun}" if rng.random() < 0.25 else f"{col} {noun}"
 
 
-def _hair_np(rng, a) -> str:
+def _hair_np(rng, a, plain: bool = False) -> str:
+    """'short black hair', sometimes 'black hair that is short' (not in lists: plain=True)."""
     length = a["hair_length"]
     col = _ch(rng, CAPTION_WORDS["hair_colour"][a["hair_colour"]])
-    if length == "long" and rng.random() < 0.3:
-        return f"long {col} hair"
-    return f"{length} {col} hair" if rng.random() < 0.8 else f"{col} hair that is {length}"
+    if plain or rng.random() < 0.85:
+        return f"{length} {col} hair"
+    return f"{col} hair that is {length}"
 
 
 def _bag_np(rng, a) -> str:
@@ -470,9 +471,10 @@ def make_caption(attrs: dict[str, Any], rng: np.random.Generator, facing: str | 
     elif style == 2:  # "Young woman, long black hair, red jacket, blue jeans, black backpack."
         parts = [_a(noun) if rng.random() < 0.5 else noun]
         if "hair" in rest:
-            parts.append(_hair_np(rng, a))
+            parts.append(_hair_np(rng, a, plain=True))
             rest.remove("hair")
-        parts += [g[2:] if g.startswith("a ") else g[3:] if g.startswith("an ") else g for g in garments]
+        parts += [g if g.startswith("a pair") else g[2:] if g.startswith("a ") else g[3:] if g.startswith("an ") else g
+                  for g in garments]
         if "shoes" in rest:
             parts.append(_shoes_np(rng, a))
             rest.remove("shoes")
