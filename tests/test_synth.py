@@ -251,13 +251,13 @@ def test_rendered_upper_colour_matches_attribute_clean_view():
             assert _nearest(np.median(patch, axis=0)) == colour, (colour, ut, np.median(patch, axis=0))
 
 
-def test_rendered_upper_colour_matches_attribute_in_written_jpegs(tmp_path):
+def test_rendered_garment_colours_match_attributes_in_written_jpegs(tmp_path):
     """Through the real files: re-derive each view's probe box and read the saved JPEG."""
     seed, size = 8, (128, 64)
     S.synthesize(tmp_path, ids=60, images_per_id=3, seed=seed, image_size=size, workers=1, progress=False)
     records = json.loads((tmp_path / "reid_raw.json").read_text())
     identities, _ = S.sample_identities(60, seed=seed)
-    checked = right = plain = plain_right = 0
+    checked = right = plain = plain_right = lower_seen = lower_right = 0
     for r in records:
         pid = r["id"]
         k = int(r["file_path"].rsplit("_c", 1)[1][:2])
@@ -267,6 +267,11 @@ def test_rendered_upper_colour_matches_attribute_in_written_jpegs(tmp_path):
         rendered.save(buf, format="JPEG", quality=S.JPEG_QUALITY)
         assert path.read_bytes() == buf.getvalue()  # the file is exactly this render
         saved = np.asarray(Image.open(path), dtype=np.float64)
+        if info["lower_visible"]:
+            x0, y0, x1, y1 = info["lower_probe"]
+            lower_seen += 1
+            lower_right += _nearest(np.median(saved[y0:y1, x0:x1].reshape(-1, 3), axis=0)) == \
+                identities[pid - 1]["lower_colour"]
         if not info["upper_visible"]:
             continue
         x0, y0, x1, y1 = info["upper_probe"]
@@ -281,6 +286,7 @@ def test_rendered_upper_colour_matches_attribute_in_written_jpegs(tmp_path):
     # Patterns and camera blur mix colours a little; plain garments must read right.
     assert right / checked >= 0.93, (right, checked)
     assert plain_right / plain >= 0.97, (plain_right, plain)
+    assert lower_seen >= 80 and lower_right / lower_seen >= 0.97, (lower_right, lower_seen)
 
 
 def test_bad_arguments_are_user_errors(tmp_path):

@@ -714,7 +714,8 @@ def render_person(attrs: dict[str, Any], view: View, size: tuple[int, int], rng:
     """Render one image of an identity seen through ``view``; ``size`` is (height, width).
 
     Returns the RGB image and ``info``: ``facing``, ``upper_probe`` (a pixel box
-    (x0, y0, x1, y1) that shows only the upper garment when ``upper_visible``), and
+    (x0, y0, x1, y1) that shows only the upper garment when ``upper_visible``),
+    ``lower_probe`` / ``lower_visible`` (the same for the lower garment), and
     ``person_box``. ``shades`` are the identity's jittered colours (``identity_shades``);
     None draws the exact palette colours. ``rng`` drives the background and camera noise.
     """
@@ -909,26 +910,34 @@ def render_person(attrs: dict[str, Any], view: View, size: tuple[int, int], rng:
         d.rectangle(list(occ_box), fill=tuple(int(v) for v in rng.integers(20, 230, size=3)))
     img = _camera(img, view, rng)
 
-    # The part of the torso that shows only the upper garment (clear of arms, straps, hair).
+    # Probe boxes: pixels that show only one garment (clear of arms, straps, hair, bags).
+    def pixel_box(v0: float, u0: float, v1: float, u1: float) -> list[int]:
+        return [int(round(x)) for x in b.box(v0, u0, v1, u1)]
+
+    def occluded(box: list[int]) -> bool:
+        if occ_box is None:
+            return False
+        ox0, oy0, ox1, oy1 = occ_box
+        return not (ox1 <= box[0] or ox0 >= box[2] or oy1 <= box[1] or oy0 >= box[3])
+
     if side:  # the half of the torso away from the swinging near arm, below long hair
         s_arm = 1.0 if sw >= 0 else -1.0
-        probe = b.box(-s_arm * 0.058, 0.28, -s_arm * 0.026, 0.40)
+        upper_probe = pixel_box(-s_arm * 0.058, 0.28, -s_arm * 0.026, 0.40)
+        lower_probe = pixel_box(-0.025, 0.52, 0.025, 0.56)  # hips, below the hand
     else:  # centre of the chest/back: clear of arms, straps, long hair and the hoodie pocket
-        probe = b.box(-0.035, 0.295, 0.035, 0.365)
-    probe = [int(round(probe[0])), int(round(probe[1])), int(round(probe[2])), int(round(probe[3]))]
-    visible = not (a["bag_type"] == "backpack" and facing in ("back",) or
-                   a["bag_type"] == "backpack" and side)
-    if a["bag_type"] == "shoulder bag" and side:
-        visible = False
-    if occ_box is not None:
-        ox0, oy0, ox1, oy1 = occ_box
-        if not (ox1 <= probe[0] or ox0 >= probe[2] or oy1 <= probe[1] or oy0 >= probe[3]):
-            visible = False
+        upper_probe = pixel_box(-0.035, 0.295, 0.035, 0.365)
+        lower_probe = pixel_box(-0.05, 0.50, 0.05, 0.54)  # hips, below the upper garment
+    upper_visible = not occluded(upper_probe) and not (
+        a["bag_type"] == "backpack" and facing != "front" or a["bag_type"] == "shoulder bag" and side)
+    lower_visible = lt is not None and ut != "coat" and not occluded(lower_probe) and not (
+        side and a["bag_type"] in ("handbag", "shoulder bag"))
     info = {
         "facing": facing,
-        "upper_probe": probe,
-        "upper_visible": visible,
-        "person_box": [int(v) for v in b.box(-0.2, 0.0, 0.2, 1.0)],
+        "upper_probe": upper_probe,
+        "upper_visible": upper_visible,
+        "lower_probe": lower_probe,
+        "lower_visible": lower_visible,
+        "person_box": pixel_box(-0.2, 0.0, 0.2, 1.0),
     }
     return img, info
 
