@@ -810,9 +810,9 @@ def render_person(attrs: dict[str, Any], view: View, size: tuple[int, int], rng:
     # Shoes.
     for _hv, av in legs:
         if side:
-            d.rounded_rectangle(b.box(av - 0.03 * dirn, 0.925, av + 0.065 * dirn, 0.985), radius=1, fill=shoe)
+            d.rectangle(b.box(av - 0.03 * dirn, 0.925, av + 0.065 * dirn, 0.985), fill=shoe)
         else:
-            d.rounded_rectangle(b.box(av - 0.035, 0.925, av + 0.035, 0.985), radius=1, fill=shoe)
+            d.rectangle(b.box(av - 0.035, 0.925, av + 0.035, 0.985), fill=shoe)
 
     # 3. Torso (upper garment) with pattern and type details.
     torso = [(-sh_w, 0.16), (sh_w, 0.16)]
@@ -864,7 +864,7 @@ def render_person(attrs: dict[str, Any], view: View, size: tuple[int, int], rng:
     if a["bag_type"] == "handbag":
         v1, u1 = arms[1][2], arms[1][3]
         d.line([b.p(v1 - 0.02, u1), b.p(v1 - 0.02, u1 + 0.04)], fill=_shade(cols["bag"], 0.7), width=1)
-        d.rounded_rectangle(b.box(v1 - 0.06, u1 + 0.03, v1 + 0.04, u1 + 0.11), radius=1, fill=cols["bag"])
+        d.rectangle(b.box(v1 - 0.06, u1 + 0.03, v1 + 0.04, u1 + 0.11), fill=cols["bag"])
 
     # 6. Head, hair, face, headwear.
     hv = 0.008 * dirn if side else 0.0
