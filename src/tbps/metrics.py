@@ -29,8 +29,9 @@ import torch
 # Working memory per (query, gallery) element of one chunk in the fast path: an int64
 # key, the int64 searchsorted result, a float32 copy and the bool positive mask, with
 # slack for temporaries. Used to turn a memory budget into a chunk size.
-_BYTES_PER_ELEMENT = 40
+_BYTES_PER_ELEMENT = 24
 DEFAULT_MEMORY_BUDGET = 128 * 2**20  # bytes of chunk working set when chunk_size is None
+_FLOAT32_BIN_LIMIT = 2**23  # more bins per chunk than this: compute bin numbers in float64
 
 
 class MetricsError(ValueError):
@@ -147,86 +148,86 @@ def naive_retrieval_metrics(
 # ---------------------------------------------------------------------- fast path
 
 
-def _order_keys(chunk: torch.Tensor) -> torch.Tensor:
-    """(c, G) float32 scores -> (c, G) int64 keys, all distinct within a row, whose
-    descending order is the stable descending argsort order: score first, then lower
-    gallery index first."""
+def _exact_positions(chunk: torch.Tensor, col_tab: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Positions by direct comparison, O(G * r_max) per row: for rows the bins can't serve."""
     g = chunk.shape[1]
-    chunk = (chunk + 0.0).contiguous()  # -0.0 + 0.0 == +0.0, so both zeros get one key
-    bits = chunk.view(torch.int32)
-    # IEEE floats order like sign-magnitude integers: flip the magnitude bits of
-    # negatives to get an order-preserving two's-complement int32.
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    tiebreak = torch.arange(g - 1, -1, -1, device=chunk.device, dtype=torch.int64)  # (G,)
-    # |bits| < 2**31 and G < 2**31, so bits * G + tiebreak fits in int64.
-    return bits.to(torch.int64).mul_(g).add_(tiebreak)
+    arange_g = torch.arange(g, device=chunk.device)
+    out = torch.zeros(col_tab.shape, dtype=torch.int64, device=chunk.device)
+    for i in range(chunk.shape[0]):
+        s, j = chunk[i], col_tab[i][valid[i]]  # (G,), (R,)
+        u = s[j][:, None]  # (R, 1)
+        before = (s[None, :] > u) | ((s[None, :] == u) & (arange_g[None, :] < j[:, None]))
+        out[i, : len(j)] = before.sum(1)
+    return out
 
 
-def _count_greater(values: torch.Tensor, thresholds: torch.Tensor, *, or_equal: bool = False) -> torch.Tensor:
-    """#{g : values[i, g] > thresholds[i, t]} (>= with or_equal) for every t, in O(G log T) per row.
+def _positive_positions(chunk: torch.Tensor, col_tab: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """0-based ranked positions of the correct items of each query in a chunk.
 
-    values (c, G); thresholds (c, T) sorted ascending per row; returns (c, T) int64.
-    """
-    c, t = thresholds.shape
-    # m[i, g] = #{t : thresholds[i, t] < values[i, g]} (<= with or_equal); then
-    # values[i, g] > thresholds[i, t] exactly when m[i, g] > t, even with repeated thresholds.
-    m = torch.searchsorted(thresholds, values, right=or_equal)  # (c, G) int64
-    m += (torch.arange(c, device=m.device) * (t + 1))[:, None]  # one histogram per row
-    hist = torch.bincount(m.view(-1), minlength=c * (t + 1)).view(c, t + 1)
-    del m
-    at_least = hist.flip(1).cumsum(1).flip(1)  # (c, T+1): #{g : m >= t}
-    return at_least[:, 1:]
+    chunk (c, G) float32/float64 scores, no NaN; col_tab (c, R) gallery columns of the
+    correct items, valid (c, R) which entries are real (each row has at least one).
+    Returns (c, R) int64 positions; entries that are not valid are meaningless.
 
-
-def _positive_positions(chunk: torch.Tensor, pos_mask: torch.Tensor, r_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based ranked positions of the correct items of each query in the chunk.
-
-    chunk (c, G) scores; pos_mask (c, G) bool. Returns (positions (c, r_max) int64
-    sorted ascending, valid (c, r_max) bool); padding sorts last.
+    The position of correct item j is #{g : s_g > s_j} + #{g < j : s_g == s_j} (the
+    stable descending argsort order). Instead of sorting, each row's scores go into B
+    uniform bins over [lowest correct score, row max] (lower scores go to bin 0).
+    The bin is a monotone function of the score, so an item in a higher bin than s_j
+    ranks before j and one in a lower bin after it: suffix sums of a per-row histogram
+    count those. Only the few items sharing a bin with a correct item are compared
+    exactly, with the tie rule. A handful of passes over the chunk, no sort.
     """
     c, g = chunk.shape
     dev = chunk.device
-    # Gather the correct items of each row into a padded (c, r_max) table.
-    rows, cols = pos_mask.nonzero(as_tuple=True)  # row-major, so rows are grouped
-    counts = pos_mask.sum(1)  # (c,)
-    starts = counts.cumsum(0) - counts
-    slot = torch.arange(len(rows), device=dev) - starts[rows]  # index within its row
-    valid = torch.zeros(c, r_max, dtype=torch.bool, device=dev)
-    valid[rows, slot] = True
-    col_tab = torch.zeros(c, r_max, dtype=torch.int64, device=dev)
-    col_tab[rows, slot] = cols
+    n_bins = max(16, g // 4)  # ~4 items per bin on average: few exact comparisons
+    width = n_bins + 3  # local bins 0 (below lo), 1..B+1, plus B+2 that stays empty
+    val_tab = chunk.gather(1, col_tab)  # (c, R) scores of the correct items
+    lo = val_tab.masked_fill(~valid, float("inf")).amin(1, keepdim=True)  # (c, 1)
+    hi = chunk.amax(1, keepdim=True)  # (c, 1)
+    span = hi - lo
+    ok = (torch.isfinite(span) & (span > 0)).squeeze(1)  # (c,)
+    if not bool(ok.all()):
+        # Constant rows or infinite scores: no usable bins; compare those rows directly.
+        out = torch.zeros(col_tab.shape, dtype=torch.int64, device=dev)
+        bad = (~ok).nonzero().flatten()
+        out[bad] = _exact_positions(chunk[bad], col_tab[bad], valid[bad])
+        if bool(ok.any()):
+            good = ok.nonzero().flatten()
+            out[good] = _positive_positions(chunk[good], col_tab[good], valid[good])
+        return out
 
-    exact_keys = chunk.dtype != torch.float64
-    if exact_keys:
-        # float16/bfloat16/float32 fit in float32 exactly: distinct int64 keys encode
-        # the tie order, so "ranks before" is just "has a greater key".
-        scores = _order_keys(chunk.to(torch.float32))
-        pad = torch.iinfo(torch.int64).min  # below every real key
-    else:
-        scores = chunk
-        pad = float("-inf")
-    thr = torch.full((c, r_max), pad, dtype=scores.dtype, device=dev)
-    thr[rows, slot] = scores[rows, cols]
-    thr, order = thr.sort(1)  # ascending, as searchsorted needs
-    valid = valid.gather(1, order)
-    col_tab = col_tab.gather(1, order)
-    positions = _count_greater(scores, thr)  # (c, r_max): items with a strictly higher score/key
+    # Global bin = row * width + local bin, so one bincount makes every row's histogram.
+    # Bin numbers must be exact integers in the float type: float32 only below 2**24.
+    work = torch.float64 if c * width >= _FLOAT32_BIN_LIMIT else chunk.dtype
+    scale = (n_bins / span).to(work)  # (c, 1)
+    row_base = (torch.arange(c, device=dev, dtype=work) * width)[:, None]  # (c, 1)
+    # local d = 1 + (s - lo) * B / span: [lo, hi] -> [1, B+1], below lo -> [0, 1) after the clamp
+    d = torch.addcmul(row_base + 1 - lo.to(work) * scale, chunk.to(work), scale)  # (c, G); monotone in s
+    d = torch.maximum(d, row_base, out=d)
+    d = torch.minimum(d, row_base + n_bins + 1, out=d)
+    bins = d.to(torch.int64)  # truncation == floor here: d >= 0
+    del d
+    hist = torch.bincount(bins.view(-1), minlength=c * width).view(c, width)
+    at_least = hist.flip(1).cumsum(1).flip(1)  # (c, width): #{g : local bin >= b}
+    bin_tab = bins.gather(1, col_tab)  # (c, R) global bins of the correct items
+    local = bin_tab - (torch.arange(c, device=dev) * width)[:, None]
+    positions = at_least.gather(1, local + 1)  # items in strictly higher bins
 
-    if not exact_keys:
-        # float64: equal scores are possible; items tied with a correct item rank before
-        # it when their gallery index is lower. Count those only where a tie exists.
-        at_least = _count_greater(scores, thr, or_equal=True)
-        tied = valid & (at_least - positions > 1)
-        ti, tt = tied.nonzero(as_tuple=True)
-        arange_g = torch.arange(g, device=dev)
-        for a in range(0, len(ti), max(c, 1)):  # bounded: at most (c, G) at a time
-            i, t = ti[a : a + c], tt[a : a + c]
-            before = (scores[i] == thr[i, t][:, None]) & (arange_g[None, :] < col_tab[i, t][:, None])
-            positions[i, t] += before.sum(1)
-
-    positions = positions.masked_fill(~valid, g)  # padding after every real position
-    positions, order = positions.sort(1)
-    return positions, valid.gather(1, order)
+    # Items sharing a bin with a correct item of their row: compare exactly.
+    flag = torch.zeros(c * width, dtype=torch.bool, device=dev)
+    flag[bin_tab[valid]] = True
+    cand_r, cand_g = flag.take(bins).nonzero(as_tuple=True)  # (n,)
+    cand_b = bins[cand_r, cand_g]
+    del bins
+    r_max = col_tab.shape[1]
+    step = max(1, (c * g) // r_max)  # bound the (n, r_max) comparison table to c*G
+    for a in range(0, len(cand_r), step):
+        r, gg, b = cand_r[a : a + step], cand_g[a : a + step], cand_b[a : a + step]
+        v = chunk[r, gg][:, None]  # (n, 1)
+        u, j = val_tab[r], col_tab[r]  # (n, R)
+        before = (v > u) | ((v == u) & (gg[:, None] < j))
+        before &= bin_tab[r] == b[:, None]
+        positions.index_add_(0, r, before.to(torch.int64))
+    return positions
 
 
 def default_chunk_size(gallery_size: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
@@ -269,29 +270,41 @@ def retrieval_metrics(
     if chunk_size < 1:
         raise MetricsError(f"chunk_size must be >= 1, got {chunk_size}")
 
-    firsts, ap_sum, inp_sum, n_skipped = [], 0.0, 0.0, 0
+    # Correct gallery columns of every query without touching the matrix: gallery
+    # indices grouped by id; query q's correct items are gorder[start[q] : start[q] + n_rel[q]].
+    gorder = torch.argsort(gids, stable=True)
+    sorted_gids = gids[gorder]
+    start = torch.searchsorted(sorted_gids, qids)
+    n_rel_all = torch.searchsorted(sorted_gids, qids, right=True) - start  # (Q,)
+    missing = n_rel_all == 0
+    if bool(missing.any()) and not skip_missing:
+        raise _missing_error(qids, missing)
+    n_skipped = int(missing.sum())
+
+    firsts, ap_sum, inp_sum = [], 0.0, 0.0
     for a in range(0, n_q, chunk_size):
+        keep = ~missing[a : a + chunk_size]
+        if not bool(keep.any()):
+            continue
         chunk = sim[a : a + chunk_size]  # (c, G) view
-        if torch.isnan(chunk).any():
-            row = a + int(torch.isnan(chunk).any(1).nonzero()[0])
+        if not bool(keep.all()):
+            chunk = chunk[keep]
+        if chunk.dtype != torch.float64:
+            chunk = chunk.to(torch.float32)  # exact for float16/bfloat16; CPU half math is slow
+        chunk = chunk.contiguous()  # rows of a transposed matrix (i2t) are strided
+        if torch.isnan(chunk.amax(1)).any():  # amax propagates NaN: one cheap pass
+            row = a + int(keep.nonzero().flatten()[torch.isnan(chunk).any(1)][0])
             raise MetricsError(f"similarity contains NaN (first in query row {row})")
-        q = qids[a : a + chunk_size]
-        pos_mask = q[:, None] == gids[None, :]  # (c, G) bool
-        n_rel = pos_mask.sum(1)  # (c,)
-        missing = n_rel == 0
-        if missing.any():
-            if not skip_missing:
-                full_missing = torch.zeros(n_q, dtype=torch.bool, device=sim.device)
-                for b in range(a, n_q, chunk_size):  # report every missing query, not one chunk's
-                    full_missing[b : b + chunk_size] = ~(qids[b : b + chunk_size, None] == gids[None, :]).any(1)
-                raise _missing_error(qids, full_missing)
-            n_skipped += int(missing.sum())
-            keep = ~missing
-            chunk, pos_mask, n_rel = chunk[keep], pos_mask[keep], n_rel[keep]
-            if len(n_rel) == 0:
-                continue
-        positions, valid = _positive_positions(chunk, pos_mask, int(n_rel.max()))
-        rank_n = valid.cumsum(1).to(torch.float64)  # n for the n-th correct item
+        n_rel = n_rel_all[a : a + chunk_size][keep]  # (c,)
+        r_max = int(n_rel.max())
+        slots = torch.arange(r_max, device=sim.device)
+        valid = slots[None, :] < n_rel[:, None]  # (c, R)
+        idx = (start[a : a + chunk_size][keep][:, None] + slots).clamp_(max=n_g - 1)
+        col_tab = gorder[idx]  # (c, R); invalid slots point at some real column
+
+        positions = _positive_positions(chunk, col_tab, valid)
+        positions = positions.masked_fill(~valid, n_g).sort(1).values  # ascending, padding last
+        rank_n = (slots + 1).to(torch.float64)  # n for the n-th correct item
         pos1 = (positions + 1).to(torch.float64)
         n_rel_f = n_rel.to(torch.float64)
         ap_sum += float(((rank_n / pos1) * valid).sum(1).div(n_rel_f).sum())

@@ -1,0 +1,169 @@
+"""Chunked retrieval metrics against the naive full-argsort reference and hand-computed values."""
+
+import numpy as np
+import pytest
+import torch
+
+from tbps.metrics import (
+    MetricsError,
+    default_chunk_size,
+    evaluate_both,
+    naive_retrieval_metrics,
+    retrieval_metrics,
+)
+
+KEYS = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+def assert_close(got, want, tol=1e-4):
+    assert set(got) == set(want), (got, want)
+    for k in want:
+        assert abs(got[k] - want[k]) <= tol, (k, got[k], want[k])
+
+
+def random_case(q, g, n_ids, seed, quantum=None, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    gids = torch.randint(0, n_ids, (g,), generator=gen)
+    qids = gids[torch.randint(0, g, (q,), generator=gen)]  # every query has a correct item
+    # Scores correlated with the ids, so positions spread over the whole range.
+    sim = torch.randn(q, g, generator=gen) + 1.5 * (qids[:, None] == gids[None, :])
+    if quantum is not None:
+        sim = (sim / quantum).round() * quantum  # many exact ties
+    return sim.to(dtype), qids, gids
+
+
+def test_hand_computed_example():
+    # Query 0 (id 1): ranking 3, 0, 2, 1 -> ids 2, 1, 1, 2: correct at positions 2 and 3.
+    #   AP = (1/2 + 2/3) / 2 = 7/12, INP = 2/3, not in top 1, in top 5.
+    # Query 1 (id 2): ranking 1, 3, 0, 2 (g1 == g3 == 0.8: lower index first) -> ids 2, 2, 1, 1.
+    #   AP = (1/1 + 2/2) / 2 = 1, INP = 2/2 = 1.
+    sim = torch.tensor([[0.5, 0.1, 0.3, 0.9], [0.2, 0.8, 0.1, 0.8]])
+    qids = torch.tensor([1, 2])
+    gids = torch.tensor([1, 2, 1, 2])
+    want = {"R1": 50.0, "R5": 100.0, "R10": 100.0, "mAP": 100 * (7 / 12 + 1) / 2, "mINP": 100 * (2 / 3 + 1) / 2}
+    for chunk in (1, 2, None):
+        assert_close(retrieval_metrics(sim, qids, gids, chunk_size=chunk), want, 1e-9)
+    assert_close(naive_retrieval_metrics(sim, qids, gids), want, 1e-9)
+
+
+def test_only_positive_last_gives_minp():
+    # One correct item, ranked last of 5: AP = INP = 1/5, R@1 = R@5 = 0 / 100.
+    sim = np.array([[0.9, 0.8, 0.7, 0.6, 0.1]], dtype=np.float32)
+    got = retrieval_metrics(sim, np.array([7]), np.array([1, 2, 3, 4, 7]), ks=(1, 4, 5))
+    assert_close(got, {"R1": 0.0, "R4": 0.0, "R5": 100.0, "mAP": 20.0, "mINP": 20.0}, 1e-9)
+    # Two correct items at positions 1 and 5: INP = 2/5, AP = (1 + 2/5) / 2.
+    got = retrieval_metrics(sim, np.array([7]), np.array([7, 2, 3, 4, 7]))
+    assert_close(got, {"R1": 100.0, "R5": 100.0, "R10": 100.0, "mAP": 70.0, "mINP": 40.0}, 1e-9)
+
+
+@pytest.mark.parametrize("q,g,n_ids", [(1, 1, 1), (5, 3, 2), (37, 53, 6), (120, 300, 25), (64, 1000, 200)])
+@pytest.mark.parametrize("chunk", [1, 7, 10_000, None])
+def test_matches_naive_random(q, g, n_ids, chunk):
+    sim, qids, gids = random_case(q, g, n_ids, seed=q * 1000 + g)
+    assert_close(retrieval_metrics(sim, qids, gids, chunk_size=chunk), naive_retrieval_metrics(sim, qids, gids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("quantum", [None, 0.25, 0.01])
+def test_matches_naive_dtypes_and_ties(dtype, quantum):
+    sim, qids, gids = random_case(90, 400, 20, seed=3, quantum=quantum, dtype=dtype)
+    want = naive_retrieval_metrics(sim, qids, gids)
+    assert_close(retrieval_metrics(sim, qids, gids, chunk_size=16), want)
+    if dtype != torch.bfloat16:  # numpy has no bfloat16
+        assert_close(retrieval_metrics(sim.numpy(), qids.numpy(), gids.numpy(), chunk_size=16), want)
+
+
+def test_ties_follow_stable_argsort():
+    # All scores equal: the order is the gallery index, so the positions are the indices.
+    gids = torch.tensor([0, 1, 0, 1, 1, 0])
+    sim = torch.zeros(2, 6)
+    got = retrieval_metrics(sim, torch.tensor([0, 1]), gids)
+    # id 0 at positions 0, 2, 5: AP = (1 + 2/3 + 3/6) / 3, INP = 3/6.
+    # id 1 at positions 1, 3, 4: AP = (1/2 + 2/4 + 3/5) / 3, INP = 3/5.
+    ap = ((1 + 2 / 3 + 0.5) / 3 + (0.5 + 0.5 + 0.6) / 3) / 2
+    assert_close(got, {"R1": 50.0, "R5": 100.0, "R10": 100.0, "mAP": 100 * ap, "mINP": 100 * (0.5 + 0.6) / 2}, 1e-9)
+    # -0.0 and +0.0 are equal scores, like the argsort treats them.
+    sim = torch.tensor([[0.0, -0.0, 0.0, 1.0, -0.0]])
+    gids = torch.tensor([3, 5, 3, 3, 5])
+    for q in (3, 5):
+        qids = torch.tensor([q])
+        assert_close(retrieval_metrics(sim, qids, gids), naive_retrieval_metrics(sim, qids, gids), 1e-9)
+    # A constant row next to ordinary rows, and infinite scores (rows without usable bins).
+    sim, qids, gids = random_case(20, 50, 5, seed=9)
+    sim[3] = 0.25
+    sim[5, 7] = float("inf")
+    sim[6, ::3] = float("-inf")
+    sim[8] = float("-inf")
+    assert_close(retrieval_metrics(sim, qids, gids, chunk_size=6), naive_retrieval_metrics(sim, qids, gids))
+
+
+def test_tie_between_correct_and_wrong_item():
+    # The wrong item (index 0) ties with the correct one (index 1): it ranks first.
+    sim = torch.tensor([[0.5, 0.5, 0.1]])
+    got = retrieval_metrics(sim, torch.tensor([1]), torch.tensor([0, 1, 0]))
+    assert got["R1"] == 0.0 and got["mAP"] == pytest.approx(50.0)
+    # Swapped indices: now the correct item comes first.
+    got = retrieval_metrics(sim, torch.tensor([1]), torch.tensor([1, 0, 0]))
+    assert got["R1"] == 100.0 and got["mAP"] == pytest.approx(100.0)
+
+
+def test_missing_queries_raise_or_skip():
+    sim, qids, gids = random_case(30, 80, 10, seed=5)
+    qids = qids.clone()
+    qids[[4, 17]] = 999  # no gallery item has id 999
+    with pytest.raises(MetricsError, match="2 of 30 queries.*row 4 \\(id 999\\)"):
+        retrieval_metrics(sim, qids, gids)
+    with pytest.raises(MetricsError, match="2 of 30 queries"):
+        naive_retrieval_metrics(sim, qids, gids)
+    got = retrieval_metrics(sim, qids, gids, skip_missing=True, chunk_size=4)
+    want = naive_retrieval_metrics(sim, qids, gids, skip_missing=True)
+    assert got["num_skipped"] == want["num_skipped"] == 2
+    keep = qids != 999
+    assert_close({k: got[k] for k in KEYS}, retrieval_metrics(sim[keep], qids[keep], gids))
+    assert_close(got, want)
+    with pytest.raises(MetricsError, match="none of the 1 queries"):
+        retrieval_metrics(sim[:1], torch.tensor([999]), gids, skip_missing=True)
+
+
+def test_bad_inputs_raise_clear_errors():
+    sim = torch.rand(4, 6)
+    with pytest.raises(MetricsError, match="shape mismatch.*\\(4, 6\\).*3 query ids"):
+        retrieval_metrics(sim, torch.arange(3), torch.arange(6))
+    with pytest.raises(MetricsError, match="7 gallery ids"):
+        retrieval_metrics(sim, torch.arange(4), torch.arange(7))
+    with pytest.raises(MetricsError, match="2-D"):
+        retrieval_metrics(torch.rand(4), torch.arange(4), torch.arange(4))
+    with pytest.raises(MetricsError, match="integers"):
+        retrieval_metrics(sim, torch.rand(4), torch.arange(6))
+    with pytest.raises(MetricsError, match="chunk_size"):
+        retrieval_metrics(sim, torch.arange(4), torch.arange(6), chunk_size=0)
+    bad = sim.clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(MetricsError, match="NaN.*row 2"):
+        retrieval_metrics(bad, torch.arange(4), torch.arange(6), chunk_size=2)
+    assert MetricsError.user_error is True
+
+
+def test_evaluate_both_is_the_transpose():
+    sim, tids, iids = random_case(60, 25, 8, seed=11)
+    tids = iids[torch.arange(60) % 25]  # every image has captions, every caption an image
+    both = evaluate_both(sim, tids, iids, chunk_size=9)
+    assert_close(both["t2i"], naive_retrieval_metrics(sim, tids, iids))
+    assert_close(both["i2t"], naive_retrieval_metrics(sim.T.contiguous(), iids, tids))
+    both_np = evaluate_both(sim.numpy(), tids.numpy(), iids.numpy())
+    assert_close(both_np["i2t"], both["i2t"])
+
+
+def test_default_chunk_size_follows_budget():
+    assert default_chunk_size(19_848) >= 1
+    assert default_chunk_size(19_848, memory_budget=1) == 1
+    assert default_chunk_size(1000, memory_budget=2**30) > default_chunk_size(1000, memory_budget=2**20)
+
+
+def test_float64_bin_numbers_for_large_chunks(monkeypatch):
+    # Chunks with more than 2**23 bins compute bin numbers in float64; force that path.
+    import tbps.metrics as m
+
+    monkeypatch.setattr(m, "_FLOAT32_BIN_LIMIT", 0)
+    sim, qids, gids = random_case(50, 120, 9, seed=2, quantum=0.05)
+    assert_close(retrieval_metrics(sim, qids, gids, chunk_size=13), naive_retrieval_metrics(sim, qids, gids))
