@@ -45,7 +45,7 @@ def test_layout_keys_and_counts(small):
         assert isinstance(r["id"], int) and not isinstance(r["id"], bool)
         assert len(r["captions"]) == 2 and all(isinstance(c, str) and c for c in r["captions"])
         # processed_tokens: the caption lower-cased, split on spaces and punctuation (naive reference)
-        for cap, toks in zip(r["captions"], r["processed_tokens"]):
+        for cap, toks in zip(r["captions"], r["processed_tokens"], strict=True):
             assert toks == re.sub(r"[.,]", " ", cap.lower()).split()
         path = out / "imgs" / r["file_path"]
         assert not Path(r["file_path"]).is_absolute() and path.is_file()
@@ -96,12 +96,11 @@ def test_deterministic_by_seed_and_workers(tmp_path):
     assert ja == jb
     assert ja != jc
     recs = json.loads(ja)
-    for x, y in zip(_pixels(tmp_path / "a", recs), _pixels(tmp_path / "b", recs)):
+    for x, y in zip(_pixels(tmp_path / "a", recs), _pixels(tmp_path / "b", recs), strict=True):
         assert np.array_equal(x, y)
     recs_c = json.loads(jc)
-    diff = [not np.array_equal(x, y) for x, y in zip(_pixels(tmp_path / "a", recs), _pixels(tmp_path / "c", recs_c))
-            if x.shape == y.shape]
-    assert all(diff)
+    pairs = zip(_pixels(tmp_path / "a", recs), _pixels(tmp_path / "c", recs_c), strict=True)
+    assert all(not np.array_equal(x, y) for x, y in pairs)
 
 
 def _colour_tokens(identity) -> set[str]:

@@ -142,7 +142,8 @@ _PLURAL_LOWER = {"trousers", "jeans", "shorts"}
 _HAIR_LONG_P = {"man": 0.12, "woman": 0.75}
 _HAIR_COLOUR_P = {"black": 0.45, "brown": 0.3, "blonde": 0.15, "grey": 0.1}
 _UPPER_P = {"man": {"t-shirt": 3, "shirt": 2, "jacket": 2, "coat": 1, "sweater": 1.5, "hoodie": 1.5, "tank top": 0.5},
-            "woman": {"t-shirt": 3, "shirt": 1.5, "jacket": 2, "coat": 1, "sweater": 1.5, "hoodie": 1, "tank top": 1, "dress": 1.5}}
+            "woman": {"t-shirt": 3, "shirt": 1.5, "jacket": 2, "coat": 1, "sweater": 1.5, "hoodie": 1, "tank top": 1,
+                      "dress": 1.5}}
 _LOWER_P = {"man": {"trousers": 3, "jeans": 3, "shorts": 1.5},
             "woman": {"trousers": 2, "jeans": 2.5, "shorts": 1, "skirt": 1.5, "long skirt": 1}}
 _PATTERN_P = {"plain": 0.6, "striped": 0.15, "checked": 0.15, "dotted": 0.1}
@@ -385,8 +386,8 @@ def _minor_sentence(rng, a, fact: str, he: str, his: str, noun: str) -> str:
     """A stand-alone sentence for one minor fact (hair, shoes, bag, headwear)."""
     subj = he if rng.random() < 0.7 else f"the {noun}"
     if fact == "hair":
-        return _ch(rng, (f"{subj} has {_hair_np(rng, a)}",
-                         f"{his} hair is {a['hair_length']} and {_ch(rng, CAPTION_WORDS['hair_colour'][a['hair_colour']])}"))
+        hair_colour = _ch(rng, CAPTION_WORDS["hair_colour"][a["hair_colour"]])
+        return _ch(rng, (f"{subj} has {_hair_np(rng, a)}", f"{his} hair is {a['hair_length']} and {hair_colour}"))
     if fact == "shoes":
         return _ch(rng, (f"{subj} is wearing {_shoes_np(rng, a)}", f"{subj} has on {_shoes_np(rng, a)}",
                          f"{his} shoes are {_colour(rng, a['shoe_colour'])}"))
@@ -395,7 +396,8 @@ def _minor_sentence(rng, a, fact: str, he: str, his: str, noun: str) -> str:
         return _ch(rng, (f"{subj} is carrying {_bag_np(rng, a)}", f"{subj} carries {_bag_np(rng, a)} {place}",
                          f"{subj} has {_bag_np(rng, a)} {place}"))
     if fact == "headwear":
-        return _ch(rng, (f"{subj} is wearing {_headwear_np(rng, a)}", f"{subj} has {_headwear_np(rng, a)} on {his} head",
+        return _ch(rng, (f"{subj} is wearing {_headwear_np(rng, a)}",
+                         f"{subj} has {_headwear_np(rng, a)} on {his} head",
                          f"on {his} head is {_headwear_np(rng, a)}"))
     if fact == "nobag":
         return f"{subj} is not carrying a bag"
@@ -966,9 +968,12 @@ def render_image(attrs: dict[str, Any], seed: int, pid: int, k: int, size: tuple
 
 def assign_splits(families: list[int], fractions: tuple[float, float, float], seed: int) -> list[str]:
     """Split identities by family (siblings stay together, so the test gallery holds
-    near-duplicates). Each split with a positive fraction first gets one of the smallest
-    families (a dataset with fewer families than such splits is split by identity), then the other families, largest first, go to the
-    split furthest below its target count."""
+    near-duplicates); returns one split name per identity.
+
+    Each split with a positive fraction first gets one of the smallest families; then the
+    other families, largest first, go to the split furthest below its target count. A
+    dataset with fewer families than such splits is split by identity instead.
+    """
     n = len(families)
     rng = np.random.default_rng([seed, 5003])
     target = np.asarray(fractions, dtype=np.float64) * n
@@ -1098,7 +1103,7 @@ def synthesize(
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                for job, recs in zip(jobs, pool.map(_render_chunk, jobs)):
+                for job, recs in zip(jobs, pool.map(_render_chunk, jobs), strict=True):
                     records += recs
                     bar.update(len(job[0]) * images_per_id)
     finally:
