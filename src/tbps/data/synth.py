@@ -741,12 +741,13 @@ def render_person(attrs: dict[str, Any], view: View, size: tuple[int, int], rng:
     torso_bottom = {"coat": 0.66, "dress": 0.47}.get(ut, 0.49 if ut in ("jacket", "hoodie", "sweater") else 0.48)
 
     def torso_span(u: float) -> tuple[float, float]:
+        """(left v, right v) of the upper garment at height u: shoulders taper to hips,
+        a coat flares again below the hips."""
         t = min(1.0, max(0.0, (u - 0.16) / (0.47 - 0.16)))
         half = sh_w + (hip_w - sh_w) * t
         if ut == "coat" and u > 0.47:
             half = hip_w + (u - 0.47) * 0.12
-        off = 0.0
-        return (off - half, off + half)
+        return (-half, half)
 
     # Legs: (hip v, ankle v). Side view: a stride along v; front/back: small spread.
     if side:
