@@ -32,10 +32,12 @@ built there too, since they subclass pydantic's ``BaseModel``.
 """
 
 
+import contextlib
 import hmac
 import io
 import math
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -91,6 +93,71 @@ class ThumbCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class TextBatcher:
+    """Encode concurrent text queries together: ``__call__(text) -> (D,)`` blocks until done.
+
+    One worker thread takes whatever queries are waiting (up to ``max_batch``) and encodes
+    them in one ``encode_texts`` call, so under load the model sees batches, and an idle
+    server adds no delay (a lone query is encoded at once). Encoder calls never overlap:
+    ``lock`` is shared with the image-search path.
+    """
+
+    def __init__(self, encode_texts: Callable[[list[str]], np.ndarray], lock: threading.Lock, max_batch: int = 32):
+        self.encode_texts = encode_texts
+        self.lock = lock
+        self.max_batch = int(max_batch)
+        self.batches = 0
+        self.queries = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def __call__(self, text: str) -> np.ndarray:
+        from concurrent.futures import Future
+
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="tbps-text-batcher", daemon=True)
+                self._thread.start()
+        fut: Future = Future()
+        self._queue.put((text, fut))
+        return fut.result()
+
+    def close(self) -> None:
+        """Stop the worker thread (queries already queued are answered first)."""
+        with self._start_lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join(timeout=10)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            try:
+                with self.lock:
+                    feats = self.encode_texts([t for t, _ in batch])  # (B, D)
+                self.batches += 1
+                self.queries += len(batch)
+                for i, (_, fut) in enumerate(batch):
+                    fut.set_result(feats[i])
+            except BaseException as e:  # hand the error to every waiting request
+                for _, fut in batch:
+                    fut.set_exception(e)
 
 
 def make_thumbnail(path: str | os.PathLike, box: tuple[int, int] = THUMB_BOX, quality: int = 85) -> bytes:
@@ -163,15 +230,16 @@ def create_app(
     token: str | None = None,
     title: str = "tbps search",
     thumb_cache_items: int = THUMB_CACHE_ITEMS,
-    encode_lock: bool = True,
+    max_batch: int = 32,
 ):
     """Build the FastAPI app that serves ``index`` (a ``GalleryIndex``) with ``encoder``.
 
     ``encoder`` must be the one the index was built with (check it before with
     ``index.check_encoder(encoder)``; ``tbps serve`` does). ``token``: when set, every route
     but ``/health`` requires it (see the module docstring for the three ways to send it).
-    ``encode_lock`` runs one encoder call at a time: on a CPU, torch already spreads one call
-    over the cores, and concurrent calls only thrash. The app keeps ``index`` and ``encoder``
+    Concurrent text queries are encoded together in batches of up to ``max_batch``
+    (``TextBatcher``); encoder calls never overlap, since on a CPU torch already spreads one
+    call over the cores and overlapping calls only thrash. The app keeps ``index`` and ``encoder``
     in ``app.state`` and the thumbnail cache in ``app.state.thumbs``.
     """
     from fastapi import Depends, FastAPI, File, Form, HTTPException, Path as PathParam, Request, UploadFile
@@ -185,7 +253,8 @@ def create_app(
 
     filter_errors = _index_errors()
     columns = list(getattr(index, "columns", []))
-    lock = threading.Lock() if encode_lock else None
+    lock = threading.Lock()  # one encoder call at a time
+    batcher = TextBatcher(encoder.encode_texts, lock, max_batch)
     thumbs = ThumbCache(thumb_cache_items)
     started = time.time()
 
@@ -276,6 +345,7 @@ def create_app(
         limits: dict[str, int]
         auth: bool = Field(..., description="Whether a token is required.")
         thumb_cache: dict[str, int]
+        text_batches: dict[str, int] = Field(..., description="Encoder calls for text queries, and queries they served.")
         uptime_s: float
 
     err = {"model": ErrorResponse}
@@ -308,18 +378,24 @@ def create_app(
 
         dependencies = [Depends(require_token)]
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title=title,
         version=__version__,
         description="Text-based person search over a gallery of person crops. "
         "POST a description to `/search`; images are served by index id.",
         docs_url="/docs",
         redoc_url=None,
-        dependencies=None,
     )
     app.state.index = index
     app.state.encoder = encoder
     app.state.thumbs = thumbs
+    app.state.batcher = batcher
 
     # ---- errors: one readable line, never the (possibly huge) input echoed back --------
     @app.exception_handler(RequestValidationError)
@@ -388,8 +464,6 @@ def create_app(
             raise HTTPException(422, f"filters: {e}") from None
 
     def _encode(fn, arg):
-        if lock is None:
-            return fn(arg)
         with lock:
             return fn(arg)
 
@@ -430,6 +504,7 @@ def create_app(
             limits={"max_k": MAX_K, "max_query_chars": MAX_QUERY_CHARS, "max_upload_bytes": MAX_UPLOAD_BYTES},
             auth=bool(token),
             thumb_cache={"items": len(thumbs), "capacity": thumbs.capacity, "hits": thumbs.hits, "misses": thumbs.misses},
+            text_batches={"batches": batcher.batches, "queries": batcher.queries, "max_batch": batcher.max_batch},
             uptime_s=round(time.time() - started, 3),
         )
 
@@ -449,7 +524,7 @@ def create_app(
         t0 = time.perf_counter()
         where = _where(req.filters)
         text = req.text.strip()
-        feats = _encode(encoder.encode_texts, [text])  # (1, D) float32, L2-normalised
+        feats = batcher(text)[None]  # (1, D) float32, L2-normalised
         k = min(req.k, len(index))
         hits = _search(np.asarray(feats, dtype=np.float32), k, where)
         return _hits_to_response(request, hits, text, k, where, t0)
