@@ -389,7 +389,10 @@ def create_app(
         version=__version__,
         description="Text-based person search over a gallery of person crops. "
         "POST a description to `/search`; images are served by index id.",
-        docs_url="/docs",
+        # The schema is served below, behind the token like every route but /health. No
+        # /docs: Swagger UI loads its assets from a CDN, and this server loads nothing external.
+        openapi_url=None,
+        docs_url=None,
         redoc_url=None,
     )
     app.state.index = index
@@ -610,6 +613,10 @@ def create_app(
         except (OSError, ValueError) as e:
             raise HTTPException(404, f"the image for id {item_id} cannot be read ({type(e).__name__})") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=dependencies)
+    def openapi_schema():
+        return JSONResponse(app.openapi())
 
     # ---- the page ----------------------------------------------------------------------
     @app.get("/", include_in_schema=False, dependencies=dependencies)
