@@ -584,6 +584,10 @@ def test_end_to_end_with_a_real_checkpoint(real_gallery):
         assert len(r.json()["results"]) == 5
         assert_same_ranking([(h["id"], h["score"]) for h in r.json()["results"]], ref, tol=1e-4)
         assert c.get("/stats").json()["model"]["arch"] == encoder.fingerprint["arch"]
+        # odd but valid text reaches the real tokenizer without a crash
+        for text in ["!!!", "a\x00b", "😀 red 👕", "<script>alert(1)</script>", "ذهب أحمر", "\u202e\ufeffred"]:
+            r = c.post("/search", json={"text": text, "k": 2})
+            assert r.status_code == 200 and len(r.json()["results"]) == 2, (text, r.text)
         # a 1,000-character query is accepted (the tokenizer truncates it), 1,001 is not
         assert c.post("/search", json={"text": "red " * 250, "k": 1}).status_code == 200
         assert c.post("/search", json={"text": "x" * 1001, "k": 1}).status_code == 422

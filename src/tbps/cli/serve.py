@@ -19,7 +19,7 @@ examples:
        -d '{"text": "a woman in a red coat", "k": 5}' http://127.0.0.1:8000/search
 
 routes: POST /search, POST /search/image, GET /images/ID, GET /thumbs/ID, GET /stats,
-GET /health, GET / (the page), GET /docs and /openapi.json (the API schema).
+GET /health, GET / (the page), GET /openapi.json (the API schema).
 
 auth: with --token (or $TBPS_TOKEN) every route but /health needs it, as
 'Authorization: Bearer TOKEN' or ?token=TOKEN. Open the page as http://HOST:PORT/?token=TOKEN:
