@@ -21,6 +21,15 @@ def assert_close(got, want, tol=1e-4):
         assert abs(got[k] - want[k]) <= tol, (k, got[k], want[k])
 
 
+@pytest.fixture(params=["whole_rows", "compacted"])
+def binning(request, monkeypatch):
+    """Run a test through both layouts: bins over whole rows, or over the kept items only."""
+    import tbps.metrics as m
+
+    monkeypatch.setattr(m, "_COMPACT_FRACTION", -1.0 if request.param == "whole_rows" else 2.0)
+    return request.param
+
+
 def random_case(q, g, n_ids, seed, quantum=None, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     gids = torch.randint(0, n_ids, (g,), generator=gen)
@@ -58,14 +67,14 @@ def test_only_positive_last_gives_minp():
 
 @pytest.mark.parametrize("q,g,n_ids", [(1, 1, 1), (5, 3, 2), (37, 53, 6), (120, 300, 25), (64, 1000, 200)])
 @pytest.mark.parametrize("chunk", [1, 7, 10_000, None])
-def test_matches_naive_random(q, g, n_ids, chunk):
+def test_matches_naive_random(q, g, n_ids, chunk, binning):
     sim, qids, gids = random_case(q, g, n_ids, seed=q * 1000 + g)
     assert_close(retrieval_metrics(sim, qids, gids, chunk_size=chunk), naive_retrieval_metrics(sim, qids, gids))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("quantum", [None, 0.25, 0.01])
-def test_matches_naive_dtypes_and_ties(dtype, quantum):
+def test_matches_naive_dtypes_and_ties(dtype, quantum, binning):
     sim, qids, gids = random_case(90, 400, 20, seed=3, quantum=quantum, dtype=dtype)
     want = naive_retrieval_metrics(sim, qids, gids)
     assert_close(retrieval_metrics(sim, qids, gids, chunk_size=16), want)
@@ -73,7 +82,7 @@ def test_matches_naive_dtypes_and_ties(dtype, quantum):
         assert_close(retrieval_metrics(sim.numpy(), qids.numpy(), gids.numpy(), chunk_size=16), want)
 
 
-def test_ties_follow_stable_argsort():
+def test_ties_follow_stable_argsort(binning):
     # All scores equal: the order is the gallery index, so the positions are the indices.
     gids = torch.tensor([0, 1, 0, 1, 1, 0])
     sim = torch.zeros(2, 6)
@@ -160,7 +169,7 @@ def test_default_chunk_size_follows_budget():
     assert default_chunk_size(1000, memory_budget=2**30) > default_chunk_size(1000, memory_budget=2**20)
 
 
-def test_float64_bin_numbers_for_large_chunks(monkeypatch):
+def test_float64_bin_numbers_for_large_chunks(monkeypatch, binning):
     # Chunks with more than 2**23 bins compute bin numbers in float64; force that path.
     import tbps.metrics as m
 

@@ -32,6 +32,7 @@ import torch
 _BYTES_PER_ELEMENT = 24
 DEFAULT_MEMORY_BUDGET = 128 * 2**20  # bytes of chunk working set when chunk_size is None
 _FLOAT32_BIN_LIMIT = 2**23  # more bins per chunk than this: compute bin numbers in float64
+_COMPACT_FRACTION = 0.25  # bin only the items above the lowest correct score when at most this share
 
 
 class MetricsError(ValueError):
@@ -195,39 +196,74 @@ def _positive_positions(chunk: torch.Tensor, col_tab: torch.Tensor, valid: torch
             out[good] = _positive_positions(chunk[good], col_tab[good], valid[good])
         return out
 
-    # Global bin = row * width + local bin, so one bincount makes every row's histogram.
+    # Global bin = row * width + local bin, so one histogram serves every row.
     # Bin numbers must be exact integers in the float type: float32 only below 2**24.
     work = torch.float64 if c * width >= _FLOAT32_BIN_LIMIT else chunk.dtype
     scale = (n_bins / span).to(work)  # (c, 1)
     row_base = (torch.arange(c, device=dev, dtype=work) * width)[:, None]  # (c, 1)
-    # local d = 1 + (s - lo) * B / span: [lo, hi] -> [1, B+1], below lo -> [0, 1) after the clamp
-    d = torch.addcmul(row_base + 1 - lo.to(work) * scale, chunk.to(work), scale)  # (c, G); monotone in s
-    d = torch.maximum(d, row_base, out=d)
-    d = torch.minimum(d, row_base + n_bins + 1, out=d)
-    bins = d.to(torch.int64)  # truncation == floor here: d >= 0
-    del d
-    hist = torch.bincount(bins.view(-1), minlength=c * width).view(c, width)
-    at_least = hist.flip(1).cumsum(1).flip(1)  # (c, width): #{g : local bin >= b}
-    bin_tab = bins.gather(1, col_tab)  # (c, R) global bins of the correct items
+    offset = row_base + 1 - lo.to(work) * scale  # (c, 1)
+
+    # Items scoring below every correct item rank after all of them and count for
+    # nothing; with a decent model they are most of the row (positions are small),
+    # so when few remain, bin only those (a flat list) instead of the whole chunk.
+    keep = chunk >= lo  # (c, G)
+    n_keep = int(keep.sum())
+    if n_keep <= _COMPACT_FRACTION * c * g:
+        item_r, item_g = keep.nonzero(as_tuple=True)  # (n,), row-major
+        del keep
+        values = chunk[item_r, item_g]  # (n,)
+        bins = _bin_numbers(values, offset[item_r, 0], scale[item_r, 0], row_base[item_r, 0], n_bins)
+        # Every correct item is kept (score >= lo); find it in the sorted flat ids.
+        flat = item_r * g + item_g
+        where = torch.searchsorted(flat, torch.arange(c, device=dev)[:, None] * g + col_tab)
+        bin_tab = bins[where.clamp_(max=len(flat) - 1)]  # (c, R)
+        # Invalid slots may have landed in another row: put them at their row's bin 0.
+        bin_tab = torch.where(valid, bin_tab, (torch.arange(c, device=dev) * width)[:, None])
+    else:
+        del keep
+        item_r = item_g = values = None
+        bins = _bin_numbers(chunk, offset, scale, row_base, n_bins)  # (c, G)
+        bin_tab = bins.gather(1, col_tab)  # (c, R) global bins of the correct items
+
+    ones = torch.ones(1, dtype=torch.int64, device=dev).expand(bins.numel())
+    hist = torch.zeros(c * width, dtype=torch.int64, device=dev).scatter_add_(0, bins.view(-1), ones)
+    at_most = hist.view(c, width).cumsum(1)  # (c, width): #{kept g : local bin <= b}
     local = bin_tab - (torch.arange(c, device=dev) * width)[:, None]
-    positions = at_least.gather(1, local + 1)  # items in strictly higher bins
+    positions = at_most[:, -1:] - at_most.gather(1, local)  # items in strictly higher bins
 
     # Items sharing a bin with a correct item of their row: compare exactly.
     flag = torch.zeros(c * width, dtype=torch.bool, device=dev)
     flag[bin_tab[valid]] = True
-    cand_r, cand_g = flag.take(bins).nonzero(as_tuple=True)  # (n,)
-    cand_b = bins[cand_r, cand_g]
-    del bins
+    shared = flag.take(bins)
+    if values is None:  # (c, G) layout
+        cand_r, cand_g = shared.nonzero(as_tuple=True)  # (n,)
+        cand_b, cand_v = bins[cand_r, cand_g], chunk[cand_r, cand_g]
+    else:  # flat layout
+        idx = shared.nonzero().flatten()
+        cand_r, cand_g, cand_b, cand_v = item_r[idx], item_g[idx], bins[idx], values[idx]
+    del bins, shared
     r_max = col_tab.shape[1]
     step = max(1, (c * g) // r_max)  # bound the (n, r_max) comparison table to c*G
     for a in range(0, len(cand_r), step):
         r, gg, b = cand_r[a : a + step], cand_g[a : a + step], cand_b[a : a + step]
-        v = chunk[r, gg][:, None]  # (n, 1)
+        v = cand_v[a : a + step][:, None]  # (n, 1)
         u, j = val_tab[r], col_tab[r]  # (n, R)
         before = (v > u) | ((v == u) & (gg[:, None] < j))
         before &= bin_tab[r] == b[:, None]
         positions.index_add_(0, r, before.to(torch.int64))
     return positions
+
+
+def _bin_numbers(x: torch.Tensor, offset, scale, row_base, n_bins: int) -> torch.Tensor:
+    """floor(offset + x * scale) clamped to [row_base, row_base + B + 1], as int64.
+
+    Monotone in x within a row (each rounding step is), and the clamp keeps every row
+    inside its own bin range whatever the rounding did. x (c, G) with (c, 1)
+    parameters, or (n,) with (n,) parameters.
+    """
+    d = torch.addcmul(offset, x.to(offset.dtype), scale)
+    d.clamp_(min=row_base, max=row_base + n_bins + 1)
+    return d.to(torch.int64)  # truncation == floor here: d >= 0
 
 
 def default_chunk_size(gallery_size: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
