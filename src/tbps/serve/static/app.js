@@ -100,6 +100,17 @@ async function runImageSearch(blob, name) {
 
 function fmtScore(s) { return s.toFixed(3); }
 
+function fmtMeta(key, value) {
+  if (value === null || value === undefined) return "—";
+  if (key === "mtime" && typeof value === "number") {
+    return new Date(value * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC";
+  }
+  if (key === "size" && typeof value === "number") {
+    return value < 1024 ? `${value} B` : value < 1048576 ? `${(value / 1024).toFixed(1)} KB` : `${(value / 1048576).toFixed(1)} MB`;
+  }
+  return String(value);
+}
+
 function render(data) {
   current = data ? data.results : [];
   els.results.replaceChildren();
@@ -159,7 +170,8 @@ function openViewer(i) {
     const th = document.createElement("th");
     const td = document.createElement("td");
     th.textContent = key;
-    td.textContent = value === null ? "—" : String(value);
+    td.textContent = fmtMeta(key, value);
+    if (key === "mtime" && typeof value === "number") td.title = String(value);
     if (key === "sha256") td.className = "mono";
     tr.append(th, td);
     els.vMeta.append(tr);
