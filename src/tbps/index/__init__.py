@@ -11,7 +11,13 @@ Layout and crash safety: ``tbps.index.store``; writing: ``tbps.index.build``; fi
 grammar: ``tbps.index.filters``; approximate search: ``tbps.index.ann``.
 """
 
-from tbps.index.build import add_to_index, build_index, read_metadata_csv, remove_from_index
+from tbps.index.build import (
+    add_to_index,
+    build_index,
+    build_index_from_features,
+    read_metadata_csv,
+    remove_from_index,
+)
 from tbps.index.errors import (
     EncoderMismatchError,
     FilterError,
@@ -29,6 +35,7 @@ __all__ = [
     "Hit",
     "build_index",
     "add_to_index",
+    "build_index_from_features",
     "remove_from_index",
     "read_metadata_csv",
     "compile_filter",

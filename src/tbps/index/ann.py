@@ -28,6 +28,7 @@ HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 128
 IVF_NPROBE_FRACTION = 1 / 48  # of nlist, at least IVF_MIN_NPROBE
 IVF_MIN_NPROBE = 16
+IVF_KMEANS_ITERS = 10  # faiss default is 25; 10 gives the same recall here at 40% of the time
 
 
 def choose_mode(n: int, requested: str = "auto") -> str:
@@ -70,6 +71,7 @@ def build(mode: str, feats: np.ndarray, ids: np.ndarray, params: dict[str, Any],
     if mode == "ivf":
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, int(params["nlist"]), faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = IVF_KMEANS_ITERS
         # Train on an evenly spaced sample (64 points per list is plenty for k-means).
         n_train = min(n, 64 * int(params["nlist"]))
         sample = np.ascontiguousarray(feats[np.linspace(0, n - 1, n_train).astype(np.int64)], dtype=np.float32)

@@ -591,6 +591,64 @@ def build_index(path, encoder, images_dir, *, recursive: bool = False, metadata_
     }
 
 
+def build_index_from_features(path, features: np.ndarray, paths: Sequence[str], *, fingerprint: dict,
+                              metadata: dict[str, Sequence[Any]] | None = None, search_mode: str = "auto",
+                              checkpoint: str | None = None, overwrite: bool = False) -> dict:
+    """Write an index from precomputed features (benchmarks, features computed elsewhere).
+
+    features: (N, D) float32, L2-normalised; paths: N image paths (not opened or checked);
+    metadata: optional ``{column: N values}`` stored like CSV columns (usable in filters).
+    Files added later with ``add_to_index`` are compared by size/mtime, which these items
+    lack, so use ``add_to_index`` only with images that are not already listed here.
+    """
+    t0 = time.perf_counter()
+    root = pathlib.Path(path).expanduser().resolve()
+    feats = np.asarray(features, dtype=np.float32)
+    if feats.ndim != 2 or len(feats) != len(paths):
+        raise IndexInputError(f"features must be (N, D) with N = len(paths) = {len(paths)}, got {feats.shape}")
+    if (root / MANIFEST).exists() and not overwrite:
+        raise IndexInputError(f"index {str(root)!r} already exists (pass overwrite=True to replace it)")
+    metadata = dict(metadata or {})
+    cols = [_normalise_column(c) for c in metadata]
+    for c, vals in zip(cols, metadata.values()):
+        if c in BUILTIN_COLUMNS or c == "mtime_ns" or not c:
+            raise IndexInputError(f"metadata column {c!r} clashes with a built-in column")
+        if len(vals) != len(paths):
+            raise IndexInputError(f"metadata column {c!r} has {len(vals)} values for {len(paths)} paths")
+    types = {c: _infer_type([str(v) for v in vals if v is not None]) for c, vals in zip(cols, metadata.values())}
+    n, dim = feats.shape
+    with _Writer(root, create=True) as writer:
+        db = _create_db(writer.path("meta"), _Metadata(cols, types, {}))
+        abs_paths = [str(pathlib.Path(p).expanduser().absolute()) for p in paths]
+        col_sql = "".join(f', "{c}"' for c in cols)
+        db.executemany(
+            f"INSERT INTO items (id, path, relpath{col_sql}) VALUES (?, ?, ?{', ?' * len(cols)})",
+            ((i, p, pathlib.Path(p).name, *(v[i] for v in metadata.values())) for i, p in enumerate(abs_paths)),
+        )
+        for c in cols:
+            db.execute(f'CREATE INDEX "idx_{c}" ON items ("{c}")')
+        db.commit()
+        db.close()
+        ids = np.arange(n, dtype=np.int64)
+        _write_npy(writer.path("features"), feats)
+        _write_npy(writer.path("ids"), ids)
+        search = _build_ann(writer, search_mode, None, writer.path("features"), ids,
+                            removed=np.zeros(0, np.int64), added_rows=None)
+        now = _now()
+        manifest = {
+            "format": FORMAT, "version": VERSION, "generation": writer.gen,
+            "files": gen_files(writer.gen, search["mode"] != "exact"),
+            "count": int(n), "dim": int(dim), "next_id": int(n),
+            "fingerprint": json.loads(json.dumps(fingerprint, default=str)),
+            "checkpoint": checkpoint, "images_dir": None, "recursive": False,
+            "columns": list(BUILTIN_COLUMNS) + cols, "csv_columns": cols,
+            "search": search, "created": now, "updated": now,
+        }
+        writer.commit(manifest)
+    return {"index": str(root), "generation": manifest["generation"], "count": int(n),
+            "search_mode": search["mode"], "seconds": round(time.perf_counter() - t0, 3)}
+
+
 def _checkpoint_of(encoder, checkpoint) -> str | None:
     ckpt = checkpoint or getattr(encoder, "checkpoint", None) or getattr(encoder, "checkpoint_path", None)
     if not isinstance(ckpt, (str, os.PathLike)):
