@@ -175,7 +175,8 @@ def _positive_positions(chunk: torch.Tensor, col_tab: torch.Tensor, valid: torch
     The bin is a monotone function of the score, so an item in a higher bin than s_j
     ranks before j and one in a lower bin after it: suffix sums of a per-row histogram
     count those. Only the few items sharing a bin with a correct item are compared
-    exactly, with the tie rule. A handful of passes over the chunk, no sort.
+    exactly, with the tie rule. A handful of passes over the chunk, no sort; when
+    most items score below every correct item (a good model), only the rest are binned.
     """
     c, g = chunk.shape
     dev = chunk.device
@@ -207,14 +208,16 @@ def _positive_positions(chunk: torch.Tensor, col_tab: torch.Tensor, valid: torch
     # nothing; with a decent model they are most of the row (positions are small),
     # so when few remain, bin only those (a flat list) instead of the whole chunk.
     keep = chunk >= lo  # (c, G)
-    n_keep = int(keep.sum())
+    n_keep = int(torch.count_nonzero(keep))  # (a bool .sum() would copy to int64 first)
     if n_keep <= _COMPACT_FRACTION * c * g:
-        item_r, item_g = keep.nonzero(as_tuple=True)  # (n,), row-major
+        flat = keep.view(-1).nonzero().squeeze(1)  # (n,) flat ids r * G + g, ascending
         del keep
-        values = chunk[item_r, item_g]  # (n,)
-        bins = _bin_numbers(values, offset[item_r, 0], scale[item_r, 0], row_base[item_r, 0], n_bins)
+        item_r = flat // g
+        item_g = flat - item_r * g
+        values = chunk.view(-1).take(flat)  # (n,)
+        per_item = [t.view(-1).index_select(0, item_r) for t in (offset, scale, row_base)]  # (n,) each
+        bins = _bin_numbers(values, *per_item, n_bins)
         # Every correct item is kept (score >= lo); find it in the sorted flat ids.
-        flat = item_r * g + item_g
         where = torch.searchsorted(flat, torch.arange(c, device=dev)[:, None] * g + col_tab)
         bin_tab = bins[where.clamp_(max=len(flat) - 1)]  # (c, R)
         # Invalid slots may have landed in another row: put them at their row's bin 0.
