@@ -13,7 +13,6 @@ import io
 import json
 import math
 import shutil
-import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -109,72 +108,11 @@ def make_gallery(root: Path) -> tuple[Path, Path]:
     return images, meta
 
 
-class Hit:
-    def __init__(self, id, score, path, metadata):
-        self.id, self.score, self.path, self.metadata = id, score, path, metadata
-
-
-class StandInIndex:
-    """The GalleryIndex contract over an in-memory table (used until tbps.index lands)."""
-
-    def __init__(self, encoder, images: Path, meta_csv: Path):
-        from tbps.index.filters import compile_filter
-
-        self._compile = compile_filter
-        rows = list(csv.DictReader(meta_csv.open()))
-        self.paths = [str((images / r["file"]).resolve()) for r in rows]
-        self.meta = [{"camera": r["camera"], "person_id": int(r["person_id"])} for r in rows]
-        self.columns = ["camera", "person_id"]
-        self.fingerprint = dict(encoder.fingerprint)
-        pix = torch.stack([encoder.preprocess(Image.open(p)) for p in self.paths])
-        self.feats = encoder.encode_images(pix)
-        self.db = sqlite3.connect(":memory:", check_same_thread=False)
-        self.db.execute('CREATE TABLE items (id INTEGER, "camera" TEXT, "person_id" INTEGER)')
-        self.db.executemany("INSERT INTO items VALUES (?, ?, ?)", [(i, m["camera"], m["person_id"]) for i, m in enumerate(self.meta)])
-
-    def __len__(self):
-        return len(self.paths)
-
-    def info(self):
-        return {"items": len(self), "mode": "exact"}
-
-    def search(self, queries, k=10, *, where=None, reranker=None):
-        q = np.atleast_2d(queries)
-        allowed = np.arange(len(self))
-        if where:
-            sql, params = self._compile(where, self.columns)
-            allowed = np.array([r[0] for r in self.db.execute(f"SELECT id FROM items WHERE {sql}", params)], dtype=int)
-        out = []
-        for row in q @ self.feats.T:
-            order = allowed[np.argsort(-row[allowed], kind="stable")][:k]
-            out.append([self.get(int(i), float(row[i])) for i in order])
-        return out
-
-    def get(self, item_id, score=0.0):
-        if not 0 <= item_id < len(self):
-            raise KeyError(item_id)
-        return Hit(item_id, score, self.paths[item_id], {**self.meta[item_id], "width": 24, "height": 48})
-
-    def image_path(self, item_id):
-        return Path(self.get(item_id).path)
-
-
-def _real_index_api():
-    try:
-        from tbps.index import GalleryIndex, build_index
-
-        return GalleryIndex, build_index
-    except ImportError:
-        return None
-
-
 def open_gallery_index(root: Path, encoder):
-    """Build the test gallery under ``root`` and open it (the real index when it exists)."""
+    """Build the test gallery under ``root`` into a real index and open it."""
+    from tbps.index import GalleryIndex, build_index
+
     images, meta = make_gallery(root)
-    api = _real_index_api()
-    if api is None:
-        return StandInIndex(encoder, images, meta)
-    GalleryIndex, build_index = api
     build_index(root / "index", encoder, images, metadata_csv=meta, progress=False)
     return GalleryIndex.open(root / "index")
 
