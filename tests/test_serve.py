@@ -584,3 +584,21 @@ def test_text_batcher_groups_waiting_queries_and_passes_errors():
     b.close()
     assert b("again")[0] == 5.0  # restarts after close
     b.close()
+
+
+def test_oversized_bodies_are_refused_before_parsing(client):
+    from tbps.serve.app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES
+
+    big = b'{"text": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    r = client.post("/search", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+    # a chunked body (no Content-Length) is cut off while streaming: still a 4xx
+    r = client.post("/search", content=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
+                    headers={"Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500, r.status_code
+    up = b"\xff" * (MAX_UPLOAD_BYTES + 100_000)
+    r = client.post("/search/image", files={"file": ("big.jpg", up, "image/jpeg")})
+    assert r.status_code == 413
+    # just under the upload limit: read, then refused for what it is
+    r = client.post("/search/image", files={"file": ("junk.jpg", b"\xff" * 1000, "image/jpeg")})
+    assert r.status_code == 400

@@ -50,6 +50,7 @@ MAX_QUERY_CHARS = 1000  # a long description is ~300 characters; CLIP reads 77 t
 MAX_FILTER_CHARS = 2000
 MAX_K = 1000
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+MAX_BODY_BYTES = 1024 * 1024  # any other request body; a 1,000-character query is ~4 KB
 THUMB_BOX = (160, 320)  # (W, H) bounding box; person crops are tall
 THUMB_CACHE_ITEMS = 2048  # ~8 KB each -> ~16 MB at most
 TOKEN_COOKIE = "tbps_token"
@@ -158,6 +159,45 @@ class TextBatcher:
             except BaseException as e:  # hand the error to every waiting request
                 for _, fut in batch:
                     fut.set_exception(e)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over a size before anyone buffers them.
+
+    A declared ``Content-Length`` over the limit gets a 413 at once. A chunked body that
+    grows past it is cut off: reading it raises, which FastAPI answers with a 400. Either
+    way memory and temporary files stay bounded (Starlette would otherwise spool a whole
+    multipart upload to disk before the handler could look at its size).
+    """
+
+    def __init__(self, app, limit: int, limits: dict[str, int] | None = None):
+        self.app = app
+        self.limit = int(limit)
+        self.limits = dict(limits or {})  # path -> its own limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limits.get(scope.get("path", ""), self.limit)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
+            body = ('{"detail": "request body larger than %d bytes"}' % limit).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ValueError(f"request body larger than {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 def make_thumbnail(path: str | os.PathLike, box: tuple[int, int] = THUMB_BOX, quality: int = 85) -> bytes:
@@ -399,6 +439,7 @@ def create_app(
     app.state.encoder = encoder
     app.state.thumbs = thumbs
     app.state.batcher = batcher
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, limits={"/search/image": MAX_UPLOAD_BYTES + 64 * 1024})
 
     # ---- errors: one readable line, never the (possibly huge) input echoed back --------
     @app.exception_handler(RequestValidationError)
@@ -519,6 +560,7 @@ def create_app(
         dependencies=dependencies,
         responses={
             400: {**err, "description": "The body could not be read (e.g. not UTF-8)."},
+            413: {**err, "description": f"The body is over {MAX_BODY_BYTES} bytes."},
             422: {**err, "description": "Invalid query, k, or filter (the message says which)."},
             **auth_errors,
         },
