@@ -13,7 +13,8 @@ Routes (all but ``/health`` need the token when one is set):
 Input rules, chosen so that bad input always gets a clear 4xx and never a 500:
 
 - ``text`` must hold a non-space character and at most ``MAX_QUERY_CHARS`` characters
-  (longer -> 422; the tokenizer would truncate silently, we prefer to say so).
+  (longer -> 422 rather than a silent cut; within the cap, the tokenizer still keeps only
+  the model's context length, 77 tokens for CLIP, as in training).
 - ``k`` must be in ``1..MAX_K`` (else 422); a ``k`` above the gallery size is clamped to it,
   and the response's ``k`` says how many were asked of the index.
 - ``filters`` is a ``where`` expression string (parsed by the index, never pasted into SQL)
@@ -27,10 +28,11 @@ TOKEN``, or ``?token=TOKEN``, or the ``tbps_token`` cookie. Opening the page as
 drops ``token`` from its address bar so that shared links never carry it. Tokens are compared
 with ``hmac.compare_digest``.
 
-FastAPI is imported inside ``create_app`` (the ``[serve]`` extra); the pydantic models are
-built there too, since they subclass pydantic's ``BaseModel``.
+FastAPI is imported inside ``create_app`` (the ``[serve]`` extra). The pydantic models are
+built there too: they need pydantic, and the filter schema lists the index's columns. (No
+``from __future__ import annotations`` here: FastAPI must resolve the annotations of those
+locally defined models, which string annotations would hide from it.)
 """
-
 
 import contextlib
 import hmac
