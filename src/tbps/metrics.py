@@ -26,9 +26,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-# Working memory per (query, gallery) element of one chunk in the fast path: an int64
-# key, the int64 searchsorted result, a float32 copy and the bool positive mask, with
-# slack for temporaries. Used to turn a memory budget into a chunk size.
+# Working memory per (query, gallery) element of one chunk: a float32 copy (converted
+# or contiguous input), the float bin values, the int64 bin numbers and two bool masks,
+# with slack. Used to turn a memory budget into a chunk size (the bench measures less).
 _BYTES_PER_ELEMENT = 24
 DEFAULT_MEMORY_BUDGET = 128 * 2**20  # bytes of chunk working set when chunk_size is None
 _FLOAT32_BIN_LIMIT = 2**23  # more bins per chunk than this: compute bin numbers in float64
