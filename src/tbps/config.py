@@ -35,6 +35,7 @@ class DataConfig:
     batch_size: int = 64  # per process
     identity_k: int = 0  # > 0: P x K identity-balanced batches with K images per identity
     num_workers: int = 2
+    cache_images: bool = False  # decode the training images once into memory (small datasets, CPU)
     max_words: int = 77
     eval_batch_size: int = 256
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
@@ -164,6 +165,24 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
+def coerce_like(default: Any, value: Any, where: str) -> Any:
+    """Give ``value`` the type of ``default`` where YAML left it a string or an int
+    (YAML reads ``3e-4`` as a string and ``1`` as an int)."""
+    if isinstance(default, bool) or default is None or value is None:
+        return value
+    if isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(default, int) and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    return value
+
+
 def _build(cls, d: Any, where: str):
     if d is None:
         return None
@@ -178,9 +197,10 @@ def _build(cls, d: Any, where: str):
         if k in ("augment", "text_augment") and cls is DataConfig:
             kwargs[k] = _build(AugmentConfig if k == "augment" else TextAugmentConfig, v, f"{where}.{k}")
         elif isinstance(v, list) and k in ("betas", "pool"):
-            kwargs[k] = tuple(v)
+            kwargs[k] = tuple(coerce_like(0.0, x, f"{where}.{k}") if k == "betas" else x for x in v)
         else:
-            kwargs[k] = v
+            default = fields[k].default
+            kwargs[k] = coerce_like(default, v, f"{where}.{k}") if default is not dataclasses.MISSING else v
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -67,4 +67,8 @@ def _is_user_error(e: Exception) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module so that `python -m tbps.cli.main` (torchrun) and the
+    # `tbps` script share one copy of this module (and of UserError).
+    from tbps.cli.main import main as _main
+
+    sys.exit(_main())

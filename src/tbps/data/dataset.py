@@ -6,6 +6,7 @@ classifiers. Tokenisation happens in :class:`Collate`, never in the model.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms.functional import normalize
 
 from tbps.data.records import Record
 from tbps.data.text import clean_caption
@@ -53,6 +55,37 @@ class TrainPairs(Dataset):
         self.pool = PoolAugment(self.size, augment, self.mean, self.std) if augment else None
         self.strong = StrongViews(self.size, self.mean, self.std) if augment and augment.ss_views else None
         self._failed: set[str] = set()
+        self.cache: torch.Tensor | None = None  # (N_records, 3, H, W) uint8 when cache_images()
+
+    def cache_images(self, threads: int = 4, progress: bool = False) -> None:
+        """Decode and resize every training image once into memory (uint8).
+
+        Worth it for small datasets on CPU: JPEG decoding and resizing are then paid once,
+        not every epoch. DataLoader workers share the array copy-on-write.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from torchvision.transforms.functional import pil_to_tensor
+        from tqdm import tqdm
+
+        h, w = self.size
+        cache = torch.zeros(len(self.records), 3, h, w, dtype=torch.uint8)
+        ok = torch.ones(len(self.records), dtype=torch.bool)
+
+        def one(i: int) -> None:
+            try:
+                cache[i] = pil_to_tensor(load_image(self.records[i].image, self.size))
+            except (OSError, ValueError, SyntaxError) as e:
+                ok[i] = False
+                print(f"tbps: warning: skipping unreadable image {self.records[i].image}: {e}", file=sys.stderr)
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(tqdm(pool.map(one, range(len(self.records))), total=len(self.records), desc="cache images",
+                      unit="img", disable=not progress, leave=False))
+        if not ok.all():
+            keep = set(ok.nonzero().flatten().tolist())
+            self.items = [(ri, ci) for ri, ci in self.items if ri in keep]
+        self.cache = cache
 
     @property
     def num_identities(self) -> int:
@@ -69,12 +102,17 @@ class TrainPairs(Dataset):
         return len(self.items)
 
     def _load(self, index: int):
+        """-> (record, caption index, (3, H, W) float image in [0, 1])."""
         # A file that passed the header check can still fail to decode: report it once, use a neighbour.
+        from torchvision.transforms.functional import pil_to_tensor
+
         for step in range(len(self.items)):
             ri, ci = self.items[(index + step) % len(self.items)]
             rec = self.records[ri]
+            if self.cache is not None:
+                return rec, ci, self.cache[ri].float().div_(255.0)
             try:
-                return rec, ci, load_image(rec.image, self.size)
+                return rec, ci, pil_to_tensor(load_image(rec.image, self.size)).float().div_(255.0)
             except (OSError, ValueError, SyntaxError) as e:
                 if str(rec.image) not in self._failed:
                     self._failed.add(str(rec.image))
@@ -96,9 +134,12 @@ class TrainPairs(Dataset):
             )
         item = {"caption": clean_caption(caption, self.max_words), "pid": self.pid_index[rec.pid]}
         if self.pool is None:
-            item["image"] = eval_transform(img, self.size, self.mean, self.std)
+            item["image"] = normalize(img, self.mean, self.std)
             return item
-        with torch.random.fork_rng(devices=[]):
+        # torchvision draws from torch's global RNG: seed it per sample. In a worker process
+        # that RNG is the worker's own; in the main process, fork it so dropout is undisturbed.
+        in_worker = torch.utils.data.get_worker_info() is not None
+        with contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.getrandbits(63))
             item["image"] = self.pool(img, rng)
             if self.augment.mvs:

@@ -80,8 +80,8 @@ class PoolAugment:
         self.size, self.config, self.mean, self.std = tuple(size), config, mean, std
         self.ops = {name: _op(name, self.size) for name in config.pool}
 
-    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        x = to_tensor(img, (0, 0, 0), (1, 1, 1))  # (3, H, W) in [0, 1]
+    def __call__(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """(3, H, W) float image in [0, 1] -> augmented, normalised (3, H, W)."""
         erase = []
         for name in rng.choices(list(self.config.pool), k=self.config.num_ops) if self.config.pool else []:
             if name == "erasing":
@@ -114,6 +114,7 @@ class StrongViews:
             ]
         )
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self.t(to_tensor(img, (0, 0, 0), (1, 1, 1)))
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) float image in [0, 1] -> a strong view, normalised."""
+        return self.t(x)
 

@@ -72,7 +72,7 @@ def evaluate(model, tokenizer, records: Sequence[Record], *, batch_size: int = 2
     qids, gids = torch.tensor(caption_ids), torch.tensor(image_ids)
     metrics = {
         "t2i": retrieval_metrics(sim, qids, gids),
-        "i2t": retrieval_metrics(sim.t(), gids, qids),
+        "i2t": retrieval_metrics(sim.t().contiguous(), gids, qids),
         "queries": len(captions),
         "gallery": len(paths),
     }

@@ -140,6 +140,8 @@ def train(job: TrainJob) -> dict[str, Any]:
         train_records, model.image_size, mean=spec.mean, std=spec.std, augment=recipe.data.augment,
         text_augment=recipe.data.text_augment, max_words=recipe.data.max_words, seed=tcfg.seed,
     )
+    if recipe.data.cache_images:
+        dataset.cache_images(progress=job.progress and dist.is_main)
     sampler = GlobalBatchSampler(
         dataset.item_pids(), recipe.data.batch_size, seed=tcfg.seed, identity_k=recipe.data.identity_k,
         rank=dist.rank, world_size=dist.world_size,
@@ -203,7 +205,8 @@ def train(job: TrainJob) -> dict[str, Any]:
                        max_words=recipe.data.max_words, progress=job.progress)
         m = res.metrics
         score = m["t2i"][tcfg.select_metric]
-        improved = best is None or score > best["score"]
+        # Ties on the selection metric (common on small val splits) go to the higher mAP.
+        improved = best is None or (score, m["t2i"]["mAP"]) > (best["score"], best["metrics"]["t2i"]["mAP"])
         row = {"epoch": round(epoch_progress, 3), "step": global_step, **_flat(m, "val")}
         history.append(row)
         if writer:

@@ -36,6 +36,21 @@ class Objective(nn.Module):
         """Hook run after each optimiser step (EMA updates, queues)."""
 
 
+def merge_losses(defaults: dict[str, Any], given: dict[str, Any], where: str = "losses") -> dict[str, Any]:
+    """An objective's ``losses:`` section over its defaults: unknown keys are errors, values
+    take the defaults' types."""
+    from tbps.config import ConfigError, coerce_like
+
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    out = {}
+    for k, v in defaults.items():
+        g = given.get(k, v)
+        out[k] = merge_losses(v, g, f"{where}.{k}") if isinstance(v, dict) else coerce_like(v, g, f"{where}.{k}")
+    return out
+
+
 def register(name: str):
     def deco(cls):
         OBJECTIVES[name] = cls

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from tbps.engine.distributed import gather_no_grad, gather_with_grad, rank_offset
 from tbps.losses import citc_loss, nitc_loss, ritc_loss, simclr_loss
-from tbps.objectives import Objective, StepContext, register
+from tbps.objectives import Objective, StepContext, merge_losses, register
 
 DEFAULTS: dict[str, Any] = {
     "nitc": {"weight": 1.0, "alpha": 0.5, "ramp_epochs": 1.0},
@@ -24,17 +24,6 @@ DEFAULTS: dict[str, Any] = {
     "citc": {"weight": 0.0},
     "gather": True,
 }
-
-
-def _merge(defaults: dict, given: dict, where: str = "losses") -> dict:
-    unknown = set(given) - set(defaults)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(defaults)}")
-    out = {}
-    for k, v in defaults.items():
-        g = given.get(k, v)
-        out[k] = _merge(v, g, f"{where}.{k}") if isinstance(v, dict) else g
-    return out
 
 
 @register("tbps-clip")
@@ -50,7 +39,7 @@ class TBPSCLIPObjective(Objective):
         ) if ss["weight"] > 0 else None
 
     def configure(self, losses: dict[str, Any]) -> None:
-        self.cfg = _merge(DEFAULTS, losses or {})
+        self.cfg = merge_losses(DEFAULTS, losses or {})
 
     def forward(self, model: nn.Module, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg

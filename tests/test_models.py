@@ -1,0 +1,101 @@
+"""Every tiny architecture runs forward and backward; token outputs agree with the global ones."""
+
+import pytest
+import torch
+
+from tbps.config import load_recipe
+from tbps.models import ModelSpec, create_model, get_tokenizer, list_architectures
+from tbps.models.factory import ModelError
+from tbps.objectives import StepContext, build_objective
+
+
+@pytest.mark.parametrize("arch", list_architectures()["tiny"])
+def test_tiny_arch_forward_backward_all_params_get_grad(arch):
+    torch.manual_seed(0)
+    model = create_model(ModelSpec(arch=arch))
+    tok = get_tokenizer(model.spec)
+    h, w = model.image_size
+    out = model(torch.randn(3, 3, h, w), tok(["a man in a red coat", "a woman", "a child with a bag"]))
+    loss = (out["image_features"] @ out["text_features"].t()).logsumexp(1).mean() * out["logit_scale"]
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_token_outputs_match_global_features():
+    torch.manual_seed(0)
+    model = create_model(ModelSpec(arch="micro-vit")).eval()
+    tok = get_tokenizer(model.spec)
+    x, t = torch.randn(2, 3, *model.image_size), tok(["a man in a red coat", "a woman"])
+    g, patches = model.image_tokens(x)
+    assert torch.allclose(g, model.encode_image(x), atol=1e-5)
+    h, w = model.image_size
+    assert patches.shape == (2, (h // 8) * (w // 8), g.shape[-1])  # patch 8, projected to D
+    tg, words, mask = model.text_tokens(t)
+    assert torch.allclose(tg, model.encode_text(t), atol=1e-5)
+    assert words.shape[:2] == t.shape and words.shape[-1] == tg.shape[-1]
+    # sot + 6 words + eot for the first caption; sot + 2 + eot for the second
+    assert mask.sum(1).tolist() == [8, 4]
+
+
+def test_full_tbps_clip_objective_every_parameter_gets_grad():
+    recipe = load_recipe("tbps-clip", ["model.arch=micro-vit", "model.pretrained=null", "model.image_size=[32, 16]",
+                                       "model.context_length=32"])
+    torch.manual_seed(0)
+    model = create_model(recipe.model)
+    objective = build_objective("tbps-clip", model, recipe.losses, num_identities=3)
+    tok = get_tokenizer(model.spec)
+    x = lambda: torch.randn(4, 3, 32, 16)  # noqa: E731
+    batch = {"image": x(), "image_view2": x(), "ss_view1": x(), "ss_view2": x(),
+             "tokens": tok(["red coat", "blue jeans", "a bag", "a hat"]), "pid": torch.tensor([0, 0, 1, 2])}
+    out = objective(model, batch, StepContext(epoch=0.5, total_epochs=5, step=3))
+    assert {"nitc_loss", "ritc_loss", "citc_loss", "ss_loss"} <= set(out)
+    sum(v for k, v in out.items() if k.endswith("_loss")).backward()
+    params = list(model.named_parameters()) + [("objective." + n, p) for n, p in objective.named_parameters()]
+    missing = [n for n, p in params if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    # the paper's trick: frozen patch embedding
+    assert not model.clip.visual.conv1.weight.requires_grad
+
+
+def test_text_attention_dropout_is_set_and_active_in_training():
+    model = create_model(ModelSpec(arch="micro-vit", text_attn_dropout=0.5))
+    blocks = model.clip.transformer.resblocks
+    assert all(b.attn.dropout == 0.5 for b in blocks)
+    tok = get_tokenizer(model.spec)(["a man in a long red coat with a black backpack"])
+    model.train()
+    a, b = model.encode_text(tok), model.encode_text(tok)
+    assert not torch.allclose(a, b)
+    model.eval()
+    assert torch.allclose(model.encode_text(tok), model.encode_text(tok))
+
+
+def test_position_embeddings_interpolated_for_non_square_input(tmp_path):
+    """Square pretrained weights (as CLIP's) loaded into a 2:1 model: the grid is resized."""
+    torch.manual_seed(0)
+    square = create_model(ModelSpec(arch="micro-vit", image_size=(32, 32)))
+    weights = tmp_path / "square.pt"
+    torch.save(square.clip.state_dict(), weights)
+    tall = create_model(ModelSpec(arch="micro-vit", image_size=(64, 32), pretrained=str(weights)))
+    pos = tall.clip.visual.positional_embedding
+    assert pos.shape[0] == 1 + 8 * 4  # (64/8) x (32/8) patches + class token
+    assert torch.equal(pos[0], square.clip.visual.positional_embedding[0])  # class token kept
+    # a bicubic resize of a 4x4 grid to 8x4: columns keep their values' range, not random ones
+    old = square.clip.visual.positional_embedding[1:].reshape(4, 4, -1)
+    new = pos[1:].reshape(8, 4, -1)
+    assert torch.allclose(new.mean(0), old.mean(0), atol=0.15)
+    assert torch.equal(tall.clip.visual.conv1.weight, square.clip.visual.conv1.weight)
+    tall.encode_image(torch.randn(1, 3, 64, 32))
+
+
+def test_unknown_architecture_and_missing_weights_give_clear_errors():
+    with pytest.raises(ModelError, match="unknown architecture 'ViT-Q-99'"):
+        create_model(ModelSpec(arch="ViT-Q-99"))
+
+
+def test_paper_architectures_are_known_to_open_clip():
+    from tbps.models.factory import arch_config
+
+    for arch in list_architectures()["paper"]:
+        cfg = arch_config(arch)
+        assert cfg["embed_dim"] in (512, 1024)
