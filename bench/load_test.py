@@ -82,9 +82,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index: Path, port: int, threads: int | None, log: Path) -> subprocess.Popen:
+def start_server(index: Path, port: int, threads: int | None, log: Path, max_batch: int = 32) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tbps.cli.main", "serve", str(index), "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning"]
+           "--port", str(port), "--log-level", "warning", "--max-batch", str(max_batch)]
     if threads:
         cmd += ["--threads", str(threads)]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ids", type=int, default=100, help="synthetic identities (2 images each; default 100)")
     ap.add_argument("--checkpoint", help="checkpoint to index with (default: untrained tiny-vit)")
     ap.add_argument("--server-threads", type=int, default=None, help="torch threads in the server")
+    ap.add_argument("--max-batch", type=int, default=32, help="server's text batch size (1: no batching)")
     ap.add_argument("--workdir", help="keep the gallery/index here (default: a temporary folder)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -163,11 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     try:
         t0 = time.perf_counter()
-        index, _ = build_demo_index(root, ids=args.ids, checkpoint=args.checkpoint)
+        if (root / "index" / "manifest.json").exists():  # --workdir from an earlier run: reuse
+            index = root / "index"
+        else:
+            index, _ = build_demo_index(root, ids=args.ids, checkpoint=args.checkpoint)
         build_s = time.perf_counter() - t0
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(index, port, args.server_threads, root / "server.log")
+        proc = start_server(index, port, args.server_threads, root / "server.log", args.max_batch)
         t0 = time.perf_counter()
         wait_healthy(url, proc)
         startup_s = time.perf_counter() - t0
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = httpx.get(url + "/stats").json()
         res.update(gallery=stats["items"], search_mode=stats["index"].get("search_mode"),
                    arch=stats["model"].get("arch"), build_s=round(build_s, 1), server_startup_s=round(startup_s, 1),
-                   cpus=os.cpu_count(),
+                   cpus=os.cpu_count(), max_batch=args.max_batch, load_avg_1m=round(os.getloadavg()[0], 1),
                    mean_text_batch=round(stats["text_batches"]["queries"] / max(1, stats["text_batches"]["batches"]), 2))
     finally:
         if proc is not None and proc.poll() is None:
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res, indent=2))
     else:
         print(f"gallery {res['gallery']} images ({res['arch']}, {res['search_mode']} search), "
-              f"{res['clients']} clients x {res['seconds']} s on {res['cpus']} CPUs")
+              f"{res['clients']} clients x {res['seconds']} s on {res['cpus']} CPUs "
+              f"(load average {res['load_avg_1m']}), max batch {res['max_batch']}")
         print(f"requests {res['requests']}  ->  {res['requests_per_s']} req/s")
         print(f"latency p50 {res['p50_ms']} ms  p90 {res['p90_ms']} ms  p99 {res['p99_ms']} ms  max {res['max_ms']} ms")
         print(f"text queries per encoder call (mean, incl. warm-up): {res['mean_text_batch']}")
