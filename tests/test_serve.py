@@ -517,7 +517,7 @@ def test_end_to_end_with_a_real_checkpoint(real_gallery):
         r = c.post("/search", json={"text": "a man in a red coat and black trousers", "k": 5})
         assert r.status_code == 200, r.text
         q = encoder.encode_texts(["a man in a red coat and black trousers"])[0]
-        ix = app.state.index
+        ix = app.state.live.get()
         ref = sorted(((i, float(q @ index_feat(encoder, ix, i))) for i in range(len(ix))), key=lambda t: (-t[1], t[0]))
         assert len(r.json()["results"]) == 5
         assert_same_ranking([(h["id"], h["score"]) for h in r.json()["results"]], ref, tol=1e-4)
@@ -602,3 +602,27 @@ def test_oversized_bodies_are_refused_before_parsing(client):
     # just under the upload limit: read, then refused for what it is
     r = client.post("/search/image", files={"file": ("junk.jpg", b"\xff" * 1000, "image/jpeg")})
     assert r.status_code == 400
+
+
+def test_a_new_index_generation_is_served_without_restart(tmp_path, encoder):
+    """`tbps index add` while serving: the next request sees the new image; a damaged
+    manifest afterwards leaves the last good generation in service."""
+    from tbps.index import add_to_index
+
+    idx = open_gallery_index(tmp_path, encoder)
+    n = len(idx)
+    with TestClient(create_app(idx, encoder, reload_interval=0.0)) as c:
+        assert c.get("/stats").json()["items"] == n
+        Image.new("RGB", (24, 48), PALETTE["orange"]).save(tmp_path / "images" / "p10.png")
+        add_to_index(tmp_path / "index", encoder, tmp_path / "images", progress=False)
+        r = c.post("/search", json={"text": "orange", "k": 1})
+        top = r.json()["results"][0]
+        assert top["name"] == "p10.png"
+        assert c.get(top["image_url"]).content == (tmp_path / "images" / "p10.png").read_bytes()
+        s = c.get("/stats").json()
+        assert s["items"] == n + 1 and s["reloads"] == {"count": 1, "error": None}
+        (tmp_path / "index" / "manifest.json").write_text("{broken")
+        r = c.post("/search", json={"text": "orange", "k": 1})
+        assert r.status_code == 200 and r.json()["results"][0]["name"] == "p10.png"
+        s = c.get("/stats").json()
+        assert s["items"] == n + 1 and "corrupt index manifest" in s["reloads"]["error"]

@@ -37,6 +37,7 @@ locally defined models, which string annotations would hide from it.)
 import contextlib
 import hmac
 import io
+import logging
 import math
 import os
 import queue
@@ -44,7 +45,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 
@@ -163,6 +164,63 @@ class TextBatcher:
                     fut.set_exception(e)
 
 
+class LiveIndex:
+    """The served index, reopened when another process commits a new generation.
+
+    ``tbps index add/remove`` replace ``INDEX/manifest.json`` atomically as their last step;
+    ``get()`` looks at that file at most every ``interval`` seconds and, when it changed,
+    opens the new generation and checks it against the encoder. If that fails (a foreign
+    model, a damaged file) the old generation keeps being served and ``error`` says why.
+    Item ids are stable across generations, so ids and thumbnails stay valid. Indexes
+    without a ``root`` on disk (or ``interval=None``) are served as they are.
+    """
+
+    def __init__(self, index, encoder, interval: float | None = 1.0):
+        self.index = index
+        self.encoder = encoder
+        self.interval = interval
+        root = getattr(index, "root", None)
+        can_reopen = root is not None and hasattr(type(index), "open") and interval is not None
+        self.manifest = Path(root) / "manifest.json" if can_reopen else None
+        self.stamp = self._stamp()
+        self.next_check = 0.0
+        self.reloads = 0
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def _stamp(self):
+        try:
+            st = self.manifest.stat()
+        except (OSError, AttributeError):
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def get(self):
+        """The current index (one call per request, so a request sees one generation)."""
+        if self.manifest is None or time.monotonic() < self.next_check:
+            return self.index
+        with self._lock:
+            now = time.monotonic()
+            if now < self.next_check:
+                return self.index
+            self.next_check = now + self.interval
+            stamp = self._stamp()
+            if stamp is None or stamp == self.stamp:
+                return self.index
+            self.stamp = stamp  # retry only when the manifest changes again
+            try:
+                new = type(self.index).open(self.index.root)
+                new.check_encoder(self.encoder)
+            except Exception as e:  # any failure: keep serving the generation we have
+                self.error = f"{type(e).__name__}: {e}"
+                logging.getLogger("tbps.serve").warning("index not reloaded, still serving the old one: %s", self.error)
+                return self.index
+            self.index, self.error = new, None
+            self.reloads += 1
+            logging.getLogger("tbps.serve").info("index reloaded: %d items", len(new))
+            return new
+
+
 class BodyLimit:
     """ASGI middleware: refuse request bodies over a size before anyone buffers them.
 
@@ -273,6 +331,7 @@ def create_app(
     title: str = "tbps search",
     thumb_cache_items: int = THUMB_CACHE_ITEMS,
     max_batch: int = 32,
+    reload_interval: float | None = 1.0,
 ):
     """Build the FastAPI app that serves ``index`` (a ``GalleryIndex``) with ``encoder``.
 
@@ -281,8 +340,10 @@ def create_app(
     but ``/health`` requires it (see the module docstring for the three ways to send it).
     Concurrent text queries are encoded together in batches of up to ``max_batch``
     (``TextBatcher``); encoder calls never overlap, since on a CPU torch already spreads one
-    call over the cores and overlapping calls only thrash. The app keeps ``index`` and ``encoder``
-    in ``app.state`` and the thumbnail cache in ``app.state.thumbs``.
+    call over the cores and overlapping calls only thrash. ``reload_interval``: how often
+    (seconds) to look for a newer generation of the index on disk (``LiveIndex``); ``None``
+    never reloads. ``app.state`` holds ``live`` (``live.get()`` is the current index),
+    ``encoder``, ``thumbs`` (the thumbnail cache) and ``batcher``.
     """
     from fastapi import Depends, FastAPI, File, Form, HTTPException, Path as PathParam, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
@@ -294,15 +355,14 @@ def create_app(
     from tbps import __version__
 
     filter_errors = _index_errors()
-    columns = list(getattr(index, "columns", []))
+    live = LiveIndex(index, encoder, reload_interval)
+    columns = list(getattr(index, "columns", []))  # as at startup: for the schema's docs
     lock = threading.Lock()  # one encoder call at a time
     batcher = TextBatcher(encoder.encode_texts, lock, max_batch)
     thumbs = ThumbCache(thumb_cache_items)
     started = time.time()
 
     # ---- models: these are the OpenAPI schema -------------------------------------------
-    # filter objects may only name the index's columns; the schema lists them
-    ColumnName = Literal[tuple(columns)] if columns else str
     class SearchRequest(BaseModel):
         """A text query."""
 
@@ -327,12 +387,12 @@ def create_app(
             description=f"How many results to return (1..{MAX_K}); "
             "a k above the gallery size is clamped to the gallery size.",
         )
-        filters: str | dict[ColumnName, str | int | float | bool] | None = Field(
+        filters: str | dict[str, str | int | float | bool] | None = Field(
             None,
             description="Metadata filter: either a `where` expression such as "
             "`camera = 'c3' AND time >= '2024-01-01'`, or an object of column -> value "
             "that must all match (turned into such an expression with safe quoting). "
-            "`GET /stats` lists the columns.",
+            f"Columns: {', '.join(columns) or '(none)'} (`GET /stats` lists the current ones).",
             examples=["camera = 'c3'", {"camera": "c3"}],
         )
 
@@ -387,6 +447,9 @@ def create_app(
         limits: dict[str, int]
         auth: bool = Field(..., description="Whether a token is required.")
         thumb_cache: dict[str, int]
+        reloads: dict[str, int | str | None] = Field(
+            ..., description="Index generations picked up since startup, and why the last reload failed (if it did)."
+        )
         text_batches: dict[str, int] = Field(..., description="Encoder calls for text queries, and queries they served.")
         uptime_s: float
 
@@ -437,7 +500,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.state.index = index
+    app.state.live = live
     app.state.encoder = encoder
     app.state.thumbs = thumbs
     app.state.batcher = batcher
@@ -489,17 +552,17 @@ def create_app(
             query=query, k=k, where=where, results=results, took_ms=round((time.perf_counter() - t0) * 1e3, 3)
         )
 
-    def _where(filters) -> str | None:
+    def _where(filters, index) -> str | None:
         if filters is None:
             return None
         if isinstance(filters, dict):
             try:
-                return filters_to_where(filters, columns)
+                return filters_to_where(filters, list(index.columns))
             except ValueError as e:
                 raise HTTPException(422, f"filters: {e}") from None
         return filters.strip() or None
 
-    def _search(feats: np.ndarray, k: int, where: str | None):
+    def _search(index, feats: np.ndarray, k: int, where: str | None):
         n = len(index)
         if n == 0:
             return []
@@ -517,7 +580,7 @@ def create_app(
         if item_id >= _MAX_ID:
             raise HTTPException(404, f"no image with id {item_id} in this index")
         try:
-            path = Path(index.image_path(item_id))
+            path = Path(live.get().image_path(item_id))
         except (KeyError, IndexError):
             raise HTTPException(404, f"no image with id {item_id} in this index") from None
         if not path.is_file():
@@ -540,17 +603,19 @@ def create_app(
         responses={**auth_errors},
     )
     def stats():
+        index = live.get()
         info = index.info() if hasattr(index, "info") else {}
         return Stats(
             items=len(index),
             embed_dim=int(getattr(encoder, "embed_dim", 0)),
-            columns=columns,
+            columns=list(index.columns),
             model=_jsonable(dict(getattr(index, "fingerprint", {}) or {})),
             index=_jsonable(dict(info or {})),
             limits={"max_k": MAX_K, "max_query_chars": MAX_QUERY_CHARS, "max_upload_bytes": MAX_UPLOAD_BYTES},
             auth=bool(token),
             thumb_cache={"items": len(thumbs), "capacity": thumbs.capacity, "hits": thumbs.hits, "misses": thumbs.misses},
             text_batches={"batches": batcher.batches, "queries": batcher.queries, "max_batch": batcher.max_batch},
+            reloads={"count": live.reloads, "error": live.error},
             uptime_s=round(time.time() - started, 3),
         )
 
@@ -569,11 +634,12 @@ def create_app(
     )
     def search(req: SearchRequest, request: Request):
         t0 = time.perf_counter()
-        where = _where(req.filters)
+        index = live.get()
+        where = _where(req.filters, index)
         text = req.text.strip()
         feats = batcher(text)[None]  # (1, D) float32, L2-normalised
         k = min(req.k, len(index))
-        hits = _search(np.asarray(feats, dtype=np.float32), k, where)
+        hits = _search(index, np.asarray(feats, dtype=np.float32), k, where)
         return _hits_to_response(request, hits, text, k, where, t0)
 
     @app.post(
@@ -602,7 +668,8 @@ def create_app(
         data = await file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
-        where = _where(filters)
+        index = live.get()
+        where = _where(filters, index)
 
         def work():  # decoding and encoding are CPU work: keep them off the event loop
             try:
@@ -614,7 +681,7 @@ def create_app(
                 raise HTTPException(400, f"the upload {name!r} is not a readable image ({type(e).__name__})") from None
             feats = _encode(encoder.encode_images, pixels.unsqueeze(0))  # (1, D)
             kk = min(k, len(index))
-            return kk, _search(np.asarray(feats, dtype=np.float32), kk, where)
+            return kk, _search(index, np.asarray(feats, dtype=np.float32), kk, where)
 
         kk, hits = await run_in_threadpool(work)
         return _hits_to_response(request, hits, file.filename or "upload", kk, where, t0)
