@@ -6,9 +6,10 @@ row-normalised same-person target matrix they share.
 """
 
 from tbps.losses.citc import citc_loss
+from tbps.losses.cmmoco import CMMoCo, FeatureQueue, cmmoco_loss
 from tbps.losses.common import identity_targets
 from tbps.losses.nitc import nitc_loss
 from tbps.losses.ritc import ritc_loss
 from tbps.losses.simclr import simclr_loss
 
-__all__ = ["citc_loss", "identity_targets", "nitc_loss", "ritc_loss", "simclr_loss"]
+__all__ = ["CMMoCo", "FeatureQueue", "citc_loss", "cmmoco_loss", "identity_targets", "nitc_loss", "ritc_loss", "simclr_loss"]
