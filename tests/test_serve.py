@@ -626,3 +626,25 @@ def test_a_new_index_generation_is_served_without_restart(tmp_path, encoder):
         assert r.status_code == 200 and r.json()["results"][0]["name"] == "p10.png"
         s = c.get("/stats").json()
         assert s["items"] == n + 1 and "corrupt index manifest" in s["reloads"]["error"]
+
+
+def test_serve_command_starts_uvicorn_on_localhost(real_gallery, monkeypatch, capsys):
+    """The happy path of `tbps serve`, with uvicorn.run replaced by a recorder."""
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setenv("TBPS_TOKEN", "env-token")
+    code, err = _serve([str(real_gallery[0]), "--port", "0", "--log-level", "warning"], capsys)
+    assert code == 0 and len(calls) == 1, err
+    app, kw = calls[0]
+    assert kw["host"] == "127.0.0.1" and kw["port"] == 0 and kw["log_level"] == "warning"
+    assert f"serving {len(GALLERY)} images" in err and "?token=" in err and "warning" not in err
+    with TestClient(app) as c:  # the token came from $TBPS_TOKEN
+        assert c.get("/stats").status_code == 401
+        assert c.get("/stats", headers={"Authorization": "Bearer env-token"}).status_code == 200
+    monkeypatch.delenv("TBPS_TOKEN")
+    code, err = _serve([str(real_gallery[0]), "--port", "0", "--host", "0.0.0.0"], capsys)
+    assert code == 0 and "without a token" in err and calls[-1][1]["host"] == "0.0.0.0"
+    code, err = _serve([str(real_gallery[0]), "--port", "0", "--max-batch", "0"], capsys)
+    assert code == 2 and "--max-batch" in err

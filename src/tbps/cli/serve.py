@@ -124,7 +124,7 @@ def run(args) -> int:
     if not _is_loopback(args.host) and not token:
         print(f"tbps: warning: serving on {args.host} without a token: anyone who can reach this "
               "machine can search the gallery and fetch its images (set --token)", file=sys.stderr)
-    n = len(app.state.index)
+    n = len(app.state.live.get())
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"tbps: serving {n} images from {args.index} at http://{shown}:{args.port}/"
           + ("?token=..." if token else ""), file=sys.stderr, flush=True)
