@@ -219,7 +219,7 @@ def _positive_positions(chunk: torch.Tensor, col_tab: torch.Tensor, valid: torch
         bins = _bin_numbers(values, *per_item, n_bins)
         # Every correct item is kept (score >= lo); find it in the sorted flat ids.
         where = torch.searchsorted(flat, torch.arange(c, device=dev)[:, None] * g + col_tab)
-        bin_tab = bins[where.clamp_(max=len(flat) - 1)]  # (c, R)
+        bin_tab = bins.take(where.clamp_(max=len(flat) - 1))  # (c, R)
         # Invalid slots may have landed in another row: put them at their row's bin 0.
         bin_tab = torch.where(valid, bin_tab, (torch.arange(c, device=dev) * width)[:, None])
     else:
@@ -235,23 +235,25 @@ def _positive_positions(chunk: torch.Tensor, col_tab: torch.Tensor, valid: torch
 
     # Items sharing a bin with a correct item of their row: compare exactly.
     flag = torch.zeros(c * width, dtype=torch.bool, device=dev)
-    flag[bin_tab[valid]] = True
-    shared = _take(flag, bins)
-    if values is None:  # (c, G) layout
-        cand_r, cand_g = shared.nonzero(as_tuple=True)  # (n,)
-        cand_b, cand_v = bins[cand_r, cand_g], chunk[cand_r, cand_g]
-    else:  # flat layout
-        idx = shared.nonzero().flatten()
-        cand_r, cand_g, cand_b, cand_v = item_r[idx], item_g[idx], bins[idx], values[idx]
-    del bins, shared
+    flag[bin_tab.masked_select(valid)] = True
+    # (take / index_select rather than advanced indexing: the latter crawls when
+    # several threads compete for few cores)
+    idx = _take(flag, bins).view(-1).nonzero().squeeze(1)  # (n,) candidates
+    if values is None:  # (c, G) layout: idx are flat ids r * G + g
+        cand_r = idx // g
+        cand_g = idx - cand_r * g
+        cand_b, cand_v = bins.view(-1).take(idx), chunk.view(-1).take(idx)
+    else:  # flat layout: idx index the kept items
+        cand_r, cand_g, cand_b, cand_v = (t.take(idx) for t in (item_r, item_g, bins, values))
+    del bins
     r_max = col_tab.shape[1]
     step = max(1, (c * g) // r_max)  # bound the (n, r_max) comparison table to c*G
     for a in range(0, len(cand_r), step):
         r, gg, b = cand_r[a : a + step], cand_g[a : a + step], cand_b[a : a + step]
         v = cand_v[a : a + step][:, None]  # (n, 1)
-        u, j = val_tab[r], col_tab[r]  # (n, R)
+        u, j = val_tab.index_select(0, r), col_tab.index_select(0, r)  # (n, R)
         before = (v > u) | ((v == u) & (gg[:, None] < j))
-        before &= bin_tab[r] == b[:, None]
+        before &= bin_tab.index_select(0, r) == b[:, None]
         positions.index_add_(0, r, before.to(torch.int64))
     return positions
 
@@ -353,7 +355,7 @@ def retrieval_metrics(
         slots = torch.arange(r_max, device=sim.device)
         valid = slots[None, :] < n_rel[:, None]  # (c, R)
         idx = (start[a : a + chunk_size][keep][:, None] + slots).clamp_(max=n_g - 1)
-        col_tab = gorder[idx]  # (c, R); invalid slots point at some real column
+        col_tab = gorder.take(idx)  # (c, R); invalid slots point at some real column
 
         positions = _positive_positions(chunk, col_tab, valid)
         positions = positions.masked_fill(~valid, n_g).sort(1).values  # ascending, padding last
