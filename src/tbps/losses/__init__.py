@@ -5,11 +5,24 @@ same code is exact in one process and under torchrun; ``identity_targets`` build
 row-normalised same-person target matrix they share.
 """
 
+from tbps.losses.alignment import alignment_loss
 from tbps.losses.citc import citc_loss
 from tbps.losses.cmmoco import CMMoCo, FeatureQueue, cmmoco_loss
 from tbps.losses.common import identity_targets
+from tbps.losses.id_loss import id_loss
 from tbps.losses.nitc import nitc_loss
 from tbps.losses.ritc import ritc_loss
 from tbps.losses.simclr import simclr_loss
 
-__all__ = ["CMMoCo", "FeatureQueue", "citc_loss", "cmmoco_loss", "identity_targets", "nitc_loss", "ritc_loss", "simclr_loss"]
+__all__ = [
+    "CMMoCo",
+    "FeatureQueue",
+    "alignment_loss",
+    "citc_loss",
+    "cmmoco_loss",
+    "id_loss",
+    "identity_targets",
+    "nitc_loss",
+    "ritc_loss",
+    "simclr_loss",
+]
