@@ -1,0 +1,94 @@
+"""The IRRA objective (Jiang & Ye, CVPR'23): SDM + ID + MLM through a fusion encoder.
+
+* SDM on L2-normalised global features with a fixed logit scale (50, temperature 0.02);
+  the model's learnable logit scale is not used by IRRA's losses.
+* ID: one linear classifier over the training identities shared by the unnormalised
+  image and text features.
+* MLM: caption tokens masked in the data pipeline (15%, 80/10/10; ``mlm_tokens`` /
+  ``mlm_labels`` from :class:`tbps.data.masking.FusionBatchHook`), their word tokens
+  cross-attend to the image tokens in the fusion encoder, a vocabulary head predicts them.
+
+The fusion encoder is the objective's (saved under ``objective.fusion.*``); IRRA uses it
+only for training, but it can also re-score at inference (``tbps eval --rescore``) once
+an ITM head is trained (LAIP).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tbps.data.masking import FusionBatchHook, MaskSpec
+from tbps.engine.distributed import gather_no_grad, gather_with_grad
+from tbps.losses.id_loss import id_loss
+from tbps.losses.mlm import masked_token_loss
+from tbps.losses.sdm import sdm_loss
+from tbps.models.fusion import build_fusion, image_memory
+from tbps.objectives import Objective, StepContext, merge_losses, register
+
+FUSION_DEFAULTS = {"width": 512, "layers": 4, "heads": 8, "mlp_ratio": 4.0}
+
+DEFAULTS: dict[str, Any] = {
+    "sdm": {"weight": 1.0, "logit_scale": 50.0},
+    "id": {"weight": 1.0, "label_smoothing": 0.0},
+    "mlm": {"weight": 1.0, "prob": 0.15},
+    "fusion": dict(FUSION_DEFAULTS),
+    "gather": True,
+}
+
+
+@register("irra")
+class IRRAObjective(Objective):
+    def __init__(self, model: nn.Module, losses: dict[str, Any], *, num_identities: int):
+        super().__init__()
+        self.configure(losses)
+        from tbps.models.factory import get_tokenizer
+
+        self.mask_spec = MaskSpec.from_tokenizer(get_tokenizer(model.spec))
+        self.classifier = nn.Linear(model.embed_dim, num_identities)
+        nn.init.normal_(self.classifier.weight, std=0.001)  # IRRA's init
+        nn.init.zeros_(self.classifier.bias)
+        self.fusion = build_fusion(model, self.cfg["fusion"])
+
+    def configure(self, losses: dict[str, Any]) -> None:
+        self.cfg = merge_losses(DEFAULTS, losses or {})
+
+    def batch_hook(self, dataset=None) -> FusionBatchHook | None:
+        """Masked captions for MLM, made in the data pipeline."""
+        m = self.cfg["mlm"]
+        return FusionBatchHook(spec=self.mask_spec, mlm_prob=m["prob"]) if m["weight"] > 0 else None
+
+    def forward(self, model: nn.Module, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        gather = gather_with_grad if cfg["gather"] else (lambda x: x)
+        need_tokens = cfg["mlm"]["weight"] > 0
+        if need_tokens:
+            img_raw, memory = image_memory(model, batch["image"])  # (B, D), (B, 1+N, D)
+        else:
+            img_raw = model.encode_image(batch["image"])
+        txt_raw = model.encode_text(batch["tokens"])  # (B, D)
+        img, txt = F.normalize(img_raw, dim=-1), F.normalize(txt_raw, dim=-1)
+        pid = batch["pid"]
+        out: dict[str, torch.Tensor] = {}
+        if cfg["sdm"]["weight"] > 0:
+            pid_g = gather_no_grad(pid) if cfg["gather"] else pid
+            out["sdm_loss"] = cfg["sdm"]["weight"] * sdm_loss(
+                img, txt, gather(img), gather(txt), pid, pid_g, cfg["sdm"]["logit_scale"])
+        if cfg["id"]["weight"] > 0:
+            out["id_loss"] = cfg["id"]["weight"] * id_loss(
+                self.classifier, img_raw.float(), txt_raw.float(), pid, cfg["id"]["label_smoothing"])
+        if need_tokens:
+            if "mlm_tokens" not in batch:
+                raise ValueError("losses.mlm has weight > 0 but the batch has no mlm_tokens (Collate without the "
+                                 "objective's batch_hook)")
+            _, words, mask = model.text_tokens(batch["mlm_tokens"])  # (B, L, D), (B, L)
+            fused = self.fusion(words, mask, memory)
+            labels = batch["mlm_labels"]
+            chosen = labels != -100
+            logits = self.fusion.mlm_logits(fused, chosen)  # (M, V)
+            out["mlm_loss"] = cfg["mlm"]["weight"] * masked_token_loss(logits, labels[chosen])
+            out["mlm_acc"] = (logits.detach().argmax(-1) == labels[chosen]).float().mean()
+        return out
