@@ -155,6 +155,9 @@ class Collate:
     """Stack tensors and tokenise captions: a list of items -> a batch dict."""
 
     tokenizer: object
+    # Optional callable (batch, tokenizer) -> batch adding derived inputs (e.g. masked tokens
+    # for a fusion encoder, tbps.data.masking.FusionBatchHook); runs in the workers.
+    hook: object = None
 
     def __call__(self, items: list[dict]) -> dict:
         batch = {"tokens": self.tokenizer([it["caption"] for it in items]), "pid": torch.tensor([it["pid"] for it in items])}
@@ -162,6 +165,8 @@ class Collate:
             if key not in ("caption", "pid"):
                 batch[key] = torch.stack([it[key] for it in items])
         batch["captions"] = [it["caption"] for it in items]
+        if self.hook is not None:
+            batch = self.hook(batch, self.tokenizer)
         return batch
 
 

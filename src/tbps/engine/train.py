@@ -96,6 +96,12 @@ def _stage_losses(recipe: Recipe, epoch: int) -> dict:
     return losses
 
 
+def _batch_hook(objective, dataset):
+    """The objective's data-pipeline hook for this epoch's losses (None for most objectives)."""
+    make = getattr(objective, "batch_hook", None)
+    return make(dataset) if make is not None else None
+
+
 def train(job: TrainJob) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary with paths and final val metrics."""
     import yaml
@@ -230,7 +236,7 @@ def train(job: TrainJob) -> dict[str, Any]:
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch, start_batch)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=recipe.data.num_workers,
-                            collate_fn=Collate(tokenizer), pin_memory=device.type == "cuda",
+                            collate_fn=Collate(tokenizer, _batch_hook(objective, dataset)), pin_memory=device.type == "cuda",
                             persistent_workers=False)
         train_module.train()
         bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{epochs}", unit="step",

@@ -62,6 +62,11 @@ def register(name: str):
 def build_objective(name: str, model: nn.Module, losses: dict[str, Any], *, num_identities: int) -> Objective:
     from tbps.objectives import tbps_clip  # noqa: F401  (registers itself)
 
+    if name in ("irra", "laip"):  # fusion-encoder objectives (issue 6)
+        import importlib
+
+        importlib.import_module(f"tbps.objectives.{name}")
+
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
     return OBJECTIVES[name](model, losses, num_identities=num_identities)
