@@ -44,6 +44,11 @@ class ModelSpec:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     arch_config: dict[str, Any] | None = field(default=None, repr=False)
+    # TextReID: replace the CLIP text tower by a frozen word dictionary + BiGRU
+    # ({"type": "frozen-words", "source": "minilm"|"clip"|"random", "hidden": 512}; see text_stream.py).
+    text_tower: dict[str, Any] | None = None
+    # Linear heads to this embedding size on both towers (TextReID: 256); None keeps the architecture's.
+    embed_dim: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
@@ -130,9 +135,18 @@ def create_model(spec: ModelSpec, *, load_pretrained: bool = True):
 
 
 def get_tokenizer(spec: ModelSpec):
-    """The open_clip tokenizer of the architecture, truncating to its context length."""
+    """The open_clip tokenizer of the architecture, truncating to its context length.
+
+    With ``spec.text_tower`` set: the word tokenizer sharing the frozen dictionary.
+    """
     _register_configs()
     import open_clip
+
+    if spec.text_tower:
+        from tbps.models.text_stream import get_word_tokenizer
+
+        length = spec.context_length or (spec.arch_config or arch_config(spec.arch))["text_cfg"]["context_length"]
+        return get_word_tokenizer(spec, length)
 
     if spec.arch_config is not None and open_clip.get_model_config(spec.arch) is None:
         open_clip.factory._MODEL_CONFIGS[spec.arch] = copy.deepcopy(spec.arch_config)

