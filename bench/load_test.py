@@ -76,6 +76,15 @@ def build_demo_index(root: Path, ids: int = 100, images_per_id: int = 2, checkpo
     return root / "index", ckpt
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -176,7 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         wait_healthy(url, proc)
         startup_s = time.perf_counter() - t0
         asyncio.run(run_clients(url, min(4, args.clients), 2.0, args.seed + 1))  # warm-up, not counted
+        server_cpu0, client_cpu0 = cpu_seconds(proc.pid), time.process_time()
         res = asyncio.run(run_clients(url, args.clients, args.duration, args.seed))
+        server_cpu1, client_cpu = cpu_seconds(proc.pid), time.process_time() - client_cpu0
+        n_req = max(1, res["requests"])
+        # CPU per request, server and load generator: on a small shared machine the two
+        # compete for the same cores, so these say where the time goes better than req/s
+        res["server_cpu_ms_per_request"] = (round((server_cpu1 - server_cpu0) / n_req * 1e3, 2)
+                                            if server_cpu0 is not None and server_cpu1 is not None else None)
+        res["client_cpu_ms_per_request"] = round(client_cpu / n_req * 1e3, 2)
         import httpx
 
         stats = httpx.get(url + "/stats").json()
@@ -201,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(load average {res['load_avg_1m']}), max batch {res['max_batch']}")
         print(f"requests {res['requests']}  ->  {res['requests_per_s']} req/s")
         print(f"latency p50 {res['p50_ms']} ms  p90 {res['p90_ms']} ms  p99 {res['p99_ms']} ms  max {res['max_ms']} ms")
+        print(f"CPU per request: server {res['server_cpu_ms_per_request']} ms, "
+              f"load generator {res['client_cpu_ms_per_request']} ms")
         print(f"text queries per encoder call (mean, incl. warm-up): {res['mean_text_batch']}")
         print(f"errors {res['errors']}" + (f"  e.g. {res['error_samples']}" if res["errors"] else ""))
     return 1 if res["errors"] else 0
