@@ -648,3 +648,20 @@ def test_serve_command_starts_uvicorn_on_localhost(real_gallery, monkeypatch, ca
     assert code == 0 and "without a token" in err and calls[-1][1]["host"] == "0.0.0.0"
     code, err = _serve([str(real_gallery[0]), "--port", "0", "--max-batch", "0"], capsys)
     assert code == 2 and "--max-batch" in err
+
+
+def test_a_reranker_reorders_the_candidates(index, encoder):
+    """The re-scoring hook: a reranker that negates scores over the whole gallery puts the
+    worst first-stage matches on top."""
+    seen = []
+
+    def negate(query_feats, cand_ids, cand_scores, ix):
+        seen.append(cand_ids.shape)
+        return -cand_scores
+
+    with TestClient(create_app(index, encoder, reranker=negate, rerank_depth=len(index))) as c:
+        r = c.post("/search", json={"text": "red", "k": 3})
+    assert r.status_code == 200 and seen == [(1, len(index))]
+    worst = naive_ranking(encoder, index, "red")[::-1]
+    got = [(h["id"], -h["score"]) for h in r.json()["results"]]
+    assert_same_ranking(got, worst)

@@ -332,6 +332,8 @@ def create_app(
     thumb_cache_items: int = THUMB_CACHE_ITEMS,
     max_batch: int = 32,
     reload_interval: float | None = 1.0,
+    reranker=None,
+    rerank_depth: int | None = None,
 ):
     """Build the FastAPI app that serves ``index`` (a ``GalleryIndex``) with ``encoder``.
 
@@ -342,7 +344,9 @@ def create_app(
     (``TextBatcher``); encoder calls never overlap, since on a CPU torch already spreads one
     call over the cores and overlapping calls only thrash. ``reload_interval``: how often
     (seconds) to look for a newer generation of the index on disk (``LiveIndex``); ``None``
-    never reloads. ``app.state`` holds ``live`` (``live.get()`` is the current index),
+    never reloads. ``reranker`` / ``rerank_depth``: passed to ``index.search`` for every
+    query (the hook re-scoring recipes plug into; see ``GalleryIndex.search``).
+    ``app.state`` holds ``live`` (``live.get()`` is the current index),
     ``encoder``, ``thumbs`` (the thumbnail cache) and ``batcher``.
     """
     from fastapi import Depends, FastAPI, File, Form, HTTPException, Path as PathParam, Request, UploadFile
@@ -356,6 +360,7 @@ def create_app(
 
     filter_errors = _index_errors()
     live = LiveIndex(index, encoder, reload_interval)
+    search_options = {"reranker": reranker, "rerank_depth": rerank_depth} if reranker is not None else {}
     columns = list(getattr(index, "columns", []))  # as at startup: for the schema's docs
     lock = threading.Lock()  # one encoder call at a time
     batcher = TextBatcher(encoder.encode_texts, lock, max_batch)
@@ -568,7 +573,7 @@ def create_app(
             return []
         k = min(k, n)
         try:
-            return index.search(feats, k=k, where=where)[0]
+            return index.search(feats, k=k, where=where, **search_options)[0]
         except filter_errors as e:
             raise HTTPException(422, f"filters: {e}") from None
 
