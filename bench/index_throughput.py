@@ -16,6 +16,7 @@ If ``build`` with workers is close to ``ceiling``, data loading is not the bottl
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", default="0,1,2", help="decoding worker counts to try")
     p.add_argument("--size", default="64x160", help="crop size WxH of the synthetic JPEGs")
+    p.add_argument("--repeats", type=int, default=2, help="runs per figure; the best is shown")
     args = p.parse_args(argv)
 
     import torch
@@ -69,11 +71,14 @@ def main(argv=None) -> int:
         # Ceiling: forward passes over preprocessed batches.
         pixels = torch.stack([enc.preprocess(Image.open(x)) for x in paths[: args.batch_size]])
         enc.encode_images(pixels)  # warm up
+        # The machine is shared: take the best of --repeats runs for every figure.
         n_batches = max(1, args.images // args.batch_size)
-        t = time.perf_counter()
-        for _ in range(n_batches):
-            enc.encode_images(pixels)
-        ceiling = n_batches * len(pixels) / (time.perf_counter() - t)
+        ceiling = 0.0
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            for _ in range(n_batches):
+                enc.encode_images(pixels)
+            ceiling = max(ceiling, n_batches * len(pixels) / (time.perf_counter() - t))
         print(f"ceiling (forward only):            {ceiling:8.1f} images/s")
 
         # Decoding alone, one process.
@@ -85,13 +90,17 @@ def main(argv=None) -> int:
         print(f"decode+hash+preprocess, 1 process: {decode:8.1f} images/s")
 
         for nw in [int(x) for x in args.workers.split(",")]:
-            out = work / f"idx-{nw}"
-            t = time.perf_counter()
-            st = build_index(out, enc, work / "imgs", batch_size=args.batch_size, workers=nw, progress=False)
-            total = time.perf_counter() - t
-            print(f"index build, workers={nw}:            {st['images_per_s']:8.1f} images/s embedding "
-                  f"({st['images_per_s'] / ceiling:4.0%} of ceiling), {st['count'] / total:6.1f} images/s overall")
-            shutil.rmtree(out)
+            best, best_total = 0.0, 0.0
+            for _ in range(args.repeats):
+                out = work / f"idx-{nw}"
+                t = time.perf_counter()
+                st = build_index(out, enc, work / "imgs", batch_size=args.batch_size, workers=nw, progress=False)
+                best_total = max(best_total, st["count"] / (time.perf_counter() - t))
+                best = max(best, st["images_per_s"])
+                shutil.rmtree(out)
+            print(f"index build, workers={nw}:            {best:8.1f} images/s embedding "
+                  f"({best / ceiling:4.0%} of ceiling), {best_total:6.1f} images/s overall")
+        print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -471,7 +471,7 @@ def _build_ann(writer: _Writer, requested: str, prev: dict | None, features_path
              or mode == "hnsw" and len(removed) == 0)
     )
     if reusable:
-        index = ann_mod.read(writer.root / prev_ann, mmap=False)
+        index = ann_mod.read(writer.root / prev_ann)
         if len(removed):
             ann_mod.remove(index, removed)
         ann_mod.add(index, feats[added_rows] if len(added_rows) else feats[:0], ids[added_rows])

@@ -14,6 +14,7 @@ generation (or the complete new one) in force. Committed files are never modifie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -184,7 +185,7 @@ class GalleryIndex:
             if not apath.is_file():
                 raise FileNotFoundError(2, "missing", str(apath))
             try:
-                ann_index = ann_mod.read(apath, mmap=mmap)
+                ann_index = ann_mod.read(apath)
             except RuntimeError as e:
                 raise IndexFormatError(f"corrupt ANN index {str(apath)!r}: {e}") from e
             if ann_index.ntotal != n:
@@ -371,7 +372,7 @@ class GalleryIndex:
             return exact_topk(self.features, self.ids, q, depth, rows)
         # ANN proposes candidates; rescore them exactly against the stored features.
         n_avail = len(self) if allowed is None else len(allowed)
-        n_cand = min(max(2 * depth, 20), n_avail)
+        n_cand = min(max(3 * depth, 50), n_avail)  # extra candidates absorb the 8-bit code error
         labels = ann_mod.search(self._ann, self.search_mode, q, n_cand, self.search_params, allowed)
         out_ids = np.full((len(q), depth), -1, dtype=np.int64)
         out_sc = np.full((len(q), depth), -np.inf, dtype=np.float64)
@@ -396,6 +397,33 @@ def exact_topk(features: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int,
     features in blocks of ``chunk`` rows, so memory stays bounded at any gallery size.
     Returns (ids, scores), each (Q, k'), k' = min(k, candidates), sorted by score desc, id asc.
     """
+    with _blas_threads(1 if len(q) <= 4 else None):
+        return _exact_topk(features, ids, q, k, rows, chunk)
+
+
+_BLAS = None
+
+
+def _blas_threads(limit: int | None):
+    """Limit BLAS threads for a block (a few queries are a memory-bound matrix-vector
+    product: extra threads only contend, badly so on a busy machine). Needs the optional
+    threadpoolctl; without it, or with ``limit=None``, a no-op."""
+    global _BLAS
+    if limit is None:
+        return contextlib.nullcontext()
+    if _BLAS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS = ThreadpoolController()
+        except Exception:  # not installed, or no BLAS found
+            _BLAS = False
+    if _BLAS is False:
+        return contextlib.nullcontext()
+    return _BLAS.limit(limits=limit, user_api="blas")
+
+
+def _exact_topk(features, ids, q, k, rows, chunk):
     n = len(features) if rows is None else len(rows)
     k = min(k, n)
     nq = len(q)
