@@ -37,7 +37,9 @@ EXTRAS = ["", " carrying a {c} backpack", " with a {c} handbag", " wearing {c} s
 
 def random_query(rng: random.Random) -> dict:
     """A varied /search body: description, k in {5, 10, 20}, a filter one time in five."""
-    c = lambda: rng.choice(COLOURS)  # noqa: E731
+    def c() -> str:
+        return rng.choice(COLOURS)
+
     text = (f"a {rng.choice(PEOPLE)} in a {c()} {rng.choice(TOPS)} and {c()} {rng.choice(BOTTOMS)}"
             + rng.choice(EXTRAS).format(c=c()))
     body: dict = {"text": text, "k": rng.choice([5, 10, 20])}
@@ -145,7 +147,7 @@ async def run_clients(url: str, clients: int, duration: float, seed: int) -> dic
     lat = sorted(latencies)
 
     def pct(p: float) -> float:
-        return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] * 1e3 if lat else float("nan")
+        return lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))] * 1e3 if lat else float("nan")
 
     return {
         "clients": clients, "seconds": round(wall, 2), "requests": len(lat) + len(errors),

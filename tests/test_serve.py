@@ -10,12 +10,11 @@ from __future__ import annotations
 import atexit
 import csv
 import io
-import json
-import math
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -23,10 +22,10 @@ import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from tbps.serve import MAX_K, MAX_QUERY_CHARS, ThumbCache, create_app, filters_to_where  # noqa: E402
-from tbps.serve.app import THUMB_BOX  # noqa: E402
+from tbps.serve import MAX_K, MAX_QUERY_CHARS, ThumbCache, create_app, filters_to_where
+from tbps.serve.app import THUMB_BOX
 
 PALETTE = {  # name -> RGB; the embedding has one dimension per name
     "red": (220, 30, 30),
@@ -45,7 +44,7 @@ class ColourEncoder:
     """A stand-in for ``tbps.inference.Encoder`` with the same interface and exact semantics."""
 
     embed_dim = len(PALETTE)
-    fingerprint = {
+    fingerprint: ClassVar[dict] = {
         "checkpoint_sha256": "0" * 64,
         "arch": "colour-histogram",
         "image_size": [32, 16],
@@ -420,7 +419,7 @@ def test_page_and_static_files(client):
 # ---- schemathesis -----------------------------------------------------------------------
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402  (schemathesis depends on it)
+from hypothesis import HealthCheck, settings
 
 
 def _schema_app():

@@ -26,9 +26,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from test_serve import ColourEncoder, open_gallery_index  # noqa: E402  (tests/ is on sys.path)
+from test_serve import ColourEncoder, open_gallery_index
 
-from tbps.serve import create_app  # noqa: E402
+from tbps.serve import create_app
 
 
 def _free_port() -> int:
@@ -48,7 +48,7 @@ class ServerThread:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -190,7 +190,6 @@ def test_without_token_the_page_says_how_to_get_in(server, browser):
 
 def test_search_by_example_image(server, page, tmp_path):
     from PIL import Image
-
     from test_serve import PALETTE
 
     path = tmp_path / "query.png"

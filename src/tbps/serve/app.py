@@ -37,6 +37,7 @@ locally defined models, which string annotations would hide from it.)
 import contextlib
 import hmac
 import io
+import json
 import logging
 import math
 import os
@@ -44,8 +45,9 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any
 
 import numpy as np
 
@@ -159,7 +161,7 @@ class TextBatcher:
                 self.queries += len(batch)
                 for i, (_, fut) in enumerate(batch):
                     fut.set_result(feats[i])
-            except BaseException as e:  # hand the error to every waiting request
+            except BaseException as e:  # noqa: BLE001 - handed to every waiting request, which re-raises it
                 for _, fut in batch:
                     fut.set_exception(e)
 
@@ -211,7 +213,7 @@ class LiveIndex:
             try:
                 new = type(self.index).open(self.index.root)
                 new.check_encoder(self.encoder)
-            except Exception as e:  # any failure: keep serving the generation we have
+            except Exception as e:  # noqa: BLE001 - any failure: keep serving the generation we have
                 self.error = f"{type(e).__name__}: {e}"
                 logging.getLogger("tbps.serve").warning("index not reloaded, still serving the old one: %s", self.error)
                 return self.index
@@ -241,7 +243,7 @@ class BodyLimit:
         limit = self.limits.get(scope.get("path", ""), self.limit)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
-            body = ('{"detail": "request body larger than %d bytes"}' % limit).encode()
+            body = json.dumps({"detail": f"request body larger than {limit} bytes"}).encode()
             await send({"type": "http.response.start", "status": 413,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
@@ -349,10 +351,16 @@ def create_app(
     ``app.state`` holds ``live`` (``live.get()`` is the current index),
     ``encoder``, ``thumbs`` (the thumbnail cache) and ``batcher``.
     """
-    from fastapi import Depends, FastAPI, File, Form, HTTPException, Path as PathParam, Request, UploadFile
+    from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+    from fastapi import Path as PathParam
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-    from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
+    from fastapi.security import (
+        APIKeyCookie,
+        APIKeyQuery,
+        HTTPAuthorizationCredentials,
+        HTTPBearer,
+    )
     from pydantic import BaseModel, ConfigDict, Field, field_validator
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -473,9 +481,9 @@ def create_app(
             return candidate is not None and hmac.compare_digest(candidate.encode("utf-8"), expected)
 
         def require_token(
-            cred: HTTPAuthorizationCredentials | None = Depends(bearer),
-            q: str | None = Depends(query_key),
-            c: str | None = Depends(cookie_key),
+            cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+            q: Annotated[str | None, Depends(query_key)],
+            c: Annotated[str | None, Depends(cookie_key)],
         ) -> None:
             # Check every offered credential: a stale cookie must not hide a good header.
             offered = [x for x in (cred.credentials if cred else None, q, c) if x is not None]
@@ -592,7 +600,7 @@ def create_app(
             raise HTTPException(404, f"the image file for id {item_id} is gone from disk")
         return path
 
-    id_param = PathParam(..., ge=0, description="Gallery item id, as returned by /search.")
+    ItemId = Annotated[int, PathParam(ge=0, description="Gallery item id, as returned by /search.")]
 
     # ---- routes ------------------------------------------------------------------------
     @app.get("/health", response_model=Health, tags=["server"], summary="Liveness probe (no token needed)")
@@ -662,9 +670,9 @@ def create_app(
     )
     async def search_image(
         request: Request,
-        file: UploadFile = File(..., description="An image (JPEG, PNG, ...) of a person."),
-        k: int = Form(10, ge=1, le=MAX_K, description="How many results (clamped to the gallery size)."),
-        filters: str | None = Form(None, max_length=MAX_FILTER_CHARS, description="A `where` expression."),
+        file: Annotated[UploadFile, File(description="An image (JPEG, PNG, ...) of a person.")],
+        k: Annotated[int, Form(ge=1, le=MAX_K, description="How many results (clamped to the gallery size).")] = 10,
+        filters: Annotated[str | None, Form(max_length=MAX_FILTER_CHARS, description="A `where` expression.")] = None,
     ):
         from PIL import Image, UnidentifiedImageError
         from starlette.concurrency import run_in_threadpool
@@ -704,7 +712,7 @@ def create_app(
             **auth_errors,
         },
     )
-    def image(item_id: int = id_param):
+    def image(item_id: ItemId):
         path = _image_path(item_id)
         return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
 
@@ -721,7 +729,7 @@ def create_app(
             **auth_errors,
         },
     )
-    def thumb(item_id: int = id_param):
+    def thumb(item_id: ItemId):
         path = _image_path(item_id)
         try:
             mtime = path.stat().st_mtime_ns
