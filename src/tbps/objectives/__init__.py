@@ -66,6 +66,8 @@ def build_objective(name: str, model: nn.Module, losses: dict[str, Any], *, num_
         import importlib
 
         importlib.import_module(f"tbps.objectives.{name}")
+    if name in ("textreid", "tbps-clip-cmmoco"):  # CM-MoCo objectives (issue 4)
+        from tbps.objectives import textreid  # noqa: F401  (registers both)
 
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
