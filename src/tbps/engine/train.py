@@ -148,6 +148,11 @@ def train(job: TrainJob) -> dict[str, Any]:
     )
     if recipe.data.cache_images:
         dataset.cache_images(progress=job.progress and dist.is_main)
+    # A frozen word-dictionary text tower (TextReID) encodes the training vocabulary once, here in
+    # the main process, so DataLoader workers only look words up (no-op for CLIP text towers).
+    vocab = model.prepare_vocabulary([c for r in train_records for c in (r.captions + (r.captions_bt or ()))])
+    if vocab:
+        _log(f"word dictionary: {vocab['words']} words ({'from cache' if vocab['cached'] else 'encoded'})", dist)
     sampler = GlobalBatchSampler(
         dataset.item_pids(), recipe.data.batch_size, seed=tcfg.seed, identity_k=recipe.data.identity_k,
         rank=dist.rank, world_size=dist.world_size,
