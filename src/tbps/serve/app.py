@@ -421,6 +421,8 @@ def create_app(
             return v
 
     class SearchHit(BaseModel):
+        """One gallery item matching the query."""
+
         id: int = Field(..., description="Stable id of the gallery item in this index.")
         rank: int = Field(..., description="1 for the best match.")
         score: float = Field(..., description="Cosine similarity (after any re-ranking); higher is better.")
@@ -432,6 +434,8 @@ def create_app(
         )
 
     class SearchResponse(BaseModel):
+        """Ranked results, best first."""
+
         query: str = Field(..., description="The text searched for, or the uploaded file name.")
         k: int = Field(..., description="Number of results asked of the index (after clamping).")
         where: str | None = Field(None, description="The filter expression applied, if any.")
@@ -439,19 +443,27 @@ def create_app(
         took_ms: float = Field(..., description="Server time spent on this search.")
 
     class ErrorItem(BaseModel):
+        """One validation problem: where (``loc``), what (``msg``), and pydantic's ``type``."""
+
         loc: list[str | int]
         msg: str
         type: str
 
     class ErrorResponse(BaseModel):
+        """Any 4xx answer."""
+
         detail: str = Field(..., description="What was wrong, in one line.")
         errors: list[ErrorItem] | None = Field(None, description="Per-field validation errors.")
 
     class Health(BaseModel):
+        """Liveness."""
+
         status: str
         version: str
 
     class Stats(BaseModel):
+        """What is being served, and the server's counters."""
+
         items: int = Field(..., description="Number of images in the gallery.")
         embed_dim: int
         columns: list[str] = Field(..., description="Metadata columns usable in filters.")
