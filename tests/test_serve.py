@@ -649,6 +649,30 @@ def test_serve_command_starts_uvicorn_on_localhost(real_gallery, monkeypatch, ca
     assert code == 2 and "--max-batch" in err
 
 
+def test_serve_command_with_a_rerank(real_gallery, monkeypatch, capsys):
+    """--rerank jaccard: the served ranking is tbps.rerank's over the index's candidates."""
+    import uvicorn
+
+    from tbps.rerank import METHODS, index_reranker
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    code, err = _serve([str(real_gallery[0]), "--port", "0", "--rerank", "jaccard", "--rerank-depth", "8"], capsys)
+    assert code == 0, err
+    encoder, ix = real_gallery[2], apps[0].state.live.get()
+    text = "a woman in a green coat"
+    want = ix.search(encoder.encode_texts([text]), k=5, reranker=index_reranker("jaccard"), rerank_depth=8)[0]
+    with TestClient(apps[0]) as c:
+        got = c.post("/search", json={"text": text, "k": 5}).json()["results"]
+    assert [h["id"] for h in got] == [h.id for h in want]
+    assert [h["score"] for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+    # the CLI's spelled-out choices are tbps.rerank's methods
+    from tbps.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["serve"]
+    assert tuple(next(a for a in sub._actions if a.dest == "rerank").choices) == METHODS
+
+
 def test_a_reranker_reorders_the_candidates(index, encoder):
     """The re-scoring hook: a reranker that negates scores over the whole gallery puts the
     worst first-stage matches on top."""

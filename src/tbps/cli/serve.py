@@ -44,6 +44,12 @@ def register(subparsers) -> None:
                    help="torch CPU threads for encoding queries (default: half the cores, 1 to 4)")
     p.add_argument("--max-batch", type=int, default=32, metavar="N",
                    help="encode up to N concurrent text queries in one model call (default 32; 1: no batching)")
+    # the names of tbps.rerank.METHODS, written out to keep torch out of `tbps --help`
+    p.add_argument("--rerank", default="none", choices=["none", "jaccard", "kreciprocal"],
+                   help="re-rank each query's top candidates: jaccard (TextReID's neighbour re-rank) or "
+                   "kreciprocal (default none; see tbps.rerank)")
+    p.add_argument("--rerank-depth", type=int, default=None, metavar="K",
+                   help="candidates re-ranked per query (default: max(k, 100))")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run)
@@ -76,7 +82,8 @@ def _check_port_free(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port or --host)") from None
 
 
-def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch=32):
+def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch=32, rerank="none",
+             rerank_depth=None):
     """Open the index, load and check its encoder, and build the app (no server started).
 
     Every failure a user can cause (missing or corrupt index, missing or wrong checkpoint)
@@ -93,7 +100,12 @@ def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch
         raise UserError(f"index {index_path} does not record its checkpoint; pass --checkpoint")
     encoder = load_encoder(str(checkpoint), device)
     index.check_encoder(encoder)
-    return create_app(index, encoder, token=token, max_batch=max_batch)
+    reranker = None
+    if rerank != "none":
+        from tbps.rerank import index_reranker
+
+        reranker = index_reranker(rerank)
+    return create_app(index, encoder, token=token, max_batch=max_batch, reranker=reranker, rerank_depth=rerank_depth)
 
 
 def run(args) -> int:
@@ -104,6 +116,8 @@ def run(args) -> int:
         raise UserError("--token is empty")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
+    if args.rerank_depth is not None and args.rerank_depth <= 0:
+        raise UserError(f"--rerank-depth must be positive, got {args.rerank_depth}")
     if args.max_batch <= 0:
         raise UserError(f"--max-batch must be positive, got {args.max_batch}")
     if args.threads is not None and args.threads <= 0:
@@ -120,7 +134,8 @@ def run(args) -> int:
 
     torch.set_num_threads(args.threads or default_threads())
 
-    app = load_app(args.index, checkpoint=args.checkpoint, token=token, device=args.device, max_batch=args.max_batch)
+    app = load_app(args.index, checkpoint=args.checkpoint, token=token, device=args.device, max_batch=args.max_batch,
+                   rerank=args.rerank, rerank_depth=args.rerank_depth)
     if not _is_loopback(args.host) and not token:
         print(f"tbps: warning: serving on {args.host} without a token: anyone who can reach this "
               "machine can search the gallery and fetch its images (set --token)", file=sys.stderr)
