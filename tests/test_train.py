@@ -1,0 +1,118 @@
+"""End-to-end training through the real entry points, resume, time budget and eval CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tbps.cli.main import main
+from tbps.config import load_recipe
+from tbps.engine.checkpoint import load_checkpoint
+from tbps.engine.train import TrainJob, train
+
+
+def _job(data, out, overrides, **kw):
+    return TrainJob(data_root=str(data), recipe=load_recipe("tbps-clip-cpu", overrides), out_dir=str(out),
+                    progress=False, **kw)
+
+
+def _same_weights(a, b):
+    sa, sb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, tmp_path_factory):
+    from tests.conftest import MICRO
+
+    out = tmp_path_factory.mktemp("run")
+    summary = train(_job(tiny_dataset, out, MICRO + ["optim.lr=2e-3", "optim.warmup_epochs=0.5"], epochs=5))
+    return out, summary
+
+
+def test_train_writes_run_files_and_learns(trained_run):
+    out, summary = trained_run
+    for name in ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "metrics.csv"):
+        assert (out / name).exists(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and rows[-1]["epoch"] == 5
+    best = load_checkpoint(out / "best.pt")
+    assert "optimizer" not in best  # best.pt is for use, last.pt for resuming
+    assert summary["best_info"]["metric"] == "val t2i R1"
+    # Chosen on val: the best row is the max of (R1, mAP) on val.
+    top = max(rows, key=lambda r: (r["val_t2i_R1"], r["val_t2i_mAP"]))
+    assert summary["best_info"]["epoch"] == top["epoch"]
+    # It learns: val mAP rises over training.
+    first = rows[0]["val_t2i_mAP"]
+    assert max(r["val_t2i_mAP"] for r in rows) > first
+
+
+def test_resume_after_stop_equals_uninterrupted(tiny_dataset, micro_overrides, tmp_path):
+    train(_job(tiny_dataset, tmp_path / "a", micro_overrides, epochs=2))
+    train(_job(tiny_dataset, tmp_path / "b", micro_overrides, epochs=2, stop_after_epochs=1))
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    train(_job(tiny_dataset, tmp_path / "b", micro_overrides, resume=True))
+    assert _same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+
+
+def test_time_budget_stops_mid_epoch_saves_evaluates_and_resumes_exactly(tiny_dataset, micro_overrides, tmp_path):
+    over = micro_overrides + ["train.budget_schedule=false"]
+    train(_job(tiny_dataset, tmp_path / "a", over, epochs=1))
+    s = train(_job(tiny_dataset, tmp_path / "b", over, epochs=1, time_budget=1e-6))
+    assert s["stopped_by_budget"] and not s["finished"]
+    ck = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert (ck["epoch"], ck["step_in_epoch"]) == (0, 1)  # stopped after one step
+    assert (tmp_path / "b" / "best.pt").exists()  # evaluated on val and saved
+    train(_job(tiny_dataset, tmp_path / "b", over, resume=True))
+    assert _same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_same_result(tiny_dataset, tmp_path):
+    """A real SIGKILL mid-run, then `tbps train --resume`: same weights as an uninterrupted run."""
+    from tests.conftest import MICRO
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = lambda out: [sys.executable, "-m", "tbps.cli.main", "train", "--data", str(tiny_dataset),  # noqa: E731
+                       "--out", str(out), "--epochs", "4", "--no-progress", *MICRO]
+    subprocess.run(cmd(tmp_path / "a"), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(cmd(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(tmp_path / "b" / "last.pt")["epoch"]
+    assert 1 <= killed_at < 4, killed_at
+    resumed = subprocess.run([sys.executable, "-m", "tbps.cli.main", "train", "--resume", str(tmp_path / "b"),
+                              "--no-progress"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+
+
+def test_eval_cli_json_and_table(trained_run, tiny_dataset, capsys):
+    run, _ = trained_run
+    assert main(["eval", str(run / "best.pt"), "--data", str(tiny_dataset), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) == {"t2i", "i2t", "queries", "gallery"}
+    assert set(res["t2i"]) == {"R1", "R5", "R10", "mAP", "mINP"}
+    assert res["gallery"] > 0 and res["queries"] == 2 * res["gallery"]  # two captions per image
+    assert 0 <= res["t2i"]["R1"] <= res["t2i"]["R5"] <= res["t2i"]["R10"] <= 100
+    assert main(["eval", str(run), "--data", str(tiny_dataset)]) == 0  # run folder -> best.pt
+    assert "text->image" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing.pt"), "--data", str(tmp_path)]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["eval", str(tmp_path / "junk.pt"), "--data", str(tmp_path)]) == 2
+    assert "cannot be read as a checkpoint" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path), "--recipe", "nope"]) == 2
+    assert "no recipe 'nope'" in capsys.readouterr().err
