@@ -1,0 +1,153 @@
+"""LAIP: spaCy phrases, MPM masking inside phrases, hard negatives, triplet/ITM/queued ITC
+against references, every parameter trained, two stages end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tbps.data.masking import IGNORE, FusionBatchHook, MaskSpec
+from tbps.losses.itc_queue import itc_queue_loss
+from tbps.losses.itm import itm_loss, sample_hard_negatives
+from tbps.losses.triplet import fusion_triplet_loss
+
+
+def test_spacy_noun_phrases():
+    from tbps.data.phrases import noun_phrases
+
+    out = noun_phrases(["a man wearing a red shirt and black shoes", "she carries a white handbag", "walking"])
+    assert out[0] == ["man", "red shirt", "black shoes"]
+    assert out[1] == ["white handbag"]  # the pronoun chunk "she" is dropped
+    assert out[2] == []
+
+
+def test_mpm_masks_one_token_inside_the_phrase_only():
+    from tbps.models import ModelSpec, get_tokenizer
+
+    tok = get_tokenizer(ModelSpec(arch="micro-vit"))
+    caps = ["a man wearing a red shirt and black shoes", "a woman in blue jeans", "nothing to see"]
+    table = {caps[0]: ["red shirt", "black shoes"], caps[1]: ["blue jeans"], caps[2]: []}
+    hook = FusionBatchHook(spec=MaskSpec.from_tokenizer(tok), phrases=True, phrase_table=table, seed=1)
+    for _ in range(5):
+        batch = hook({"tokens": tok(caps), "captions": list(caps)}, tok)
+        assert batch["phrases"][0] in table[caps[0]] and batch["phrases"][1] == "blue jeans"
+        assert batch["phrases"][2] == "nothing to see"  # no noun phrase: the first words
+        pt, inp, lab = batch["phrase_tokens"], batch["mpm_tokens"], batch["mpm_labels"]
+        assert torch.equal(pt, tok(batch["phrases"]))
+        chosen = lab != IGNORE
+        assert chosen.sum(dim=1).tolist() == [1, 1, 1]  # exactly one masked token per phrase
+        assert not bool(torch.isin(pt[chosen], torch.tensor([0, 49406, 49407])).any())  # a word of the phrase
+        assert bool((inp[chosen] == hook.spec.mask_id).all()) and torch.equal(inp[~chosen], pt[~chosen])
+        assert torch.equal(lab[chosen], pt[chosen])
+        assert "mlm_tokens" not in batch  # MPM only: the caption itself is not masked
+
+
+def test_hard_negatives_are_other_identities_drawn_by_similarity():
+    pid = torch.tensor([0, 0, 1, 2])
+    sim = torch.tensor([[9.0, 9.0, 0.0, 5.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 9.0, 1.0], [0.0, 0.0, 0.0, 9.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_hard_negatives(sim, pid, pid, g) for _ in range(400)])  # (400, 4)
+    assert not bool((pid[draws] == pid[None, :]).any())
+    # Row 0: among ids 1 and 2, p(j=3) = e^5 / (e^0 + e^5) ~ 0.993.
+    assert (draws[:, 0] == 3).float().mean() > 0.97
+    # Row 1: all scores equal -> uniform over the two other-id keys.
+    frac = (draws[:, 1] == 2).float().mean().item()
+    assert 0.4 < frac < 0.6
+
+
+def test_triplet_and_itm_against_references():
+    s_pos, s_ni, s_nt = torch.tensor([0.9, 0.5]), torch.tensor([0.1, 0.4]), torch.tensor([0.5, 0.0])
+    ref = ((max(0, 0.6 - 0.9 + 0.1) + max(0, 0.6 - 0.9 + 0.5)) + (max(0, 0.6 - 0.5 + 0.4) + max(0, 0.6 - 0.5 + 0.0))) / 2
+    assert abs(fusion_triplet_loss(s_pos, s_ni, s_nt, 0.6).item() - ref) < 1e-6
+    pos, neg = torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    lse = lambda a, b: math.log(math.exp(a) + math.exp(b))  # noqa: E731
+    ref = ((lse(0, 2) - 2) + (lse(1, 0) - 1) + (lse(0, 1) - 0)) / 3
+    assert abs(itm_loss(pos, neg).item() - ref) < 1e-6
+
+
+def test_itc_queue_with_empty_queue_is_in_batch_identity_contrast():
+    torch.manual_seed(0)
+    v, t = F.normalize(torch.randn(4, 6), dim=-1), F.normalize(torch.randn(4, 6), dim=-1)
+    pid = torch.tensor([0, 1, 1, 2])
+    empty = torch.zeros(8, 6), torch.zeros(8, 6), torch.full((8,), -1)
+    loss = itc_queue_loss(v, t, v, t, *empty, pid, 0.1)
+    y = (pid[:, None] == pid[None, :]).float()
+    y = y / y.sum(1, keepdim=True)
+    ref = 0.5 * (-(y * F.log_softmax(v @ t.t() / 0.1, 1)).sum(1).mean() - (y * F.log_softmax(t @ v.t() / 0.1, 1)).sum(1).mean())
+    torch.testing.assert_close(loss, ref)
+    # Filled queue slots add negatives (and positives of the same id).
+    qv, qt = F.normalize(torch.randn(8, 6), dim=-1), F.normalize(torch.randn(8, 6), dim=-1)
+    ids = torch.tensor([5, 6, 0, -1, -1, -1, -1, -1])
+    more = itc_queue_loss(v, t, v, t, qv, qt, ids, pid, 0.1)
+    t_all, ids_all = torch.cat([t, qt[:3]]), torch.cat([pid, ids[:3]])
+    y2 = (pid[:, None] == ids_all[None, :]).float()
+    y2 = y2 / y2.sum(1, keepdim=True)
+    i2t = -(y2 * F.log_softmax(v @ t_all.t() / 0.1, 1)).sum(1).mean()
+    t2i = -(y2 * F.log_softmax(t @ torch.cat([v, qv[:3]]).t() / 0.1, 1)).sum(1).mean()
+    torch.testing.assert_close(more, 0.5 * (i2t + t2i))
+
+
+def _micro_laip(extra=()):
+    from tbps.config import load_recipe
+    from tbps.models import create_model
+    from tbps.objectives import build_objective
+
+    r = load_recipe("laip-cpu", ["model.arch=micro-vit", "model.image_size=[32, 16]", "model.context_length=32",
+                                 "losses.fusion.width=32", "losses.fusion.heads=2", "losses.itc.queue_size=16",
+                                 *extra])
+    torch.manual_seed(0)
+    m = create_model(r.model)
+    return r, m, build_objective("laip", m, r.losses, num_identities=4)
+
+
+@pytest.mark.parametrize("mode", ["both", "forward"])
+def test_every_laip_parameter_receives_a_gradient(mode):
+    from tbps.config import _deep_merge
+    from tbps.models.factory import get_tokenizer
+    from tbps.objectives import StepContext
+
+    r, m, obj = _micro_laip()
+    obj.configure(_deep_merge(r.losses, {**r.stages[1]["losses"], "bidiratt": {"weight": 1.0, "mode": mode}}))
+    tok = get_tokenizer(m.spec)
+    caps = ["a man in a red shirt", "a woman with a blue bag", "black shoes and grey trousers", "a girl in a dress"]
+    table = {c: p for c, p in zip(caps, [["red shirt"], ["blue bag"], ["black shoes"], ["dress"]])}
+    batch = {"image": torch.randn(4, 3, 32, 16), "tokens": tok(caps), "pid": torch.tensor([0, 1, 2, 2]),
+             "captions": caps}
+    obj._phrase_table = table
+    batch = obj.batch_hook(None)(batch, tok)
+    out = obj(m, batch, StepContext(0.0, 1, 0))
+    assert {"itc_loss", "itm_loss", "triplet_loss", "bidiratt_loss", "mpm_loss"} <= set(out)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    sum(v for k, v in out.items() if k.endswith("_loss")).backward()
+    params = list(m.named_parameters()) + [(f"objective.{n}", p) for n, p in obj.named_parameters()]
+    missing = [n for n, p in params if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+    assert missing == []
+    assert not any(p.requires_grad for p in obj.momentum.parameters())  # the EMA copy is never trained
+    assert int((obj.image_queue.ids >= 0).sum()) == 4  # keys enqueued after the loss
+
+
+def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path):
+    from tbps.config import load_recipe
+    from tbps.engine.train import TrainJob, _stage_losses, train
+    from tbps.objectives import build_objective
+
+    over = micro_overrides + ["losses.fusion.width=32", "losses.fusion.heads=2", "losses.itc.queue_size=32",
+                              "stages=[{start_epoch: 0, end_epoch: 1, losses: {triplet: {weight: 0.0}, "
+                              "bidiratt: {weight: 0.0}, mpm: {weight: 0.0}}}, {start_epoch: 1, losses: "
+                              "{triplet: {weight: 1.0}, bidiratt: {weight: 1.0}, mpm: {weight: 1.0}}}]"]
+    r = load_recipe("laip-cpu", over)
+    assert _stage_losses(r, 0)["mpm"]["weight"] == 0.0 and _stage_losses(r, 1)["mpm"]["weight"] == 1.0
+    res = train(TrainJob(str(tiny_dataset), r, str(tmp_path / "run"), epochs=2, progress=False))
+    assert res["finished"]
+    ck = torch.load(res["last"], weights_only=False)
+    assert int((ck["objective"]["image_queue.ids"] >= 0).sum()) == 32  # the queue filled up
+    # Stage 1 asks the data pipeline for nothing; stage 2 for phrases.
+    from tbps.models import create_model
+
+    obj = build_objective("laip", create_model(r.model), _stage_losses(r, 0), num_identities=4)
+    assert obj.batch_hook(None) is None
+    obj.configure(_stage_losses(r, 1))
+    assert obj.batch_hook(None).phrases
