@@ -136,3 +136,19 @@ def test_index_hook_reranks_the_candidate_set():
     assert np.array_equal(index_reranker("none")(q.numpy(), cand_ids, cand_scores, ix), cand_scores)
     kr = index_reranker("kreciprocal", k1=4, k2=2)(q.numpy(), cand_ids, cand_scores, ix)
     assert np.isfinite(kr[cand_ids >= 0]).all()
+
+
+def test_tbps_eval_reports_reranked_figures_beside_plain(tiny_dataset, tmp_path, capsys):
+    import json
+
+    from tbps.cli.main import main
+    from tbps.inference import create_untrained_checkpoint
+
+    ckpt = create_untrained_checkpoint(tmp_path / "m.pt", arch="micro-vit")
+    assert main(["eval", str(ckpt), "--data", str(tiny_dataset), "--rerank", "jaccard", "--json"]) in (0, None)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["reranked"]["method"] == "jaccard" and set(out["reranked"]["t2i"]) >= {"R1", "mAP"}
+    assert out["t2i"] != out["reranked"]["t2i"] and out["reranked"]["seconds_per_query"] > 0
+    assert main(["eval", str(ckpt), "--data", str(tiny_dataset), "--rerank", "kreciprocal"]) in (0, None)
+    text = capsys.readouterr().out
+    assert "re-ranked: kreciprocal" in text and text.count("text->image") == 2

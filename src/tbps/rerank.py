@@ -215,6 +215,26 @@ def rerank(method: str, sim_qg: torch.Tensor, gallery_features: torch.Tensor | N
     return kreciprocal_rerank(sim_qg, sim_gg, **params)
 
 
+def rerank_evaluation(result, method: str, **params) -> dict:
+    """Re-rank an :class:`~tbps.engine.evaluate.EvalResult` (text->image) and score it again.
+
+    Returns {"method", "params", "t2i": metrics, "seconds", "seconds_per_query"}; the time
+    covers the image-image similarity and the re-rank, not the encoding.
+    """
+    import time
+
+    from tbps.metrics import retrieval_metrics
+
+    if result.image_features is None:
+        raise RerankError("this evaluation result has no image features to re-rank with")
+    t0 = time.perf_counter()
+    scores = rerank(method, result.similarity, result.image_features, **params)
+    seconds = time.perf_counter() - t0
+    metrics = retrieval_metrics(scores, torch.tensor(result.caption_ids), torch.tensor(result.image_ids))
+    n = max(len(result.caption_ids), 1)
+    return {"method": method, "params": params, "t2i": metrics, "seconds": seconds, "seconds_per_query": seconds / n}
+
+
 def index_reranker(method: str, **params) -> Callable:
     """A ``GalleryIndex.search(..., reranker=...)`` hook re-ranking each call's candidates.
 
