@@ -29,6 +29,11 @@ def register(sub) -> None:
     p.add_argument("--rescore-mode", choices=["itm", "itm+itc"], default="itm",
                    help="rank candidates by ITM alone (RaSa) or ITM + w * ITC after min-max (APTM)")
     p.add_argument("--rescore-weight", type=float, default=0.002, help="w of --rescore-mode itm+itc")
+    # the names of tbps.rerank.METHODS, written out to keep torch out of `tbps --help`
+    p.add_argument("--rerank", default="none", choices=["none", "jaccard", "kreciprocal"],
+                   help="also report text->image after re-ranking: jaccard (TextReID's neighbour Jaccard, k=5, "
+                   "alpha=0.05) or kreciprocal (cross-modal k-reciprocal, k1=20, k2=6, lambda=0.3); "
+                   "prints both tables and the cost per query")
     p.set_defaults(func=run)
 
 
@@ -57,8 +62,14 @@ def run(args) -> int:
         rescored = rescore_evaluation(model, load_fusion(ckpt, model), get_tokenizer(model.spec), res,
                                       k=args.rescore, mode=args.rescore_mode, weight=args.rescore_weight,
                                       max_words=max_words, device=device)
+    reranked = None
+    if getattr(args, "rerank", "none") != "none":
+        from tbps.rerank import rerank_evaluation
+
+        reranked = rerank_evaluation(res, args.rerank)
     if args.json:
-        print(json.dumps(res.metrics if rescored is None else {**res.metrics, "rescored": rescored}))
+        out = res.metrics if rescored is None else {**res.metrics, "rescored": rescored}
+        print(json.dumps(out if reranked is None else {**out, "reranked": reranked}))
     else:
         print(format_table(res.metrics, f"{ckpt['path']} on {args.data} [{args.split}]"))
         if rescored is not None:
@@ -66,4 +77,8 @@ def run(args) -> int:
                                 "gallery": res.metrics["gallery"]},
                                f"re-scored: top {rescored['k']} by {rescored['mode']}, "
                                f"{1000 * rescored['seconds_per_query']:.2f} ms per query"))
+        if reranked is not None:
+            print(format_table({"t2i": reranked["t2i"], "queries": res.metrics["queries"],
+                                "gallery": res.metrics["gallery"]},
+                               f"re-ranked: {reranked['method']}, {1000 * reranked['seconds_per_query']:.3f} ms per query"))
     return 0

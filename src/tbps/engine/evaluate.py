@@ -53,6 +53,7 @@ class EvalResult:
     image_ids: list[int]
     captions: list[str]
     caption_ids: list[int]
+    image_features: torch.Tensor | None = None  # (G, D) L2-normalised, for re-ranking
 
 
 def evaluate(model, tokenizer, records: Sequence[Record], *, batch_size: int = 256, device="cpu",
@@ -76,7 +77,7 @@ def evaluate(model, tokenizer, records: Sequence[Record], *, batch_size: int = 2
         "queries": len(captions),
         "gallery": len(paths),
     }
-    return EvalResult(metrics, sim, paths, image_ids, captions, caption_ids)
+    return EvalResult(metrics, sim, paths, image_ids, captions, caption_ids, image_features=img)
 
 
 def format_table(metrics: dict, title: str = "") -> str:
