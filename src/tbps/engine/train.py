@@ -195,6 +195,8 @@ def train(job: TrainJob) -> dict[str, Any]:
                             "epochs": epochs, "world_size": dist.world_size}, f, sort_keys=False)
     writer = _tensorboard(out) if dist.is_main else None
 
+    if hasattr(objective, "prepare_data"):  # one-off data work (e.g. parsing captions), before the clock starts
+        objective.prepare_data(dataset)
     budget = Budget(job.time_budget)
     extra_meta = {"data_root": str(job.data_root), "layout": ann.layout, "num_identities": dataset.num_identities,
                   "epochs": epochs}
@@ -235,7 +237,7 @@ def train(job: TrainJob) -> dict[str, Any]:
 
     stopped_by_budget = False
     epochs_this_call = 0
-    epoch = start_epoch
+    completed = start_epoch  # epochs fully trained so far
     for epoch in range(start_epoch, epochs):
         objective.configure(_stage_losses(recipe, epoch))
         dataset.set_epoch(epoch)
@@ -282,7 +284,7 @@ def train(job: TrainJob) -> dict[str, Any]:
                     writer.add_scalar("train/loss", loss.item(), global_step)
                     writer.add_scalar("train/lr", lr, global_step)
             bar.update(1)
-            if budget.spent():
+            if _all_agree(budget.spent(), dist, device):
                 stopped_by_budget = True
                 break
         bar.close()
@@ -294,6 +296,7 @@ def train(job: TrainJob) -> dict[str, Any]:
                  "saved last.pt", dist)
             run_eval(epoch + step_in_epoch / steps_per_epoch)
             break
+        completed = epoch + 1
         if dist.is_main:
             save_checkpoint(out / "last.pt", state(epoch + 1, 0))
         if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == epochs:
@@ -304,8 +307,7 @@ def train(job: TrainJob) -> dict[str, Any]:
         if dist.enabled:
             torch.distributed.barrier()
 
-    finished = not stopped_by_budget and epoch + 1 >= epochs and (
-        job.stop_after_epochs is None or epochs_this_call < job.stop_after_epochs or epoch + 1 == epochs)
+    finished = completed >= epochs
     if dist.is_main and val_records is None and (out / "last.pt").exists():
         save_checkpoint(out / "best.pt", {k: v for k, v in load_checkpoint(out / "last.pt").items()
                                           if k not in ("optimizer", "scaler", "rng", "path", "format", "version")})
@@ -325,6 +327,16 @@ def train(job: TrainJob) -> dict[str, Any]:
         "layout": ann.layout,
         "skipped_images": len(ann.skipped),
     }
+
+
+def _all_agree(flag: bool, dist: DistInfo, device: torch.device) -> bool:
+    """True on every rank when it is true on any: ranks must stop at the same step, or the
+    next feature gather would wait forever."""
+    if not dist.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _tensorboard(out: Path):
