@@ -129,7 +129,7 @@ def test_every_laip_parameter_receives_a_gradient(mode):
     assert int((obj.image_queue.ids >= 0).sum()) == 4  # keys enqueued after the loss
 
 
-def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path):
+def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, monkeypatch):
     from tbps.config import load_recipe
     from tbps.engine.train import TrainJob, _stage_losses, train
     from tbps.objectives import build_objective
@@ -138,12 +138,14 @@ def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path):
                               "stages=[{start_epoch: 0, end_epoch: 1, losses: {triplet: {weight: 0.0}, "
                               "bidiratt: {weight: 0.0}, mpm: {weight: 0.0}}}, {start_epoch: 1, losses: "
                               "{triplet: {weight: 1.0}, bidiratt: {weight: 1.0}, mpm: {weight: 1.0}}}]"]
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "cache"))  # the parsed phrases are cached there
     r = load_recipe("laip-cpu", over)
     assert _stage_losses(r, 0)["mpm"]["weight"] == 0.0 and _stage_losses(r, 1)["mpm"]["weight"] == 1.0
     res = train(TrainJob(str(tiny_dataset), r, str(tmp_path / "run"), epochs=2, progress=False))
     assert res["finished"]
     ck = torch.load(res["last"], weights_only=False)
     assert int((ck["objective"]["image_queue.ids"] >= 0).sum()) == 32  # the queue filled up
+    assert len(list((tmp_path / "cache" / "phrases").glob("*.json"))) == 1
     # Stage 1 asks the data pipeline for nothing; stage 2 for phrases.
     from tbps.models import create_model
 

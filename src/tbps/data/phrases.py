@@ -66,3 +66,35 @@ def noun_phrases(texts: Sequence[str], batch_size: int = 256) -> list[list[str]]
         phrases = [p for p in (_chunk_text(c) for c in doc.noun_chunks) if p]
         out.append(phrases)
     return out
+
+
+def cached_noun_phrases(texts: Sequence[str], cache_dir: str | None = None) -> list[list[str]]:
+    """:func:`noun_phrases` memoised on disk, keyed by the texts' hash and the model version.
+
+    ``cache_dir`` defaults to ``$TBPS_CACHE/phrases`` or ``~/.cache/tbps/phrases``; a run
+    on the same captions (ablations, resumes) then skips the parse.
+    """
+    import hashlib
+    import json
+    import os
+    from pathlib import Path
+
+    from tbps.utils import write_json
+
+    texts = list(texts)
+    nlp = load_nlp()
+    key = hashlib.sha256(("\x00".join(texts) + "|" + nlp.meta.get("version", "")).encode()).hexdigest()[:24]
+    root = Path(cache_dir or os.environ.get("TBPS_CACHE", Path.home() / ".cache" / "tbps")) / "phrases"
+    path = root / f"{key}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is parsed again and rewritten
+    out = noun_phrases(texts)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        write_json(path, out)
+    except OSError:
+        pass  # a read-only home only costs the re-parse next time
+    return out

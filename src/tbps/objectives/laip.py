@@ -77,20 +77,22 @@ class LAIPObjective(Objective):
     def _phrase_stream(self) -> bool:
         return self.cfg["bidiratt"]["weight"] > 0 or self.cfg["mpm"]["weight"] > 0
 
+    def prepare_data(self, dataset) -> None:
+        """Parse the training captions' noun phrases once (spaCy), before training starts."""
+        from tbps.data.phrases import cached_noun_phrases
+        from tbps.data.text import clean_caption
+
+        caps = sorted({clean_caption(c, dataset.max_words) for r in dataset.records for c in r.captions})
+        self._phrase_table = dict(zip(caps, cached_noun_phrases(caps)))
+
     def batch_hook(self, dataset=None) -> FusionBatchHook | None:
-        """Phrases and their masked copies, when a local loss is on. The training captions are
-        parsed once (spaCy) and looked up by the workers."""
+        """Phrases and their masked copies, when a local loss is on, looked up by the workers in
+        the table :meth:`prepare_data` parsed (a caption missing there is parsed on the spot)."""
         if not self._phrase_stream:
             return None
-        if self._phrase_table is None:
-            self._phrase_table = {}
-            if dataset is not None:
-                from tbps.data.phrases import noun_phrases
-                from tbps.data.text import clean_caption
-
-                caps = sorted({clean_caption(c, dataset.max_words) for r in dataset.records for c in r.captions})
-                self._phrase_table = dict(zip(caps, noun_phrases(caps)))
-        return FusionBatchHook(spec=self.mask_spec, phrases=True, phrase_table=self._phrase_table)
+        if self._phrase_table is None and dataset is not None:
+            self.prepare_data(dataset)
+        return FusionBatchHook(spec=self.mask_spec, phrases=True, phrase_table=self._phrase_table or {})
 
     def after_step(self, model: nn.Module) -> None:
         pass  # the momentum update runs in forward, before the keys (MoCo/ALBEF order)
