@@ -42,6 +42,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import json
+    import os
 
     from tbps.cli.main import UserError
     from tbps.config import DEFAULT_RECIPE, list_recipes, load_recipe
@@ -75,6 +76,8 @@ def run(args) -> int:
     summary = train(TrainJob(data_root=data, recipe=recipe, out_dir=out, layout=args.layout, epochs=args.epochs,
                              time_budget=args.time_budget, resume=bool(args.resume), device=args.device,
                              strict=args.strict, progress=not args.no_progress))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
     print(json.dumps({k: v for k, v in summary.items() if k != "best_info"}, indent=2))
     if summary["best_info"]:
         b = summary["best_info"]
