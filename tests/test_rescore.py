@@ -54,3 +54,39 @@ def test_k_larger_than_gallery_and_bad_arguments():
         rescore_topk(sim, lambda q, g: g.float(), mode="rasa")
     with pytest.raises(ValueError, match="k >= 1"):
         rescore_topk(sim, lambda q, g: g.float(), k=0)
+
+
+def test_search_rescorer_scores_index_candidates_with_the_fusion_encoder(tiny_dataset, micro_overrides):
+    import numpy as np
+
+    from tbps.config import load_recipe
+    from tbps.data.layouts import load_annotations
+    from tbps.models import create_model
+    from tbps.models.factory import get_tokenizer
+    from tbps.models.fusion import build_fusion, image_memory
+    from tbps.rescore import SearchRescorer
+
+    r = load_recipe("laip-cpu", micro_overrides + ["losses.fusion.width=32", "losses.fusion.heads=2"])
+    torch.manual_seed(0)
+    model = create_model(r.model).eval()
+    fusion = build_fusion(model, r.losses["fusion"]).eval()
+    tok = get_tokenizer(model.spec)
+    paths = [rec.image for rec in load_annotations(tiny_dataset, progress=False).split("test")][:5]
+
+    class FakeIndex:  # the one method the rescorer uses
+        def image_path(self, item_id):
+            return paths[item_id]
+
+    texts = ["a man in a red shirt", "a woman with a blue bag"]
+    rescorer = SearchRescorer(model, fusion, tok, max_words=60)
+    cand = np.array([[3, 1, 4], [0, -1, 2]])
+    new = rescorer.for_texts(texts)(None, cand, np.zeros(cand.shape), FakeIndex())
+    assert new.shape == (2, 3) and new[1, 1] == -np.inf and np.isfinite(new[0]).all()
+    # Same numbers as the fusion encoder run directly on the pair.
+    from tbps.engine.evaluate import GalleryImages
+
+    x = torch.stack([GalleryImages(paths, model.image_size, model.spec.mean, model.spec.std)[2][0]])
+    with torch.no_grad():
+        _, words, mask = model.text_tokens(tok([texts[1]]))
+        ref = fusion.itm_score(fusion(words, mask, image_memory(model, x)[1])).item()
+    assert abs(new[1, 2] - ref) < 1e-5

@@ -125,3 +125,90 @@ def rescore_evaluation(model, fusion, tokenizer, result, *, k: int = 128, mode: 
     metrics = retrieval_metrics(sim, torch.tensor(result.caption_ids), torch.tensor(result.image_ids))
     return {"t2i": metrics, "k": min(k, sim.shape[1]), "mode": mode, "seconds_per_query": elapsed / max(q, 1),
             "pairs": q * min(k, sim.shape[1])}
+
+
+class SearchRescorer:
+    """Top-k ITM re-scoring as a :meth:`tbps.index.GalleryIndex.search` ``reranker``.
+
+    The index hook sees query features, not texts, so a rescorer is bound to the query texts
+    of one search call::
+
+        rescorer = SearchRescorer.from_checkpoint("runs/laip/best.pt")
+        hits = index.search(encoder.encode_texts(texts), k=10, rerank_depth=128,
+                            reranker=rescorer.for_texts(texts))
+
+    Candidates' image token maps are computed from ``index.image_path(id)`` and cached
+    (``cache_size`` images, least recently used dropped).
+    """
+
+    def __init__(self, model, fusion, tokenizer, *, mode: str = "itm", weight: float = 0.002, max_words: int = 77,
+                 device="cpu", cache_size: int = 4096):
+        if mode not in MODES:
+            raise ValueError(f"re-scoring mode {mode!r}: one of {MODES}")
+        self.model, self.fusion, self.tokenizer = model.eval(), fusion.eval(), tokenizer
+        self.mode, self.weight, self.max_words, self.device = mode, weight, max_words, torch.device(device)
+        self.cache_size = cache_size
+        from collections import OrderedDict
+
+        self._memory: OrderedDict = OrderedDict()
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", **kwargs) -> "SearchRescorer":
+        from tbps.engine.checkpoint import load_model
+        from tbps.models.factory import get_tokenizer
+
+        model, ckpt = load_model(path, device)
+        max_words = ckpt.get("recipe", {}).get("data", {}).get("max_words", 77)
+        return cls(model, load_fusion(ckpt, model), get_tokenizer(model.spec), max_words=max_words, device=device,
+                   **kwargs)
+
+    @torch.no_grad()
+    def _image_memory(self, index, item_id: int) -> torch.Tensor:
+        if item_id in self._memory:
+            self._memory.move_to_end(item_id)
+            return self._memory[item_id]
+        from PIL import Image
+
+        from tbps.data.transforms import eval_transform
+        from tbps.models.fusion import image_memory
+
+        spec = self.model.spec
+        with Image.open(index.image_path(item_id)) as im:
+            x = eval_transform(im, self.model.image_size, spec.mean, spec.std)[None].to(self.device)
+        mem = image_memory(self.model, x)[1][0]  # (1+N, D)
+        self._memory[item_id] = mem
+        if len(self._memory) > self.cache_size:
+            self._memory.popitem(last=False)
+        return mem
+
+    def for_texts(self, texts: Sequence[str]):
+        """The reranker callable for queries ``texts`` (same order as the query features)."""
+        from tbps.data.text import clean_caption
+
+        with torch.no_grad():
+            tok = self.tokenizer([clean_caption(t, self.max_words) for t in texts]).to(self.device)
+            _, words, mask = self.model.text_tokens(tok)
+
+        @torch.no_grad()
+        def rerank(query_feats, cand_ids, cand_scores, index):
+            import numpy as np
+
+            ids = np.asarray(cand_ids)
+            if ids.shape[0] != words.shape[0]:
+                raise ValueError(f"rescorer bound to {words.shape[0]} texts got {ids.shape[0]} queries")
+            out = np.full(ids.shape, -np.inf)
+            for qi in range(ids.shape[0]):
+                valid = ids[qi] >= 0
+                if not valid.any():
+                    continue
+                mem = torch.stack([self._image_memory(index, int(i)) for i in ids[qi][valid]])  # (K, 1+N, D)
+                n = mem.shape[0]
+                fused = self.fusion(words[qi:qi + 1].expand(n, -1, -1), mask[qi:qi + 1].expand(n, -1), mem)
+                itm = self.fusion.itm_score(fused).float()[None]  # (1, K)
+                if self.mode == "itm+itc":
+                    itc = torch.as_tensor(np.asarray(cand_scores)[qi][valid], dtype=torch.float32)[None]
+                    itm = _minmax(itm) + self.weight * _minmax(itc)
+                out[qi, valid] = itm[0].cpu().numpy()
+            return out
+
+        return rerank
