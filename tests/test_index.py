@@ -289,3 +289,19 @@ def test_open_errors_are_clear(tmp_path, enc):
         GalleryIndex.open(tmp_path / "idx")
     with pytest.raises(IndexInputError, match="does not exist"):
         build_index(tmp_path / "idx2", enc, tmp_path / "nope", workers=0, progress=False)
+
+
+def test_second_writer_is_refused_while_one_holds_the_lock(tmp_path, enc):
+    import fcntl
+
+    from tbps.index import IndexBusyError
+
+    write_images(tmp_path / "imgs", 3)
+    build_index(tmp_path / "idx", enc, tmp_path / "imgs", workers=0, progress=False)
+    with open(tmp_path / "idx" / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running writer does
+        with pytest.raises(IndexBusyError, match="another tbps process is writing"):
+            add_to_index(tmp_path / "idx", enc, tmp_path / "imgs", workers=0, progress=False)
+        assert len(GalleryIndex.open(tmp_path / "idx")) == 3  # readers are never blocked
+    remove_from_index(tmp_path / "idx", [str(tmp_path / "imgs" / "img0000.jpg")])  # lock released
+    assert len(GalleryIndex.open(tmp_path / "idx")) == 2

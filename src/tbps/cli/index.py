@@ -75,7 +75,7 @@ def _common_write_args(p, mode_default: str | None = "auto") -> None:
                    help="image decoding processes (default: CPU cores - 1, at most 4; 0 = in-process)")
     p.add_argument("--search-mode", choices=["auto", "exact", "ivf", "hnsw"], default=mode_default,
                    help="exact or approximate search; auto picks by gallery size "
-                   "(exact < 50k items, HNSW < 200k, IVF beyond)" + ("" if mode_default else "; default: keep"))
+                   "(exact below 50k items, IVF beyond; HNSW only when asked for)" + ("" if mode_default else "; default: keep"))
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -1,14 +1,17 @@
 """Approximate nearest-neighbour structures (faiss, imported only here and only when used).
 
-The ANN structure is a *candidate generator*: faiss ids are the index's stable item ids,
-and the store rescores the candidates exactly against the memory-mapped features, so the
-scores a user sees are always exact inner products.
+The ANN structure is a *candidate generator*; the store rescores the candidates exactly
+against the memory-mapped features, so the scores a user sees are always exact inner
+products. Labels: IVF stores the stable item ids; HNSW labels are feature rows (it is
+built in row order and only ever appended to, and ``IndexIDMap`` would add an OpenMP
+region per search that costs milliseconds on a busy machine), see ``LABELS``.
 
 Mode by gallery size (``mode="auto"``): exact search below ``EXACT_MAX`` items (a matrix
-product over at most a few hundred MB is fast and exact), HNSW up to ``HNSW_MAX`` (best
-latency/recall, but slow to build and cannot delete, so it is rebuilt after removals),
-IVF beyond (8-bit codes, quicker to build than HNSW, supports add/remove; retrained when
-the gallery has grown 4x since training).
+product over at most ~100 MB is fast and exact), IVF beyond (8-bit codes; supports
+add/remove; retrained when the gallery has grown 4x since training). HNSW only when asked
+for: in ``bench/search_latency.py`` at 100k items it was no faster than IVF at a lower
+recall (0.993 vs 1.000) and took 7x longer to build, and it cannot delete (rebuilt after
+removals).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from tbps.index.errors import IndexInputError
 
 MODES = ("auto", "exact", "ivf", "hnsw")
 EXACT_MAX = 50_000
-HNSW_MAX = 200_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 128
@@ -32,15 +34,16 @@ IVF_TRAIN_PER_LIST = 40
 IVF_KMEANS_ITERS = 10  # faiss default is 25; 10 gives the same recall here at 40% of the time
 
 
+LABELS = {"ivf": "id", "hnsw": "row"}  # what faiss labels mean, per mode
+
+
 def choose_mode(n: int, requested: str = "auto") -> str:
     """The search structure for a gallery of ``n`` items ("exact", "ivf" or "hnsw")."""
     if requested not in MODES:
         raise IndexInputError(f"unknown search mode {requested!r}; choose one of {', '.join(MODES)}")
     if requested != "auto":
         return requested
-    if n < EXACT_MAX:
-        return "exact"
-    return "hnsw" if n < HNSW_MAX else "ivf"
+    return "exact" if n < EXACT_MAX else "ivf"
 
 
 def _faiss():
@@ -79,9 +82,8 @@ def build(mode: str, feats: np.ndarray, ids: np.ndarray, params: dict[str, Any],
         sample = np.ascontiguousarray(feats[np.linspace(0, n - 1, n_train).astype(np.int64)], dtype=np.float32)
         index.train(sample)
     elif mode == "hnsw":
-        inner = faiss.IndexHNSWFlat(d, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
-        inner.hnsw.efConstruction = int(params["ef_construction"])
-        index = faiss.IndexIDMap2(inner)
+        index = faiss.IndexHNSWFlat(d, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(params["ef_construction"])
     else:
         raise ValueError(f"no ANN structure for mode {mode!r}")
     add(index, feats, ids, chunk=chunk)
@@ -89,10 +91,15 @@ def build(mode: str, feats: np.ndarray, ids: np.ndarray, params: dict[str, Any],
 
 
 def add(index, feats: np.ndarray, ids: np.ndarray, chunk: int = 65536) -> None:
-    """Add rows ``feats`` (N, D) with labels ``ids`` (N,), streaming from a memmap in chunks."""
+    """Add rows ``feats`` (N, D) with item ids ``ids`` (N,), streaming from a memmap in chunks.
+
+    HNSW labels rows by insertion order: the caller appends the rows that follow the last one."""
     for s in range(0, len(ids), chunk):
         block = np.ascontiguousarray(feats[s : s + chunk], dtype=np.float32)
-        index.add_with_ids(block, np.ascontiguousarray(ids[s : s + chunk], dtype=np.int64))
+        if hasattr(index, "hnsw"):
+            index.add(block)
+        else:
+            index.add_with_ids(block, np.ascontiguousarray(ids[s : s + chunk], dtype=np.int64))
 
 
 def remove(index, ids: np.ndarray) -> None:
@@ -113,16 +120,17 @@ def read(path):
 
 
 def search(index, mode: str, queries: np.ndarray, n_cand: int, params: dict[str, Any],
-           allowed_ids: np.ndarray | None = None) -> np.ndarray:
-    """Candidate ids (Q, n_cand) int64 for ``queries`` (Q, D); -1 pads missing candidates.
+           allowed: np.ndarray | None = None) -> np.ndarray:
+    """Candidate labels (Q, n_cand) int64 for ``queries`` (Q, D); -1 pads missing candidates.
 
-    ``allowed_ids`` (sorted int64) restricts the search to those items (a filter).
+    Labels are item ids or rows (``LABELS[mode]``); ``allowed`` (sorted int64, same kind)
+    restricts the search to those items (a filter).
     """
     faiss = _faiss()
     q = np.ascontiguousarray(queries, dtype=np.float32)
     sel = None
-    if allowed_ids is not None:
-        sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
+    if allowed is not None:
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
     if mode == "ivf":
         sp = faiss.SearchParametersIVF(nprobe=int(params["nprobe"]))
         if sel is not None:
@@ -133,5 +141,16 @@ def search(index, mode: str, queries: np.ndarray, n_cand: int, params: dict[str,
             sp.sel = sel
     else:
         raise ValueError(f"no ANN structure for mode {mode!r}")
-    _, labels = index.search(q, n_cand, params=sp)
+    if len(q) > 4:
+        _, labels = index.search(q, n_cand, params=sp)
+        return labels
+    # A few queries: one thread. faiss' OpenMP regions cost more than they save here, and
+    # on a busy machine waiting for the second thread costs milliseconds. (Per-thread
+    # setting in OpenMP, so concurrent server threads do not affect each other.)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        _, labels = index.search(q, n_cand, params=sp)
+    finally:
+        faiss.omp_set_num_threads(before)
     return labels

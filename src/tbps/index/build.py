@@ -470,6 +470,11 @@ def _build_ann(writer: _Writer, requested: str, prev: dict | None, features_path
         and (mode == "ivf" and n < 4 * int(params.get("trained_on", 0))
              or mode == "hnsw" and len(removed) == 0)
     )
+    if reusable and mode == "hnsw":
+        # HNSW labels are rows: only a pure append (rows n_old..n-1, nothing replaced) is reusable.
+        reusable = len(added_rows) == 0 or (
+            int(added_rows[0]) == n - len(added_rows) and bool(np.all(np.diff(added_rows) == 1))
+        )
     if reusable:
         index = ann_mod.read(writer.root / prev_ann)
         if len(removed):

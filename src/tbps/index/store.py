@@ -137,7 +137,12 @@ class GalleryIndex:
     # -- opening ------------------------------------------------------------------------
     @classmethod
     def open(cls, path, *, mmap: bool = True) -> "GalleryIndex":
-        """Open the index directory ``path``; ``IndexFormatError`` if missing, foreign or corrupt."""
+        """Open the index directory ``path``; ``IndexFormatError`` if missing, foreign or corrupt.
+
+        mmap: memory-map the features (default; instant open, pages shared between
+        processes) or read them into memory. The ANN structure, if any, is always read
+        into memory. The view stays on the generation it opened: open again to see writes.
+        """
         root = pathlib.Path(path).expanduser().resolve()
         for attempt in range(3):
             manifest = read_manifest(root)
@@ -373,6 +378,9 @@ class GalleryIndex:
         # ANN proposes candidates; rescore them exactly against the stored features.
         n_avail = len(self) if allowed is None else len(allowed)
         n_cand = min(max(3 * depth, 50), n_avail)  # extra candidates absorb the 8-bit code error
+        by_row = ann_mod.LABELS[self.search_mode] == "row"
+        if allowed is not None and by_row:
+            allowed = self._rows_of(allowed)
         labels = ann_mod.search(self._ann, self.search_mode, q, n_cand, self.search_params, allowed)
         out_ids = np.full((len(q), depth), -1, dtype=np.int64)
         out_sc = np.full((len(q), depth), -np.inf, dtype=np.float64)
@@ -380,9 +388,9 @@ class GalleryIndex:
             lab = labels[i][labels[i] >= 0]
             if len(lab) == 0:
                 continue
-            rows = self._rows_of(lab)
-            sc = np.asarray(self.features[np.sort(rows)], dtype=np.float32) @ q[i]
-            lab = self.ids[np.sort(rows)]
+            rows = np.sort(lab if by_row else self._rows_of(lab))
+            sc = np.asarray(self.features[rows], dtype=np.float32) @ q[i]
+            lab = self.ids[rows]
             order = np.lexsort((lab, -sc))[:depth]
             out_ids[i, : len(order)] = lab[order]
             out_sc[i, : len(order)] = sc[order]
