@@ -146,6 +146,10 @@ def get_tokenizer(spec: ModelSpec):
         from tbps.models.text_stream import get_word_tokenizer
 
         length = spec.context_length or (spec.arch_config or arch_config(spec.arch))["text_cfg"]["context_length"]
+        if spec.text_tower.get("type") == "hf":  # WordPiece tokenizer of a BERT-family tower (hf_text.py)
+            from tbps.models.hf_text import HFTokenizer
+
+            return HFTokenizer(spec.text_tower.get("path", "minilm"), length)
         return get_word_tokenizer(spec, length)
 
     if spec.arch_config is not None and open_clip.get_model_config(spec.arch) is None:

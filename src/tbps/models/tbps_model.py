@@ -34,9 +34,14 @@ class TBPSModel(nn.Module):
         self.text_stream = None
         self.text_head = None
         if spec.text_tower:
-            from tbps.models.text_stream import build_text_stream
+            if spec.text_tower.get("type") == "hf":  # a BERT-family encoder from a local folder (LAIP/ALBEF)
+                from tbps.models.hf_text import HFTextTower
 
-            self.text_stream = build_text_stream(spec, out_dim)
+                self.text_stream = HFTextTower(spec, out_dim)
+            else:
+                from tbps.models.text_stream import build_text_stream
+
+                self.text_stream = build_text_stream(spec, out_dim)
             for p in self._clip_text_parameters():  # the CLIP text tower is not used: keep it out of training
                 p.requires_grad_(False)
         elif spec.embed_dim:
