@@ -305,3 +305,36 @@ def test_second_writer_is_refused_while_one_holds_the_lock(tmp_path, enc):
         assert len(GalleryIndex.open(tmp_path / "idx")) == 3  # readers are never blocked
     remove_from_index(tmp_path / "idx", [str(tmp_path / "imgs" / "img0000.jpg")])  # lock released
     assert len(GalleryIndex.open(tmp_path / "idx")) == 2
+
+
+@pytest.mark.parametrize(
+    "csv_text,match",
+    [
+        ("camera,time\nc1,2024\n", "no image path column"),
+        ("path,width\nimg0000.jpg,3\n", "clashes with a built-in column"),
+        ("path,camera\nimg0000.jpg,c1,extra\n", "line 2: 3 fields"),
+        ("path,camera\nimg0000.jpg,c1\n./img0000.jpg,c2\n", "line 3: duplicate row"),
+        ("", "is empty"),
+    ],
+)
+def test_bad_metadata_csv_is_a_clear_error(tmp_path, enc, csv_text, match):
+    write_images(tmp_path / "imgs", 2)
+    (tmp_path / "m.csv").write_text(csv_text)
+    with pytest.raises(IndexInputError, match=match):
+        build_index(tmp_path / "idx", enc, tmp_path / "imgs", metadata_csv=tmp_path / "m.csv", workers=0, progress=False)
+    assert not (tmp_path / "idx" / "manifest.json").exists()
+
+
+def test_add_with_metadata_adds_columns_and_values(tmp_path, enc):
+    paths = write_images(tmp_path / "imgs", 4)
+    (tmp_path / "a.csv").write_text("path,camera\n" + "".join(f"{p.name},c{i}\n" for i, p in enumerate(paths)))
+    build_index(tmp_path / "idx", enc, tmp_path / "imgs", metadata_csv=tmp_path / "a.csv", workers=0, progress=False)
+    (tmp_path / "b.csv").write_text(f"path,camera,zone\n{paths[1].name},c9,north\n")
+    st = add_to_index(tmp_path / "idx", enc, tmp_path / "imgs", metadata_csv=tmp_path / "b.csv", workers=0, progress=False)
+    assert st["added"] == 0 and st["metadata_rows_matched"] == 1
+    ix = GalleryIndex.open(tmp_path / "idx")
+    assert ix.columns[-2:] == ["camera", "zone"]
+    hits = ix.search(enc.encode_texts(["x"]), k=10, where="zone = 'north'")[0]
+    assert [pathlib.Path(h.path).name for h in hits] == [paths[1].name]
+    assert hits[0].metadata["camera"] == "c9"
+    assert {h.metadata["camera"] for h in ix.search(enc.encode_texts(["x"]), k=10)[0]} == {"c0", "c9", "c2", "c3"}

@@ -163,3 +163,19 @@ def test_end_to_end_with_real_encoder(tmp_path, capsys):
     other = inference.create_untrained_checkpoint(tmp_path / "other" / "best.pt", seed=1)
     rc, _, err = run_cli(capsys, "search", tmp_path / "idx", "x", "--checkpoint", other)
     assert rc == 2 and "does not match" in err
+
+
+def test_ivf_index_through_the_cli(tmp_path, fake_models, capsys):
+    pytest.importorskip("faiss")
+    write_images(tmp_path / "imgs", 80, seed=2)
+    rc, out, err = run_cli(capsys, "index", "build", tmp_path / "idx", "--checkpoint", fake_models[0], "--images",
+                           tmp_path / "imgs", "--workers", "0", "--no-progress", "--search-mode", "ivf", "--json")
+    assert rc == 0 and json.loads(out)["search_mode"] == "ivf", err
+    rc, out, _ = run_cli(capsys, "index", "info", tmp_path / "idx")
+    assert "search:      ivf" in out and "nprobe" in out
+    rc, approx, _ = run_cli(capsys, "search", tmp_path / "idx", "red bag", "-k", "5", "--json", "--nprobe", "64")
+    rc2, exact, _ = run_cli(capsys, "search", tmp_path / "idx", "red bag", "-k", "5", "--json", "--exact")
+    assert rc == rc2 == 0 and json.loads(exact)["search_mode"] == "exact"
+    assert [r["id"] for r in json.loads(approx)["results"]] == [r["id"] for r in json.loads(exact)["results"]]
+    rc, _, err = run_cli(capsys, "search", tmp_path / "idx", "red bag", "--nprobe", "0")
+    assert rc == 2 and "--nprobe must be a positive integer" in err

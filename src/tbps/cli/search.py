@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", metavar="CKPT",
                    help="checkpoint to encode the query (default: the one the index was built with)")
     p.add_argument("--exact", action="store_true", help="exact search even if the index has an ANN structure")
+    p.add_argument("--nprobe", type=int, metavar="N",
+                   help="IVF indexes: lists to visit (higher: better recall, slower; `tbps index info` shows the default)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=run)
@@ -46,6 +48,8 @@ def run(args) -> int:
         raise UserError("empty query: give a text description (or --image QUERY.jpg)")
     if args.k <= 0:
         raise UserError(f"-k must be a positive integer, got {args.k}")
+    if args.nprobe is not None and args.nprobe <= 0:
+        raise UserError(f"--nprobe must be a positive integer, got {args.nprobe}")
 
     from tbps.cli.index import load_encoder
     from tbps.index import GalleryIndex
@@ -60,6 +64,8 @@ def run(args) -> int:
             feats = encode_image_file(encoder, args.image)
         else:
             feats = encoder.encode_texts([args.query.strip()])
+        if args.nprobe is not None and ix.search_mode == "ivf":
+            ix.search_params["nprobe"] = args.nprobe
         hits = ix.search(feats, args.k, where=args.where, exact=args.exact)[0]
         mode = "exact" if args.exact else ix.search_mode
         n = len(ix)
