@@ -116,3 +116,45 @@ def test_kill_at_random_moments(gallery):
         if s == after:
             break
     assert "before" in seen  # at least one kill landed mid-write
+
+
+BUILD_SCRIPT = """
+import sys
+from tbps.index import build_index
+from tbps.index.fake import FakeEncoder
+build_index(sys.argv[1], FakeEncoder(embed_dim=32, seed=0), sys.argv[2], workers=0, progress=False, overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_killed_build_leaves_no_index_or_the_old_one(tmp_path, existing):
+    from tbps.index import IndexFormatError
+
+    imgs = tmp_path / "imgs"
+    write_images(imgs, 12)
+    enc = FakeEncoder(embed_dim=32, seed=0)
+    if existing:  # --overwrite of an index built from fewer images
+        write_images(tmp_path / "few", 3)
+        build_index(tmp_path / "idx", enc, tmp_path / "few", workers=0, progress=False)
+        before = state(tmp_path / "idx")
+    env = dict(os.environ, TBPS_INDEX_TEST_HOOK="before-manifest")
+    proc = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(tmp_path / "idx"), str(imgs)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True)
+    try:
+        line = ""
+        while "tbps-index-hook before-manifest" not in line:
+            line = proc.stderr.readline()
+            assert line, "writer exited before reaching the hook"
+        proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if existing:
+        assert state(tmp_path / "idx") == before
+    else:
+        with pytest.raises(IndexFormatError, match="not a tbps index"):
+            GalleryIndex.open(tmp_path / "idx")
+    # A new build over the debris succeeds and is complete.
+    build_index(tmp_path / "idx", enc, imgs, workers=0, progress=False, overwrite=True)
+    assert len(GalleryIndex.open(tmp_path / "idx")) == 12
