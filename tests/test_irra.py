@@ -94,7 +94,7 @@ def test_every_irra_parameter_receives_a_gradient():
     assert sorted(missing) == ["clip.logit_scale", "objective.fusion.itm_head.bias", "objective.fusion.itm_head.weight"]
 
 
-def test_irra_trains_end_to_end_and_rescore_runs(tiny_dataset, micro_overrides, tmp_path):
+def test_irra_trains_end_to_end_and_refuses_to_rescore(tiny_dataset, micro_overrides, tmp_path, capsys):
     from tbps.cli.main import main
     from tbps.config import load_recipe
     from tbps.engine.train import TrainJob, train
@@ -104,4 +104,6 @@ def test_irra_trains_end_to_end_and_rescore_runs(tiny_dataset, micro_overrides, 
     assert res["finished"] and res["global_step"] > 0
     ck = torch.load(res["last"], weights_only=False)
     assert any(k.startswith("fusion.") for k in ck["objective"]) and "classifier.weight" in ck["objective"]
-    assert main(["eval", res["last"], "--data", str(tiny_dataset), "--rescore", "4", "--json"]) == 0
+    # IRRA never trains the ITM head: re-scoring with it is refused with a user error.
+    assert main(["eval", res["last"], "--data", str(tiny_dataset), "--rescore", "4", "--json"]) == 2
+    assert "ITM head is untrained" in capsys.readouterr().err

@@ -129,7 +129,7 @@ def test_every_laip_parameter_receives_a_gradient(mode):
     assert int((obj.image_queue.ids >= 0).sum()) == 4  # keys enqueued after the loss
 
 
-def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, monkeypatch):
+def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, monkeypatch, capsys):
     from tbps.config import load_recipe
     from tbps.engine.train import TrainJob, _stage_losses, train
     from tbps.objectives import build_objective
@@ -146,6 +146,17 @@ def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, mon
     ck = torch.load(res["last"], weights_only=False)
     assert int((ck["objective"]["image_queue.ids"] >= 0).sum()) == 32  # the queue filled up
     assert len(list((tmp_path / "cache" / "phrases").glob("*.json"))) == 1
+    # Its ITM head re-scores: `tbps eval --rescore` prints the plain and re-scored metrics.
+    import json
+
+    from tbps.cli.main import main
+
+    capsys.readouterr()
+    assert main(["eval", res["last"], "--data", str(tiny_dataset), "--rescore", "4", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["rescored"]["k"] == 4 and got["rescored"]["pairs"] == 4 * got["queries"]
+    # Re-ordering inside the top 4 keeps the top-5 and top-10 sets: R5 and R10 cannot move.
+    assert got["rescored"]["t2i"]["R5"] == got["t2i"]["R5"] and got["rescored"]["t2i"]["R10"] == got["t2i"]["R10"]
     # Stage 1 asks the data pipeline for nothing; stage 2 for phrases.
     from tbps.models import create_model
 

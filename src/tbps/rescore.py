@@ -75,6 +75,10 @@ def load_fusion(ckpt: dict, model):
     if not state or not cfg:
         raise CheckpointError(f"{ckpt.get('path', 'checkpoint')}: no fusion encoder to re-score with (train with "
                               "an objective that has one: laip, irra)")
+    recipe = ckpt.get("recipe") or {}
+    if recipe.get("objective") == "irra":
+        raise CheckpointError(f"{ckpt.get('path', 'checkpoint')}: IRRA trains its fusion encoder for MLM only; its "
+                              "ITM head is untrained, so it cannot re-score (train with the laip recipe)")
     vocab = state["mlm_head.3.weight"].shape[0]
     fusion = FusionEncoder(model.embed_dim, width=cfg["width"], layers=cfg["layers"], heads=cfg["heads"],
                            mlp_ratio=cfg["mlp_ratio"], vocab_size=vocab)
