@@ -250,6 +250,9 @@ def test_corrupt_and_non_image_files_are_skipped_with_count(tmp_path, enc):
     reasons = {pathlib.Path(s["path"]).name: s["reason"] for s in st["skipped"]}
     assert set(reasons) == {"garbage.jpg", "truncated.jpg", "notes.txt"}
     assert "not an image" in reasons["notes.txt"] and "truncated" in reasons["truncated.jpg"].lower()
+    # add retries the bad files, reports them again, and commits nothing new.
+    st = add_to_index(tmp_path / "idx", enc, imgs, workers=0, progress=False)
+    assert (st["added"], st["skipped_count"], st["unchanged"], st["generation"]) == (0, 3, 6, 1)
 
 
 def test_reranker_reorders_candidates(tmp_path, enc):

@@ -744,6 +744,14 @@ def add_to_index(path, encoder, images_dir, *, recursive: bool = False, metadata
                         next_id += 1
                 skipped.extend({"path": work[i].path, "reason": r} for i, r in failures)
             embed_s = time.perf_counter() - t_embed
+            if not (n_changed or new_ids or touched or meta is not None
+                    or requested != prev["search"].get("requested", "auto")):
+                # Only unreadable files were "new": nothing to commit, keep the generation.
+                db.close()
+                with contextlib.suppress(OSError):
+                    db_path.unlink()
+                return _add_stats(root, prev, files, 0, 0, 0, skipped, missing, 0, [], embed_s, t0,
+                                  prev["search"]["mode"])
             for f, item in touched:
                 db.execute("UPDATE items SET mtime=?, mtime_ns=? WHERE id=?", (f.mtime_ns / 1e9, f.mtime_ns, item))
             csv_cols = list(prev.get("csv_columns", []))
