@@ -63,7 +63,7 @@ def test_triplet_and_itm_against_references():
     ref = ((max(0, 0.6 - 0.9 + 0.1) + max(0, 0.6 - 0.9 + 0.5)) + (max(0, 0.6 - 0.5 + 0.4) + max(0, 0.6 - 0.5 + 0.0))) / 2
     assert abs(fusion_triplet_loss(s_pos, s_ni, s_nt, 0.6).item() - ref) < 1e-6
     pos, neg = torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    lse = lambda a, b: math.log(math.exp(a) + math.exp(b))  # noqa: E731
+    lse = lambda a, b: math.log(math.exp(a) + math.exp(b))
     ref = ((lse(0, 2) - 2) + (lse(1, 0) - 1) + (lse(0, 1) - 0)) / 3
     assert abs(itm_loss(pos, neg).item() - ref) < 1e-6
 
@@ -135,9 +135,9 @@ def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, mon
     from tbps.objectives import build_objective
 
     over = micro_overrides + ["losses.fusion.width=32", "losses.fusion.heads=2", "losses.itc.queue_size=32",
-                              "stages=[{start_epoch: 0, end_epoch: 1, losses: {triplet: {weight: 0.0}, "
-                              "bidiratt: {weight: 0.0}, mpm: {weight: 0.0}}}, {start_epoch: 1, losses: "
-                              "{triplet: {weight: 1.0}, bidiratt: {weight: 1.0}, mpm: {weight: 1.0}}}]"]
+                              ("stages=[{start_epoch: 0, end_epoch: 1, losses: {triplet: {weight: 0.0}, "
+                               "bidiratt: {weight: 0.0}, mpm: {weight: 0.0}}}, {start_epoch: 1, losses: "
+                               "{triplet: {weight: 1.0}, bidiratt: {weight: 1.0}, mpm: {weight: 1.0}}}]")]
     monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "cache"))  # the parsed phrases are cached there
     r = load_recipe("laip-cpu", over)
     assert _stage_losses(r, 0)["mpm"]["weight"] == 0.0 and _stage_losses(r, 1)["mpm"]["weight"] == 1.0

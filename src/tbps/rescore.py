@@ -14,7 +14,7 @@ to at most -1, candidates' lie in [0, 1 + w]).
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -157,7 +157,7 @@ class SearchRescorer:
         self._memory: OrderedDict = OrderedDict()
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", **kwargs) -> "SearchRescorer":
+    def from_checkpoint(cls, path, device="cpu", **kwargs) -> SearchRescorer:
         from tbps.engine.checkpoint import load_model
         from tbps.models.factory import get_tokenizer
 

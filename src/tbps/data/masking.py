@@ -35,7 +35,7 @@ class MaskSpec:
     random_range: tuple[int, int] = (1, 49405)  # [low, high) ids drawn for MLM's random replacements
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "MaskSpec":
+    def from_tokenizer(cls, tokenizer) -> MaskSpec:
         """CLIP BPE (no mask token: ``vocab_size - 3``) or a tokenizer with ``mask_token_id`` (BERT)."""
         vocab = int(getattr(tokenizer, "vocab_size", 49408))
         sot, eot = getattr(tokenizer, "sot_token_id", 49406), getattr(tokenizer, "eot_token_id", 49407)

@@ -11,7 +11,7 @@ Parsing costs a few milliseconds per caption, so a training run parses its capti
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 _NLP = None
 _DROP_POS = {"DET", "PRON", "PUNCT", "CCONJ"}

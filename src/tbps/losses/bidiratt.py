@@ -57,5 +57,5 @@ def bidiratt_loss(weights: torch.Tensor, patches: torch.Tensor, phrase_feats: to
     v = F.normalize(torch.einsum("bn,bnd->bd", weights, patches), dim=-1)
     p = F.normalize(phrase_feats, dim=-1)
     s = logit_scale * v @ p.t()  # (B, B)
-    ce = lambda logits, t: -(t * F.log_softmax(logits, dim=1)).sum(dim=1).mean()  # noqa: E731
+    ce = lambda logits, t: -(t * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
     return 0.5 * (ce(s, targets) + ce(s.t(), targets.t() / targets.t().sum(dim=1, keepdim=True)))

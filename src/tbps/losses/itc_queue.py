@@ -35,5 +35,5 @@ def itc_queue_loss(image_q: torch.Tensor, text_q: torch.Tensor, image_k: torch.T
         with torch.no_grad():
             y_i2t = alpha * F.softmax(image_k @ t_all.t() / temperature, dim=1) + (1 - alpha) * y
             y_t2i = alpha * F.softmax(text_k @ v_all.t() / temperature, dim=1) + (1 - alpha) * y
-    ce = lambda s, t: -(t * F.log_softmax(s, dim=1)).sum(dim=1).mean()  # noqa: E731
+    ce = lambda s, t: -(t * F.log_softmax(s, dim=1)).sum(dim=1).mean()
     return 0.5 * (ce(s_i2t, y_i2t) + ce(s_t2i, y_t2i))

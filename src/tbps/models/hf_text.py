@@ -17,11 +17,12 @@ tokenizer pads with 0 ([PAD]) like open_clip's, exposes [CLS]/[SEP] as start/end
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 if TYPE_CHECKING:
     from tbps.models.factory import ModelSpec
@@ -61,7 +62,7 @@ class HFTextTower(nn.Module):
 
     dictionary = _NoVocabulary()
 
-    def __init__(self, spec: "ModelSpec", out_dim: int, *, load_weights: bool = True):
+    def __init__(self, spec: ModelSpec, out_dim: int, *, load_weights: bool = True):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from tbps.data.masking import IGNORE, FusionBatchHook, MaskSpec
 from tbps.engine.distributed import gather_no_grad
