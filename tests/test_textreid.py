@@ -19,6 +19,7 @@ TEXTREID_MICRO = [
     "losses.cmmoco.queue_size=16",
     "optim.warmup_epochs=0.5",
     "optim.milestones=[100]",
+    "losses.align.weight=1.0",  # off in the CPU recipe; exercised here
 ]
 
 

@@ -123,3 +123,26 @@ def test_cmmoco_module_on_a_model_fills_queues_and_moves_keys():
     assert moco.text_queue.ids.tolist() == [4, 4, 1, 2, 3, 3]  # slots 4, 5, then 0, 1: FIFO
     with pytest.raises(ValueError, match="no negatives"):
         CMMoCo(model, queue_size=0)
+
+
+def test_alignment_and_id_losses_match_their_formulas():
+    from tbps.losses import alignment_loss, id_loss
+
+    g = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(3, 5, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(4, 5, generator=g), dim=-1)
+    pi, pt = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 2, 3])
+    ref = 0.0
+    for i in range(3):
+        for j in range(4):
+            s = float(img[i] @ txt[j])
+            ref += math.log1p(math.exp(-10 * (s - 0.6))) if pi[i] == pt[j] else math.log1p(math.exp(40 * (s - 0.4)))
+    assert alignment_loss(img, txt, pi, pt).item() == pytest.approx(2 * ref / 3, rel=1e-5)
+    cls = nn.Linear(5, 4)
+    pids = torch.tensor([0, 3, 1])
+    ref_id = 0.0
+    for feats in (img, txt[:3]):
+        logp = F.log_softmax(cls(feats), dim=1)
+        target = torch.full((3, 4), 0.1 / 4).scatter_(1, pids[:, None], 0.9 + 0.1 / 4)
+        ref_id += 0.5 * float(-(target * logp).sum(1).mean())
+    assert id_loss(cls, img, txt[:3], pids, 0.1).item() == pytest.approx(ref_id, rel=1e-5)
