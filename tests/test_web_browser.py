@@ -1,7 +1,7 @@
 """The search page in a real headless Chromium (Playwright driving Debian's /usr/bin/chromium).
 
 uvicorn serves ``create_app`` on a free loopback port in a thread; the gallery and the colour
-encoder are those of ``test_serve`` (so "red" has a known best match). The page is opened
+encoder are those of ``tests.test_serve`` (so "red" has a known best match). The page is opened
 with ``?token=`` to exercise the cookie flow.
 """
 
@@ -26,9 +26,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from test_serve import ColourEncoder, open_gallery_index
-
 from tbps.serve import create_app
+from tests.test_serve import ColourEncoder, open_gallery_index
 
 
 def _free_port() -> int:
@@ -190,7 +189,8 @@ def test_without_token_the_page_says_how_to_get_in(server, browser):
 
 def test_search_by_example_image(server, page, tmp_path):
     from PIL import Image
-    from test_serve import PALETTE
+
+    from tests.test_serve import PALETTE
 
     path = tmp_path / "query.png"
     Image.new("RGB", (20, 40), PALETTE["yellow"]).save(path)
