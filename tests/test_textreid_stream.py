@@ -80,6 +80,12 @@ def test_model_with_frozen_stream_trains_only_gru_and_heads(tmp_path, monkeypatc
     tok = get_tokenizer(model.spec)
     info = model.prepare_vocabulary(["A man in a red coat.", "a woman, blue jeans"])
     assert info["words"] == 8
+    # The frozen vectors are standardised by the training words' statistics, saved with the model.
+    d = model.text_stream.dictionary
+    vocab = d.vectors[d.ids(["a", "man", "in", "red", "coat", "woman", "blue", "jeans"])]
+    assert torch.allclose(model.text_stream.input_mean, vocab.mean(0), atol=1e-6)
+    assert model.text_stream.input_scale.item() == pytest.approx(1 / (vocab - vocab.mean(0)).std().item(), rel=1e-5)
+    assert "text_stream.input_mean" in model.state_dict()
     tokens = tok(["a man in a red coat", "blue jeans", ""])
     assert tokens.shape == (3, 32)
     img, txt = model.encode_image(torch.randn(3, 3, 32, 16)), model.encode_text(tokens)

@@ -89,7 +89,10 @@ class TBPSModel(nn.Module):
         from tbps.models.text_stream import split_words
 
         words = {w for t in texts for w in split_words(clean_caption(t, 10**6))}
-        return self.text_stream.dictionary.add_vocabulary(words)
+        d = self.text_stream.dictionary
+        info = d.add_vocabulary(words)
+        self.text_stream.fit_input(d.vectors[d.ids(sorted(words))])  # statistics of the training words
+        return info
 
     @property
     def embed_dim(self) -> int:
