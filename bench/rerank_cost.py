@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     if args.synthetic:
         q, g = args.synthetic
         gen = torch.Generator().manual_seed(0)
-        centres = torch.randn(g // 3, 256, generator=gen)
+        centres = torch.randn((g + 2) // 3, 256, generator=gen)  # three images per identity
         gal = torch.nn.functional.normalize(centres.repeat_interleave(3, 0)[:g] + torch.randn(g, 256, generator=gen), dim=-1)
         qry = torch.nn.functional.normalize(centres[torch.randint(0, len(centres), (q,), generator=gen)]
                                             + 1.2 * torch.randn(q, 256, generator=gen), dim=-1)
