@@ -71,6 +71,7 @@ class TrainConfig:
     select_metric: str = "R1"  # val metric (text-to-image) that picks best.pt
     log_every: int = 10  # steps between metric rows in the progress bar
     budget_schedule: bool = True  # with --time-budget, run the lr schedule to its end by the deadline
+    cpu_threads: int = 0  # torch threads on CPU; 0: the cores left over by the DataLoader workers
 
 
 @dataclass
