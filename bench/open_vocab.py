@@ -10,7 +10,6 @@ on both query sets against the same gallery. Prints a table (and --json writes i
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 

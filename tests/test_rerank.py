@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tbps.rerank import RerankError, index_reranker, jaccard_rerank, kreciprocal_rerank, rerank
+from tbps.rerank import (
+    RerankError,
+    index_reranker,
+    jaccard_rerank,
+    kreciprocal_rerank,
+    rerank,
+)
 
 
 def _feats(n_ids=4, per=3, q_per=2, d=8, seed=0):
@@ -33,8 +39,8 @@ def _naive_jaccard(sqg, sgg, k, alpha):
 def _naive_kreciprocal(sqg, sgg, k1, k2, lam):
     nq, g = sqg.shape
     dqg, dgg = (1 - sqg) / 2, (1 - sgg) / 2
-    top = lambda row, k: torch.argsort(row, descending=True)[:k].tolist()  # noqa: E731
-    k1g, kh = min(k1, g - 1), min(int(round(k1 / 2)), g - 1)
+    top = lambda row, k: torch.argsort(row, descending=True)[:k].tolist()
+    k1g, kh = min(k1, g - 1), min(round(k1 / 2), g - 1)
 
     def r_gal(x, k):
         return [y for y in top(sgg[x], k + 1) if x in top(sgg[y], k + 1)]

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from tbps.losses.cmmoco import CMMoCo, FeatureQueue, cmmoco_loss
 from tbps.models.momentum import MomentumEncoder, ema_update
@@ -44,7 +44,7 @@ def _naive(iq, tq, ik, tk, qi, qt, qids, bids, T, query_ids=None, bik=None, btk=
 
 def test_cmmoco_loss_matches_naive_and_excludes_batch_ids():
     g = torch.Generator().manual_seed(0)
-    n = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    n = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1)
     iq, tq, ik, tk = n(4, 8), n(4, 8), n(4, 8), n(4, 8)
     qi, qt = n(6, 8), n(6, 8)
     pids = torch.tensor([0, 0, 1, 2])

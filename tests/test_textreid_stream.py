@@ -93,7 +93,7 @@ def test_model_with_frozen_stream_trains_only_gru_and_heads(tmp_path, monkeypatc
     (img.sum() + txt.sum()).backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("text_stream.gru") for n in trainable) and "image_head.weight" in trainable
-    assert not any(n.startswith("clip.transformer") or n.startswith("clip.token_embedding") for n in trainable)
+    assert not any(n.startswith(("clip.transformer", "clip.token_embedding")) for n in trainable)
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "clip.visual" not in n
                and "logit_scale" not in n)
     # Max-pooling ignores padding: the same caption padded differently gives the same vector.

@@ -34,7 +34,7 @@ works on each query batch's candidate set instead of the whole gallery.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -148,7 +148,7 @@ def kreciprocal_rerank(sim_qg: torch.Tensor, sim_gg: torch.Tensor, k1: int = 20,
     if k1 < 1 or k2 < 1:
         raise RerankError(f"k-reciprocal re-rank needs k1, k2 >= 1, got {k1}, {k2}")
     k1g = min(int(k1), g - 1) if g > 1 else 0
-    kh = min(int(round(k1 / 2)), g - 1) if g > 1 else 0
+    kh = min(round(k1 / 2), g - 1) if g > 1 else 0
     d_qg, d_gg = (1.0 - sim_qg) / 2.0, (1.0 - sim_gg) / 2.0
 
     # Gallery: reciprocal sets R(g, k) from top-(k+1) lists (self included).

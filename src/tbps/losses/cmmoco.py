@@ -20,8 +20,8 @@ Reusable pieces for any recipe:
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from tbps.engine.distributed import gather_no_grad
 from tbps.models.momentum import MomentumEncoder

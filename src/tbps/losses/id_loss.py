@@ -9,8 +9,8 @@ with smoothing e and P classes the target of class c is (1 - e) 1[c = y] + e / P
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def id_loss(classifier: nn.Module, image: torch.Tensor, text: torch.Tensor, pids: torch.Tensor,

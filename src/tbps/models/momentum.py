@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 @torch.no_grad()
@@ -44,9 +44,9 @@ class MomentumEncoder(nn.Module):
         self.momentum = float(momentum)
         self.module = copy.deepcopy(module)
         self.module.requires_grad_(False)
-        self.module.eval()  # keys without dropout, as MoCo's key encoder in eval-free setups
+        self.module.eval()  # keys without dropout noise; BatchNorm uses the copied running statistics
 
-    def train(self, mode: bool = True) -> "MomentumEncoder":
+    def train(self, mode: bool = True) -> MomentumEncoder:
         # The key encoder stays in eval mode whatever the parent does (no dropout noise in keys).
         super().train(mode)
         self.module.eval()

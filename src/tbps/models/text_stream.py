@@ -27,12 +27,13 @@ import hashlib
 import os
 import re
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 if TYPE_CHECKING:
     from tbps.models.factory import ModelSpec
@@ -143,7 +144,7 @@ class CLIPWordEncoder(WordEncoder):
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
 
-def text_tower_config(spec: "ModelSpec") -> dict[str, Any]:
+def text_tower_config(spec: ModelSpec) -> dict[str, Any]:
     """``spec.text_tower`` over its defaults; unknown keys and values are errors."""
     given = dict(spec.text_tower or {})
     unknown = set(given) - set(TEXT_TOWER_DEFAULTS)
@@ -157,7 +158,7 @@ def text_tower_config(spec: "ModelSpec") -> dict[str, Any]:
     return cfg
 
 
-def word_encoder(spec: "ModelSpec") -> WordEncoder:
+def word_encoder(spec: ModelSpec) -> WordEncoder:
     """The frozen word encoder a spec asks for (nothing heavy is loaded until it encodes)."""
     from tbps.models.factory import arch_config
 
@@ -242,7 +243,7 @@ class WordDictionary:
                     blob = torch.load(path, map_location="cpu", weights_only=True)
                     ok = (blob["encoder"] == self.encoder.key and blob["words"] == vocab
                           and tuple(blob["vectors"].shape) == (len(vocab), self.encoder.dim))
-                except Exception:  # truncated or foreign file: rebuild it
+                except Exception:  # noqa: BLE001  (torch raises many kinds for a truncated or foreign file: rebuild it)
                     ok = False
                 if ok:
                     self._append(vocab, blob["vectors"])
@@ -280,7 +281,7 @@ class WordDictionary:
 _DICTIONARIES: dict[str, WordDictionary] = {}
 
 
-def get_dictionary(spec: "ModelSpec") -> WordDictionary:
+def get_dictionary(spec: ModelSpec) -> WordDictionary:
     """The process-wide dictionary of the spec's word encoder (created on first use)."""
     enc = word_encoder(spec)
     d = _DICTIONARIES.get(enc.key)
@@ -371,13 +372,13 @@ class FrozenWordStream(nn.Module):
         return self.tokens(tokens)[0]
 
 
-def build_text_stream(spec: "ModelSpec", out_dim: int) -> FrozenWordStream:
+def build_text_stream(spec: ModelSpec, out_dim: int) -> FrozenWordStream:
     """The frozen-dictionary text tower a spec describes (``spec.text_tower``)."""
     cfg = text_tower_config(spec)
     enc = word_encoder(spec)
     return FrozenWordStream(lambda: get_dictionary(spec), enc.dim, int(cfg["hidden"]), out_dim)
 
 
-def get_word_tokenizer(spec: "ModelSpec", context_length: int) -> WordTokenizer:
+def get_word_tokenizer(spec: ModelSpec, context_length: int) -> WordTokenizer:
     """The tokenizer sharing the spec's dictionary."""
     return WordTokenizer(get_dictionary(spec), context_length)

@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from tbps.engine.distributed import gather_no_grad, gather_with_grad
 from tbps.losses import CMMoCo, alignment_loss, id_loss
