@@ -1,0 +1,111 @@
+"""Samplers, augmentation and caption augmentation: seeded, sharded and resumable."""
+
+import random
+from collections import Counter
+
+import torch
+
+from tbps.data.dataset import Collate, TrainPairs
+from tbps.data.layouts import load_annotations
+from tbps.data.records import Record
+from tbps.data.sampler import GlobalBatchSampler
+from tbps.data.text_aug import TextAugmentConfig, augment_caption, random_deletion
+from tbps.data.transforms import AugmentConfig
+
+
+def test_identity_balanced_batches_hold_p_ids_times_k():
+    pids = [i // 3 for i in range(30)] + [10]  # 10 ids with 3 items, one id with a single item
+    s = GlobalBatchSampler(pids, batch_size=8, identity_k=4, seed=1)
+    batches = list(s)
+    assert len(batches) == len(s) == (11 * 4) // 8
+    for b in batches:
+        counts = Counter(pids[i] for i in b)
+        assert sorted(counts.values()) == [4, 4]  # P = 2 identities x K = 4 (with replacement when short)
+
+
+def test_ranks_split_the_global_batch_exactly():
+    pids = list(range(40))
+    single = list(GlobalBatchSampler(pids, batch_size=8, seed=3))
+    ranks = [list(GlobalBatchSampler(pids, batch_size=4, seed=3, rank=r, world_size=2)) for r in range(2)]
+    for b, (r0, r1) in enumerate(zip(*ranks)):
+        assert r0 + r1 == single[b]
+
+
+def test_epochs_differ_and_resume_skips_batches():
+    s = GlobalBatchSampler(list(range(40)), batch_size=8, seed=0)
+    e0 = list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert e0 != e1 and sorted(sum(e0, [])) == sorted(sum(e1, []))
+    s.set_epoch(1, start_batch=2)
+    assert list(s) == e1[2:] and len(s) == len(e1) - 2
+
+
+def test_random_deletion_keeps_a_word_and_drops_some():
+    rng = random.Random(0)
+    assert random_deletion("single", 0.99, rng) == "single"
+    out = [random_deletion("a b c d e f g h i j", 0.5, rng) for _ in range(50)]
+    assert all(o for o in out) and any(len(o.split()) < 10 for o in out)
+    assert random_deletion("a b c", 0.0, rng) == "a b c"
+
+
+def test_backtranslation_swapped_at_its_rate():
+    rng = random.Random(0)
+    picks = [augment_caption("orig", "paraphrase", rng, backtranslation_prob=0.3, deletion_prob=0) for _ in range(2000)]
+    rate = picks.count("paraphrase") / len(picks)
+    assert 0.25 < rate < 0.35
+    assert augment_caption("orig", None, rng, backtranslation_prob=1.0, deletion_prob=0) == "orig"
+
+
+def _pairs(tiny_dataset, **kw):
+    records = load_annotations(tiny_dataset).split("train")
+    return TrainPairs(records, (32, 16), mean=(0.5,) * 3, std=(0.25,) * 3, seed=7, **kw)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(tiny_dataset):
+    ds = _pairs(tiny_dataset, augment=AugmentConfig(mvs=True, ss_views=True), text_augment=TextAugmentConfig())
+    a, b = ds[3], ds[3]
+    for key in ("image", "image_view2", "ss_view1", "ss_view2"):
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["ss_view1"], a["ss_view2"])  # two different strong views
+    ds.set_epoch(1)
+    assert not torch.equal(ds[3]["ss_view1"], a["ss_view1"])
+    # the global torch RNG (dropout) is untouched by data augmentation in the main process
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    ds[0]
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_cached_images_give_the_same_items(tiny_dataset):
+    plain = _pairs(tiny_dataset, augment=AugmentConfig())
+    cached = _pairs(tiny_dataset, augment=AugmentConfig())
+    cached.cache_images(threads=2)
+    for i in (0, 5, len(plain) - 1):
+        assert torch.equal(plain[i]["image"], cached[i]["image"])
+
+
+def test_pairs_remap_ids_and_collate_tokenises(tiny_dataset):
+    from tbps.models import ModelSpec, get_tokenizer
+
+    ds = _pairs(tiny_dataset)
+    assert sorted(set(ds.item_pids())) == list(range(ds.num_identities))
+    assert len(ds) == sum(len(r.captions) for r in ds.records)
+    batch = Collate(get_tokenizer(ModelSpec(arch="micro-vit")))([ds[i] for i in range(4)])
+    assert batch["image"].shape == (4, 3, 32, 16) and batch["tokens"].shape == (4, 32)
+    assert batch["pid"].dtype == torch.long
+
+
+def test_unreadable_image_is_reported_once_and_replaced(tmp_path, capsys):
+    from PIL import Image
+
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (16, 32), "red").save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(good.read_bytes()[:40])  # header survives, data does not
+    recs = [Record(bad, ("a",), 1, "train"), Record(good, ("b",), 2, "train")]
+    ds = TrainPairs(recs, (32, 16), mean=(0.5,) * 3, std=(0.25,) * 3)
+    item, again = ds[0], ds[0]
+    assert item["caption"] == "b" and again["caption"] == "b"  # the neighbour stands in
+    assert capsys.readouterr().err.count("skipping unreadable image") == 1
