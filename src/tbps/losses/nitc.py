@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tbps.losses.common import identity_targets
+from tbps.losses.common import cross_logits, identity_targets
 
 
 def _soft_ce(logits: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -31,6 +31,5 @@ def nitc_loss(
 ) -> torch.Tensor:
     """Features are L2-normalised: (B, D) local, (G, D) global; ``logit_scale`` is exp'd (a scalar)."""
     q = identity_targets(pids_local, pids_global)  # (B, G)
-    s_i2t = logit_scale * image_local @ text_global.t()  # (B, G)
-    s_t2i = logit_scale * text_local @ image_global.t()  # (B, G)
+    s_i2t, s_t2i = cross_logits(image_local, text_local, image_global, text_global, logit_scale)  # (B, G) each
     return 0.5 * (_soft_ce(s_i2t, q, alpha) + _soft_ce(s_t2i, q, alpha))

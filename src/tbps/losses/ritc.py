@@ -7,15 +7,8 @@ averaged over queries (batchmean). Close to IRRA's SDM, with the KL reversed.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from tbps.losses.common import identity_targets
-
-
-def _reverse_kl(logits: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
-    log_p = F.log_softmax(logits, dim=1)
-    p = log_p.exp()
-    return (p * (log_p - torch.log(q + eps))).sum(dim=1).mean()
+from tbps.losses.common import cross_logits, identity_targets, kl_to_targets
 
 
 def ritc_loss(
@@ -30,6 +23,5 @@ def ritc_loss(
 ) -> torch.Tensor:
     """Same inputs as :func:`tbps.losses.nitc_loss`."""
     q = identity_targets(pids_local, pids_global)
-    s_i2t = logit_scale * image_local @ text_global.t()
-    s_t2i = logit_scale * text_local @ image_global.t()
-    return 0.5 * (_reverse_kl(s_i2t, q, eps) + _reverse_kl(s_t2i, q, eps))
+    s_i2t, s_t2i = cross_logits(image_local, text_local, image_global, text_global, logit_scale)
+    return 0.5 * (kl_to_targets(s_i2t, q, eps) + kl_to_targets(s_t2i, q, eps))

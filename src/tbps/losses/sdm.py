@@ -10,14 +10,8 @@ summed (not averaged), as in IRRA.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from tbps.losses.common import identity_targets
-
-
-def _kl_to_targets(logits: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
-    log_p = F.log_softmax(logits, dim=1)
-    return (log_p.exp() * (log_p - torch.log(q + eps))).sum(dim=1).mean()
+from tbps.losses.common import cross_logits, identity_targets, kl_to_targets
 
 
 def sdm_loss(
@@ -32,6 +26,5 @@ def sdm_loss(
 ) -> torch.Tensor:
     """L2-normalised features: (B, D) local queries, (G, D) global keys; ``logit_scale`` = 1/tau."""
     q = identity_targets(pids_local, pids_global)  # (B, G)
-    s_i2t = logit_scale * image_local @ text_global.t()
-    s_t2i = logit_scale * text_local @ image_global.t()
-    return _kl_to_targets(s_i2t, q, eps) + _kl_to_targets(s_t2i, q, eps)
+    s_i2t, s_t2i = cross_logits(image_local, text_local, image_global, text_global, logit_scale)
+    return kl_to_targets(s_i2t, q, eps) + kl_to_targets(s_t2i, q, eps)
