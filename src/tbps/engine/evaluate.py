@@ -59,7 +59,7 @@ class EvalResult:
 def evaluate(model, tokenizer, records: Sequence[Record], *, batch_size: int = 256, device="cpu",
              num_workers: int = 0, max_words: int = 77, progress: bool = True) -> EvalResult:
     """Text-to-image and image-to-text R@1/5/10, mAP and mINP (percent) on ``records``."""
-    from tbps.metrics import retrieval_metrics
+    from tbps.metrics import evaluate_both
 
     was_training = model.training
     model.eval()
@@ -70,13 +70,9 @@ def evaluate(model, tokenizer, records: Sequence[Record], *, batch_size: int = 2
                           max_words=max_words, progress=progress)
     model.train(was_training)
     sim = txt @ img.t()  # (Q, G)
-    qids, gids = torch.tensor(caption_ids), torch.tensor(image_ids)
-    metrics = {
-        "t2i": retrieval_metrics(sim, qids, gids),
-        "i2t": retrieval_metrics(sim.t().contiguous(), gids, qids),
-        "queries": len(captions),
-        "gallery": len(paths),
-    }
+    # i2t ranks the transposed matrix; the metrics read its strided rows chunk by chunk (no full copy).
+    metrics = {**evaluate_both(sim, torch.tensor(caption_ids), torch.tensor(image_ids)),
+               "queries": len(captions), "gallery": len(paths)}
     return EvalResult(metrics, sim, paths, image_ids, captions, caption_ids, image_features=img)
 
 
