@@ -13,7 +13,7 @@ import io
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class TrainJob:
     strict: bool = False
     progress: bool = True
     stop_after_epochs: int | None = None  # stop (as if killed) after this many epochs in this call
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _TrainModule(nn.Module):
