@@ -116,3 +116,21 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "cannot be read as a checkpoint" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path), "--recipe", "nope"]) == 2
     assert "no recipe 'nope'" in capsys.readouterr().err
+
+
+def test_cpu_budget_counts_compute_not_waiting():
+    """A CPU-time budget is not spent by sleeping (a shared machine's waits), a wall budget is."""
+    import time
+
+    from tbps.utils import Budget
+
+    wall, cpu = Budget(0.2 / 60, "wall"), Budget(0.2 / 60, "cpu")
+    time.sleep(0.3)
+    assert wall.spent() and not cpu.spent()
+    t0 = time.monotonic()
+    while not cpu.spent():  # burn CPU until the budget is gone
+        sum(range(10_000))
+        assert time.monotonic() - t0 < 10
+    assert cpu.elapsed() >= 0.2
+    with pytest.raises(ValueError, match="clock"):
+        Budget(1.0, "gpu")

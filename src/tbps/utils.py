@@ -51,14 +51,25 @@ def seed_everything(seed: int) -> None:
 
 
 class Budget:
-    """A wall-clock budget in minutes; ``None`` means unlimited."""
+    """A time budget in minutes; ``None`` means unlimited.
 
-    def __init__(self, minutes: float | None):
+    ``clock="wall"`` counts wall-clock time. ``clock="cpu"`` counts this process's CPU time
+    (all its threads, :func:`time.process_time`): runs compared "at equal budget" then get
+    equal compute even when other work shares the machine (DataLoader workers are other
+    processes and are not counted).
+    """
+
+    CLOCKS = ("wall", "cpu")
+
+    def __init__(self, minutes: float | None, clock: str = "wall"):
+        if clock not in self.CLOCKS:
+            raise ValueError(f"budget clock {clock!r} is not one of {self.CLOCKS}")
         self.seconds = None if minutes is None else float(minutes) * 60.0
-        self.start = time.monotonic()
+        self._now = time.monotonic if clock == "wall" else time.process_time
+        self.start = self._now()
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.start
+        return self._now() - self.start
 
     def spent(self) -> bool:
         return self.seconds is not None and self.elapsed() >= self.seconds

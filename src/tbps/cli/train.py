@@ -28,7 +28,11 @@ def register(sub) -> None:
     p.add_argument("--pretrained", help="open_clip weights tag (e.g. openai) or local checkpoint path")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
-                   help="stop cleanly after this much wall-clock time (saves and evaluates)")
+                   help="stop cleanly after this much time (saves and evaluates)")
+    p.add_argument("--budget-clock", choices=("wall", "cpu"), default="wall",
+                   help="what --time-budget counts: wall-clock time (default), or this process's CPU time "
+                   "summed over its threads, so that ablations at equal budget get equal compute on a "
+                   "shared machine (use with data.num_workers=0: worker processes are not counted)")
     p.add_argument("--out", default=None, help="run folder (default: runs/RECIPE)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -74,7 +78,7 @@ def run(args) -> int:
         recipe = load_recipe(args.recipe or DEFAULT_RECIPE, overrides)
         out = args.out or f"runs/{recipe.name}"
     summary = train(TrainJob(data_root=data, recipe=recipe, out_dir=out, layout=args.layout, epochs=args.epochs,
-                             time_budget=args.time_budget, resume=bool(args.resume), device=args.device,
+                             time_budget=args.time_budget, budget_clock=args.budget_clock, resume=bool(args.resume), device=args.device,
                              strict=args.strict, progress=not args.no_progress))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports

@@ -38,7 +38,8 @@ class TrainJob:
     out_dir: str
     layout: str | None = None
     epochs: int | None = None  # overrides recipe.train.epochs
-    time_budget: float | None = None  # minutes of wall clock for the whole run
+    time_budget: float | None = None  # minutes for the whole run, on budget_clock
+    budget_clock: str = "wall"  # wall | cpu (this process's CPU time: equal compute on a shared machine)
     resume: bool = False
     device: str | None = None  # None: cuda when available
     strict: bool = False
@@ -198,7 +199,10 @@ def train(job: TrainJob) -> dict[str, Any]:
 
     if hasattr(objective, "prepare_data"):  # one-off data work (e.g. parsing captions), before the clock starts
         objective.prepare_data(dataset)
-    budget = Budget(job.time_budget)
+    budget = Budget(job.time_budget, job.budget_clock)
+    if job.budget_clock == "cpu" and recipe.data.num_workers > 0:
+        _log(f"note: a CPU-time budget does not count the {recipe.data.num_workers} DataLoader worker(s); "
+             "set data.num_workers=0 for equal-compute comparisons", dist)
     extra_meta = {"data_root": str(job.data_root), "layout": ann.layout, "num_identities": dataset.num_identities,
                   "epochs": epochs}
 
@@ -293,7 +297,7 @@ def train(job: TrainJob) -> dict[str, Any]:
         if stopped_by_budget:
             if dist.is_main:
                 save_checkpoint(out / "last.pt", state(epoch, step_in_epoch))
-            _log(f"time budget of {job.time_budget:g} min spent at epoch {epoch + step_in_epoch / steps_per_epoch:.2f}: "
+            _log(f"{job.budget_clock} time budget of {job.time_budget:g} min spent at epoch {epoch + step_in_epoch / steps_per_epoch:.2f}: "
                  "saved last.pt", dist)
             run_eval(epoch + step_in_epoch / steps_per_epoch)
             break
