@@ -168,10 +168,16 @@ class TBPSModel(nn.Module):
                 pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
             return pooled, tokens
         if hasattr(visual, "trunk"):  # timm trunk (EVA02)
-            feats = visual.trunk.forward_features(images)  # (B, prefix+N, C)
-            n_prefix = getattr(visual.trunk, "num_prefix_tokens", 1)
-            pooled = visual.head(visual.trunk.forward_head(feats, pre_logits=True))
-            return pooled, visual.head(feats[:, n_prefix:])
+            trunk = visual.trunk
+            feats = trunk.forward_features(images)  # (B, prefix+N, C)
+            n_prefix = getattr(trunk, "num_prefix_tokens", 1)
+            # The projection to the joint space is the trunk's own head when open_clip's config has
+            # no timm_proj (EVA02-B-16: trunk.head 768 -> 512, visual.head empty); tokens take the
+            # same fc_norm + head path as the pooled token.
+            pooled = visual.head(trunk.forward_head(feats))
+            tokens = feats[:, n_prefix:]
+            tokens = trunk.head(getattr(trunk, "fc_norm", nn.Identity())(tokens))
+            return pooled, visual.head(tokens)
         if hasattr(visual, "attnpool"):  # ModifiedResNet
             x = visual.stem(images)
             x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # (B, C, h, w)
