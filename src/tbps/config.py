@@ -44,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | sgd
+    name: str = "adamw"  # adamw | adam | sgd | lamb
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8

@@ -44,7 +44,11 @@ def build_optimizer(modules: dict[str, nn.Module], cfg: OptimConfig) -> torch.op
         return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    raise ValueError(f"unknown optimiser {cfg.name!r}: adamw, adam or sgd")
+    if name == "lamb":  # layer-wise adaptive moments (You et al.), as EVA-CLIP trains; timm's, which open_clip needs
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    raise ValueError(f"unknown optimiser {cfg.name!r}: adamw, adam, sgd or lamb")
 
 
 def lr_at(progress_epochs: float, total_epochs: float, cfg: OptimConfig) -> float:
