@@ -10,7 +10,10 @@ from tbps.losses.bidiratt import backward_attention, bidir_weights, bidiratt_los
 from tbps.losses.citc import citc_loss
 from tbps.losses.cmmoco import CMMoCo, FeatureQueue, cmmoco_loss
 from tbps.losses.common import identity_targets
+from tbps.losses.ditc import ditc_loss
 from tbps.losses.id_loss import id_loss
+from tbps.losses.imc import imc_loss
+from tbps.losses.imr import imr_loss
 from tbps.losses.itc_queue import itc_queue_loss
 from tbps.losses.itm import itm_loss, sample_hard_negatives
 from tbps.losses.mlm import masked_token_loss
@@ -28,9 +31,12 @@ __all__ = [
     "bidir_weights",
     "bidiratt_loss",
     "citc_loss",
+    "ditc_loss",
     "cmmoco_loss",
     "fusion_triplet_loss",
     "id_loss",
+    "imc_loss",
+    "imr_loss",
     "identity_targets",
     "itc_queue_loss",
     "itm_loss",
