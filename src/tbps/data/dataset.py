@@ -56,6 +56,9 @@ class TrainPairs(Dataset):
         self.strong = StrongViews(self.size, self.mean, self.std) if augment and augment.ss_views else None
         self._failed: set[str] = set()
         self.cache: torch.Tensor | None = None  # (N_records, 3, H, W) uint8 when cache_images()
+        # MeFa: record index -> candidate hard-negative record indices (other persons); when set,
+        # each item also carries ``neg_image``, one candidate drawn per sample and augmented alike.
+        self.negatives: torch.Tensor | None = None  # (N_records, k) long
 
     def cache_images(self, threads: int = 4, progress: bool = False) -> None:
         """Decode and resize every training image once into memory (uint8).
@@ -101,8 +104,19 @@ class TrainPairs(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _record_image(self, ri: int) -> torch.Tensor:
+        """(3, H, W) float image in [0, 1] of record ``ri`` (a black image if it cannot be read)."""
+        from torchvision.transforms.functional import pil_to_tensor
+
+        if self.cache is not None:
+            return self.cache[ri].float().div_(255.0)
+        try:
+            return pil_to_tensor(load_image(self.records[ri].image, self.size)).float().div_(255.0)
+        except (OSError, ValueError, SyntaxError):
+            return torch.zeros(3, *self.size)
+
     def _load(self, index: int):
-        """-> (record, caption index, (3, H, W) float image in [0, 1])."""
+        """-> (record index, caption index, (3, H, W) float image in [0, 1])."""
         # A file that passed the header check can still fail to decode: report it once, use a neighbour.
         from torchvision.transforms.functional import pil_to_tensor
 
@@ -110,9 +124,9 @@ class TrainPairs(Dataset):
             ri, ci = self.items[(index + step) % len(self.items)]
             rec = self.records[ri]
             if self.cache is not None:
-                return rec, ci, self.cache[ri].float().div_(255.0)
+                return ri, ci, self.cache[ri].float().div_(255.0)
             try:
-                return rec, ci, pil_to_tensor(load_image(rec.image, self.size)).float().div_(255.0)
+                return ri, ci, pil_to_tensor(load_image(rec.image, self.size)).float().div_(255.0)
             except (OSError, ValueError, SyntaxError) as e:
                 if str(rec.image) not in self._failed:
                     self._failed.add(str(rec.image))
@@ -120,7 +134,8 @@ class TrainPairs(Dataset):
         raise RuntimeError("no readable image in the training set")
 
     def __getitem__(self, index: int) -> dict:
-        rec, ci, img = self._load(index)
+        ri, ci, img = self._load(index)
+        rec = self.records[ri]
         rng = random.Random(_sample_seed(self.seed, self.epoch, index))
         caption = rec.captions[ci]
         if self.text_augment:
@@ -133,8 +148,14 @@ class TrainPairs(Dataset):
                 deletion_prob=self.text_augment.deletion_prob,
             )
         item = {"caption": clean_caption(caption, self.max_words), "pid": self.pid_index[rec.pid]}
+        neg = None
+        if self.negatives is not None:
+            row = self.negatives[ri].tolist()
+            neg = self._record_image(row[rng.randrange(len(row))])
         if self.pool is None:
             item["image"] = normalize(img, self.mean, self.std)
+            if neg is not None:
+                item["neg_image"] = normalize(neg, self.mean, self.std)
             return item
         # torchvision draws from torch's global RNG: seed it per sample. In a worker process
         # that RNG is the worker's own; in the main process, fork it so dropout is undisturbed.
@@ -142,6 +163,8 @@ class TrainPairs(Dataset):
         with contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.getrandbits(63))
             item["image"] = self.pool(img, rng)
+            if neg is not None:
+                item["neg_image"] = self.pool(neg, rng)
             if self.augment.mvs:
                 item["image_view2"] = self.pool(img, rng)
             if self.strong is not None:

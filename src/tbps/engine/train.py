@@ -246,6 +246,8 @@ def train(job: TrainJob) -> dict[str, Any]:
     for epoch in range(start_epoch, epochs):
         objective.configure(_stage_losses(recipe, epoch))
         dataset.set_epoch(epoch)
+        if hasattr(objective, "on_epoch_start"):  # per-epoch data work with the current model (MeFa's banks)
+            objective.on_epoch_start(model, dataset, epoch=epoch, device=device, progress=job.progress and dist.is_main)
         sampler.set_epoch(epoch, start_batch)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=recipe.data.num_workers,
                             collate_fn=Collate(tokenizer, _batch_hook(objective, dataset)), pin_memory=device.type == "cuda",

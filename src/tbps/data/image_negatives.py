@@ -1,0 +1,56 @@
+"""MeFa's image hard negatives: for each training image, the most similar training images of
+other people, from a feature bank of the current model refreshed every epoch.
+
+The bank is the global image features of every training image (eval transform, no
+augmentation), L2-normalised; neighbours come from an exact chunked matrix product
+(``chunk`` rows at a time, so memory stays ``chunk x N`` floats even at CUHK-PEDES's 34k images;
+faiss would only pay off far beyond that).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def hard_negative_images(features: torch.Tensor, pids: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """(N, D) normalised features, (N,) person ids -> (N, k') indices of each image's k most similar
+    images of other persons, most similar first (k' = min(k, N - largest identity's size))."""
+    n = features.shape[0]
+    k = min(k, n - int(torch.unique(pids, return_counts=True)[1].max()))
+    if k <= 0:
+        raise ValueError("image hard negatives need at least two persons in the training set")
+    out = torch.empty(n, k, dtype=torch.long)
+    for s in range(0, n, chunk):
+        sim = features[s:s + chunk] @ features.t()  # (c, N)
+        sim = sim.masked_fill(pids[s:s + chunk, None] == pids[None, :], float("-inf"))
+        out[s:s + chunk] = sim.topk(k, dim=1).indices.cpu()
+    return out
+
+
+@torch.no_grad()
+def encode_training_images(model, dataset, device, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """Global features (N_records, D), normalised, of every record of a :class:`TrainPairs`, with
+    the eval transform (its in-memory cache when it has one)."""
+    from torchvision.transforms.functional import normalize, pil_to_tensor
+    from tqdm import tqdm
+
+    from tbps.data.transforms import load_image
+
+    was = model.training
+    model.eval()
+    feats = []
+    n = len(dataset.records)
+    try:
+        for s in tqdm(range(0, n, batch_size), desc="image bank", unit="batch", disable=not progress, leave=False):
+            idx = range(s, min(s + batch_size, n))
+            if dataset.cache is not None:
+                imgs = dataset.cache[s:s + batch_size].float().div_(255.0)
+            else:
+                imgs = torch.stack([pil_to_tensor(load_image(dataset.records[i].image, dataset.size)).float().div_(255.0)
+                                    for i in idx])
+            imgs = normalize(imgs, dataset.mean, dataset.std).to(device)
+            feats.append(F.normalize(model.encode_image(imgs).float(), dim=-1).cpu())
+    finally:
+        model.train(was)
+    return torch.cat(feats)
