@@ -1,0 +1,121 @@
+"""Ablations at equal CPU budget on the synthetic dataset: train each arm, evaluate on test, print a table.
+
+Every arm trains with `tbps train --time-budget M --budget-clock cpu` (M minutes of this
+process's CPU time, one torch thread, no DataLoader workers), so arms get the same compute
+even when they run side by side or the machine is shared. best.pt is chosen on val; the
+table is the test split, text-to-image.
+
+    python bench/ablation.py --set laip --data data/abl --out runs/abl --minutes 8 --parallel 2
+    python bench/ablation.py --set irra laip --data data/abl --out runs/abl --minutes 8
+    python bench/ablation.py --set mefa --data data/abl --out runs/abl --minutes 8
+    python bench/ablation.py --set laip --data data/abl --out runs/abl --report   # table only
+
+The dataset: `tbps synth data/abl --ids 1000` (the demo's size). Arms whose run folder
+already has a finished result are not retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# One stage from the first step: a budget of a few CPU minutes ends before the recipes' second stage.
+_LAIP = ["stages=[]", "losses.triplet.weight=0", "losses.bidiratt.weight=0", "losses.mpm.weight=0"]
+ARMS: dict[str, list[tuple[str, str, list[str]]]] = {
+    # (name, recipe, overrides)
+    "irra": [
+        ("irra-sdm", "irra-cpu", ["losses.id.weight=0", "losses.mlm.weight=0"]),
+        ("irra-sdm-id", "irra-cpu", ["losses.mlm.weight=0"]),
+        ("irra-sdm-id-mlm", "irra-cpu", []),
+    ],
+    "laip": [
+        ("laip-base", "laip-cpu", _LAIP),
+        ("laip-fwd", "laip-cpu", _LAIP + ["losses.bidiratt.weight=1", "losses.bidiratt.mode=forward"]),
+        ("laip-bwd", "laip-cpu", _LAIP + ["losses.bidiratt.weight=1", "losses.bidiratt.mode=backward"]),
+        ("laip-both", "laip-cpu", _LAIP + ["losses.bidiratt.weight=1", "losses.bidiratt.mode=both"]),
+        ("laip-mpm", "laip-cpu", _LAIP + ["losses.mpm.weight=1"]),
+        ("laip-all", "laip-cpu", _LAIP + ["losses.bidiratt.weight=1", "losses.mpm.weight=1",
+                                          "losses.triplet.weight=1"]),
+    ],
+    "mefa": [
+        ("mefa-base", "mefa-cpu", ["losses.imr_text.weight=0", "losses.imr_image.weight=0",
+                                   "losses.cmr.weight=0", "losses.dcc.weight=0"]),
+        ("mefa-imr-t", "mefa-cpu", ["losses.imr_image.weight=0", "losses.cmr.weight=0", "losses.dcc.weight=0"]),
+        ("mefa-imr-v", "mefa-cpu", ["losses.imr_text.weight=0", "losses.cmr.weight=0", "losses.dcc.weight=0"]),
+        ("mefa-cmr", "mefa-cpu", ["losses.imr_text.weight=0", "losses.imr_image.weight=0", "losses.dcc.weight=0"]),
+        ("mefa-dcc", "mefa-cpu", ["losses.imr_text.weight=0", "losses.imr_image.weight=0", "losses.cmr.weight=0"]),
+        ("mefa-all", "mefa-cpu", []),
+    ],
+}
+COMMON = ["data.num_workers=0", "train.cpu_threads=1"]
+
+
+def _tbps() -> list[str]:
+    return [sys.executable, "-m", "tbps.cli.main"]
+
+
+def train_arm(name: str, recipe: str, overrides: list[str], args) -> dict:
+    run = Path(args.out) / name
+    done = run / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    cmd = _tbps() + ["train", "--data", args.data, "--recipe", recipe, "--out", str(run), "--time-budget",
+                     str(args.minutes), "--budget-clock", "cpu", "--no-progress", *COMMON, *overrides]
+    run.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    with open(run / "train.log", "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    wall = time.time() - t0
+    ev = subprocess.run(_tbps() + ["eval", str(run / "best.pt"), "--data", args.data, "--json"],
+                        check=True, capture_output=True, text=True, env=env)
+    metrics = json.loads(ev.stdout.strip().splitlines()[-1])
+    hist = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    result = {"name": name, "recipe": recipe, "overrides": overrides, "wall_s": round(wall, 1),
+              "steps": hist[-1]["step"], "epoch": hist[-1]["epoch"], "test": metrics}
+    done.write_text(json.dumps(result, indent=1))
+    print(f"{name}: R1 {metrics['t2i']['R1']:.2f} after {result['steps']} steps ({wall / 60:.1f} min wall)",
+          flush=True)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| run | steps (epoch) | R1 | R5 | R10 | mAP | mINP |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r["test"]["t2i"]
+        rows.append(f"| {r['name']} | {r['steps']} ({r['epoch']:.2f}) | {m['R1']:.2f} | {m['R5']:.2f} | "
+                    f"{m['R10']:.2f} | {m['mAP']:.2f} | {m['mINP']:.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", required=True, nargs="+", choices=sorted(ARMS), help="which ablation(s)")
+    p.add_argument("--data", required=True, help="dataset root (e.g. from `tbps synth`)")
+    p.add_argument("--out", default="runs/ablation", help="folder of the run folders")
+    p.add_argument("--minutes", type=float, default=8.0, help="CPU minutes per arm")
+    p.add_argument("--parallel", type=int, default=2, help="arms trained at once (one core each)")
+    p.add_argument("--only", nargs="*", help="arm names to run (default: all of the set)")
+    p.add_argument("--report", action="store_true", help="print the table of finished arms, train nothing")
+    args = p.parse_args()
+    arms = [a for s in args.set for a in ARMS[s] if not args.only or a[0] in args.only]
+    if args.report:
+        results = [json.loads(f.read_text()) for a in arms if (f := Path(args.out) / a[0] / "result.json").exists()]
+    else:
+        with ThreadPoolExecutor(args.parallel) as pool:
+            results = list(pool.map(lambda a: train_arm(*a, args), arms))
+    print(f"\n{' + '.join(args.set)}: {args.minutes:g} CPU-minutes per arm, test split, text-to-image")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
