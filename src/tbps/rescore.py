@@ -142,15 +142,17 @@ class SearchRescorer:
                             reranker=rescorer.for_texts(texts))
 
     Candidates' image token maps are computed from ``index.image_path(id)`` and cached
-    (``cache_size`` images, least recently used dropped).
+    (``cache_size`` images, least recently used dropped). Not thread-safe: callers that
+    share one rescorer between threads serialise its calls (``tbps serve`` does).
     """
 
     def __init__(self, model, fusion, tokenizer, *, mode: str = "itm", weight: float = 0.002, max_words: int = 77,
                  device="cpu", cache_size: int = 4096):
         if mode not in MODES:
             raise ValueError(f"re-scoring mode {mode!r}: one of {MODES}")
-        self.model, self.fusion, self.tokenizer = model.eval(), fusion.eval(), tokenizer
-        self.mode, self.weight, self.max_words, self.device = mode, weight, max_words, torch.device(device)
+        self.device = torch.device(device)
+        self.model, self.fusion, self.tokenizer = model.eval(), fusion.to(self.device).eval(), tokenizer
+        self.mode, self.weight, self.max_words = mode, weight, max_words
         self.cache_size = cache_size
         from collections import OrderedDict
 
@@ -165,6 +167,19 @@ class SearchRescorer:
         max_words = ckpt.get("recipe", {}).get("data", {}).get("max_words", 77)
         return cls(model, load_fusion(ckpt, model), get_tokenizer(model.spec), max_words=max_words, device=device,
                    **kwargs)
+
+    @classmethod
+    def from_encoder(cls, encoder, **kwargs) -> SearchRescorer:
+        """Re-score with the model a :class:`tbps.inference.Encoder` already holds (loaded once).
+
+        Reads the fusion encoder from ``encoder.checkpoint``; a checkpoint without a trained
+        one raises :class:`tbps.engine.checkpoint.CheckpointError` (see :func:`load_fusion`).
+        """
+        from tbps.engine.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(encoder.checkpoint)
+        return cls(encoder.model, load_fusion(ckpt, encoder.model), encoder.tokenizer, max_words=encoder.max_words,
+                   device=encoder.device, **kwargs)
 
     @torch.no_grad()
     def _image_memory(self, index, item_id: int) -> torch.Tensor:
@@ -185,34 +200,70 @@ class SearchRescorer:
             self._memory.popitem(last=False)
         return mem
 
-    def for_texts(self, texts: Sequence[str]):
-        """The reranker callable for queries ``texts`` (same order as the query features)."""
+    def for_texts(self, texts: Sequence[str], depth: int | None = None) -> BoundRescorer:
+        """The reranker callable for queries ``texts`` (same order as the query features).
+
+        depth: re-score only each query's first ``depth`` candidates (the index hands them
+        best first); the others keep their stage-1 order below every re-scored one, with
+        the score ``s - s_top1 - 1`` (<= -1), as :func:`rescore_topk` places non-candidates.
+        ``None``: re-score every candidate the index hands over.
+        """
+        return BoundRescorer(self, texts, depth)
+
+
+class BoundRescorer:
+    """A :class:`SearchRescorer` bound to one search call's texts: the ``reranker`` callable.
+
+    After the call, ``seconds`` holds the time spent on the text token maps and the fusion
+    passes, ``stage1`` each query's ``{id: stage-1 score}`` of the candidates it saw, and
+    ``rescored`` how many candidates each query had re-scored.
+    """
+
+    def __init__(self, rescorer: SearchRescorer, texts: Sequence[str], depth: int | None = None):
         from tbps.data.text import clean_caption
 
+        if depth is not None and depth < 1:
+            raise ValueError(f"re-scoring needs depth >= 1, got {depth}")
+        self.rescorer, self.depth = rescorer, depth
+        self.stage1: list[dict[int, float]] = []
+        self.rescored: list[int] = []
+        r = rescorer
+        t0 = time.perf_counter()
         with torch.no_grad():
-            tok = self.tokenizer([clean_caption(t, self.max_words) for t in texts]).to(self.device)
-            _, words, mask = self.model.text_tokens(tok)
+            tok = r.tokenizer([clean_caption(t, r.max_words) for t in texts]).to(r.device)
+            _, self.words, self.mask = r.model.text_tokens(tok)  # (Q, L, D), (Q, L)
+        self.seconds = time.perf_counter() - t0
 
-        @torch.no_grad()
-        def rerank(query_feats, cand_ids, cand_scores, index):
-            import numpy as np
+    @torch.no_grad()
+    def __call__(self, query_feats, cand_ids, cand_scores, index):
+        import numpy as np
 
-            ids = np.asarray(cand_ids)
-            if ids.shape[0] != words.shape[0]:
-                raise ValueError(f"rescorer bound to {words.shape[0]} texts got {ids.shape[0]} queries")
-            out = np.full(ids.shape, -np.inf)
-            for qi in range(ids.shape[0]):
-                valid = ids[qi] >= 0
-                if not valid.any():
-                    continue
-                mem = torch.stack([self._image_memory(index, int(i)) for i in ids[qi][valid]])  # (K, 1+N, D)
-                n = mem.shape[0]
-                fused = self.fusion(words[qi:qi + 1].expand(n, -1, -1), mask[qi:qi + 1].expand(n, -1), mem)
-                itm = self.fusion.itm_score(fused).float()[None]  # (1, K)
-                if self.mode == "itm+itc":
-                    itc = torch.as_tensor(np.asarray(cand_scores)[qi][valid], dtype=torch.float32)[None]
-                    itm = _minmax(itm) + self.weight * _minmax(itc)
-                out[qi, valid] = itm[0].cpu().numpy()
-            return out
-
-        return rerank
+        r = self.rescorer
+        t0 = time.perf_counter()
+        ids, stage1 = np.asarray(cand_ids), np.asarray(cand_scores, dtype=np.float64)
+        if ids.shape[0] != self.words.shape[0]:
+            raise ValueError(f"rescorer bound to {self.words.shape[0]} texts got {ids.shape[0]} queries")
+        out = np.full(ids.shape, -np.inf)
+        self.stage1 = [{int(i): float(s) for i, s in zip(row, srow) if i >= 0} for row, srow in zip(ids, stage1)]
+        self.rescored = []
+        for qi in range(ids.shape[0]):
+            valid = ids[qi] >= 0
+            if self.depth is not None:  # the rest: stage-1 order, below every re-scored candidate
+                rest = valid.copy()
+                valid[self.depth:] = False
+                rest[: self.depth] = False
+                if rest.any():
+                    out[qi, rest] = stage1[qi, rest] - stage1[qi, 0] - 1.0
+            self.rescored.append(int(valid.sum()))
+            if not valid.any():
+                continue
+            mem = torch.stack([r._image_memory(index, int(i)) for i in ids[qi][valid]])  # (K, 1+N, D)
+            n = mem.shape[0]
+            fused = r.fusion(self.words[qi:qi + 1].expand(n, -1, -1), self.mask[qi:qi + 1].expand(n, -1), mem)
+            itm = r.fusion.itm_score(fused).float()[None]  # (1, K)
+            if r.mode == "itm+itc":
+                itc = torch.as_tensor(stage1[qi][valid], dtype=torch.float32)[None]
+                itm = _minmax(itm) + r.weight * _minmax(itc)
+            out[qi, valid] = itm[0].cpu().numpy()
+        self.seconds += time.perf_counter() - t0
+        return out

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 HELP = "search a gallery index by text description or example image"
+DEFAULT_RESCORE = 128  # candidates re-scored by --rescore without a value (LAIP, RaSa)
 
 EPILOG = """\
 examples:
@@ -13,6 +15,13 @@ examples:
   tbps search gallery.idx "woman in a white dress" -k 20 --where "camera = 'c3' AND time >= '2024-01-01'"
   tbps search gallery.idx --image query.jpg --json
   tbps search gallery.idx "red coat" --checkpoint other/best.pt   # must match the index's model
+  tbps search gallery.idx "a man in a grey hoodie" --rescore       # LAIP checkpoints: ITM re-scores the top 128
+
+re-scoring (--rescore [K], default K 128): the fusion encoder of the index's checkpoint (or of
+--checkpoint) scores the top K candidates of the dual encoder with its ITM head and re-orders
+them (itm: the match probability; itm+itc: minmax(ITM) + W * minmax(cosine)). Needs a checkpoint
+trained with a fusion encoder and an ITM head (recipe laip, laip-cpu) and a text query. Results
+past the top K keep their cosine order below, with score cosine - top cosine - 1 (<= -1).
 
 filters (--where): column = 'text' | column > 3 | column IN ('c1', 'c2') | column LIKE 'c%'
 | column BETWEEN 1 AND 5 | column IS NULL, combined with AND, OR, NOT and parentheses.
@@ -34,6 +43,13 @@ def register(subparsers) -> None:
     p.add_argument("--exact", action="store_true", help="exact search even if the index has an ANN structure")
     p.add_argument("--nprobe", type=int, metavar="N",
                    help="IVF indexes: lists to visit (higher: better recall, slower; `tbps index info` shows the default)")
+    p.add_argument("--rescore", type=int, nargs="?", const=DEFAULT_RESCORE, default=None, metavar="K",
+                   help=f"re-score the top K text-search candidates with the checkpoint's ITM head "
+                   f"(K default {DEFAULT_RESCORE}; LAIP checkpoints)")
+    p.add_argument("--rescore-mode", choices=["itm", "itm+itc"], default=None,
+                   help="itm: the match probability alone (RaSa, default); itm+itc: minmax(ITM) + W * minmax(cosine)")
+    p.add_argument("--rescore-weight", type=float, default=None, metavar="W",
+                   help="W of --rescore-mode itm+itc (default 0.002)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=run)
@@ -50,6 +66,10 @@ def run(args) -> int:
         raise UserError(f"-k must be a positive integer, got {args.k}")
     if args.nprobe is not None and args.nprobe <= 0:
         raise UserError(f"--nprobe must be a positive integer, got {args.nprobe}")
+    rescore = check_rescore_args(args.rescore, args.rescore_mode, args.rescore_weight)
+    if rescore and args.image is not None:
+        raise UserError("--rescore re-scores text queries (the ITM head reads the description); "
+                        "it cannot be used with --image")
 
     from tbps.cli.index import load_encoder
     from tbps.index import GalleryIndex
@@ -60,13 +80,18 @@ def run(args) -> int:
             raise UserError(f"index {args.index} does not record its checkpoint; pass --checkpoint")
         encoder = load_encoder(checkpoint, args.device)
         ix.check_encoder(encoder)
+        rescorer = load_rescorer(encoder, **rescore) if rescore else None
         if args.image is not None:
             feats = encode_image_file(encoder, args.image)
         else:
             feats = encoder.encode_texts([args.query.strip()])
         if args.nprobe is not None and ix.search_mode == "ivf":
             ix.search_params["nprobe"] = args.nprobe
-        hits = ix.search(feats, args.k, where=args.where, exact=args.exact)[0]
+        options = {}
+        if rescorer is not None:
+            bound = rescorer.for_texts([args.query.strip()], depth=args.rescore)
+            options = {"reranker": bound, "rerank_depth": args.rescore}
+        hits = ix.search(feats, args.k, where=args.where, exact=args.exact, **options)[0]
         mode = "exact" if args.exact else ix.search_mode
         n = len(ix)
     if args.json:
@@ -77,17 +102,62 @@ def run(args) -> int:
             "where": args.where,
             "index_size": n,
             "search_mode": mode,
+            "rescored": rescorer is not None,
+            "rescore": None,
             "results": [{"rank": r + 1, **h.to_dict()} for r, h in enumerate(hits)],
         }
+        if rescorer is not None:
+            out["rescore"] = {"k": args.rescore, "mode": rescore["mode"],
+                              "weight": rescore["weight"] if rescore["mode"] == "itm+itc" else None,
+                              "candidates": bound.rescored[0] if bound.rescored else 0,
+                              "ms": round(1e3 * bound.seconds, 3)}
+            for res in out["results"]:  # score: re-scored; cosine: the dual encoder's stage-1 score
+                res["cosine"] = bound.stage1[0].get(res["id"]) if bound.stage1 else None
         print(json.dumps(out, indent=2, default=str))
     else:
         if not hits:
             print("no results" + (" (no item matches the filter)" if args.where else ""))
-        else:
+        elif rescorer is None:
             print(f"{'rank':>4}  {'score':>7}  {'id':>7}  path")
             for r, h in enumerate(hits, start=1):
                 print(f"{r:>4}  {h.score:7.4f}  {h.id:>7}  {h.path}")
+        else:
+            print(f"{'rank':>4}  {'score':>7}  {'cosine':>7}  {'id':>7}  path")
+            for r, h in enumerate(hits, start=1):
+                print(f"{r:>4}  {h.score:7.4f}  {bound.stage1[0][h.id]:7.4f}  {h.id:>7}  {h.path}")
+        if rescorer is not None:
+            n = bound.rescored[0] if bound.rescored else 0
+            print(f"tbps: re-scored the top {n} by {rescore['mode']} in {1e3 * bound.seconds:.1f} ms", file=sys.stderr)
     return 0
+
+
+def check_rescore_args(k: int | None, mode: str | None, weight: float | None) -> dict | None:
+    """--rescore/--rescore-mode/--rescore-weight -> ``{"mode", "weight"}`` (None without --rescore)."""
+    import math
+
+    from tbps.cli.main import UserError
+
+    if k is None:
+        if mode is not None or weight is not None:
+            raise UserError("--rescore-mode and --rescore-weight need --rescore [K]")
+        return None
+    if k <= 0:
+        raise UserError(f"--rescore must be a positive integer, got {k}")
+    mode = mode or "itm"
+    if weight is not None and mode != "itm+itc":
+        raise UserError("--rescore-weight is the cosine weight of --rescore-mode itm+itc")
+    weight = 0.002 if weight is None else weight
+    if not math.isfinite(weight) or weight < 0:
+        raise UserError(f"--rescore-weight must be a finite number >= 0, got {weight}")
+    return {"mode": mode, "weight": weight}
+
+
+def load_rescorer(encoder, mode: str = "itm", weight: float = 0.002):
+    """The ``tbps.rescore.SearchRescorer`` sharing ``encoder``'s model; a checkpoint without a
+    trained fusion encoder raises ``CheckpointError`` (a one-line user error)."""
+    from tbps.rescore import SearchRescorer
+
+    return SearchRescorer.from_encoder(encoder, mode=mode, weight=weight)
 
 
 def encode_image_file(encoder, path):

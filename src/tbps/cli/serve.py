@@ -8,6 +8,8 @@ import os
 import socket
 import sys
 
+from tbps.cli.search import DEFAULT_RESCORE, check_rescore_args
+
 HELP = "serve a gallery index over HTTP: a REST API and a search page"
 
 EPILOG = """\
@@ -15,8 +17,14 @@ examples:
   tbps serve gallery.idx                         # http://127.0.0.1:8000/
   tbps serve gallery.idx --port 9000 --checkpoint runs/cuhk/best.pt
   TBPS_TOKEN=s3cret tbps serve gallery.idx --host 0.0.0.0
+  tbps serve gallery.idx --rescore 128           # LAIP checkpoints: requests may ask for ITM re-scoring
   curl -s -H 'Authorization: Bearer s3cret' -H 'Content-Type: application/json' \\
        -d '{"text": "a woman in a red coat", "k": 5}' http://127.0.0.1:8000/search
+
+re-scoring: with --rescore [K] (a checkpoint with a trained fusion encoder and ITM head, e.g.
+recipe laip) a POST /search with "rescore": true re-orders the top K by the ITM head; without
+--rescore such a request gets a 422. The page shows a "Re-score" box, and /stats a "rescore"
+entry, only when it is available. --rescore and --rerank are alternatives (not combined).
 
 routes: POST /search, POST /search/image, GET /images/ID, GET /thumbs/ID, GET /stats,
 GET /health, GET / (the page), GET /openapi.json (the API schema).
@@ -50,6 +58,13 @@ def register(subparsers) -> None:
                    "kreciprocal (default none; see tbps.rerank)")
     p.add_argument("--rerank-depth", type=int, default=None, metavar="K",
                    help="candidates re-ranked per query (default: max(k, 100))")
+    p.add_argument("--rescore", type=int, nargs="?", const=DEFAULT_RESCORE, default=None, metavar="K",
+                   help=f"let requests re-score their top K candidates with the checkpoint's ITM head "
+                   f"(K default {DEFAULT_RESCORE}; LAIP checkpoints; a request asks with \"rescore\": true)")
+    p.add_argument("--rescore-mode", choices=["itm", "itm+itc"], default=None,
+                   help="itm: the match probability alone (RaSa, default); itm+itc: minmax(ITM) + W * minmax(cosine)")
+    p.add_argument("--rescore-weight", type=float, default=None, metavar="W",
+                   help="W of --rescore-mode itm+itc (default 0.002)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run)
@@ -83,17 +98,22 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch=32, rerank="none",
-             rerank_depth=None):
+             rerank_depth=None, rescore=None, rescore_mode="itm", rescore_weight=0.002):
     """Open the index, load and check its encoder, and build the app (no server started).
 
-    Every failure a user can cause (missing or corrupt index, missing or wrong checkpoint)
-    raises an error marked ``user_error``, so ``tbps`` prints one line and exits 2.
+    rescore: K, to let requests re-score their top K with the checkpoint's fusion encoder
+    (``tbps.rescore.SearchRescorer``, sharing the encoder's model). Every failure a user can
+    cause (missing or corrupt index, missing or wrong checkpoint, a checkpoint that cannot
+    re-score) raises an error marked ``user_error``, so ``tbps`` prints one line and exits 2.
     """
     from tbps.cli.index import load_encoder
     from tbps.cli.main import UserError
     from tbps.index import GalleryIndex
     from tbps.serve import create_app
 
+    if rescore is not None and rerank != "none":
+        raise UserError(f"--rescore and --rerank {rerank} are alternatives: the ITM head re-orders the top K "
+                        "by itself (pick one)")
     index = GalleryIndex.open(index_path)
     checkpoint = checkpoint or index.checkpoint
     if not checkpoint:
@@ -105,7 +125,13 @@ def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch
         from tbps.rerank import index_reranker
 
         reranker = index_reranker(rerank)
-    return create_app(index, encoder, token=token, max_batch=max_batch, reranker=reranker, rerank_depth=rerank_depth)
+    rescorer = None
+    if rescore is not None:
+        from tbps.cli.search import load_rescorer
+
+        rescorer = load_rescorer(encoder, mode=rescore_mode, weight=rescore_weight)
+    return create_app(index, encoder, token=token, max_batch=max_batch, reranker=reranker, rerank_depth=rerank_depth,
+                      rescorer=rescorer, rescore_depth=rescore or DEFAULT_RESCORE)
 
 
 def run(args) -> int:
@@ -120,6 +146,10 @@ def run(args) -> int:
         raise UserError(f"--rerank-depth must be positive, got {args.rerank_depth}")
     if args.max_batch <= 0:
         raise UserError(f"--max-batch must be positive, got {args.max_batch}")
+    rescore = check_rescore_args(args.rescore, args.rescore_mode, args.rescore_weight) or {}
+    if rescore and args.rerank != "none":
+        raise UserError(f"--rescore and --rerank {args.rerank} are alternatives: the ITM head re-orders the top K "
+                        "by itself (pick one)")
     if args.threads is not None and args.threads <= 0:
         raise UserError(f"--threads must be positive, got {args.threads}")
     try:
@@ -135,7 +165,8 @@ def run(args) -> int:
     torch.set_num_threads(args.threads or default_threads())
 
     app = load_app(args.index, checkpoint=args.checkpoint, token=token, device=args.device, max_batch=args.max_batch,
-                   rerank=args.rerank, rerank_depth=args.rerank_depth)
+                   rerank=args.rerank, rerank_depth=args.rerank_depth, rescore=args.rescore,
+                   rescore_mode=rescore.get("mode", "itm"), rescore_weight=rescore.get("weight", 0.002))
     if not _is_loopback(args.host) and not token:
         print(f"tbps: warning: serving on {args.host} without a token: anyone who can reach this "
               "machine can search the gallery and fetch its images (set --token)", file=sys.stderr)

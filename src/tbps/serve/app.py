@@ -17,6 +17,9 @@ Input rules, chosen so that bad input always gets a clear 4xx and never a 500:
   the model's context length, 77 tokens for CLIP, as in training).
 - ``k`` must be in ``1..MAX_K`` (else 422); a ``k`` above the gallery size is clamped to it,
   and the response's ``k`` says how many were asked of the index.
+- ``rescore: true`` asks for top-k ITM re-scoring (``tbps.rescore.SearchRescorer``); a server
+  built without a ``rescorer`` answers it with a 422 saying so. ``GET /stats`` says whether
+  re-scoring is available (``rescore.available``) and with which k and mode.
 - ``filters`` is a ``where`` expression string (parsed by the index, never pasted into SQL)
   or a ``{column: value}`` object turned into ``column = 'value' AND ...`` with quoting done
   here; an unknown column or a malformed expression -> 422 naming the problem.
@@ -336,6 +339,8 @@ def create_app(
     reload_interval: float | None = 1.0,
     reranker=None,
     rerank_depth: int | None = None,
+    rescorer=None,
+    rescore_depth: int = 128,
 ):
     """Build the FastAPI app that serves ``index`` (a ``GalleryIndex``) with ``encoder``.
 
@@ -347,7 +352,10 @@ def create_app(
     call over the cores and overlapping calls only thrash. ``reload_interval``: how often
     (seconds) to look for a newer generation of the index on disk (``LiveIndex``); ``None``
     never reloads. ``reranker`` / ``rerank_depth``: passed to ``index.search`` for every
-    query (the hook re-scoring recipes plug into; see ``GalleryIndex.search``).
+    query (the hook re-scoring recipes plug into; see ``GalleryIndex.search``). ``rescorer``:
+    a ``tbps.rescore.SearchRescorer``; text queries that ask for it (``"rescore": true``) have
+    their top ``rescore_depth`` candidates re-scored by its ITM head (its calls are serialised
+    with the encoder's: they share the model). Not combined with ``reranker``.
     ``app.state`` holds ``live`` (``live.get()`` is the current index),
     ``encoder``, ``thumbs`` (the thumbnail cache) and ``batcher``.
     """
@@ -361,11 +369,15 @@ def create_app(
         HTTPAuthorizationCredentials,
         HTTPBearer,
     )
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from tbps import __version__
 
+    if rescorer is not None and reranker is not None:
+        raise ValueError("a reranker and a rescorer are alternatives: give one")
+    if int(rescore_depth) < 1:
+        raise ValueError(f"rescore_depth must be >= 1, got {rescore_depth}")
     filter_errors = _index_errors()
     live = LiveIndex(index, encoder, reload_interval)
     search_options = {"reranker": reranker, "rerank_depth": rerank_depth} if reranker is not None else {}
@@ -374,6 +386,10 @@ def create_app(
     batcher = TextBatcher(encoder.encode_texts, lock, max_batch)
     thumbs = ThumbCache(thumb_cache_items)
     started = time.time()
+    rescore_info: dict[str, Any] = {"available": False}
+    if rescorer is not None:
+        rescore_info = {"available": True, "k": int(rescore_depth), "mode": rescorer.mode,
+                        "weight": rescorer.weight if rescorer.mode == "itm+itc" else None}
 
     # ---- models: these are the OpenAPI schema -------------------------------------------
     class SearchRequest(BaseModel):
@@ -408,6 +424,12 @@ def create_app(
             f"Columns: {', '.join(columns) or '(none)'} (`GET /stats` lists the current ones).",
             examples=["camera = 'c3'", {"camera": "c3"}],
         )
+        rescore: StrictBool = Field(
+            False,
+            description="Re-score the top candidates with the checkpoint's fusion encoder (ITM head) "
+            "before returning the k best. Only on servers started with `--rescore` "
+            "(`GET /stats` -> `rescore.available`); elsewhere a 422.",
+        )
 
         @field_validator("filters")
         @classmethod
@@ -425,7 +447,10 @@ def create_app(
 
         id: int = Field(..., description="Stable id of the gallery item in this index.")
         rank: int = Field(..., description="1 for the best match.")
-        score: float = Field(..., description="Cosine similarity (after any re-ranking); higher is better.")
+        score: float = Field(..., description="Cosine similarity (after any re-ranking), or the re-scored value "
+                             "when the response is `rescored`; higher is better.")
+        cosine: float | None = Field(None, description="The dual encoder's cosine similarity, when `score` is "
+                                     "a re-scored value; else null.")
         name: str = Field(..., description="File name of the image (no server path).")
         image_url: str = Field(..., description="URL of the full image (same auth as the API).")
         thumb_url: str = Field(..., description="URL of a small JPEG thumbnail.")
@@ -441,6 +466,8 @@ def create_app(
         where: str | None = Field(None, description="The filter expression applied, if any.")
         results: list[SearchHit]
         took_ms: float = Field(..., description="Server time spent on this search.")
+        rescored: bool = Field(False, description="Whether the top candidates were re-scored (`rescore: true`).")
+        rescore_ms: float | None = Field(None, description="Time spent re-scoring (within took_ms), when rescored.")
 
     class ErrorItem(BaseModel):
         """One validation problem: where (``loc``), what (``msg``), and pydantic's ``type``."""
@@ -476,6 +503,9 @@ def create_app(
             ..., description="Index generations picked up since startup, and why the last reload failed (if it did)."
         )
         text_batches: dict[str, int] = Field(..., description="Encoder calls for text queries, and queries they served.")
+        rescore: dict[str, Any] = Field(
+            ..., description="Whether `rescore: true` is available and, if so, its k, mode and weight."
+        )
         uptime_s: float
 
     err = {"model": ErrorResponse}
@@ -558,10 +588,12 @@ def create_app(
     def _prefix(request: Request) -> str:
         return request.scope.get("root_path", "").rstrip("/")
 
-    def _hits_to_response(request: Request, hits, query: str, k: int, where, t0: float):
+    def _hits_to_response(request: Request, hits, query: str, k: int, where, t0: float, bound=None):
         base = _prefix(request)
         results = []
+        stage1 = bound.stage1[0] if bound is not None and bound.stage1 else {}
         for rank, h in enumerate(hits, start=1):
+            cos = stage1.get(int(h.id))
             results.append(
                 SearchHit(
                     id=int(h.id),
@@ -571,10 +603,12 @@ def create_app(
                     image_url=f"{base}/images/{int(h.id)}",
                     thumb_url=f"{base}/thumbs/{int(h.id)}",
                     metadata=_jsonable(dict(h.metadata or {})),
+                    cosine=cos if cos is None or math.isfinite(cos) else None,
                 )
             )
         return SearchResponse(
-            query=query, k=k, where=where, results=results, took_ms=round((time.perf_counter() - t0) * 1e3, 3)
+            query=query, k=k, where=where, results=results, took_ms=round((time.perf_counter() - t0) * 1e3, 3),
+            rescored=bound is not None, rescore_ms=None if bound is None else round(bound.seconds * 1e3, 3),
         )
 
     def _where(filters, index) -> str | None:
@@ -587,19 +621,30 @@ def create_app(
                 raise HTTPException(422, f"filters: {e}") from None
         return filters.strip() or None
 
-    def _search(index, feats: np.ndarray, k: int, where: str | None):
+    def _search(index, feats: np.ndarray, k: int, where: str | None, options: dict | None = None):
         n = len(index)
         if n == 0:
             return []
         k = min(k, n)
         try:
-            return index.search(feats, k=k, where=where, **search_options)[0]
+            return index.search(feats, k=k, where=where, **(search_options if options is None else options))[0]
         except filter_errors as e:
             raise HTTPException(422, f"filters: {e}") from None
 
     def _encode(fn, arg):
         with lock:
             return fn(arg)
+
+    def _rescore_options(text: str):
+        """(index.search options, the bound rescorer) re-scoring ``text``'s top candidates."""
+        with lock:  # the rescorer shares the encoder's model, and its image cache is not thread-safe
+            bound = rescorer.for_texts([text], depth=rescore_depth)
+
+        def locked(*args):
+            with lock:
+                return bound(*args)
+
+        return {"reranker": locked, "rerank_depth": rescore_depth}, bound
 
     def _image_path(item_id: int) -> Path:
         if item_id >= _MAX_ID:
@@ -640,6 +685,7 @@ def create_app(
             auth=bool(token),
             thumb_cache={"items": len(thumbs), "capacity": thumbs.capacity, "hits": thumbs.hits, "misses": thumbs.misses},
             text_batches={"batches": batcher.batches, "queries": batcher.queries, "max_batch": batcher.max_batch},
+            rescore=rescore_info,
             reloads={"count": live.reloads, "error": live.error},
             uptime_s=round(time.time() - started, 3),
         )
@@ -653,19 +699,24 @@ def create_app(
         responses={
             400: {**err, "description": "The body could not be read (e.g. not UTF-8)."},
             413: {**err, "description": f"The body is over {MAX_BODY_BYTES} bytes."},
-            422: {**err, "description": "Invalid query, k, or filter (the message says which)."},
+            422: {**err, "description": "Invalid query, k, or filter, or `rescore` asked of a server "
+                  "that cannot re-score (the message says which)."},
             **auth_errors,
         },
     )
     def search(req: SearchRequest, request: Request):
         t0 = time.perf_counter()
+        if req.rescore and rescorer is None:
+            raise HTTPException(422, "rescore: this server cannot re-score; start it with `tbps serve INDEX "
+                                "--rescore` on a checkpoint with a trained fusion encoder (recipe laip)")
         index = live.get()
         where = _where(req.filters, index)
         text = req.text.strip()
         feats = batcher(text)[None]  # (1, D) float32, L2-normalised
         k = min(req.k, len(index))
-        hits = _search(index, np.asarray(feats, dtype=np.float32), k, where)
-        return _hits_to_response(request, hits, text, k, where, t0)
+        options, bound = _rescore_options(text) if req.rescore else (None, None)
+        hits = _search(index, np.asarray(feats, dtype=np.float32), k, where, options)
+        return _hits_to_response(request, hits, text, k, where, t0, bound)
 
     @app.post(
         "/search/image",

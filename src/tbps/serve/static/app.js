@@ -1,6 +1,7 @@
 // tbps search page: no framework, no external assets.
-// State lives in the address bar (?q=&k=&where=) so a result list can be shared; loading such
-// a URL runs the search. Auth: opening /?token=T makes the server set an HttpOnly cookie, so
+// State lives in the address bar (?q=&k=&where=, and rescore=0 when re-scoring is switched off)
+// so a result list can be shared; loading such a URL runs the search. The "Re-score" box shows
+// only when /stats says the server can re-score (`tbps serve --rescore`); it starts checked. Auth: opening /?token=T makes the server set an HttpOnly cookie, so
 // fetch() and <img> authenticate by themselves; we drop `token` from the address bar at once.
 "use strict";
 
@@ -10,8 +11,9 @@ const els = {
   status: $("status"), error: $("error"), results: $("results"), empty: $("empty"),
   viewer: $("viewer"), vImg: $("viewer-img"), vTitle: $("viewer-title"), vScore: $("viewer-score"),
   vMeta: $("viewer-meta"), vOpen: $("viewer-open"), similar: $("similar"), file: $("image-file"),
-  columnsHint: $("columns-hint"), gallerySize: $("gallery-size"),
+  columnsHint: $("columns-hint"), gallerySize: $("gallery-size"), rescore: $("rescore"), rescoreBox: $("rescore-box"),
 };
+let canRescore = false;  // from /stats
 let current = [];      // hits of the last search, in rank order
 let shown = null;      // hit open in the viewer
 let seq = 0;           // drops answers to superseded searches
@@ -22,7 +24,7 @@ function readUrl() {
     p.delete("token");
     history.replaceState(null, "", location.pathname + (p.toString() ? "?" + p : ""));
   }
-  return { q: p.get("q") || "", k: p.get("k") || "", where: p.get("where") || "" };
+  return { q: p.get("q") || "", k: p.get("k") || "", where: p.get("where") || "", rescore: p.get("rescore") !== "0" };
 }
 
 function writeUrl(state, push) {
@@ -30,6 +32,7 @@ function writeUrl(state, push) {
   if (state.q) p.set("q", state.q);
   if (state.k) p.set("k", state.k);
   if (state.where) p.set("where", state.where);
+  if (canRescore && !state.rescore) p.set("rescore", "0");
   const url = location.pathname + (p.toString() ? "?" + p : "");
   if (url !== location.pathname + location.search) history[push ? "pushState" : "replaceState"](null, "", url);
 }
@@ -42,6 +45,7 @@ function applyState(state) {
   }
   els.where.value = state.where;
   if (state.where) els.filtersBox.open = true;
+  els.rescore.checked = state.rescore;
 }
 
 async function api(path, options = {}) {
@@ -68,6 +72,7 @@ async function runSearch(state) {
   try {
     const body = { text: state.q, k: parseInt(state.k || els.k.value, 10) };
     if (state.where) body.filters = state.where;
+    if (canRescore && state.rescore) body.rescore = true;
     const data = await api("search", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
@@ -118,7 +123,8 @@ function render(data) {
   if (!data) { els.status.textContent = ""; return; }
   const n = current.length;
   const where = data.where ? ` · filter: ${data.where}` : "";
-  els.status.textContent = `${n} result${n === 1 ? "" : "s"} for “${data.query}” · ${data.took_ms.toFixed(1)} ms${where}`;
+  const rescored = data.rescored ? ` · re-scored (${data.rescore_ms.toFixed(1)} ms)` : "";
+  els.status.textContent = `${n} result${n === 1 ? "" : "s"} for “${data.query}” · ${data.took_ms.toFixed(1)} ms${rescored}${where}`;
   const top = n ? current[0].score : 1, bottom = n ? current[n - 1].score : 0;
   current.forEach((hit, i) => {
     const card = document.createElement("button");
@@ -188,7 +194,7 @@ function step(delta) {
 
 els.form.addEventListener("submit", (ev) => {
   ev.preventDefault();
-  const state = { q: els.q.value.trim(), k: els.k.value, where: els.where.value.trim() };
+  const state = { q: els.q.value.trim(), k: els.k.value, where: els.where.value.trim(), rescore: els.rescore.checked };
   if (!state.q) { showError("Type a description first."); els.q.focus(); return; }
   writeUrl(state, true);
   runSearch(state);
@@ -197,6 +203,7 @@ els.where.addEventListener("keydown", (ev) => {
   if (ev.key === "Enter") { ev.preventDefault(); els.form.requestSubmit(); }
 });
 els.k.addEventListener("change", () => { if (els.q.value.trim()) els.form.requestSubmit(); });
+els.rescore.addEventListener("change", () => { if (els.q.value.trim()) els.form.requestSubmit(); });
 els.file.addEventListener("change", () => {
   const f = els.file.files[0];
   if (f) runImageSearch(f, f.name);
@@ -235,12 +242,15 @@ window.addEventListener("popstate", () => {
 (async function init() {
   const state = readUrl();
   applyState(state);
-  if (state.q) runSearch(state);
-  try {
+  try {  // first: whether the server can re-score decides what a shared URL's search asks for
     const s = await api("stats");
     els.gallerySize.textContent = `Gallery: ${s.items.toLocaleString()} images · model ${s.model.arch || "?"}`;
     if (s.columns.length) els.columnsHint.textContent = "Columns: " + s.columns.join(", ");
+    canRescore = !!(s.rescore && s.rescore.available);
+    els.rescoreBox.hidden = !canRescore;
+    if (canRescore) els.rescoreBox.title += ` (top ${s.rescore.k}, ${s.rescore.mode})`;
   } catch (e) {
     if (!state.q) showError(e.message);
   }
+  if (state.q) runSearch(state);
 })();
