@@ -62,7 +62,7 @@ def register(name: str):
 def build_objective(name: str, model: nn.Module, losses: dict[str, Any], *, num_identities: int) -> Objective:
     from tbps.objectives import tbps_clip  # noqa: F401  (registers itself)
 
-    if name in ("irra", "laip"):  # fusion-encoder objectives (issue 6)
+    if name in ("irra", "laip", "mefa"):  # fusion-encoder objectives (issue 6) and MeFa (issue 5)
         import importlib
 
         importlib.import_module(f"tbps.objectives.{name}")
