@@ -30,6 +30,15 @@ columns (`tbps index info INDEX` lists them).
 """
 
 
+def add_rescore_arguments(p, k_help: str) -> None:
+    """--rescore [K], --rescore-mode, --rescore-weight (shared by `tbps search` and `tbps serve`)."""
+    p.add_argument("--rescore", type=int, nargs="?", const=DEFAULT_RESCORE, default=None, metavar="K", help=k_help)
+    p.add_argument("--rescore-mode", choices=["itm", "itm+itc"], default=None,
+                   help="itm: the match probability alone (RaSa, default); itm+itc: minmax(ITM) + W * minmax(cosine)")
+    p.add_argument("--rescore-weight", type=float, default=None, metavar="W",
+                   help="W of --rescore-mode itm+itc (default 0.002)")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("search", help=HELP, description=HELP + ".", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,13 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--exact", action="store_true", help="exact search even if the index has an ANN structure")
     p.add_argument("--nprobe", type=int, metavar="N",
                    help="IVF indexes: lists to visit (higher: better recall, slower; `tbps index info` shows the default)")
-    p.add_argument("--rescore", type=int, nargs="?", const=DEFAULT_RESCORE, default=None, metavar="K",
-                   help=f"re-score the top K text-search candidates with the checkpoint's ITM head "
-                   f"(K default {DEFAULT_RESCORE}; LAIP checkpoints)")
-    p.add_argument("--rescore-mode", choices=["itm", "itm+itc"], default=None,
-                   help="itm: the match probability alone (RaSa, default); itm+itc: minmax(ITM) + W * minmax(cosine)")
-    p.add_argument("--rescore-weight", type=float, default=None, metavar="W",
-                   help="W of --rescore-mode itm+itc (default 0.002)")
+    add_rescore_arguments(p, "re-score the top K text-search candidates with the checkpoint's ITM head "
+                          f"(K default {DEFAULT_RESCORE}; LAIP checkpoints)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=run)

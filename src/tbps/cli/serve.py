@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from tbps.cli.search import DEFAULT_RESCORE, check_rescore_args
+from tbps.cli.search import DEFAULT_RESCORE, add_rescore_arguments, check_rescore_args
 
 HELP = "serve a gallery index over HTTP: a REST API and a search page"
 
@@ -58,13 +58,8 @@ def register(subparsers) -> None:
                    "kreciprocal (default none; see tbps.rerank)")
     p.add_argument("--rerank-depth", type=int, default=None, metavar="K",
                    help="candidates re-ranked per query (default: max(k, 100))")
-    p.add_argument("--rescore", type=int, nargs="?", const=DEFAULT_RESCORE, default=None, metavar="K",
-                   help=f"let requests re-score their top K candidates with the checkpoint's ITM head "
-                   f"(K default {DEFAULT_RESCORE}; LAIP checkpoints; a request asks with \"rescore\": true)")
-    p.add_argument("--rescore-mode", choices=["itm", "itm+itc"], default=None,
-                   help="itm: the match probability alone (RaSa, default); itm+itc: minmax(ITM) + W * minmax(cosine)")
-    p.add_argument("--rescore-weight", type=float, default=None, metavar="W",
-                   help="W of --rescore-mode itm+itc (default 0.002)")
+    add_rescore_arguments(p, "let requests re-score their top K candidates with the checkpoint's ITM head "
+                          f"(K default {DEFAULT_RESCORE}; LAIP checkpoints; a request asks with \"rescore\": true)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run)
