@@ -134,3 +134,32 @@ def test_cpu_budget_counts_compute_not_waiting():
     assert cpu.elapsed() >= 0.2
     with pytest.raises(ValueError, match="clock"):
         Budget(1.0, "gpu")
+
+
+def test_init_fine_tunes_from_another_runs_weights(trained_run, tiny_dataset, tmp_path, capsys):
+    """--init: a new run (here MeFa) starts from a trained run's weights; modules the checkpoint
+    lacks (the refiner) start fresh; the optimiser and epochs start anew."""
+    from tests.conftest import MICRO
+
+    run, _ = trained_run
+    frozen = ["optim.lr=0", "optim.warmup_start_lr=0", "optim.min_lr=0", "losses.imr_text.weight=0",
+              "losses.imr_image.weight=0", "losses.dcc.weight=0"]  # lr 0: the weights stay as loaded
+    train(TrainJob(data_root=str(tiny_dataset), recipe=load_recipe("mefa-cpu", MICRO + frozen),
+                   out_dir=str(tmp_path / "ft"), epochs=1, init_from=str(run / "best.pt"), progress=False))
+    err = capsys.readouterr().err
+    assert "initialised from" in err and "new here (fresh init, e.g. refiner." in err
+    src, ft = load_checkpoint(run / "best.pt"), load_checkpoint(tmp_path / "ft" / "last.pt")
+    assert set(src["model"]) == set(ft["model"])
+    assert all(torch.equal(src["model"][k], ft["model"][k]) for k in src["model"])
+    assert ft["epoch"] == 1  # a new run's counters, not the source's
+    assert len((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert ft["global_step"] < src["global_step"]
+    assert any(k.startswith("refiner.") for k in ft["objective"])  # fresh module, trained from here on
+    assert "init_from" in (tmp_path / "ft" / "config.yaml").read_text()
+    # Another architecture's checkpoint is refused by name, not loaded half-way.
+    other = load_recipe("tbps-clip-cpu", MICRO + ["model.context_length=24"])
+    with pytest.raises(ValueError, match="differ in shape"):
+        train(TrainJob(data_root=str(tiny_dataset), recipe=other, out_dir=str(tmp_path / "bad"), epochs=1,
+                       init_from=str(run / "best.pt"), progress=False))
+    assert main(["train", "--data", str(tiny_dataset), "--init", str(tmp_path / "none.pt")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err

@@ -16,7 +16,8 @@ def register(sub) -> None:
         "  tbps train --data data/synth --out runs/cpu --time-budget 8\n"
         "  tbps train --data /data/CUHK-PEDES --recipe tbps-clip --out runs/cuhk optim.lr=5e-5\n"
         "  torchrun --nproc_per_node 4 -m tbps.cli.main train --data /data/CUHK-PEDES --recipe tbps-clip\n"
-        "  tbps train --resume runs/cuhk        # continue a killed run",
+        "  tbps train --resume runs/cuhk        # continue a killed run\n"
+        "  tbps train --data data/synth --recipe mefa-cpu --init runs/cpu/best.pt   # fine-tune a trained model",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data", help="dataset root (layout detected: CUHK-PEDES, ICFG-PEDES, RSTPReid, "
@@ -35,6 +36,9 @@ def register(sub) -> None:
                    "shared machine (use with data.num_workers=0: worker processes are not counted)")
     p.add_argument("--out", default=None, help="run folder (default: runs/RECIPE)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt")
+    p.add_argument("--init", metavar="CKPT",
+                   help="fine-tune: start from the weights of a tbps checkpoint (a run's best.pt or last.pt) with "
+                   "a fresh optimiser, schedule and epoch count; modules the checkpoint lacks start fresh")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--strict", action="store_true", help="a missing or corrupt image is an error, not a skip")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -47,6 +51,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import json
     import os
+    from pathlib import Path
 
     from tbps.cli.main import UserError
     from tbps.config import DEFAULT_RECIPE, list_recipes, load_recipe
@@ -60,11 +65,14 @@ def run(args) -> int:
         overrides.append(f"model.arch={args.model}")
     if args.pretrained:
         overrides.append(f"model.pretrained={args.pretrained}")
+    if args.resume and args.init:
+        raise UserError("--resume continues a run with its own state; --init starts a new one: pass one of them")
+    if args.init and not Path(args.init).is_file():
+        raise UserError(f"--init {args.init}: no such checkpoint file")
     if args.resume:
         out, data = args.resume, args.data
         if data is None:
             import yaml
-            from pathlib import Path
 
             cfg = Path(args.resume) / "config.yaml"
             if not cfg.exists():
@@ -78,7 +86,7 @@ def run(args) -> int:
         recipe = load_recipe(args.recipe or DEFAULT_RECIPE, overrides)
         out = args.out or f"runs/{recipe.name}"
     summary = train(TrainJob(data_root=data, recipe=recipe, out_dir=out, layout=args.layout, epochs=args.epochs,
-                             time_budget=args.time_budget, budget_clock=args.budget_clock, resume=bool(args.resume), device=args.device,
+                             time_budget=args.time_budget, budget_clock=args.budget_clock, resume=bool(args.resume), init_from=args.init, device=args.device,
                              strict=args.strict, progress=not args.no_progress))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports

@@ -41,6 +41,7 @@ class TrainJob:
     time_budget: float | None = None  # minutes for the whole run, on budget_clock
     budget_clock: str = "wall"  # wall | cpu (this process's CPU time: equal compute on a shared machine)
     resume: bool = False
+    init_from: str | None = None  # a tbps checkpoint whose weights this run starts from (fine-tuning)
     device: str | None = None  # None: cuda when available
     strict: bool = False
     progress: bool = True
@@ -100,6 +101,36 @@ def _batch_hook(objective, dataset):
     """The objective's data-pipeline hook for this epoch's losses (None for most objectives)."""
     make = getattr(objective, "batch_hook", None)
     return make(dataset) if make is not None else None
+
+
+def _init_weights(parts: dict[str, nn.Module], path: str) -> str:
+    """Load the weights of a tbps checkpoint into ``parts`` (model, objective) by name, for
+    fine-tuning: tensors present on both sides must have the same shape; modules only this
+    run has keep their fresh initialisation, and tensors only the checkpoint has are dropped.
+    Objective run state (``_extra_state``, e.g. a feature bank) is not carried over. Returns a
+    one-line summary."""
+    ckpt = load_checkpoint(path)
+    loaded, fresh, dropped = 0, [], []
+    for name, part in parts.items():
+        own = part.state_dict()
+        src = {k: v for k, v in (ckpt.get(name) or {}).items() if not k.endswith("_extra_state")}
+        bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in src.items()
+               if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+        if bad:
+            raise ValueError(f"--init {path}: {len(bad)} tensor(s) differ in shape from this recipe's model "
+                             f"(another architecture?), e.g. {bad[0]}")
+        missing, unexpected = part.load_state_dict(src, strict=False)
+        loaded += len(src) - len(unexpected)
+        fresh += [k for k in missing if not k.endswith("_extra_state")]
+        dropped += list(unexpected)
+    if not loaded:
+        raise ValueError(f"--init {path}: no tensor of the checkpoint matches this recipe's model")
+    msg = f"initialised from {path}: {loaded} tensors loaded"
+    if fresh:
+        msg += f", {len(fresh)} new here (fresh init, e.g. {fresh[0]})"
+    if dropped:
+        msg += f", {len(dropped)} unused (e.g. {dropped[0]})"
+    return msg
 
 
 def train(job: TrainJob) -> dict[str, Any]:
@@ -190,11 +221,14 @@ def train(job: TrainJob) -> dict[str, Any]:
         elapsed_before = resume_ckpt.get("elapsed", 0.0)
         set_rng_state(resume_ckpt["rng"])
         _log(f"resuming {out} at epoch {start_epoch + 1}, batch {start_batch}", dist)
+    elif job.init_from:
+        _log(_init_weights({"model": model, "objective": objective}, job.init_from), dist)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / "config.yaml", "w") as f:
             yaml.safe_dump({**recipe.to_dict(), "data_root": str(job.data_root), "layout": ann.layout,
-                            "epochs": epochs, "world_size": dist.world_size}, f, sort_keys=False)
+                            "epochs": epochs, "world_size": dist.world_size,
+                            **({"init_from": str(job.init_from)} if job.init_from else {})}, f, sort_keys=False)
     writer = _tensorboard(out) if dist.is_main else None
 
     if hasattr(objective, "prepare_data"):  # one-off data work (e.g. parsing captions), before the clock starts
