@@ -9,9 +9,15 @@ table is the test split, text-to-image.
     python bench/ablation.py --set irra laip --data data/abl --out runs/abl --minutes 8
     python bench/ablation.py --set mefa --data data/abl --out runs/abl --minutes 8
     python bench/ablation.py --set laip --data data/abl --out runs/abl --report   # table only
+    python bench/ablation.py --set mefa-ft laip-ft --data data/abl --out runs/abl --minutes 4
 
 The dataset: `tbps synth data/abl --ids 1000` (the demo's size). Arms whose run folder
 already has a finished result are not retrained.
+
+The `-ft` sets are the papers' setting: the paths are added to a model that is already aligned
+(MeFa fine-tunes EVA-CLIP; LAIP's second stage follows its global-only first stage). Every arm,
+the baseline included, starts from the same `tbps train --init` checkpoint (the from-scratch
+baseline arm's best.pt, so run that set first) and trains at the same, lower learning rate.
 """
 
 from __future__ import annotations
@@ -53,6 +59,15 @@ ARMS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("mefa-all", "mefa-cpu", []),
     ],
 }
+_FT_LR = ["optim.lr=2e-4", "optim.warmup_epochs=0.2"]
+
+
+def _fine_tune(arms, base: str) -> list[tuple[str, str, list[str], str]]:
+    return [(name.replace("-", "-ft-", 1), recipe, _FT_LR + overrides, base) for name, recipe, overrides in arms]
+
+
+ARMS["mefa-ft"] = _fine_tune(ARMS["mefa"], "mefa-base")
+ARMS["laip-ft"] = _fine_tune(ARMS["laip"], "laip-base")
 COMMON = ["data.num_workers=0", "train.cpu_threads=1"]
 
 
@@ -60,13 +75,19 @@ def _tbps() -> list[str]:
     return [sys.executable, "-m", "tbps.cli.main"]
 
 
-def train_arm(name: str, recipe: str, overrides: list[str], args) -> dict:
+def train_arm(name: str, recipe: str, overrides: list[str], init: str | None, args) -> dict:
     run = Path(args.out) / name
     done = run / "result.json"
     if done.exists():
         return json.loads(done.read_text())
+    start = []
+    if init:
+        ckpt = Path(args.out) / init / "best.pt"
+        if not ckpt.exists():
+            raise SystemExit(f"{name} fine-tunes {ckpt}, which does not exist: run the from-scratch set first")
+        start = ["--init", str(ckpt)]
     cmd = _tbps() + ["train", "--data", args.data, "--recipe", recipe, "--out", str(run), "--time-budget",
-                     str(args.minutes), "--budget-clock", "cpu", "--no-progress", *COMMON, *overrides]
+                     str(args.minutes), "--budget-clock", "cpu", "--no-progress", *start, *COMMON, *overrides]
     run.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
@@ -79,7 +100,8 @@ def train_arm(name: str, recipe: str, overrides: list[str], args) -> dict:
                         check=True, capture_output=True, text=True, env=env)
     metrics = json.loads(ev.stdout.strip().splitlines()[-1])
     hist = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    result = {"name": name, "recipe": recipe, "overrides": overrides, "wall_s": round(wall, 1),
+    result = {"name": name, "recipe": recipe, "overrides": overrides, "init": init, "minutes": args.minutes,
+              "wall_s": round(wall, 1),
               "steps": hist[-1]["step"], "epoch": hist[-1]["epoch"], "test": metrics}
     done.write_text(json.dumps(result, indent=1))
     print(f"{name}: R1 {metrics['t2i']['R1']:.2f} after {result['steps']} steps ({wall / 60:.1f} min wall)",
@@ -96,6 +118,19 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def curves(results: list[dict], out: str) -> str:
+    """Val text-to-image R1 after each whole epoch: the arms compared at equal data seen."""
+    hist = {r["name"]: [json.loads(x) for x in (Path(out) / r["name"] / "metrics.jsonl").read_text().splitlines()]
+            for r in results}
+    n = max((int(h["epoch"]) for rows in hist.values() for h in rows if h["epoch"] == int(h["epoch"])), default=0)
+    head = "| run | " + " | ".join(f"epoch {e}" for e in range(1, n + 1)) + " |"
+    rows = [head, "|---|" + "---|" * n]
+    for name, rows_ in hist.items():
+        by = {int(h["epoch"]): h["val_t2i_R1"] for h in rows_ if h["epoch"] == int(h["epoch"])}
+        rows.append(f"| {name} | " + " | ".join(f"{by[e]:.2f}" if e in by else "-" for e in range(1, n + 1)) + " |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", required=True, nargs="+", choices=sorted(ARMS), help="which ablation(s)")
@@ -106,14 +141,17 @@ def main() -> int:
     p.add_argument("--only", nargs="*", help="arm names to run (default: all of the set)")
     p.add_argument("--report", action="store_true", help="print the table of finished arms, train nothing")
     args = p.parse_args()
-    arms = [a for s in args.set for a in ARMS[s] if not args.only or a[0] in args.only]
+    arms = [(*a, None)[:4] for s in args.set for a in ARMS[s] if not args.only or a[0] in args.only]
     if args.report:
         results = [json.loads(f.read_text()) for a in arms if (f := Path(args.out) / a[0] / "result.json").exists()]
     else:
         with ThreadPoolExecutor(args.parallel) as pool:
             results = list(pool.map(lambda a: train_arm(*a, args), arms))
-    print(f"\n{' + '.join(args.set)}: {args.minutes:g} CPU-minutes per arm, test split, text-to-image")
+    minutes = "/".join(sorted({f"{r.get('minutes', args.minutes):g}" for r in results})) or f"{args.minutes:g}"
+    print(f"\n{' + '.join(args.set)}: {minutes} CPU-minutes per arm, test split, text-to-image")
     print(table(results))
+    print("\nval text-to-image R1 after each whole epoch (equal data seen, not equal compute)")
+    print(curves(results, args.out))
     return 0
 
 
