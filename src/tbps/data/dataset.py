@@ -104,33 +104,34 @@ class TrainPairs(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _record_image(self, ri: int) -> torch.Tensor:
-        """(3, H, W) float image in [0, 1] of record ``ri`` (a black image if it cannot be read)."""
+    def decode(self, ri: int) -> torch.Tensor:
+        """(3, H, W) float image in [0, 1] of record ``ri``, from the cache when there is one
+        (raises OSError/ValueError/SyntaxError for a file that cannot be decoded)."""
         from torchvision.transforms.functional import pil_to_tensor
 
         if self.cache is not None:
             return self.cache[ri].float().div_(255.0)
+        return pil_to_tensor(load_image(self.records[ri].image, self.size)).float().div_(255.0)
+
+    def record_image(self, ri: int) -> torch.Tensor:
+        """:meth:`decode`, or a black image if the file cannot be read."""
         try:
-            return pil_to_tensor(load_image(self.records[ri].image, self.size)).float().div_(255.0)
+            return self.decode(ri)
         except (OSError, ValueError, SyntaxError):
             return torch.zeros(3, *self.size)
 
     def _load(self, index: int):
         """-> (record index, caption index, (3, H, W) float image in [0, 1])."""
         # A file that passed the header check can still fail to decode: report it once, use a neighbour.
-        from torchvision.transforms.functional import pil_to_tensor
-
         for step in range(len(self.items)):
             ri, ci = self.items[(index + step) % len(self.items)]
-            rec = self.records[ri]
-            if self.cache is not None:
-                return ri, ci, self.cache[ri].float().div_(255.0)
             try:
-                return ri, ci, pil_to_tensor(load_image(rec.image, self.size)).float().div_(255.0)
+                return ri, ci, self.decode(ri)
             except (OSError, ValueError, SyntaxError) as e:
-                if str(rec.image) not in self._failed:
-                    self._failed.add(str(rec.image))
-                    print(f"tbps: warning: skipping unreadable image {rec.image}: {e}", file=sys.stderr)
+                image = str(self.records[ri].image)
+                if image not in self._failed:
+                    self._failed.add(image)
+                    print(f"tbps: warning: skipping unreadable image {image}: {e}", file=sys.stderr)
         raise RuntimeError("no readable image in the training set")
 
     def __getitem__(self, index: int) -> dict:
@@ -151,7 +152,7 @@ class TrainPairs(Dataset):
         neg = None
         if self.negatives is not None:
             row = self.negatives[ri].tolist()
-            neg = self._record_image(row[rng.randrange(len(row))])
+            neg = self.record_image(row[rng.randrange(len(row))])
         if self.pool is None:
             item["image"] = normalize(img, self.mean, self.std)
             if neg is not None:

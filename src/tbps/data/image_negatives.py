@@ -31,11 +31,9 @@ def hard_negative_images(features: torch.Tensor, pids: torch.Tensor, k: int, chu
 @torch.no_grad()
 def encode_training_images(model, dataset, device, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
     """Global features (N_records, D), normalised, of every record of a :class:`TrainPairs`, with
-    the eval transform (its in-memory cache when it has one)."""
-    from torchvision.transforms.functional import normalize, pil_to_tensor
+    the eval transform (its in-memory cache when it has one; an unreadable file is a black image)."""
+    from torchvision.transforms.functional import normalize
     from tqdm import tqdm
-
-    from tbps.data.transforms import load_image
 
     was = model.training
     model.eval()
@@ -43,12 +41,7 @@ def encode_training_images(model, dataset, device, batch_size: int = 256, progre
     n = len(dataset.records)
     try:
         for s in tqdm(range(0, n, batch_size), desc="image bank", unit="batch", disable=not progress, leave=False):
-            idx = range(s, min(s + batch_size, n))
-            if dataset.cache is not None:
-                imgs = dataset.cache[s:s + batch_size].float().div_(255.0)
-            else:
-                imgs = torch.stack([pil_to_tensor(load_image(dataset.records[i].image, dataset.size)).float().div_(255.0)
-                                    for i in idx])
+            imgs = torch.stack([dataset.record_image(i) for i in range(s, min(s + batch_size, n))])
             imgs = normalize(imgs, dataset.mean, dataset.std).to(device)
             feats.append(F.normalize(model.encode_image(imgs).float(), dim=-1).cpu())
     finally:
