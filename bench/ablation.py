@@ -10,6 +10,7 @@ table is the test split, text-to-image.
     python bench/ablation.py --set mefa --data data/abl --out runs/abl --minutes 8
     python bench/ablation.py --set laip --data data/abl --out runs/abl --report   # table only
     python bench/ablation.py --set mefa-ft laip-ft --data data/abl --out runs/abl --minutes 4
+    python bench/ablation.py --set laip-ft --data data/abl --out runs/abl --epochs 1   # equal data instead
 
 The dataset: `tbps synth data/abl --ids 1000` (the demo's size). Arms whose run folder
 already has a finished result are not retrained.
@@ -18,6 +19,9 @@ The `-ft` sets are the papers' setting: the paths are added to a model that is a
 (MeFa fine-tunes EVA-CLIP; LAIP's second stage follows its global-only first stage). Every arm,
 the baseline included, starts from the same `tbps train --init` checkpoint (the from-scratch
 baseline arm's best.pt, so run that set first) and trains at the same, lower learning rate.
+
+`--epochs N` trains every arm for N whole epochs instead of a time budget (equal data seen, not
+equal compute; run folders NAME-Nep), for arms too slow to finish an epoch within the budget.
 """
 
 from __future__ import annotations
@@ -75,8 +79,12 @@ def _tbps() -> list[str]:
     return [sys.executable, "-m", "tbps.cli.main"]
 
 
+def _run_dir(name: str, args) -> Path:
+    return Path(args.out) / (f"{name}-{args.epochs}ep" if args.epochs else name)
+
+
 def train_arm(name: str, recipe: str, overrides: list[str], init: str | None, args) -> dict:
-    run = Path(args.out) / name
+    run = _run_dir(name, args)
     done = run / "result.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -86,22 +94,27 @@ def train_arm(name: str, recipe: str, overrides: list[str], init: str | None, ar
         if not ckpt.exists():
             raise SystemExit(f"{name} fine-tunes {ckpt}, which does not exist: run the from-scratch set first")
         start = ["--init", str(ckpt)]
-    cmd = _tbps() + ["train", "--data", args.data, "--recipe", recipe, "--out", str(run), "--time-budget",
-                     str(args.minutes), "--budget-clock", "cpu", "--no-progress", *start, *COMMON, *overrides]
+    length = ["--epochs", str(args.epochs)] if args.epochs else ["--time-budget", str(args.minutes), "--budget-clock", "cpu"]
+    cmd = _tbps() + ["train", "--data", args.data, "--recipe", recipe, "--out", str(run), *length, "--no-progress",
+                     *start, *COMMON, *overrides]
     run.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
     with open(run / "train.log", "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time (arms run side by side)
     wall = time.time() - t0
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{name}: tbps train failed, see {run / 'train.log'}")
     ev = subprocess.run(_tbps() + ["eval", str(run / "best.pt"), "--data", args.data, "--json"],
                         check=True, capture_output=True, text=True, env=env)
     metrics = json.loads(ev.stdout.strip().splitlines()[-1])
     hist = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    result = {"name": name, "recipe": recipe, "overrides": overrides, "init": init, "minutes": args.minutes,
-              "wall_s": round(wall, 1),
+    result = {"name": run.name, "recipe": recipe, "overrides": overrides, "init": init,
+              **({"epochs": args.epochs} if args.epochs else {"minutes": args.minutes}),
+              "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
               "steps": hist[-1]["step"], "epoch": hist[-1]["epoch"], "test": metrics}
     done.write_text(json.dumps(result, indent=1))
     print(f"{name}: R1 {metrics['t2i']['R1']:.2f} after {result['steps']} steps ({wall / 60:.1f} min wall)",
@@ -110,10 +123,11 @@ def train_arm(name: str, recipe: str, overrides: list[str], init: str | None, ar
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| run | steps (epoch) | R1 | R5 | R10 | mAP | mINP |", "|---|---|---|---|---|---|---|"]
+    rows = ["| run | steps (epoch) | CPU min | R1 | R5 | R10 | mAP | mINP |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r["test"]["t2i"]
-        rows.append(f"| {r['name']} | {r['steps']} ({r['epoch']:.2f}) | {m['R1']:.2f} | {m['R5']:.2f} | "
+        cpu = f"{r['cpu_s'] / 60:.1f}" if "cpu_s" in r else "-"
+        rows.append(f"| {r['name']} | {r['steps']} ({r['epoch']:.2f}) | {cpu} | {m['R1']:.2f} | {m['R5']:.2f} | "
                     f"{m['R10']:.2f} | {m['mAP']:.2f} | {m['mINP']:.2f} |")
     return "\n".join(rows)
 
@@ -137,18 +151,23 @@ def main() -> int:
     p.add_argument("--data", required=True, help="dataset root (e.g. from `tbps synth`)")
     p.add_argument("--out", default="runs/ablation", help="folder of the run folders")
     p.add_argument("--minutes", type=float, default=8.0, help="CPU minutes per arm")
+    p.add_argument("--epochs", type=int, help="train N whole epochs per arm instead of --minutes (equal data)")
     p.add_argument("--parallel", type=int, default=2, help="arms trained at once (one core each)")
     p.add_argument("--only", nargs="*", help="arm names to run (default: all of the set)")
     p.add_argument("--report", action="store_true", help="print the table of finished arms, train nothing")
     args = p.parse_args()
     arms = [(*a, None)[:4] for s in args.set for a in ARMS[s] if not args.only or a[0] in args.only]
     if args.report:
-        results = [json.loads(f.read_text()) for a in arms if (f := Path(args.out) / a[0] / "result.json").exists()]
+        results = [json.loads(f.read_text()) for a in arms if (f := _run_dir(a[0], args) / "result.json").exists()]
     else:
         with ThreadPoolExecutor(args.parallel) as pool:
             results = list(pool.map(lambda a: train_arm(*a, args), arms))
-    minutes = "/".join(sorted({f"{r.get('minutes', args.minutes):g}" for r in results})) or f"{args.minutes:g}"
-    print(f"\n{' + '.join(args.set)}: {minutes} CPU-minutes per arm, test split, text-to-image")
+    if args.epochs:
+        length = f"{args.epochs} epoch(s) per arm"
+    else:
+        length = "/".join(sorted({f"{r.get('minutes', args.minutes):g}" for r in results})) or f"{args.minutes:g}"
+        length += " CPU-minutes per arm"
+    print(f"\n{' + '.join(args.set)}: {length}, test split, text-to-image")
     print(table(results))
     print("\nval text-to-image R1 after each whole epoch (equal data seen, not equal compute)")
     print(curves(results, args.out))
