@@ -37,8 +37,8 @@ from pathlib import Path
 
 # One stage from the first step: a budget of a few CPU minutes ends before the recipes' second stage.
 _LAIP = ["stages=[]", "losses.triplet.weight=0", "losses.bidiratt.weight=0", "losses.mpm.weight=0"]
-ARMS: dict[str, list[tuple[str, str, list[str]]]] = {
-    # (name, recipe, overrides)
+ARMS: dict[str, list[tuple]] = {
+    # (name, recipe, overrides[, the arm whose best.pt it starts from])
     "irra": [
         ("irra-sdm", "irra-cpu", ["losses.id.weight=0", "losses.mlm.weight=0"]),
         ("irra-sdm-id", "irra-cpu", ["losses.mlm.weight=0"]),
