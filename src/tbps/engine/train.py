@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from tbps.config import Recipe, recipe_from_dict
-from tbps.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tbps.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tbps.engine.distributed import DistInfo, init_distributed
 from tbps.engine.optim import build_optimizer, lr_at, set_lr
 from tbps.utils import Budget, atomic_write, seed_everything
@@ -117,14 +117,14 @@ def _init_weights(parts: dict[str, nn.Module], path: str) -> str:
         bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in src.items()
                if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
         if bad:
-            raise ValueError(f"--init {path}: {len(bad)} tensor(s) differ in shape from this recipe's model "
+            raise CheckpointError(f"--init {path}: {len(bad)} tensor(s) differ in shape from this recipe's model "
                              f"(another architecture?), e.g. {bad[0]}")
         missing, unexpected = part.load_state_dict(src, strict=False)
         loaded += len(src) - len(unexpected)
         fresh += [k for k in missing if not k.endswith("_extra_state")]
         dropped += list(unexpected)
     if not loaded:
-        raise ValueError(f"--init {path}: no tensor of the checkpoint matches this recipe's model")
+        raise CheckpointError(f"--init {path}: no tensor of the checkpoint matches this recipe's model")
     msg = f"initialised from {path}: {loaded} tensors loaded"
     if fresh:
         msg += f", {len(fresh)} new here (fresh init, e.g. {fresh[0]})"
