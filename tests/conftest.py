@@ -16,7 +16,7 @@ logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """24 identities x 3 views at 64x32, CUHK-PEDES layout (train/val/test by identity)."""
-    from tbps.data.synth import synthesize
+    from tbps.synth import synthesize
 
     root = tmp_path_factory.mktemp("synth")
     synthesize(root, ids=24, images_per_id=3, seed=0, image_size=(64, 32), workers=1, progress=False)

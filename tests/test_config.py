@@ -2,7 +2,7 @@
 
 import pytest
 
-from tbps.config import ConfigError, list_recipes, load_recipe
+from tbps.recipes.config import ConfigError, list_recipes, load_recipe
 
 
 def test_every_shipped_recipe_loads():

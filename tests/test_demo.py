@@ -28,7 +28,7 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 
 def test_retrieval_grid_frames_correct_images_green(tmp_path):
-    from tbps.viz import GREEN, RED, retrieval_grid
+    from tbps.retrieval.viz import GREEN, RED, retrieval_grid
 
     paths = []
     for i, colour in enumerate(["blue", "yellow"]):

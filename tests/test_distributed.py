@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tbps.config import load_recipe
+from tbps.recipes.config import load_recipe
 
 WORLD = 2
 OVERRIDES = ["model.arch=micro-vit", "model.pretrained=null", "model.image_size=[32, 16]",

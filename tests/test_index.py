@@ -22,7 +22,7 @@ from tbps.index import (
     remove_from_index,
 )
 from tbps.index import store as store_mod
-from tbps.index.fake import FakeEncoder
+from tests.fake_encoder import FakeEncoder
 
 
 def write_images(folder: pathlib.Path, n: int, seed: int = 0, start: int = 0, ext: str = "jpg") -> list[pathlib.Path]:

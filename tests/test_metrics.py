@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tbps.metrics import (
+from tbps.retrieval.metrics import (
     MetricsError,
     default_chunk_size,
     evaluate_both,
@@ -24,7 +24,7 @@ def assert_close(got, want, tol=1e-4):
 @pytest.fixture(params=["whole_rows", "compacted"])
 def binning(request, monkeypatch):
     """Run a test through both layouts: bins over whole rows, or over the kept items only."""
-    import tbps.metrics as m
+    import tbps.retrieval.metrics as m
 
     monkeypatch.setattr(m, "_COMPACT_FRACTION", -1.0 if request.param == "whole_rows" else 2.0)
     return request.param
@@ -171,7 +171,7 @@ def test_default_chunk_size_follows_budget():
 
 def test_float64_bin_numbers_for_large_chunks(monkeypatch, binning):
     # Chunks with more than 2**23 bins compute bin numbers in float64; force that path.
-    import tbps.metrics as m
+    import tbps.retrieval.metrics as m
 
     monkeypatch.setattr(m, "_FLOAT32_BIN_LIMIT", 0)
     sim, qids, gids = random_case(50, 120, 9, seed=2, quantum=0.05)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tbps.config import load_recipe
+from tbps.recipes.config import load_recipe
 from tbps.models import ModelSpec, create_model, get_tokenizer, list_architectures
 from tbps.models.factory import ModelError
 from tbps.objectives import StepContext, build_objective

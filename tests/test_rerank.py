@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tbps.rerank import (
+from tbps.retrieval.rerank import (
     RerankError,
     index_reranker,
     jaccard_rerank,
@@ -148,7 +148,7 @@ def test_tbps_eval_reports_reranked_figures_beside_plain(tiny_dataset, tmp_path,
     import json
 
     from tbps.cli.main import main
-    from tbps.inference import create_untrained_checkpoint
+    from tbps.retrieval.encoder import create_untrained_checkpoint
 
     ckpt = create_untrained_checkpoint(tmp_path / "m.pt", arch="micro-vit")
     assert main(["eval", str(ckpt), "--data", str(tiny_dataset), "--rerank", "jaccard", "--json"]) in (0, None)

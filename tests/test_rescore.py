@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tbps.rescore import rescore_topk
+from tbps.retrieval.rescore import rescore_topk
 
 
 def _order(row: torch.Tensor) -> list[int]:
@@ -29,7 +29,7 @@ def test_non_candidates_keep_their_order_below_all_candidates():
 
 
 def test_rescoring_fixes_a_constructed_itc_mistake():
-    from tbps.metrics import retrieval_metrics
+    from tbps.retrieval.metrics import retrieval_metrics
 
     # ITC ranks a wrong image (id 1) first for query 0 (id 0); the matcher knows better.
     sim = torch.tensor([[0.9, 0.8, 0.1, 0.0], [0.2, 0.7, 0.6, 0.1]])
@@ -59,12 +59,12 @@ def test_k_larger_than_gallery_and_bad_arguments():
 def test_search_rescorer_scores_index_candidates_with_the_fusion_encoder(tiny_dataset, micro_overrides):
     import numpy as np
 
-    from tbps.config import load_recipe
+    from tbps.recipes.config import load_recipe
     from tbps.data.layouts import load_annotations
     from tbps.models import create_model
     from tbps.models.factory import get_tokenizer
     from tbps.models.fusion import build_fusion, image_memory
-    from tbps.rescore import SearchRescorer
+    from tbps.retrieval.rescore import SearchRescorer
 
     r = load_recipe("laip-cpu", micro_overrides + ["losses.fusion.width=32", "losses.fusion.heads=2"])
     torch.manual_seed(0)

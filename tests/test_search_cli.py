@@ -13,7 +13,7 @@ import pytest
 import tbps.cli.index as cli_index
 from tbps.cli.main import main
 from tbps.index import GalleryIndex
-from tbps.index.fake import FakeEncoder
+from tests.fake_encoder import FakeEncoder
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_index import write_images  # noqa: E402
@@ -143,7 +143,7 @@ def test_add_and_remove_cli(built, capsys, tmp_path):
 def test_end_to_end_with_real_encoder(tmp_path, capsys):
     """`create_untrained_checkpoint` + the real `Encoder`, through the CLI."""
     torch = pytest.importorskip("torch")
-    inference = pytest.importorskip("tbps.inference")
+    inference = pytest.importorskip("tbps.retrieval.encoder")
     torch.set_num_threads(1)
     ckpt = inference.create_untrained_checkpoint(tmp_path / "ckpt" / "best.pt")
     paths = write_images(tmp_path / "imgs", 12)

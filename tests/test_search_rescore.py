@@ -22,7 +22,7 @@ TEXTS = ["a man in a red shirt and black trousers", "a woman with a blue bag", "
 
 
 def _save(path, model, objective_state: dict, recipe: dict):
-    from tbps.engine.checkpoint import save_checkpoint
+    from tbps.models.checkpoint import save_checkpoint
 
     return save_checkpoint(path, {"model_spec": model.spec.to_dict(), "model": model.state_dict(),
                                   "objective": objective_state, "recipe": recipe, "epoch": 0, "step_in_epoch": 0,
@@ -40,7 +40,7 @@ def _build(tmp, name, ckpt, images) -> str:
 @pytest.fixture(scope="module")
 def laip(tiny_dataset, tmp_path_factory):
     """(LAIP index, its checkpoint, IRRA index, fusion-less index, an image): micro models, test images."""
-    from tbps.config import load_recipe
+    from tbps.recipes.config import load_recipe
     from tbps.data.layouts import load_annotations
     from tbps.models import create_model
     from tbps.objectives import build_objective
@@ -78,7 +78,7 @@ def _search(capsys, *argv):
 def _direct_scores(ckpt, idx, text, ids, cosines, mode):
     """SearchRescorer's scores of the pairs (text, ids), asked directly (no index search)."""
     from tbps.index import GalleryIndex
-    from tbps.rescore import SearchRescorer
+    from tbps.retrieval.rescore import SearchRescorer
 
     rescorer = SearchRescorer.from_checkpoint(ckpt, mode=mode)
     with GalleryIndex.open(idx) as ix:

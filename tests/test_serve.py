@@ -41,7 +41,7 @@ NAMES = list(PALETTE)
 
 
 class ColourEncoder:
-    """A stand-in for ``tbps.inference.Encoder`` with the same interface and exact semantics."""
+    """A stand-in for ``tbps.retrieval.encoder.Encoder`` with the same interface and exact semantics."""
 
     embed_dim = len(PALETTE)
     fingerprint: ClassVar[dict] = {
@@ -461,7 +461,7 @@ def _serve(argv, capsys):
 def real_gallery(tmp_path_factory):
     """A real untrained checkpoint and an index built with it (records the checkpoint)."""
     from tbps.index import build_index
-    from tbps.inference import Encoder, create_untrained_checkpoint
+    from tbps.retrieval.encoder import Encoder, create_untrained_checkpoint
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("real")
@@ -485,7 +485,7 @@ def test_serve_refuses_a_missing_or_corrupt_index(tmp_path, capsys):
 
 
 def test_serve_refuses_a_bad_checkpoint(real_gallery, tmp_path, capsys):
-    from tbps.inference import create_untrained_checkpoint
+    from tbps.retrieval.encoder import create_untrained_checkpoint
 
     index_dir, _, _ = real_gallery
     code, err = _serve([str(index_dir), "--checkpoint", str(tmp_path / "missing.pt"), "--port", "0"], capsys)
@@ -650,10 +650,10 @@ def test_serve_command_starts_uvicorn_on_localhost(real_gallery, monkeypatch, ca
 
 
 def test_serve_command_with_a_rerank(real_gallery, monkeypatch, capsys):
-    """--rerank jaccard: the served ranking is tbps.rerank's over the index's candidates."""
+    """--rerank jaccard: the served ranking is tbps.retrieval.rerank's over the index's candidates."""
     import uvicorn
 
-    from tbps.rerank import METHODS, index_reranker
+    from tbps.retrieval.rerank import METHODS, index_reranker
 
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
@@ -666,7 +666,7 @@ def test_serve_command_with_a_rerank(real_gallery, monkeypatch, capsys):
         got = c.post("/search", json={"text": text, "k": 5}).json()["results"]
     assert [h["id"] for h in got] == [h.id for h in want]
     assert [h["score"] for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
-    # the CLI's spelled-out choices are tbps.rerank's methods
+    # the CLI's spelled-out choices are tbps.retrieval.rerank's methods
     from tbps.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["serve"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tbps.data import synth as S
+import tbps.synth as S
 
 KEYS = {"split", "captions", "file_path", "processed_tokens", "id"}
 

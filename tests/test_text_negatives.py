@@ -1,4 +1,4 @@
-"""MeFa's text hard negatives (tbps.data.hard_negatives): real spaCy, a corpus of synthetic
+"""MeFa's text hard negatives (tbps.data.negatives.text): real spaCy, a corpus of synthetic
 captions, and a tiny randomly initialised BertForMaskedLM for tier 3."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from tbps.data import hard_negatives as hn
-from tbps.data.hard_negatives import WORD_RE, TextNegatives
+from tbps.data.negatives import text as hn
+from tbps.data.negatives.text import WORD_RE, TextNegatives
 
 S_BRIEF = ("a gentleman who is wearing a purple short-sleeved t-shirt with a checked pattern and purple trousers "
            "he has short grey hair he is carrying a grey handbag")
@@ -39,7 +39,7 @@ def cache_env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def corpus():
     """240 cleaned synthetic captions (many synonyms) plus the fixed sentences."""
-    from tbps.data.synth import make_caption, sample_identities
+    from tbps.synth import make_caption, sample_identities
     from tbps.data.text import clean_caption
 
     ids, _ = sample_identities(120, seed=0)
@@ -116,7 +116,7 @@ def test_spacy_loads_offline_and_tags(nlp):
 
 
 def test_module_imports_neither_torch_nor_transformers():
-    code = ("import sys, tbps.data.hard_negatives; "
+    code = ("import sys, tbps.data.negatives.text; "
             "bad = [m for m in ('torch', 'transformers', 'spacy') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tbps.config import load_recipe
-from tbps.engine.checkpoint import load_checkpoint
+from tbps.recipes.config import load_recipe
+from tbps.models.checkpoint import load_checkpoint
 from tbps.engine.train import TrainJob, train
 
 # The micro architecture with the hash-seeded word dictionary (no MiniLM load in tests).
@@ -28,7 +28,7 @@ def _job(data, out, overrides, recipe="textreid-cpu", **kw):
 
 
 def test_textreid_trains_resumes_and_serves_open_vocabulary(tiny_dataset, micro_overrides, tmp_path, monkeypatch):
-    monkeypatch.setenv("TBPS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "cache"))
     over = micro_overrides + TEXTREID_MICRO
     summary = train(_job(tiny_dataset, tmp_path / "a", over, epochs=2))
     assert summary["finished"]
@@ -45,7 +45,7 @@ def test_textreid_trains_resumes_and_serves_open_vocabulary(tiny_dataset, micro_
     sa, sb = ckpt["model"], load_checkpoint(tmp_path / "b" / "last.pt")["model"]
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
 
-    from tbps.inference import Encoder
+    from tbps.retrieval.encoder import Encoder
 
     enc = Encoder.from_checkpoint(tmp_path / "a" / "last.pt")
     feats = enc.encode_texts(["a man in a crimson cardigan with a rucksack", "a man in a red sweater"])
@@ -80,7 +80,7 @@ def test_cmmoco_as_an_extra_loss_of_tbps_clip():
 
 
 def test_bad_cmmoco_settings_are_named(tiny_dataset, micro_overrides, tmp_path):
-    from tbps.config import ConfigError
+    from tbps.recipes.config import ConfigError
 
     with pytest.raises(ConfigError, match="queue_size 0"):
         train(_job(tiny_dataset, tmp_path / "d", micro_overrides + TEXTREID_MICRO + ["losses.cmmoco.queue_size=0"],

@@ -20,8 +20,8 @@ def _free_port() -> int:
 
 def _run(rank: int, world: int, cache: str):
     """Two steps of the textreid objective on this rank's rows; returns step-2 loss, grads, queue."""
-    os.environ["TBPS_CACHE_DIR"] = cache
-    from tbps.config import load_recipe
+    os.environ["TBPS_CACHE"] = cache
+    from tbps.recipes.config import load_recipe
     from tbps.models import create_model, get_tokenizer
     from tbps.objectives import StepContext, build_objective
 

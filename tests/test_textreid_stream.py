@@ -74,7 +74,7 @@ def test_unknown_words_are_encoded_on_the_fly_not_mapped_to_unk(tmp_path):
 
 
 def test_model_with_frozen_stream_trains_only_gru_and_heads(tmp_path, monkeypatch):
-    monkeypatch.setenv("TBPS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
     spec = ModelSpec(arch="micro-vit", text_tower={"source": "random", "hidden": 16, "dim": 12}, embed_dim=24)
     model = create_model(spec)
     tok = get_tokenizer(model.spec)

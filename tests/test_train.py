@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tbps.cli.main import main
-from tbps.config import load_recipe
-from tbps.engine.checkpoint import load_checkpoint
+from tbps.recipes.config import load_recipe
+from tbps.models.checkpoint import load_checkpoint
 from tbps.engine.train import TrainJob, train
 
 
@@ -122,7 +122,7 @@ def test_cpu_budget_counts_compute_not_waiting():
     """A CPU-time budget is not spent by sleeping (a shared machine's waits), a wall budget is."""
     import time
 
-    from tbps.utils import Budget
+    from tbps.engine.runtime import Budget
 
     wall, cpu = Budget(0.2 / 60, "wall"), Budget(0.2 / 60, "cpu")
     time.sleep(0.3)

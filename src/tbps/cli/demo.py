@@ -33,15 +33,15 @@ def run(args) -> int:
 
     import torch
 
-    from tbps.config import load_recipe
+    from tbps.recipes.config import load_recipe
     from tbps.data.layouts import load_annotations
-    from tbps.data.synth import synthesize
-    from tbps.engine.checkpoint import load_model
+    from tbps.synth import synthesize
+    from tbps.models.checkpoint import load_model
     from tbps.engine.evaluate import evaluate, format_table
     from tbps.engine.train import TrainJob, train
     from tbps.models.factory import get_tokenizer
-    from tbps.utils import write_json
-    from tbps.viz import retrieval_grid
+    from tbps.files import write_json
+    from tbps.retrieval.viz import retrieval_grid
 
     t_start = time.time()
     out = Path(args.out)

@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--rescore-mode", choices=["itm", "itm+itc"], default="itm",
                    help="rank candidates by ITM alone (RaSa) or ITM + w * ITC after min-max (APTM)")
     p.add_argument("--rescore-weight", type=float, default=0.002, help="w of --rescore-mode itm+itc")
-    # the names of tbps.rerank.METHODS, written out to keep torch out of `tbps --help`
+    # the names of tbps.retrieval.rerank.METHODS, written out to keep torch out of `tbps --help`
     p.add_argument("--rerank", default="none", choices=["none", "jaccard", "kreciprocal"],
                    help="also report text->image after re-ranking: jaccard (TextReID's neighbour Jaccard, k=5, "
                    "alpha=0.05) or kreciprocal (cross-modal k-reciprocal, k1=20, k2=6, lambda=0.3); "
@@ -44,7 +44,7 @@ def run(args) -> int:
     import torch
 
     from tbps.data.layouts import load_annotations
-    from tbps.engine.checkpoint import load_model
+    from tbps.models.checkpoint import load_model
     from tbps.engine.evaluate import evaluate, format_table
     from tbps.models.factory import get_tokenizer
 
@@ -57,14 +57,14 @@ def run(args) -> int:
                    max_words=max_words, progress=sys.stderr.isatty() and not args.json)
     rescored = None
     if args.rescore:
-        from tbps.rescore import load_fusion, rescore_evaluation
+        from tbps.retrieval.rescore import load_fusion, rescore_evaluation
 
         rescored = rescore_evaluation(model, load_fusion(ckpt, model), get_tokenizer(model.spec), res,
                                       k=args.rescore, mode=args.rescore_mode, weight=args.rescore_weight,
                                       max_words=max_words, device=device)
     reranked = None
     if getattr(args, "rerank", "none") != "none":
-        from tbps.rerank import rerank_evaluation
+        from tbps.retrieval.rerank import rerank_evaluation
 
         reranked = rerank_evaluation(res, args.rerank)
     if args.json:

@@ -82,8 +82,8 @@ def _common_write_args(p, mode_default: str | None = "auto") -> None:
 
 
 def load_encoder(checkpoint: str, device: str = "cpu"):
-    """The ``tbps.inference.Encoder`` for ``checkpoint`` (torch is imported here)."""
-    from tbps.inference import Encoder
+    """The ``tbps.retrieval.encoder.Encoder`` for ``checkpoint`` (torch is imported here)."""
+    from tbps.retrieval.encoder import Encoder
 
     return Encoder.from_checkpoint(checkpoint, device=device)
 

@@ -157,9 +157,9 @@ def check_rescore_args(k: int | None, mode: str | None, weight: float | None) ->
 
 
 def load_rescorer(encoder, mode: str = "itm", weight: float = 0.002):
-    """The ``tbps.rescore.SearchRescorer`` sharing ``encoder``'s model; a checkpoint without a
+    """The ``tbps.retrieval.rescore.SearchRescorer`` sharing ``encoder``'s model; a checkpoint without a
     trained fusion encoder raises ``CheckpointError`` (a one-line user error)."""
-    from tbps.rescore import SearchRescorer
+    from tbps.retrieval.rescore import SearchRescorer
 
     return SearchRescorer.from_encoder(encoder, mode=mode, weight=weight)
 

@@ -52,10 +52,10 @@ def register(subparsers) -> None:
                    help="torch CPU threads for encoding queries (default: half the cores, 1 to 4)")
     p.add_argument("--max-batch", type=int, default=32, metavar="N",
                    help="encode up to N concurrent text queries in one model call (default 32; 1: no batching)")
-    # the names of tbps.rerank.METHODS, written out to keep torch out of `tbps --help`
+    # the names of tbps.retrieval.rerank.METHODS, written out to keep torch out of `tbps --help`
     p.add_argument("--rerank", default="none", choices=["none", "jaccard", "kreciprocal"],
                    help="re-rank each query's top candidates: jaccard (TextReID's neighbour re-rank) or "
-                   "kreciprocal (default none; see tbps.rerank)")
+                   "kreciprocal (default none; see tbps.retrieval.rerank)")
     p.add_argument("--rerank-depth", type=int, default=None, metavar="K",
                    help="candidates re-ranked per query (default: max(k, 100))")
     add_rescore_arguments(p, "let requests re-score their top K candidates with the checkpoint's ITM head "
@@ -97,7 +97,7 @@ def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch
     """Open the index, load and check its encoder, and build the app (no server started).
 
     rescore: K, to let requests re-score their top K with the checkpoint's fusion encoder
-    (``tbps.rescore.SearchRescorer``, sharing the encoder's model). Every failure a user can
+    (``tbps.retrieval.rescore.SearchRescorer``, sharing the encoder's model). Every failure a user can
     cause (missing or corrupt index, missing or wrong checkpoint, a checkpoint that cannot
     re-score) raises an error marked ``user_error``, so ``tbps`` prints one line and exits 2.
     """
@@ -117,7 +117,7 @@ def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch
     index.check_encoder(encoder)
     reranker = None
     if rerank != "none":
-        from tbps.rerank import index_reranker
+        from tbps.retrieval.rerank import index_reranker
 
         reranker = index_reranker(rerank)
     rescorer = None

@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from tbps.cli.main import UserError
-    from tbps.data.synth import synthesize
+    from tbps.synth import synthesize
 
     if args.ids < 3 or args.images_per_id < 1:
         raise UserError("--ids must be at least 3 (one per split) and --images-per-id at least 1")

@@ -54,7 +54,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from tbps.cli.main import UserError
-    from tbps.config import DEFAULT_RECIPE, list_recipes, load_recipe
+    from tbps.recipes.config import DEFAULT_RECIPE, list_recipes, load_recipe
     from tbps.engine.train import TrainJob, train
 
     if args.list_recipes:

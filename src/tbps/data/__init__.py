@@ -1,2 +1,2 @@
 """Datasets: annotation adapters for the public layouts, records, caption text, and the
-procedural synthetic pedestrian dataset (``tbps.data.synth``)."""
+procedural synthetic pedestrian dataset (``tbps.synth``)."""

@@ -71,7 +71,7 @@ def noun_phrases(texts: Sequence[str], batch_size: int = 256) -> list[list[str]]
 def cached_noun_phrases(texts: Sequence[str], cache_dir: str | None = None) -> list[list[str]]:
     """:func:`noun_phrases` memoised on disk, keyed by the texts' hash and the model version.
 
-    ``cache_dir`` defaults to ``$TBPS_CACHE/phrases`` or ``~/.cache/tbps/phrases``; a run
+    ``cache_dir`` defaults to ``$TBPS_CACHE/phrases``; a run
     on the same captions (ablations, resumes) then skips the parse.
     """
     import hashlib
@@ -79,12 +79,13 @@ def cached_noun_phrases(texts: Sequence[str], cache_dir: str | None = None) -> l
     import os
     from pathlib import Path
 
-    from tbps.utils import write_json
+    from tbps.files import cache_dir as tbps_cache_dir
+    from tbps.files import write_json
 
     texts = list(texts)
     nlp = load_nlp()
     key = hashlib.sha256(("\x00".join(texts) + "|" + nlp.meta.get("version", "")).encode()).hexdigest()[:24]
-    root = Path(cache_dir or os.environ.get("TBPS_CACHE", Path.home() / ".cache" / "tbps")) / "phrases"
+    root = Path(cache_dir) if cache_dir else tbps_cache_dir("phrases")
     path = root / f"{key}.json"
     if path.exists():
         try:

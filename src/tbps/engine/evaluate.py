@@ -2,7 +2,7 @@
 
 Text-to-image is the headline (queries = captions, gallery = images); image-to-text uses
 the transposed matrix. Metrics are computed in bounded-memory query chunks
-(:func:`tbps.metrics.retrieval_metrics`), never with a full argsort.
+(:func:`tbps.retrieval.metrics.retrieval_metrics`), never with a full argsort.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class EvalResult:
 def evaluate(model, tokenizer, records: Sequence[Record], *, batch_size: int = 256, device="cpu",
              num_workers: int = 0, max_words: int = 77, progress: bool = True) -> EvalResult:
     """Text-to-image and image-to-text R@1/5/10, mAP and mINP (percent) on ``records``."""
-    from tbps.metrics import evaluate_both
+    from tbps.retrieval.metrics import evaluate_both
 
     was_training = model.training
     model.eval()

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from tbps.config import OptimConfig
+from tbps.recipes.config import OptimConfig
 
 
 def _no_decay(name: str, p: nn.Parameter) -> bool:

@@ -22,11 +22,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from tbps.config import Recipe, recipe_from_dict
-from tbps.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tbps.recipes.config import Recipe, recipe_from_dict
+from tbps.models.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tbps.engine.distributed import DistInfo, init_distributed
 from tbps.engine.optim import build_optimizer, lr_at, set_lr
-from tbps.utils import Budget, atomic_write, seed_everything
+from tbps.engine.runtime import Budget, cpu_threads, seed_everything
+from tbps.files import atomic_write
 
 
 @dataclass
@@ -88,7 +89,7 @@ def _flat(metrics: dict, prefix: str) -> dict:
 def _stage_losses(recipe: Recipe, epoch: int) -> dict:
     """The ``losses`` section in force at ``epoch``: the recipe's, overridden by the stage
     whose [start_epoch, end_epoch) holds the epoch."""
-    from tbps.config import _deep_merge
+    from tbps.recipes.config import _deep_merge
 
     losses = recipe.losses
     for stage in recipe.stages:
@@ -160,7 +161,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     epochs = job.epochs or (resume_ckpt or {}).get("epochs") or tcfg.epochs
     seed_everything(tcfg.seed)  # same initial weights on every rank
     if device.type == "cpu":
-        torch.set_num_threads(_cpu_threads(tcfg.cpu_threads, recipe.data.num_workers, dist.world_size))
+        torch.set_num_threads(cpu_threads(tcfg.cpu_threads, recipe.data.num_workers, dist.world_size))
 
     ann = load_annotations(job.data_root, job.layout, strict=job.strict, progress=job.progress and dist.is_main)
     if ann.skipped:
@@ -369,16 +370,6 @@ def train(job: TrainJob) -> dict[str, Any]:
         "skipped_images": len(ann.skipped),
     }
 
-
-def _cpu_threads(requested: int, workers: int, world_size: int) -> int:
-    """Never oversubscribe the cores: with two cores, two torch threads beside a busy DataLoader
-    worker ran 3-6x slower per step than one thread (OpenMP threads wait on each other)."""
-    if requested > 0:
-        return requested
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // world_size - workers)
 
 
 def _all_agree(flag: bool, dist: DistInfo, device: torch.device) -> bool:

@@ -43,7 +43,7 @@ from tbps.index.store import (
     gen_files,
     read_manifest,
 )
-from tbps.utils import write_json
+from tbps.files import write_json
 
 # Names accepted for the CSV column that gives the image path relative to the images dir.
 CSV_PATH_COLUMNS = ("path", "image", "file", "filename", "image_path", "relpath")
@@ -497,7 +497,7 @@ def build_index(path, encoder, images_dir, *, recursive: bool = False, metadata_
     """Embed every image under ``images_dir`` and write a new index at ``path`` (a directory).
 
     encoder: an object with ``fingerprint``, ``embed_dim``, ``preprocess`` and
-    ``encode_images`` (``tbps.inference.Encoder``). metadata_csv: optional CSV of per-image
+    ``encode_images`` (``tbps.retrieval.encoder.Encoder``). metadata_csv: optional CSV of per-image
     columns (see ``read_metadata_csv``). search_mode: "auto" (by gallery size), "exact",
     "ivf" or "hnsw". checkpoint: recorded so that ``tbps search`` can load the same model.
     overwrite: replace an existing index (atomically) instead of refusing.

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tbps.engine.distributed import gather_no_grad
+from tbps.losses.gather import gather_no_grad
 from tbps.models.momentum import MomentumEncoder
 
 

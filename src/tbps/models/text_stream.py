@@ -10,7 +10,7 @@ by the model and its tokenizer (``get_tokenizer(spec)``): the tokenizer maps wor
 rows and encodes a word it has never seen on the fly (a query may use words the
 training captions never did), so nothing is mapped to an "unknown" token. The training
 vocabulary is encoded once before training (``TBPSModel.prepare_vocabulary``) and
-cached on disk under ``$TBPS_CACHE_DIR`` (default ``~/.cache/tbps``)/word_vectors, one
+cached on disk under ``$TBPS_CACHE/word_vectors`` (see :func:`tbps.files.cache_dir`), one
 file per (encoder, vocabulary) pair, written atomically.
 
 Sources (``model.text_tower.source``):
@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tbps.files import cache_dir
+
 if TYPE_CHECKING:
     from tbps.models.factory import ModelSpec
 
@@ -52,12 +54,6 @@ class TextStreamError(ValueError):
 def split_words(text: str) -> list[str]:
     """Lower-cased words of a caption (punctuation dropped), as the dictionary stores them."""
     return _WORD.findall(text.lower())
-
-
-def cache_dir() -> Path:
-    """Where word-vector dictionaries are cached: ``$TBPS_CACHE_DIR/word_vectors``."""
-    root = os.environ.get("TBPS_CACHE_DIR") or Path.home() / ".cache" / "tbps"
-    return Path(root) / "word_vectors"
 
 
 # ----------------------------------------------------------------------- encoders
@@ -187,7 +183,7 @@ class WordDictionary:
 
     def __init__(self, encoder: WordEncoder, cache: str | os.PathLike | None | bool = None):
         self.encoder = encoder
-        self.cache = None if cache is False else Path(cache) if cache else cache_dir()
+        self.cache = None if cache is False else Path(cache) if cache else cache_dir("word_vectors")
         self.words: list[str] = [PAD]
         self.index: dict[str, int] = {PAD: 0}
         self.vectors = torch.zeros(1, encoder.dim)  # (V, E)
@@ -231,7 +227,7 @@ class WordDictionary:
         Returns {"path", "cached": loaded from the cache, "encoded": words encoded now}.
         A cache file that is unreadable or holds other words/encoder is rebuilt.
         """
-        from tbps.utils import atomic_write
+        from tbps.files import atomic_write
 
         vocab = sorted(set(words) - {PAD})
         info: dict[str, Any] = {"path": None, "cached": False, "encoded": 0, "words": len(vocab)}

@@ -39,7 +39,7 @@ class Objective(nn.Module):
 def merge_losses(defaults: dict[str, Any], given: dict[str, Any], where: str = "losses") -> dict[str, Any]:
     """An objective's ``losses:`` section over its defaults: unknown keys are errors, values
     take the defaults' types."""
-    from tbps.config import ConfigError, coerce_like
+    from tbps.recipes.config import ConfigError, coerce_like
 
     unknown = set(given) - set(defaults)
     if unknown:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tbps.data.masking import FusionBatchHook, MaskSpec
-from tbps.engine.distributed import gather_no_grad, gather_with_grad
+from tbps.losses.gather import gather_no_grad, gather_with_grad
 from tbps.losses.id_loss import id_loss
 from tbps.losses.mlm import masked_token_loss
 from tbps.losses.sdm import sdm_loss

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tbps.data.masking import IGNORE, FusionBatchHook, MaskSpec
-from tbps.engine.distributed import gather_no_grad
+from tbps.losses.gather import gather_no_grad
 from tbps.losses.bidiratt import MODES, backward_attention, bidir_weights, bidiratt_loss
 from tbps.losses.itc_queue import itc_queue_loss
 from tbps.losses.itm import itm_loss, sample_hard_negatives
@@ -68,7 +68,7 @@ class LAIPObjective(Objective):
     def configure(self, losses: dict[str, Any]) -> None:
         cfg = merge_losses(DEFAULTS, losses or {})
         if cfg["bidiratt"]["mode"] not in MODES:
-            from tbps.config import ConfigError
+            from tbps.recipes.config import ConfigError
 
             raise ConfigError(f"losses.bidiratt.mode: {cfg['bidiratt']['mode']!r} is not one of {MODES}")
         self.cfg = cfg

@@ -4,11 +4,11 @@ Global alignment (the baseline): N-ITC (+ R-ITC) on the dual encoders' global fe
 the EVA-CLIP TBPS baseline trains. Three paths on top, each switched by its weight:
 
 * **IMR, intra-modal reasoning** -- hard negatives made in the data pipeline:
-  IMR(T) ``imr_text``: rewritten captions in three tiers (:mod:`tbps.data.hard_negatives`,
+  IMR(T) ``imr_text``: rewritten captions in three tiers (:mod:`tbps.data.negatives.text`,
   refreshed every epoch) against the image: L_imr + L_imc with the image as anchor, its caption
   as positive and the caption's rewrites as negatives;
   IMR(V) ``imr_image``: an image of another person among the anchor image's top-k neighbours in
-  a feature bank of the current model (:mod:`tbps.data.image_negatives`, refreshed every
+  a feature bank of the current model (:mod:`tbps.data.negatives.image`, refreshed every
   ``refresh_every`` epochs), with the caption as anchor and its image as positive.
   Paper symbols -> keys: alpha (eq. 1) = ``imr.margin``, gamma (eq. 2) = ``imr.gamma``;
   L_imr and L_imc are weighted by ``imr.imr_weight`` / ``imr.imc_weight`` inside each path.
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tbps.engine.distributed import gather_no_grad, gather_with_grad
+from tbps.losses.gather import gather_no_grad, gather_with_grad
 from tbps.losses import ditc_loss, imc_loss, imr_loss, nitc_loss, ritc_loss
 from tbps.objectives import Objective, StepContext, merge_losses, register
 
@@ -95,14 +95,14 @@ class MeFaObjective(Objective):
         self.cfg = merge_losses(DEFAULTS, losses or {})
         bad = set(self.cfg["imr_text"]["tiers"]) - {1, 2, 3}
         if bad:
-            from tbps.config import ConfigError
+            from tbps.recipes.config import ConfigError
 
             raise ConfigError(f"losses.imr_text.tiers: {sorted(bad)} not among the tiers 1, 2, 3")
 
     # -------------------------------------------------------------- data hooks
     def _generator(self):
         if self._text_gen is None:
-            from tbps.data.hard_negatives import TextNegatives
+            from tbps.data.negatives.text import TextNegatives
 
             c = self.cfg["imr_text"]
             self._text_gen = TextNegatives(tiers=tuple(c["tiers"]), mlm=c["mlm"], seed=0, mlm_top_k=c["mlm_top_k"])
@@ -130,7 +130,7 @@ class MeFaObjective(Objective):
             return
         due = self._neighbors is None or (epoch % max(1, c["refresh_every"]) == 0 and self._bank_epoch != epoch)
         if due:
-            from tbps.data.image_negatives import encode_training_images, hard_negative_images
+            from tbps.data.negatives.image import encode_training_images, hard_negative_images
 
             feats = encode_training_images(model, dataset, device, c["bank_batch_size"], progress=progress)
             pids = torch.tensor([dataset.pid_index[r.pid] for r in dataset.records])

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tbps.engine.distributed import gather_no_grad, gather_with_grad, rank_offset
+from tbps.losses.gather import gather_no_grad, gather_with_grad, rank_offset
 from tbps.losses import citc_loss, nitc_loss, ritc_loss, simclr_loss
 from tbps.objectives import Objective, StepContext, merge_losses, register
 

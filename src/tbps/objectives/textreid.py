@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tbps.engine.distributed import gather_no_grad, gather_with_grad
+from tbps.losses.gather import gather_no_grad, gather_with_grad
 from tbps.losses import CMMoCo, alignment_loss, id_loss
 from tbps.objectives import Objective, StepContext, merge_losses, register
 from tbps.objectives.tbps_clip import DEFAULTS as TBPS_CLIP_DEFAULTS
@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
 
 def build_cmmoco(model: nn.Module, cfg: dict[str, Any]) -> CMMoCo | None:
     """A :class:`CMMoCo` for a ``cmmoco:`` section, or None when its weight is 0 at construction."""
-    from tbps.config import ConfigError
+    from tbps.recipes.config import ConfigError
 
     if cfg["weight"] <= 0:
         return None
@@ -55,7 +55,7 @@ def build_cmmoco(model: nn.Module, cfg: dict[str, Any]) -> CMMoCo | None:
 
 
 def _check_stage(cmmoco: CMMoCo | None, cfg: dict[str, Any]) -> None:
-    from tbps.config import ConfigError
+    from tbps.recipes.config import ConfigError
 
     if cfg["weight"] > 0 and cmmoco is None:
         raise ConfigError("losses.cmmoco: a stage cannot switch CM-MoCo on when the recipe's weight is 0 "

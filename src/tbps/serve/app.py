@@ -17,7 +17,7 @@ Input rules, chosen so that bad input always gets a clear 4xx and never a 500:
   the model's context length, 77 tokens for CLIP, as in training).
 - ``k`` must be in ``1..MAX_K`` (else 422); a ``k`` above the gallery size is clamped to it,
   and the response's ``k`` says how many were asked of the index.
-- ``rescore: true`` asks for top-k ITM re-scoring (``tbps.rescore.SearchRescorer``); a server
+- ``rescore: true`` asks for top-k ITM re-scoring (``tbps.retrieval.rescore.SearchRescorer``); a server
   built without a ``rescorer`` answers it with a 422 saying so. ``GET /stats`` says whether
   re-scoring is available (``rescore.available``) and with which k and mode.
 - ``filters`` is a ``where`` expression string (parsed by the index, never pasted into SQL)
@@ -353,7 +353,7 @@ def create_app(
     (seconds) to look for a newer generation of the index on disk (``LiveIndex``); ``None``
     never reloads. ``reranker`` / ``rerank_depth``: passed to ``index.search`` for every
     query (the hook re-scoring recipes plug into; see ``GalleryIndex.search``). ``rescorer``:
-    a ``tbps.rescore.SearchRescorer``; text queries that ask for it (``"rescore": true``) have
+    a ``tbps.retrieval.rescore.SearchRescorer``; text queries that ask for it (``"rescore": true``) have
     their top ``rescore_depth`` candidates re-scored by its ITM head (its calls are serialised
     with the encoder's: they share the model). Not combined with ``reranker``.
     ``app.state`` holds ``live`` (``live.get()`` is the current index),

@@ -33,7 +33,7 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from tbps.utils import atomic_write
+from tbps.files import atomic_write
 
 # --------------------------------------------------------------------------------------
 # Vocabulary: attribute tables (exported; other code reads these).
@@ -1111,7 +1111,7 @@ def synthesize(
         bar.close()
 
     annotation = out / ANNOTATION_FILE
-    # Atomic like tbps.utils.write_json, but compact and with json's C encoder: the indented
+    # Atomic like tbps.files.write_json, but compact and with json's C encoder: the indented
     # writer is pure Python and cost as much as rendering. (CUHK's own file is compact too.)
     with atomic_write(annotation, "w") as f:
         f.write(json.dumps(records))

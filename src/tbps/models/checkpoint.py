@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tbps.utils import atomic_write
+from tbps.files import atomic_write
 
 FORMAT = "tbps-checkpoint"
 VERSION = 1

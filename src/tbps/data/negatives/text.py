@@ -33,7 +33,7 @@ Choices, and why:
   around them would give the rewrite away.
 * **Replacement words come only from the corpus** (frequency-weighted, so typos are rare):
   the lexicon recognises words, it never injects them, so words a dataset keeps unseen for
-  robustness tests (``tbps.data.synth.RESERVED_SYNONYMS``) stay unseen.
+  robustness tests (``tbps.synth.RESERVED_SYNONYMS``) stay unseen.
 * **A negative must really differ**: a word is never replaced by a synonym (grey/gray,
   plaid/checked, purse/handbag, trousers/pants...) nor swapped between a generic word and a
   member of its family (shoes/sneakers, bag/backpack, top/blouse, hair/ponytail): those
@@ -277,14 +277,15 @@ def _parse(texts: Sequence[str], batch_size: int = 256) -> list[str]:
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("TBPS_CACHE", Path.home() / ".cache" / "tbps")) / "text_negatives"
+    from tbps.files import cache_dir
+
+    return cache_dir("text_negatives")
 
 
 def cached_parse(texts: Sequence[str]) -> list[str]:
-    """:func:`_parse` memoised on disk (gzip JSON under ``$TBPS_CACHE/text_negatives`` or
-    ``~/.cache/tbps/text_negatives``), keyed by the texts, the spaCy model and the format."""
+    """:func:`_parse` memoised on disk (gzip JSON under ``$TBPS_CACHE/text_negatives``), keyed by the texts, the spaCy model and the format."""
     from tbps.data.phrases import load_nlp
-    from tbps.utils import atomic_write
+    from tbps.files import atomic_write
 
     texts = list(texts)
     nlp = load_nlp()

@@ -1,4 +1,4 @@
-"""A tiny deterministic stand-in for ``tbps.inference.Encoder``, for tests and demos.
+"""A tiny deterministic stand-in for ``tbps.retrieval.encoder.Encoder``, for tests and demos.
 
 Images: the RGB crop is resized to 16x8 and projected by a fixed random matrix; texts: a
 hashed bag of words. Both are L2-normalised. No learning, no semantics beyond "similar
@@ -15,7 +15,7 @@ import numpy as np
 
 
 class FakeEncoder:
-    """Same interface as ``tbps.inference.Encoder`` (fingerprint, embed_dim, preprocess,
+    """Same interface as ``tbps.retrieval.encoder.Encoder`` (fingerprint, embed_dim, preprocess,
     encode_images, encode_texts); ``delay_s`` sleeps per batch to imitate a slow model."""
 
     image_size = (16, 8)  # (H, W)

@@ -223,7 +223,7 @@ def rerank_evaluation(result, method: str, **params) -> dict:
     """
     import time
 
-    from tbps.metrics import retrieval_metrics
+    from tbps.retrieval.metrics import retrieval_metrics
 
     if result.image_features is None:
         raise RerankError("this evaluation result has no image features to re-rank with")

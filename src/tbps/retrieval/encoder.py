@@ -17,7 +17,7 @@ from PIL import Image
 
 from tbps.data.text import clean_caption
 from tbps.data.transforms import eval_transform
-from tbps.engine.checkpoint import CheckpointError, file_sha256, load_model, save_checkpoint
+from tbps.models.checkpoint import CheckpointError, file_sha256, load_model, save_checkpoint
 
 __all__ = ["CheckpointError", "Encoder", "create_untrained_checkpoint"]
 
@@ -73,7 +73,7 @@ class Encoder:
 
 def create_untrained_checkpoint(path: str | os.PathLike, arch: str = "tiny-vit", seed: int = 0) -> Path:
     """Write a valid checkpoint with random weights (for tests and benchmarks)."""
-    from tbps.config import load_recipe
+    from tbps.recipes.config import load_recipe
     from tbps.models.factory import ModelSpec, create_model
 
     recipe = load_recipe("tbps-clip-cpu", [f"model.arch={arch}", "model.image_size=null", "model.context_length=null"])

@@ -67,7 +67,7 @@ class FusionScorer:
 
 def load_fusion(ckpt: dict, model):
     """The fusion encoder trained with a checkpoint's objective (``objective.fusion.*``)."""
-    from tbps.engine.checkpoint import CheckpointError
+    from tbps.models.checkpoint import CheckpointError
     from tbps.models.fusion import FusionEncoder
 
     state = {k[len("fusion."):]: v for k, v in (ckpt.get("objective") or {}).items() if k.startswith("fusion.")}
@@ -115,7 +115,7 @@ def rescore_evaluation(model, fusion, tokenizer, result, *, k: int = 128, mode: 
     Returns {"t2i": metrics, "k", "mode", "seconds_per_query", "pairs"}; the timing covers the
     token maps and the fusion passes (stage 1 is already in ``result``).
     """
-    from tbps.metrics import retrieval_metrics
+    from tbps.retrieval.metrics import retrieval_metrics
 
     model.eval()
     fusion = fusion.to(device).eval()
@@ -160,7 +160,7 @@ class SearchRescorer:
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", **kwargs) -> SearchRescorer:
-        from tbps.engine.checkpoint import load_model
+        from tbps.models.checkpoint import load_model
         from tbps.models.factory import get_tokenizer
 
         model, ckpt = load_model(path, device)
@@ -170,12 +170,12 @@ class SearchRescorer:
 
     @classmethod
     def from_encoder(cls, encoder, **kwargs) -> SearchRescorer:
-        """Re-score with the model a :class:`tbps.inference.Encoder` already holds (loaded once).
+        """Re-score with the model a :class:`tbps.retrieval.encoder.Encoder` already holds (loaded once).
 
         Reads the fusion encoder from ``encoder.checkpoint``; a checkpoint without a trained
-        one raises :class:`tbps.engine.checkpoint.CheckpointError` (see :func:`load_fusion`).
+        one raises :class:`tbps.models.checkpoint.CheckpointError` (see :func:`load_fusion`).
         """
-        from tbps.engine.checkpoint import load_checkpoint
+        from tbps.models.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(encoder.checkpoint)
         return cls(encoder.model, load_fusion(ckpt, encoder.model), encoder.tokenizer, max_words=encoder.max_words,

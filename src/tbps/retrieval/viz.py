@@ -9,7 +9,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from tbps.utils import atomic_write
+from tbps.files import atomic_write
 
 GREEN, RED, INK, PAPER = (34, 160, 70), (210, 45, 45), (30, 30, 30), (250, 250, 248)
 

@@ -20,7 +20,7 @@ from tbps.data.text_aug import TextAugmentConfig
 from tbps.data.transforms import AugmentConfig
 from tbps.models.factory import ModelSpec
 
-RECIPE_DIR = Path(__file__).parent / "recipes"
+RECIPE_DIR = Path(__file__).parent
 DEFAULT_RECIPE = "tbps-clip-cpu"
 
 

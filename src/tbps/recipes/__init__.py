@@ -1,0 +1,1 @@
+"""Recipes: YAML files beside ``config.py``, which parses them into dataclasses."""

@@ -1,0 +1,1 @@
+"""From a trained model to a ranked gallery: the encoder, exact metrics, re-ranking, re-scoring and pictures."""
