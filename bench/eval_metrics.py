@@ -59,7 +59,7 @@ def worker(size: str, method: str, threads: int) -> None:
     """Run one method once on one size; print a JSON line with time, memory and metrics."""
     import torch
 
-    from tbps.metrics import naive_retrieval_metrics, retrieval_metrics
+    from tbps.retrieval.metrics import naive_retrieval_metrics, retrieval_metrics
 
     torch.set_num_threads(threads)
     sim, qids, gids = _make_similarity(*SIZES[size])

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     from tbps.index import build_index
     from tbps.index.build import _ImageReader
-    from tbps.inference import Encoder, create_untrained_checkpoint
+    from tbps.retrieval.encoder import Encoder, create_untrained_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="tbps-bench-"))
     try:

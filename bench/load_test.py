@@ -4,7 +4,7 @@
     python bench/load_test.py --clients 8 --duration 10 --checkpoint runs/x/best.pt
 
 It builds a small real index in a temporary folder (synthetic pedestrians from
-``tbps.data.synth`` and, unless --checkpoint is given, an untrained tiny-vit checkpoint),
+``tbps.synth`` and, unless --checkpoint is given, an untrained tiny-vit checkpoint),
 starts ``tbps serve`` as a subprocess on 127.0.0.1, waits for /health, runs the clients
 (asyncio + httpx, one connection each) with varied queries, k and filters, and prints
 requests/s, latency percentiles and the error count. Exit status 1 if any request failed.
@@ -56,9 +56,9 @@ def build_demo_index(root: Path, ids: int = 100, images_per_id: int = 2, checkpo
     """Synthetic gallery + metadata CSV (person_id, camera, split) + index; returns (index, checkpoint)."""
     import torch
 
-    from tbps.data.synth import synthesize
+    from tbps.synth import synthesize
     from tbps.index import build_index
-    from tbps.inference import Encoder, create_untrained_checkpoint
+    from tbps.retrieval.encoder import Encoder, create_untrained_checkpoint
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
     stats = synthesize(root / "synth", ids=ids, images_per_id=images_per_id, image_size=image_size,

@@ -1,7 +1,7 @@
 """Open-vocabulary check: R@1 on the test queries as written and with unseen synonyms.
 
 Every test caption is rewritten with a fixed word map into words that the synthetic
-captions never use (``tbps.data.synth.RESERVED_SYNONYMS``); each checkpoint is evaluated
+captions never use (``tbps.synth.RESERVED_SYNONYMS``); each checkpoint is evaluated
 on both query sets against the same gallery. Prints a table (and --json writes it).
 
     python bench/open_vocab.py --data /tmp/textreid-data800 minilm=/tmp/runs/minilm/best.pt trained=/tmp/runs/trained/best.pt
@@ -40,10 +40,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     from tbps.data.dataset import eval_split
     from tbps.data.layouts import load_annotations
-    from tbps.data.synth import RESERVED_SYNONYMS
-    from tbps.engine.checkpoint import load_model
+    from tbps.synth import RESERVED_SYNONYMS
+    from tbps.models.checkpoint import load_model
     from tbps.engine.evaluate import encode_captions, encode_images
-    from tbps.metrics import retrieval_metrics
+    from tbps.retrieval.metrics import retrieval_metrics
     from tbps.models.factory import get_tokenizer
 
     assert set(WORD_MAP.values()) <= set(RESERVED_SYNONYMS), "the map must only use reserved synonyms"
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
               f"(cos {res['text_self_cos']:.3f}, mean cos to all {res['text_other_cos']:.3f})", flush=True)
     print(f"({rows['changed']} of {rows['queries']} queries changed by the word map)")
     if args.json:
-        from tbps.utils import write_json
+        from tbps.files import write_json
 
         write_json(args.json, rows)
     return 0

@@ -28,12 +28,12 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    from tbps.rerank import rerank, rerank_evaluation
+    from tbps.retrieval.rerank import rerank, rerank_evaluation
 
     out: dict = {}
     for spec in args.checkpoints:
         from tbps.data.layouts import load_annotations
-        from tbps.engine.checkpoint import load_model
+        from tbps.models.checkpoint import load_model
         from tbps.engine.evaluate import evaluate
         from tbps.models.factory import get_tokenizer
 

@@ -1,4 +1,4 @@
-"""Images per second of `tbps.data.synth.synthesize` (default 500 ids x 4 images).
+"""Images per second of `tbps.synth.synthesize` (default 500 ids x 4 images).
 
 Usage: python bench/synth_speed.py [--ids 500] [--images-per-id 4] [--workers 1 2] [--dir .]
 Prints one line per worker count: wall images/s, and the CPU time spent per image in
@@ -14,7 +14,7 @@ import argparse
 import tempfile
 import time
 
-from tbps.data.synth import synthesize
+from tbps.synth import synthesize
 
 
 def main() -> None:
