@@ -137,7 +137,7 @@ def test_image_negatives_are_other_people_and_the_most_similar():
 def test_dataset_items_carry_a_negative_image_of_another_person(tiny_dataset):
     from tbps.data.dataset import TrainPairs
     from tbps.data.layouts import load_annotations
-    from tbps.data.transforms import CLIP_MEAN, CLIP_STD
+    from tbps.models import CLIP_MEAN, CLIP_STD
 
     recs = load_annotations(tiny_dataset).split("train")
     ds = TrainPairs(recs, (32, 16), mean=CLIP_MEAN, std=CLIP_STD, augment=None, text_augment=None)

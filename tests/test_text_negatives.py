@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tbps.data.negatives import text as hn
-from tbps.data.negatives.text import WORD_RE, TextNegatives
+from tbps.data.negatives.text import TextNegatives
+from tbps.data.negatives.words import WORD_RE
 
 S_BRIEF = ("a gentleman who is wearing a purple short-sleeved t-shirt with a checked pattern and purple trousers "
            "he has short grey hair he is carrying a grey handbag")

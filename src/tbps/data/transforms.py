@@ -3,7 +3,9 @@
 Everything here runs in the data pipeline (workers), never inside ``model.forward``.
 Randomness comes from an explicit ``random.Random`` and a forked torch RNG per sample,
 so a sample's augmentation depends only on (seed, epoch, index): runs are reproducible
-and a resumed run sees the same images as an uninterrupted one.
+and a resumed run sees the same images as an uninterrupted one. The normalisation
+``mean`` / ``std`` are always passed in (the model's ``spec.mean`` / ``spec.std``): the
+data layer does not import the models.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-
-from tbps.models.factory import CLIP_MEAN, CLIP_STD
 
 # TBPS-CLIP's pool: each training image gets `num_ops` draws (with replacement) from these.
 AUGMENT_POOL = ("color_jitter", "rotation", "resized_crop", "grayscale", "hflip", "erasing")
@@ -43,7 +43,7 @@ def load_image(path, size: tuple[int, int]) -> Image.Image:
         return im.resize((size[1], size[0]), Image.BICUBIC)
 
 
-def to_tensor(img: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """PIL RGB -> normalised (3, H, W) float tensor."""
     from torchvision.transforms.functional import normalize, pil_to_tensor
 
@@ -51,7 +51,8 @@ def to_tensor(img: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     return normalize(x, mean, std)
 
 
-def eval_transform(img: Image.Image, size: tuple[int, int], mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+def eval_transform(img: Image.Image, size: tuple[int, int], mean: Sequence[float],
+                   std: Sequence[float]) -> torch.Tensor:
     """The deterministic test-time transform: RGB, resize to (H, W), normalise."""
     img = img.convert("RGB")
     if img.size != (size[1], size[0]):
@@ -76,7 +77,8 @@ def _op(name: str, size: tuple[int, int]):
 class PoolAugment:
     """Apply ``num_ops`` operations drawn with replacement from the pool, then normalise."""
 
-    def __init__(self, size: tuple[int, int], config: AugmentConfig, mean=CLIP_MEAN, std=CLIP_STD):
+    def __init__(self, size: tuple[int, int], config: AugmentConfig, mean: Sequence[float],
+                 std: Sequence[float]):
         self.size, self.config, self.mean, self.std = tuple(size), config, mean, std
         self.ops = {name: _op(name, self.size) for name in config.pool}
 
@@ -99,7 +101,7 @@ class PoolAugment:
 class StrongViews:
     """SimCLR-style strong augmentation for the SS loss: crop 0.2-1, jitter, grayscale, blur, flip."""
 
-    def __init__(self, size: tuple[int, int], mean=CLIP_MEAN, std=CLIP_STD):
+    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]):
         import torchvision.transforms as T
 
         k = max(3, (min(size) // 10) | 1)  # odd blur kernel ~10% of the short side
