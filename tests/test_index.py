@@ -341,3 +341,24 @@ def test_add_with_metadata_adds_columns_and_values(tmp_path, enc):
     assert [pathlib.Path(h.path).name for h in hits] == [paths[1].name]
     assert hits[0].metadata["camera"] == "c9"
     assert {h.metadata["camera"] for h in ix.search(enc.encode_texts(["x"]), k=10)[0]} == {"c0", "c9", "c2", "c3"}
+
+
+def test_store_read_api_for_writers(tmp_path, enc):
+    """``file_states`` and ``ids_under``: what the writers read instead of the store's sqlite."""
+    imgs = tmp_path / "imgs"
+    top = write_images(imgs, 3)
+    sub = write_images(imgs / "cam2", 2, seed=1, start=50)
+    write_images(tmp_path / "imgs" / "cam22", 1, seed=2, start=90)  # a sibling whose name extends cam2
+    build_index(tmp_path / "idx", enc, imgs, recursive=True, workers=0, progress=False)
+    with GalleryIndex.open(tmp_path / "idx") as ix:
+        states = ix.file_states()
+        assert len(states) == 6 and set(states) == {ix.get(int(i)).path for i in ix.ids}
+        for p in top + sub:
+            i, size, mtime_ns, sha = states[str(p.resolve())]
+            meta = ix.get(i).metadata
+            assert (size, mtime_ns, sha) == (p.stat().st_size, p.stat().st_mtime_ns, meta["sha256"])
+        by_name = {pathlib.Path(p).name: i for p, (i, *_) in states.items()}
+        cam2 = str((imgs / "cam2").resolve())
+        assert sorted(ix.ids_under(cam2)) == sorted(by_name[p.name] for p in sub)
+        assert ix.ids_under(str(top[1].resolve())) == [by_name[top[1].name]]
+        assert ix.ids_under(cam2 + "/img0050") == [] and ix.ids_under(str(tmp_path / "elsewhere")) == []
