@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from tbps.index import build_index
-    from tbps.index.build import _ImageReader
+    from tbps.index.embed import ImageReader
     from tbps.retrieval.encoder import Encoder, create_untrained_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="tbps-bench-"))
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         print(f"ceiling (forward only):            {ceiling:8.1f} images/s")
 
         # Decoding alone, one process.
-        reader = _ImageReader([str(x) for x in paths], enc.preprocess)
+        reader = ImageReader([str(x) for x in paths], enc.preprocess)
         t = time.perf_counter()
         for i in range(len(reader)):
             reader[i]

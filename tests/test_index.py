@@ -341,3 +341,96 @@ def test_add_with_metadata_adds_columns_and_values(tmp_path, enc):
     assert [pathlib.Path(h.path).name for h in hits] == [paths[1].name]
     assert hits[0].metadata["camera"] == "c9"
     assert {h.metadata["camera"] for h in ix.search(enc.encode_texts(["x"]), k=10)[0]} == {"c0", "c9", "c2", "c3"}
+
+
+def test_store_read_api_for_writers(tmp_path, enc):
+    """``file_states`` and ``ids_under``: what the writers read instead of the store's sqlite."""
+    imgs = tmp_path / "imgs"
+    top = write_images(imgs, 3)
+    sub = write_images(imgs / "cam2", 2, seed=1, start=50)
+    write_images(tmp_path / "imgs" / "cam22", 1, seed=2, start=90)  # a sibling whose name extends cam2
+    build_index(tmp_path / "idx", enc, imgs, recursive=True, workers=0, progress=False)
+    with GalleryIndex.open(tmp_path / "idx") as ix:
+        states = ix.file_states()
+        assert len(states) == 6 and set(states) == {ix.get(int(i)).path for i in ix.ids}
+        for p in top + sub:
+            i, size, mtime_ns, sha = states[str(p.resolve())]
+            meta = ix.get(i).metadata
+            assert (size, mtime_ns, sha) == (p.stat().st_size, p.stat().st_mtime_ns, meta["sha256"])
+        by_name = {pathlib.Path(p).name: i for p, (i, *_) in states.items()}
+        cam2 = str((imgs / "cam2").resolve())
+        assert sorted(ix.ids_under(cam2)) == sorted(by_name[p.name] for p in sub)
+        assert ix.ids_under(str(top[1].resolve())) == [by_name[top[1].name]]
+        assert ix.ids_under(cam2 + "/img0050") == [] and ix.ids_under(str(tmp_path / "elsewhere")) == []
+
+
+def test_embed_files_yields_batches_in_order_with_failures(tmp_path, enc):
+    import hashlib
+
+    from tbps.index.embed import embed_files
+
+    paths = write_images(tmp_path / "imgs", 5)
+    bad = tmp_path / "imgs" / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    files = [str(p) for p in paths[:2]] + [str(bad)] + [str(p) for p in paths[2:]]
+    batches = list(embed_files(files, enc, batch_size=4, workers=0, progress=False))
+    assert [b.indices for b in batches] == [[0, 1, 3], [4, 5]]
+    assert [b.failures for b in batches][1] == [] and batches[0].failures[0][0] == 2
+    assert "not an image" in batches[0].failures[0][1]
+    feats = np.concatenate([b.features for b in batches])
+    np.testing.assert_allclose(feats, reference_features(enc, paths), atol=1e-6)
+    infos = [info for b in batches for info in b.infos]
+    assert [i["sha256"] for i in infos] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert {(i["width"], i["height"]) for i in infos} == {(16, 32)}
+    assert list(embed_files([], enc, workers=0, progress=False)) == []
+
+
+def test_every_write_publishes_with_one_manifest_write(tmp_path, enc, monkeypatch):
+    """build, add, remove and build_from_features each write manifest.json once, as the
+    last step; a write with nothing to commit writes none."""
+    from tbps.index import build_index_from_features, generation
+
+    writes = []
+    real = generation.write_json
+
+    def counting(path, obj):
+        writes.append((pathlib.Path(path).name, obj["generation"]))
+        real(path, obj)
+
+    monkeypatch.setattr(generation, "write_json", counting)
+    imgs = tmp_path / "imgs"
+    paths = write_images(imgs, 4)
+    build_index(tmp_path / "idx", enc, imgs, workers=0, progress=False)
+    add_to_index(tmp_path / "idx", enc, imgs, workers=0, progress=False)  # nothing new: no write
+    write_images(imgs, 1, seed=3, start=10)
+    add_to_index(tmp_path / "idx", enc, imgs, workers=0, progress=False)
+    remove_from_index(tmp_path / "idx", [str(paths[0])])
+    remove_from_index(tmp_path / "idx", [str(paths[0])])  # already gone: no write
+    build_index_from_features(tmp_path / "ff", np.eye(3, 8, dtype=np.float32), ["a", "b", "c"],
+                              fingerprint=enc.fingerprint)
+    assert writes == [("manifest.json", 1), ("manifest.json", 2), ("manifest.json", 3), ("manifest.json", 1)]
+
+
+def test_write_generation_publishes_after_every_file_is_on_disk(tmp_path, enc):
+    """At the "before-manifest" step the new generation is complete and unpublished."""
+    from tbps.index.generation import FeatureEdit, GenerationWriter, copy_db, write_generation
+
+    write_images(tmp_path / "imgs", 3)
+    build_index(tmp_path / "idx", enc, tmp_path / "imgs", workers=0, progress=False)
+    root = (tmp_path / "idx").resolve()
+    seen = []
+
+    def step(name):
+        with GalleryIndex.open(root) as now:
+            seen.append((name, now.generation, sorted(os.listdir(root))))
+
+    with GenerationWriter(root, create=False) as writer, GalleryIndex.open(root) as old:
+        copy_db(writer).close()  # the items table, unchanged
+        manifest = write_generation(writer, {}, search_mode="auto", on_step=step,
+                                    edit=FeatureEdit(old.features, old.ids))
+    assert [(name, gen) for name, gen, _ in seen] == [("before-manifest", 1)]
+    assert {"features-2.npy", "ids-2.npy", "meta-2.sqlite"} <= set(seen[0][2])
+    assert manifest["generation"] == 2 and manifest["created"] == old.manifest["created"]
+    with GalleryIndex.open(root) as ix:
+        assert ix.generation == 2 and list(ix.ids) == list(old.ids)
+        np.testing.assert_array_equal(np.asarray(ix.features), np.asarray(old.features))

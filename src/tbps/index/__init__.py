@@ -7,8 +7,10 @@
     hits = index.search(encoder.encode_texts(["a man in a black jacket"]), k=10,
                         where="camera = 'c3'")[0]
 
-Layout and crash safety: ``tbps.index.store``; writing: ``tbps.index.build``; filter
-grammar: ``tbps.index.filters``; approximate search: ``tbps.index.ann``.
+Modules, from the top: ``build`` (the four write operations), ``scan`` (image folder, metadata
+CSV), ``embed`` (decode and encode in batches), ``generation`` (lock, files, fsync, publishing:
+crash safety), ``store`` (on-disk layout and ``GalleryIndex``), ``filters`` (filter grammar),
+``ann`` (approximate search).
 """
 
 from tbps.index.build import (

@@ -262,6 +262,27 @@ class GalleryIndex:
                 f"the index was built with ({self.checkpoint}) or rebuild the index."
             )
 
+    # -- rows, for writers (tbps.index.build) ---------------------------------------------
+    def file_states(self) -> dict[str, tuple[int, int | None, int | None, str | None]]:
+        """What the index recorded of every item's file: ``{path: (id, size, mtime_ns, sha256)}``.
+
+        ``add_to_index`` compares these with the files on disk; items written by
+        ``build_index_from_features`` have None for size, mtime_ns and sha256.
+        """
+        with self._db_lock:
+            rows = self._db.execute("SELECT id, path, size, mtime_ns, sha256 FROM items").fetchall()
+        return {p: (i, size, mns, sha) for i, p, size, mns, sha in rows}
+
+    def ids_under(self, path: str) -> list[int]:
+        """Ids of the item whose image path is exactly ``path`` and of every item below the
+        folder ``path`` (compared as text: give it absolute, without a trailing separator)."""
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT id FROM items WHERE path = ? OR substr(path, 1, ?) = ?",
+                (path, len(path) + 1, path + os.sep),
+            ).fetchall()
+        return [r[0] for r in rows]
+
     # -- lookup -------------------------------------------------------------------------
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.ids, ids)
