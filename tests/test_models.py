@@ -5,7 +5,7 @@ import torch
 
 from tbps.recipes.config import load_recipe
 from tbps.models import ModelSpec, create_model, get_tokenizer, list_architectures
-from tbps.models.factory import ModelError
+from tbps.models.spec import ModelError
 from tbps.objectives import StepContext, build_objective
 
 
@@ -94,8 +94,9 @@ def test_unknown_architecture_and_missing_weights_give_clear_errors():
 
 
 def test_paper_architectures_are_known_to_open_clip():
-    from tbps.models.factory import arch_config
+    from tbps.models.spec import arch_config
 
     for arch in list_architectures()["paper"]:
         cfg = arch_config(arch)
         assert cfg["embed_dim"] in (512, 1024)
+

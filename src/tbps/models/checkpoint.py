@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from tbps.files import atomic_write
+from tbps.models.factory import create_model
+from tbps.models.spec import ModelSpec
 
 FORMAT = "tbps-checkpoint"
 VERSION = 1
@@ -60,8 +62,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the model stored in a checkpoint: returns (model in eval mode, checkpoint dict)."""
-    from tbps.models.factory import ModelSpec, create_model
-
     ckpt = load_checkpoint(path)
     spec = ModelSpec.from_dict(ckpt["model_spec"])
     model = create_model(spec, load_pretrained=False)

@@ -19,13 +19,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from tbps.models.factory import ModelSpec
+from tbps.models.spec import ModelSpec
 
 
 class HFTextError(ValueError):

@@ -6,14 +6,11 @@ preprocessed images (B, 3, H, W) and token ids (B, L) and returns features.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from tbps.models.factory import ModelSpec
+from tbps.models.spec import ModelSpec
 
 
 class TBPSModel(nn.Module):
@@ -23,7 +20,7 @@ class TBPSModel(nn.Module):
     outputs are projected into the same D-dim space so cross-modal modules can mix them.
     """
 
-    def __init__(self, clip: nn.Module, spec: "ModelSpec"):
+    def __init__(self, clip: nn.Module, spec: ModelSpec):
         super().__init__()
         self.clip = clip
         self.spec = spec

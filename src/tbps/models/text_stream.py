@@ -29,16 +29,14 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tbps.files import cache_dir
-
-if TYPE_CHECKING:
-    from tbps.models.factory import ModelSpec
+from tbps.models.spec import ModelSpec, arch_config
 
 PAD = "<pad>"
 TEXT_TOWER_DEFAULTS: dict[str, Any] = {"type": "frozen-words", "source": "minilm", "hidden": 512, "dim": 64}
@@ -156,8 +154,6 @@ def text_tower_config(spec: ModelSpec) -> dict[str, Any]:
 
 def word_encoder(spec: ModelSpec) -> WordEncoder:
     """The frozen word encoder a spec asks for (nothing heavy is loaded until it encodes)."""
-    from tbps.models.factory import arch_config
-
     cfg = text_tower_config(spec)
     if cfg["source"] == "minilm":
         return MiniLMWordEncoder()
