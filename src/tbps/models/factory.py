@@ -2,7 +2,7 @@
 
 The architecture name (``ViT-B-16``) is kept apart from the weights (``openai``, or a
 file). What a model is (``ModelSpec``, the architecture registry, CLIP's mean/std) lives
-in :mod:`tbps.models.spec`; the text towers in ``text_stream.py`` and ``hf_text.py``.
+in :mod:`tbps.models.spec`; the text towers in :mod:`tbps.models.text_towers`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from tbps.models.spec import (  # noqa: F401  (CLIP_MEAN .. ModelError: re-expor
     arch_config,
     list_architectures,
     register_spec_config,
-    text_context_length,
 )
 from tbps.models.tbps_model import TBPSModel
+from tbps.models.text_towers import text_tower
 
 
 def create_model(spec: ModelSpec, *, load_pretrained: bool = True) -> TBPSModel:
@@ -61,22 +61,10 @@ def create_model(spec: ModelSpec, *, load_pretrained: bool = True) -> TBPSModel:
 
 
 def get_tokenizer(spec: ModelSpec):
-    """The open_clip tokenizer of the architecture, truncating to its context length.
+    """The tokenizer of the spec's text tower, truncating to its context length.
 
-    With ``spec.text_tower`` set: the word tokenizer sharing the frozen dictionary.
+    CLIP's own tower: open_clip's tokenizer of the architecture; ``spec.text_tower`` set: the
+    tower's own (the word tokenizer sharing the frozen dictionary, or a WordPiece tokenizer).
     """
     _register_configs()
-    import open_clip
-
-    if spec.text_tower:
-        from tbps.models.text_stream import get_word_tokenizer
-
-        length = text_context_length(spec)
-        if spec.text_tower.get("type") == "hf":  # WordPiece tokenizer of a BERT-family tower (hf_text.py)
-            from tbps.models.hf_text import HFTokenizer
-
-            return HFTokenizer(spec.text_tower.get("path", "minilm"), length)
-        return get_word_tokenizer(spec, length)
-
-    register_spec_config(spec)
-    return open_clip.get_tokenizer(spec.arch, context_length=spec.context_length)
+    return text_tower(spec).tokenizer(spec)

@@ -336,6 +336,14 @@ class FrozenWordStream(nn.Module):
     def dictionary(self) -> WordDictionary:
         return self._dictionary_fn()
 
+    def prepare_vocabulary(self, words: set[str]) -> dict[str, Any]:
+        """Encode the training words into the dictionary (through its disk cache) and fit the
+        input statistics on them; returns the dictionary's ``add_vocabulary`` info."""
+        d = self.dictionary
+        info = d.add_vocabulary(words)
+        self.fit_input(d.vectors[d.ids(sorted(words))])  # statistics of the training words
+        return info
+
     def sequence(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) rows -> GRU states (B, L, 2H) (zeros at padding) and the (B, L) mask of words."""
         table = self.dictionary.table(tokens.device)
