@@ -10,7 +10,6 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tbps.models.spec import ModelSpec
 from tbps.models.text_towers import text_tower
@@ -50,6 +49,7 @@ class TBPSModel(nn.Module):
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images the visual tower takes."""
         size = getattr(self.clip.visual, "image_size", None)
         if size is None:  # timm trunks
             size = self.clip.visual.trunk.patch_embed.img_size
@@ -89,6 +89,7 @@ class TBPSModel(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """D, the size of the projected global features of both towers."""
         if self.spec.embed_dim:
             return int(self.spec.embed_dim)
         with torch.no_grad():
@@ -96,6 +97,7 @@ class TBPSModel(nn.Module):
 
     @property
     def context_length(self) -> int:
+        """L, the token positions of the CLIP text tower."""
         if hasattr(self.clip, "context_length"):
             return int(self.clip.context_length)
         return int(self.clip.text.context_length)
@@ -220,6 +222,3 @@ class TBPSModel(nn.Module):
         mask = tokens != 0  # open_clip pads with 0
         return pooled, x, mask
 
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)
