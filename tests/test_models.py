@@ -5,7 +5,7 @@ import torch
 
 from tbps.recipes.config import load_recipe
 from tbps.models import ModelSpec, create_model, get_tokenizer, list_architectures
-from tbps.models.factory import ModelError
+from tbps.models.spec import ModelError
 from tbps.objectives import StepContext, build_objective
 
 
@@ -94,8 +94,30 @@ def test_unknown_architecture_and_missing_weights_give_clear_errors():
 
 
 def test_paper_architectures_are_known_to_open_clip():
-    from tbps.models.factory import arch_config
+    from tbps.models.spec import arch_config
 
     for arch in list_architectures()["paper"]:
         cfg = arch_config(arch)
         assert cfg["embed_dim"] in (512, 1024)
+
+
+def test_unknown_text_tower_type_is_a_model_error_naming_the_known_ones():
+    spec = ModelSpec(arch="micro-vit", text_tower={"type": "lstm"})
+    for build in (create_model, get_tokenizer):
+        with pytest.raises(ModelError, match=r"'lstm'.*\['frozen-words', 'hf'\].*null"):
+            build(spec)
+
+
+def test_text_tower_registry_dispatches_by_type(tmp_path, monkeypatch):
+    from tbps.models.text_stream import FrozenWordStream, WordTokenizer
+    from tbps.models.text_towers import CLIP_TOWER, TEXT_TOWERS, text_tower
+
+    assert text_tower(ModelSpec()) is CLIP_TOWER and text_tower(ModelSpec(text_tower={})) is CLIP_TOWER
+    assert text_tower(ModelSpec(text_tower={"source": "random"})) is TEXT_TOWERS["frozen-words"]  # the default type
+    assert text_tower(ModelSpec(text_tower={"type": "hf"})) is TEXT_TOWERS["hf"]
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
+    # dim 7: a word dictionary of its own (dictionaries are shared per encoder in the process)
+    model = create_model(ModelSpec(arch="micro-vit", text_tower={"type": "frozen-words", "source": "random", "dim": 7}))
+    assert isinstance(model.text_stream, FrozenWordStream) and isinstance(get_tokenizer(model.spec), WordTokenizer)
+    clip = create_model(ModelSpec(arch="micro-vit"))
+    assert clip.text_stream is None and clip.prepare_vocabulary(["a man in a red coat"]) is None

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tbps.losses.cmmoco import CMMoCo, FeatureQueue, cmmoco_loss
-from tbps.models.momentum import MomentumEncoder, ema_update
+from tbps.losses.cmmoco import CMMoCo, cmmoco_loss
+from tbps.models.momentum import FeatureQueue, MomentumEncoder, ema_update
 
 
 def test_queue_fifo_wraps_and_keeps_ids():

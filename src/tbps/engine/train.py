@@ -184,7 +184,8 @@ def train(job: TrainJob) -> dict[str, Any]:
         dataset.cache_images(progress=job.progress and dist.is_main)
     # A frozen word-dictionary text tower (TextReID) encodes the training vocabulary once, here in
     # the main process, so DataLoader workers only look words up (no-op for CLIP text towers).
-    vocab = model.prepare_vocabulary([c for r in train_records for c in (r.captions + (r.captions_bt or ()))])
+    from tbps.data.text import clean_caption
+    vocab = model.prepare_vocabulary([clean_caption(c, 10**6) for r in train_records for c in (r.captions + (r.captions_bt or ()))])
     if vocab:
         _log(f"word dictionary: {vocab['words']} words ({'from cache' if vocab['cached'] else 'encoded'})", dist)
     sampler = GlobalBatchSampler(

@@ -11,7 +11,8 @@ from EMA copies of the encoders (m = 0.999, updated before the keys are computed
 are enqueued FIFO after the loss, gathered across processes first.
 
 Reusable pieces for any recipe:
-- :class:`FeatureQueue`: a FIFO of (K, D) keys and their (K,) person ids, saved in checkpoints.
+- :class:`tbps.models.momentum.FeatureQueue` (imported here): a FIFO of (K, D) keys and their (K,)
+  person ids, saved in checkpoints.
 - :func:`cmmoco_loss`: the formula above on plain tensors.
 - :class:`CMMoCo`: momentum copy of a ``TBPSModel`` + both queues; ``loss(model, img, txt, batch)``
   returns the CM-MoCo term for normalised query features an objective already computed.
@@ -24,47 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tbps.losses.gather import gather_no_grad
-from tbps.models.momentum import MomentumEncoder
-
-
-class FeatureQueue(nn.Module):
-    """FIFO ring buffer of ``size`` keys (D-dim) with their person ids.
-
-    Empty slots have id -1 and are never used as negatives. All state is in buffers,
-    so it is saved with the objective and restored on resume.
-    """
-
-    def __init__(self, size: int, dim: int):
-        super().__init__()
-        if size < 0:
-            raise ValueError(f"queue size must be >= 0, got {size}")
-        self.size = int(size)
-        self.register_buffer("feats", torch.zeros(size, dim))  # (K, D)
-        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))  # (K,), -1 = empty
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-
-    @property
-    def valid(self) -> torch.Tensor:
-        """(K,) bool: slots holding a key."""
-        return self.ids >= 0
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
-        """Write (B, D) keys and (B,) ids at the pointer, wrapping around; the oldest go first.
-
-        Pass keys already gathered from every process, so all ranks hold the same queue.
-        A batch larger than the queue keeps only its last ``size`` rows.
-        """
-        if self.size == 0:
-            return
-        keys, ids = keys.detach().to(self.feats.dtype), ids.detach().long()
-        if keys.shape[0] > self.size:
-            keys, ids = keys[-self.size :], ids[-self.size :]
-        n = keys.shape[0]
-        slots = (self.ptr + torch.arange(n, device=self.ids.device)) % self.size
-        self.feats[slots] = keys
-        self.ids[slots] = ids
-        self.ptr.fill_(int((self.ptr + n) % self.size))
+from tbps.models.momentum import FeatureQueue, MomentumEncoder
 
 
 def cmmoco_loss(

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from tbps.files import atomic_write
+from tbps.models.factory import create_model
+from tbps.models.spec import ModelSpec
 
 FORMAT = "tbps-checkpoint"
 VERSION = 1
@@ -38,6 +40,11 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file, or a run folder's ``best.pt`` (else ``last.pt``); adds ``path``.
+
+    A full pickle (optimizer, RNG and recipe state are not plain tensors): load only files you trust.
+    Raises :class:`CheckpointError` for a missing, unreadable or foreign file.
+    """
     path = Path(path)
     if path.is_dir():
         for name in ("best.pt", "last.pt"):
@@ -60,8 +67,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the model stored in a checkpoint: returns (model in eval mode, checkpoint dict)."""
-    from tbps.models.factory import ModelSpec, create_model
-
     ckpt = load_checkpoint(path)
     spec = ModelSpec.from_dict(ckpt["model_spec"])
     model = create_model(spec, load_pretrained=False)
@@ -70,6 +75,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (identifies the checkpoint an index was built from)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -78,6 +84,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def rng_state() -> dict[str, Any]:
+    """The python, numpy, torch (and CUDA) generator states, for an exact resume."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -85,6 +92,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states :func:`rng_state` returned (CUDA's only where CUDA is available)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

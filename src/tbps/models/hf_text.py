@@ -19,13 +19,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from tbps.models.factory import ModelSpec
+from tbps.models.spec import ModelSpec
 
 
 class HFTextError(ValueError):
@@ -49,18 +47,11 @@ def resolve_path(path: str) -> str:
     return str(path)
 
 
-class _NoVocabulary:
-    """``TBPSModel.prepare_vocabulary`` hook: a subword tokenizer needs no word dictionary."""
-
-    @staticmethod
-    def add_vocabulary(words) -> None:
-        return None
-
-
 class HFTextTower(nn.Module):
-    """(B, L) WordPiece ids -> [CLS] feature (B, D), token features (B, L, D), mask (B, L)."""
+    """(B, L) WordPiece ids -> [CLS] feature (B, D), token features (B, L, D), mask (B, L).
 
-    dictionary = _NoVocabulary()
+    Its WordPiece vocabulary is fixed, so it has no vocabulary step before training.
+    """
 
     def __init__(self, spec: ModelSpec, out_dim: int, *, load_weights: bool = True):
         super().__init__()

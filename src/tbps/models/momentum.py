@@ -1,13 +1,16 @@
-"""Momentum (EMA) copies of a module, as MoCo / ALBEF / TextReID keep them.
+"""Momentum (EMA) copies of a module and FIFO queues of their keys, as MoCo / ALBEF / TextReID keep them.
 
 ``MomentumEncoder(model, m)`` holds a frozen deep copy of ``model``; ``update(model)``
 moves every parameter to ``m * key + (1 - m) * online`` and copies buffers. The copy
 never receives gradients and is never seen by the optimiser (``requires_grad=False``).
+``FeatureQueue(K, D)`` keeps the last K keys and their person ids for contrast.
 
     ema = MomentumEncoder(model, momentum=0.999)
     ema.update(model)                   # once per step, before keys are computed
     with torch.no_grad():
         keys = ema.module.encode_text(tokens)
+    queue = FeatureQueue(size=2048, dim=keys.shape[1])
+    queue.enqueue(keys, person_ids)     # after the loss: a batch is never its own queue negative
 """
 
 from __future__ import annotations
@@ -59,3 +62,43 @@ class MomentumEncoder(nn.Module):
     def forward(self, *args, **kwargs):
         with torch.no_grad():
             return self.module(*args, **kwargs)
+
+
+class FeatureQueue(nn.Module):
+    """FIFO ring buffer of ``size`` keys (D-dim) with their person ids.
+
+    Empty slots have id -1 and are never used as negatives. All state is in buffers,
+    so it is saved with the objective and restored on resume.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size < 0:
+            raise ValueError(f"queue size must be >= 0, got {size}")
+        self.size = int(size)
+        self.register_buffer("feats", torch.zeros(size, dim))  # (K, D)
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))  # (K,), -1 = empty
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(K,) bool: slots holding a key."""
+        return self.ids >= 0
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
+        """Write (B, D) keys and (B,) ids at the pointer, wrapping around; the oldest go first.
+
+        Pass keys already gathered from every process, so all ranks hold the same queue.
+        A batch larger than the queue keeps only its last ``size`` rows.
+        """
+        if self.size == 0:
+            return
+        keys, ids = keys.detach().to(self.feats.dtype), ids.detach().long()
+        if keys.shape[0] > self.size:
+            keys, ids = keys[-self.size :], ids[-self.size :]
+        n = keys.shape[0]
+        slots = (self.ptr + torch.arange(n, device=self.ids.device)) % self.size
+        self.feats[slots] = keys
+        self.ids[slots] = ids
+        self.ptr.fill_(int((self.ptr + n) % self.size))

@@ -6,14 +6,13 @@ preprocessed images (B, 3, H, W) and token ids (B, L) and returns features.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from tbps.models.factory import ModelSpec
+from tbps.models.spec import ModelSpec
+from tbps.models.text_towers import text_tower
 
 
 class TBPSModel(nn.Module):
@@ -23,25 +22,20 @@ class TBPSModel(nn.Module):
     outputs are projected into the same D-dim space so cross-modal modules can mix them.
     """
 
-    def __init__(self, clip: nn.Module, spec: "ModelSpec"):
+    def __init__(self, clip: nn.Module, spec: ModelSpec):
         super().__init__()
         self.clip = clip
         self.spec = spec
-        # Optional TextReID parts: heads to spec.embed_dim and a frozen-dictionary text stream.
+        tower = text_tower(spec)
+        # Optional parts: heads to spec.embed_dim (TextReID) and a text tower other than CLIP's own
+        # (text_towers.py); made in this order, which a seeded run's initial weights depend on.
         clip_dim = int((spec.arch_config or {}).get("embed_dim") or self._clip_text_dim())
         out_dim = int(spec.embed_dim or clip_dim)
         self.image_head = nn.Linear(clip_dim, out_dim) if spec.embed_dim else None
         self.text_stream = None
         self.text_head = None
-        if spec.text_tower:
-            if spec.text_tower.get("type") == "hf":  # a BERT-family encoder from a local folder (LAIP/ALBEF)
-                from tbps.models.hf_text import HFTextTower
-
-                self.text_stream = HFTextTower(spec, out_dim)
-            else:
-                from tbps.models.text_stream import build_text_stream
-
-                self.text_stream = build_text_stream(spec, out_dim)
+        if tower.build is not None:
+            self.text_stream = tower.build(spec, out_dim)
             for p in self._clip_text_parameters():  # the CLIP text tower is not used: keep it out of training
                 p.requires_grad_(False)
         elif spec.embed_dim:
@@ -55,6 +49,7 @@ class TBPSModel(nn.Module):
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images the visual tower takes."""
         size = getattr(self.clip.visual, "image_size", None)
         if size is None:  # timm trunks
             size = self.clip.visual.trunk.patch_embed.img_size
@@ -80,22 +75,21 @@ class TBPSModel(nn.Module):
             elif isinstance(p, nn.Module):
                 yield from p.parameters()
 
-    def prepare_vocabulary(self, texts) -> dict | None:
-        """Encode the words of ``texts`` into the frozen dictionary before training (no-op for
-        the CLIP text tower). Call it in the main process before DataLoader workers start."""
-        if self.text_stream is None:
+    def prepare_vocabulary(self, captions: Iterable[str]) -> dict | None:
+        """Take in the training vocabulary before training: the words of ``captions`` (already
+        cleaned by the caller, e.g. ``clean_caption(c, 10**6)``) go into the text tower's frozen
+        dictionary. Returns ``{"words": N, "cached": bool, ...}``, or None for towers without
+        such a step (CLIP's own, Hugging Face). Call it in the main process before DataLoader
+        workers start."""
+        tower = text_tower(self.spec)
+        if tower.prepare is None:
             return None
-        from tbps.data.text import clean_caption
-        from tbps.models.text_stream import split_words
-
-        words = {w for t in texts for w in split_words(clean_caption(t, 10**6))}
-        d = self.text_stream.dictionary
-        info = d.add_vocabulary(words)
-        self.text_stream.fit_input(d.vectors[d.ids(sorted(words))])  # statistics of the training words
-        return info
+        words = {w for c in captions for w in tower.split_words(c)}
+        return tower.prepare(self.text_stream, words)
 
     @property
     def embed_dim(self) -> int:
+        """D, the size of the projected global features of both towers."""
         if self.spec.embed_dim:
             return int(self.spec.embed_dim)
         with torch.no_grad():
@@ -103,6 +97,7 @@ class TBPSModel(nn.Module):
 
     @property
     def context_length(self) -> int:
+        """L, the token positions of the CLIP text tower."""
         if hasattr(self.clip, "context_length"):
             return int(self.clip.context_length)
         return int(self.clip.text.context_length)
@@ -227,6 +222,3 @@ class TBPSModel(nn.Module):
         mask = tokens != 0  # open_clip pads with 0
         return pooled, x, mask
 
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)

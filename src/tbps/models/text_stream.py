@@ -29,16 +29,14 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tbps.files import cache_dir
-
-if TYPE_CHECKING:
-    from tbps.models.factory import ModelSpec
+from tbps.models.spec import ModelSpec, arch_config
 
 PAD = "<pad>"
 TEXT_TOWER_DEFAULTS: dict[str, Any] = {"type": "frozen-words", "source": "minilm", "hidden": 512, "dim": 64}
@@ -156,8 +154,6 @@ def text_tower_config(spec: ModelSpec) -> dict[str, Any]:
 
 def word_encoder(spec: ModelSpec) -> WordEncoder:
     """The frozen word encoder a spec asks for (nothing heavy is loaded until it encodes)."""
-    from tbps.models.factory import arch_config
-
     cfg = text_tower_config(spec)
     if cfg["source"] == "minilm":
         return MiniLMWordEncoder()
@@ -339,6 +335,14 @@ class FrozenWordStream(nn.Module):
     @property
     def dictionary(self) -> WordDictionary:
         return self._dictionary_fn()
+
+    def prepare_vocabulary(self, words: set[str]) -> dict[str, Any]:
+        """Encode the training words into the dictionary (through its disk cache) and fit the
+        input statistics on them; returns the dictionary's ``add_vocabulary`` info."""
+        d = self.dictionary
+        info = d.add_vocabulary(words)
+        self.fit_input(d.vectors[d.ids(sorted(words))])  # statistics of the training words
+        return info
 
     def sequence(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) rows -> GRU states (B, L, 2H) (zeros at padding) and the (B, L) mask of words."""

@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
 class LAIPObjective(Objective):
     def __init__(self, model: nn.Module, losses: dict[str, Any], *, num_identities: int):
         super().__init__()
-        from tbps.losses.cmmoco import FeatureQueue
+        from tbps.models.momentum import FeatureQueue
         from tbps.models.factory import get_tokenizer
         from tbps.models.momentum import MomentumEncoder
 

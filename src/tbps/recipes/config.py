@@ -18,7 +18,7 @@ import yaml
 
 from tbps.data.text_aug import TextAugmentConfig
 from tbps.data.transforms import AugmentConfig
-from tbps.models.factory import ModelSpec
+from tbps.models.spec import ModelSpec
 
 RECIPE_DIR = Path(__file__).parent
 DEFAULT_RECIPE = "tbps-clip-cpu"

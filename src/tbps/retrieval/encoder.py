@@ -151,7 +151,8 @@ class Encoder:
 def create_untrained_checkpoint(path: str | os.PathLike, arch: str = "tiny-vit", seed: int = 0) -> Path:
     """Write a valid checkpoint with random weights (for tests and benchmarks)."""
     from tbps.recipes.config import load_recipe
-    from tbps.models.factory import ModelSpec, create_model
+    from tbps.models.factory import create_model
+    from tbps.models.spec import ModelSpec
 
     recipe = load_recipe("tbps-clip-cpu", [f"model.arch={arch}", "model.image_size=null", "model.context_length=null"])
     torch.manual_seed(seed)
