@@ -24,8 +24,8 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
-from tbps.serve import MAX_K, MAX_QUERY_CHARS, ThumbCache, create_app, filters_to_where
-from tbps.serve.app import THUMB_BOX
+from tbps.serve import MAX_K, MAX_QUERY_CHARS, ThumbCache, create_app
+from tbps.serve.runtime import THUMB_BOX
 
 PALETTE = {  # name -> RGB; the embedding has one dimension per name
     "red": (220, 30, 30),
@@ -196,15 +196,6 @@ def test_filters_as_string_and_as_object(client, index, encoder):
     assert [_name(index, h["id"]) for h in c.json()["results"]] == ["p01.png"]
     d = client.post("/search", json={"text": "red", "filters": {"camera": "x' OR '1'='1"}})
     assert d.status_code == 200 and d.json()["results"] == []
-
-
-def test_filters_to_where_quotes_and_checks_columns():
-    assert filters_to_where({"camera": "o'neil", "n": 3, "x": 1.5, "b": True}, ["camera", "n", "x", "b"]) == (
-        "camera = 'o''neil' AND n = 3 AND x = 1.5 AND b = 'true'"
-    )
-    assert filters_to_where({}, ["camera"]) is None
-    with pytest.raises(ValueError, match="unknown filter column 'cam'.*known columns: camera"):
-        filters_to_where({"cam": "c1"}, ["camera"])
 
 
 def test_k_above_gallery_is_clamped(client, index):
@@ -564,7 +555,7 @@ def test_text_batcher_groups_waiting_queries_and_passes_errors():
             raise RuntimeError("boom")
         return np.array([[len(t)] for t in texts], dtype=np.float32)
 
-    from tbps.serve.app import TextBatcher
+    from tbps.serve.runtime import TextBatcher
 
     b = TextBatcher(encode, threading.Lock(), max_batch=4)
     out = {}
@@ -586,7 +577,7 @@ def test_text_batcher_groups_waiting_queries_and_passes_errors():
 
 
 def test_oversized_bodies_are_refused_before_parsing(client):
-    from tbps.serve.app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES
+    from tbps.serve.schemas import MAX_BODY_BYTES, MAX_UPLOAD_BYTES
 
     big = b'{"text": "' + b"x" * MAX_BODY_BYTES + b'"}'
     r = client.post("/search", content=big, headers={"Content-Type": "application/json"})
