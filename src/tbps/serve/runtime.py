@@ -84,6 +84,11 @@ class TextBatcher:
         self._queue.put((text, fut))
         return fut.result()
 
+    @property
+    def waiting(self) -> int:
+        """Queries queued and not yet taken into a batch (a snapshot: others may be arriving)."""
+        return self._queue.qsize()
+
     def close(self) -> None:
         """Stop the worker thread (queries already queued are answered first)."""
         with self._start_lock:
