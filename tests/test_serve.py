@@ -534,7 +534,7 @@ class HeldEncoder(ColourEncoder):
 
     def encode_texts(self, texts):
         if self.expected:
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30  # only reached if the queries never all arrive
             while len(texts) + self.batcher.waiting < self.expected and time.monotonic() < deadline:
                 time.sleep(0.005)
             self.expected = 0
