@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     from tbps.data.layouts import load_annotations
     from tbps.synth import RESERVED_SYNONYMS
     from tbps.models.checkpoint import load_model
-    from tbps.engine.evaluate import encode_captions, encode_images
+    from tbps.retrieval.encoder import encode_captions, encode_images
     from tbps.retrieval.metrics import retrieval_metrics
     from tbps.models.factory import get_tokenizer
 

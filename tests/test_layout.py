@@ -37,7 +37,7 @@ def test_an_upward_import_breaks_the_contracts(tmp_path):
     """The contracts have teeth: one import from the bottom layer up to the CLI fails them."""
     shutil.copytree(SRC, tmp_path / "tbps", ignore=shutil.ignore_patterns("__pycache__"))
     files = tmp_path / "tbps" / "files.py"
-    files.write_text(files.read_text() + "\n\ndef _up():\n    from tbps.cli.main import UserError  # noqa: F401\n")
+    files.write_text(files.read_text() + "\n\ndef _up():\n    from tbps.cli.common import UserError  # noqa: F401\n")
     res = lint_imports(tmp_path)
     assert res.returncode != 0
     assert "tbps.files is not allowed to import tbps.cli" in res.stdout

@@ -83,7 +83,7 @@ def test_search_rescorer_scores_index_candidates_with_the_fusion_encoder(tiny_da
     new = rescorer.for_texts(texts)(None, cand, np.zeros(cand.shape), FakeIndex())
     assert new.shape == (2, 3) and new[1, 1] == -np.inf and np.isfinite(new[0]).all()
     # Same numbers as the fusion encoder run directly on the pair.
-    from tbps.engine.evaluate import GalleryImages
+    from tbps.data.dataset import GalleryImages
 
     x = torch.stack([GalleryImages(paths, model.image_size, model.spec.mean, model.spec.std)[2][0]])
     with torch.no_grad():

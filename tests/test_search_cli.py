@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-import tbps.cli.index as cli_index
+import tbps.cli.common as cli_common
 from tbps.cli.main import main
 from tbps.index import GalleryIndex
 from tests.fake_encoder import FakeEncoder
@@ -30,7 +30,7 @@ def fake_models(tmp_path, monkeypatch):
         made[name] = made.get(name) or FakeEncoder(embed_dim=32, seed=int(name[4]))
         return made[name]
 
-    monkeypatch.setattr(cli_index, "load_encoder", load)
+    monkeypatch.setattr(cli_common, "load_encoder", load)
     for n in ("fake0.pt", "fake1.pt"):
         (tmp_path / n).write_bytes(b"x")
     return tmp_path / "fake0.pt", tmp_path / "fake1.pt"

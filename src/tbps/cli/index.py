@@ -81,15 +81,8 @@ def _common_write_args(p, mode_default: str | None = "auto") -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def load_encoder(checkpoint: str, device: str = "cpu"):
-    """The ``tbps.retrieval.encoder.Encoder`` for ``checkpoint`` (torch is imported here)."""
-    from tbps.retrieval.encoder import Encoder
-
-    return Encoder.from_checkpoint(checkpoint, device=device)
-
-
 def run(args) -> int:
-    from tbps.cli.main import UserError
+    from tbps.cli.common import UserError, load_encoder
     from tbps.index import GalleryIndex, add_to_index, build_index, remove_from_index
 
     action = args.index_command

@@ -11,12 +11,10 @@ import argparse
 import importlib
 import sys
 
+from tbps.cli.common import UserError
+
 # Order is the order shown by `tbps --help`.
 COMMANDS = ["synth", "train", "eval", "demo", "index", "search", "serve"]
-
-
-class UserError(Exception):
-    """An error the user can fix: printed as one line, exit status 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

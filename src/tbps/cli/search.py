@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
+from tbps.cli.common import DEFAULT_RESCORE, add_rescore_arguments
+
 HELP = "search a gallery index by text description or example image"
-DEFAULT_RESCORE = 128  # candidates re-scored by --rescore without a value (LAIP, RaSa)
 
 EPILOG = """\
 examples:
@@ -28,15 +29,6 @@ filters (--where): column = 'text' | column > 3 | column IN ('c1', 'c2') | colum
 Columns: id, path, relpath, size, mtime, sha256, width, height and the metadata CSV's
 columns (`tbps index info INDEX` lists them).
 """
-
-
-def add_rescore_arguments(p, k_help: str) -> None:
-    """--rescore [K], --rescore-mode, --rescore-weight (shared by `tbps search` and `tbps serve`)."""
-    p.add_argument("--rescore", type=int, nargs="?", const=DEFAULT_RESCORE, default=None, metavar="K", help=k_help)
-    p.add_argument("--rescore-mode", choices=["itm", "itm+itc"], default=None,
-                   help="itm: the match probability alone (RaSa, default); itm+itc: minmax(ITM) + W * minmax(cosine)")
-    p.add_argument("--rescore-weight", type=float, default=None, metavar="W",
-                   help="W of --rescore-mode itm+itc (default 0.002)")
 
 
 def register(subparsers) -> None:
@@ -60,7 +52,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from tbps.cli.main import UserError
+    from tbps.cli.common import (
+        DEFAULT_RESCORE, UserError, check_rescore_args, encode_image_file, load_encoder, load_rescorer,
+    )
 
     if args.image is not None and args.query is not None:
         raise UserError("give either a TEXT query or --image, not both")
@@ -75,7 +69,6 @@ def run(args) -> int:
         raise UserError("--rescore re-scores text queries (the ITM head reads the description); "
                         "it cannot be used with --image")
 
-    from tbps.cli.index import load_encoder
     from tbps.index import GalleryIndex
 
     with GalleryIndex.open(args.index) as ix:
@@ -133,55 +126,3 @@ def run(args) -> int:
             n = bound.rescored[0] if bound.rescored else 0
             print(f"tbps: re-scored the top {n} by {rescore['mode']} in {1e3 * bound.seconds:.1f} ms", file=sys.stderr)
     return 0
-
-
-def check_rescore_args(k: int | None, mode: str | None, weight: float | None) -> dict | None:
-    """--rescore/--rescore-mode/--rescore-weight -> ``{"mode", "weight"}`` (None without --rescore)."""
-    import math
-
-    from tbps.cli.main import UserError
-
-    if k is None:
-        if mode is not None or weight is not None:
-            raise UserError("--rescore-mode and --rescore-weight need --rescore [K]")
-        return None
-    if k <= 0:
-        raise UserError(f"--rescore must be a positive integer, got {k}")
-    mode = mode or "itm"
-    if weight is not None and mode != "itm+itc":
-        raise UserError("--rescore-weight is the cosine weight of --rescore-mode itm+itc")
-    weight = 0.002 if weight is None else weight
-    if not math.isfinite(weight) or weight < 0:
-        raise UserError(f"--rescore-weight must be a finite number >= 0, got {weight}")
-    return {"mode": mode, "weight": weight}
-
-
-def load_rescorer(encoder, mode: str = "itm", weight: float = 0.002):
-    """The ``tbps.retrieval.rescore.SearchRescorer`` sharing ``encoder``'s model; a checkpoint without a
-    trained fusion encoder raises ``CheckpointError`` (a one-line user error)."""
-    from tbps.retrieval.rescore import SearchRescorer
-
-    return SearchRescorer.from_encoder(encoder, mode=mode, weight=weight)
-
-
-def encode_image_file(encoder, path):
-    """(1, D) features of the image file ``path``; unreadable file -> a one-line user error."""
-    import pathlib
-
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    from tbps.cli.main import UserError
-
-    p = pathlib.Path(path).expanduser()
-    try:
-        with Image.open(p) as im:
-            im.load()
-            pixels = encoder.preprocess(im)
-    except FileNotFoundError:
-        raise UserError(f"query image {str(p)!r} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"cannot read query image {str(p)!r}: {e}") from None
-    with torch.inference_mode():
-        return encoder.encode_images(pixels[None])
-

@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from tbps.cli.search import DEFAULT_RESCORE, add_rescore_arguments, check_rescore_args
+from tbps.cli.common import DEFAULT_RESCORE, add_rescore_arguments, check_rescore_args
 
 HELP = "serve a gallery index over HTTP: a REST API and a search page"
 
@@ -81,7 +81,7 @@ def _is_loopback(host: str) -> bool:
 
 def _check_port_free(host: str, port: int) -> None:
     """Fail with one clear line before loading the model when the port is taken."""
-    from tbps.cli.main import UserError
+    from tbps.cli.common import UserError
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -101,8 +101,7 @@ def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch
     cause (missing or corrupt index, missing or wrong checkpoint, a checkpoint that cannot
     re-score) raises an error marked ``user_error``, so ``tbps`` prints one line and exits 2.
     """
-    from tbps.cli.index import load_encoder
-    from tbps.cli.main import UserError
+    from tbps.cli.common import UserError, load_encoder, load_rescorer
     from tbps.index import GalleryIndex
     from tbps.serve import create_app
 
@@ -122,15 +121,13 @@ def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch
         reranker = index_reranker(rerank)
     rescorer = None
     if rescore is not None:
-        from tbps.cli.search import load_rescorer
-
         rescorer = load_rescorer(encoder, mode=rescore_mode, weight=rescore_weight)
     return create_app(index, encoder, token=token, max_batch=max_batch, reranker=reranker, rerank_depth=rerank_depth,
                       rescorer=rescorer, rescore_depth=rescore or DEFAULT_RESCORE)
 
 
 def run(args) -> int:
-    from tbps.cli.main import UserError
+    from tbps.cli.common import UserError
 
     token = args.token if args.token is not None else os.environ.get("TBPS_TOKEN") or None
     if token is not None and not token.strip():

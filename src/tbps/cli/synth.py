@@ -25,7 +25,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from tbps.cli.main import UserError
+    from tbps.cli.common import UserError
     from tbps.synth import synthesize
 
     if args.ids < 3 or args.images_per_id < 1:

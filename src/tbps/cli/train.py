@@ -53,7 +53,7 @@ def run(args) -> int:
     import os
     from pathlib import Path
 
-    from tbps.cli.main import UserError
+    from tbps.cli.common import UserError
     from tbps.recipes.config import DEFAULT_RECIPE, list_recipes, load_recipe
     from tbps.engine.train import TrainJob, train
 

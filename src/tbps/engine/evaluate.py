@@ -1,4 +1,5 @@
-"""Evaluation: encode a split's gallery and queries, score all pairs, compute the metrics.
+"""Evaluation: encode a split's gallery and queries (``tbps.retrieval.encoder``, the one place
+that encodes), score all pairs, compute the metrics.
 
 Text-to-image is the headline (queries = captions, gallery = images); image-to-text uses
 the transposed matrix. Metrics are computed in bounded-memory query chunks
@@ -11,38 +12,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from tbps.data.dataset import GalleryImages, eval_split
+from tbps.data.dataset import eval_split
 from tbps.data.records import Record
-from tbps.data.text import clean_caption
-
-
-@torch.no_grad()
-def encode_images(model, paths: Sequence, *, batch_size: int = 256, device="cpu", num_workers: int = 0,
-                  progress: bool = True) -> torch.Tensor:
-    """Image paths -> (N, D) L2-normalised features, in order."""
-    spec = model.spec
-    ds = GalleryImages(paths, model.image_size, spec.mean, spec.std)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
-    feats = []
-    for x, _ in tqdm(loader, desc="encode images", unit="batch", disable=not progress, leave=False):
-        feats.append(F.normalize(model.encode_image(x.to(device)).float(), dim=-1).cpu())
-    return torch.cat(feats) if feats else torch.empty(0, 0)
-
-
-@torch.no_grad()
-def encode_captions(model, tokenizer, captions: Sequence[str], *, batch_size: int = 256, device="cpu",
-                    max_words: int = 77, progress: bool = True) -> torch.Tensor:
-    """Captions -> (N, D) L2-normalised features (captions cleaned as in training)."""
-    feats = []
-    steps = range(0, len(captions), batch_size)
-    for i in tqdm(steps, desc="encode captions", unit="batch", disable=not progress, leave=False):
-        chunk = [clean_caption(c, max_words) for c in captions[i : i + batch_size]]
-        feats.append(F.normalize(model.encode_text(tokenizer(chunk).to(device)).float(), dim=-1).cpu())
-    return torch.cat(feats) if feats else torch.empty(0, 0)
+from tbps.retrieval.encoder import encode_captions, encode_images
 
 
 @dataclass

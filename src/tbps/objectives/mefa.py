@@ -130,9 +130,12 @@ class MeFaObjective(Objective):
             return
         due = self._neighbors is None or (epoch % max(1, c["refresh_every"]) == 0 and self._bank_epoch != epoch)
         if due:
-            from tbps.data.negatives.image import encode_training_images, hard_negative_images
+            from tbps.data.negatives.image import bank_batches, hard_negative_images
+            from tbps.retrieval.encoder import encode_image_batches
 
-            feats = encode_training_images(model, dataset, device, c["bank_batch_size"], progress=progress)
+            bs = c["bank_batch_size"]
+            feats = encode_image_batches(model, bank_batches(dataset, bs), device=device, progress=progress,
+                                         desc="image bank", total=-(-len(dataset.records) // bs))
             pids = torch.tensor([dataset.pid_index[r.pid] for r in dataset.records])
             self._neighbors = hard_negative_images(feats, pids, c["top_k"])
             self._bank_epoch = epoch

@@ -1,14 +1,21 @@
-"""Inference: a trained checkpoint as an image/text encoder for indexing and search.
+"""The one place that turns images and captions into retrieval features.
 
-``Encoder.fingerprint`` identifies the checkpoint and the preprocessing; an index built
-with one encoder refuses queries from another.
+Evaluation (``engine/evaluate.py``), the gallery index (through :class:`Encoder`), search-time
+re-scoring and MeFa's image bank all encode through the functions here, so "indexed features
+equal evaluated features" holds by construction: the same cleaning and tokenisation of a
+caption (:func:`tokenize_captions`), the same forward and L2 normalisation of a batch
+(:func:`image_features`, :func:`text_features`).
+
+:class:`Encoder` is a trained checkpoint as an image/text encoder for indexing and search; its
+``fingerprint`` identifies the checkpoint and the preprocessing, and an index built with one
+encoder refuses queries from another.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +26,78 @@ from tbps.data.text import clean_caption
 from tbps.data.transforms import eval_transform
 from tbps.models.checkpoint import CheckpointError, file_sha256, load_model, save_checkpoint
 
-__all__ = ["CheckpointError", "Encoder", "create_untrained_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "Encoder",
+    "create_untrained_checkpoint",
+    "encode_captions",
+    "encode_image_batches",
+    "encode_images",
+    "image_features",
+    "text_features",
+    "tokenize_captions",
+]
+
+
+def tokenize_captions(tokenizer, texts: Sequence[str], max_words: int) -> torch.Tensor:
+    """Captions -> (B, L) token ids, cleaned and truncated to ``max_words`` words as in training."""
+    return tokenizer([clean_caption(t, max_words) for t in texts])
+
+
+def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) preprocessed images on the model's device -> (B, D) float32, L2-normalised."""
+    return F.normalize(model.encode_image(pixels).float(), dim=-1)
+
+
+def text_features(model, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L) token ids on the model's device -> (B, D) float32, L2-normalised."""
+    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+
+
+@torch.no_grad()
+def encode_image_batches(model, batches: Iterable[torch.Tensor], *, device="cpu", progress: bool = False,
+                         desc: str = "encode images", total: int | None = None) -> torch.Tensor:
+    """Batches of (B, 3, H, W) preprocessed images -> (N, D) L2-normalised features on the CPU, in
+    order, with the model in eval mode (its mode is restored afterwards)."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    feats = []
+    try:
+        for x in tqdm(batches, desc=desc, unit="batch", total=total, disable=not progress, leave=False):
+            feats.append(image_features(model, x.to(device)).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(feats) if feats else torch.empty(0, 0)
+
+
+def encode_images(model, paths: Sequence, *, batch_size: int = 256, device="cpu", num_workers: int = 0,
+                  progress: bool = True) -> torch.Tensor:
+    """Image files -> (N, D) L2-normalised features, in order (the eval transform of the model)."""
+    from torch.utils.data import DataLoader
+
+    from tbps.data.dataset import GalleryImages
+
+    spec = model.spec
+    loader = DataLoader(GalleryImages(paths, model.image_size, spec.mean, spec.std), batch_size=batch_size,
+                        num_workers=num_workers)
+    return encode_image_batches(model, (x for x, _ in loader), device=device, progress=progress,
+                                total=len(loader))
+
+
+@torch.no_grad()
+def encode_captions(model, tokenizer, captions: Sequence[str], *, batch_size: int = 256, device="cpu",
+                    max_words: int = 77, progress: bool = True) -> torch.Tensor:
+    """Captions -> (N, D) L2-normalised features on the CPU, in order (cleaned as in training)."""
+    from tqdm import tqdm
+
+    feats = []
+    steps = range(0, len(captions), batch_size)
+    for i in tqdm(steps, desc="encode captions", unit="batch", disable=not progress, leave=False):
+        tokens = tokenize_captions(tokenizer, captions[i : i + batch_size], max_words).to(device)
+        feats.append(text_features(model, tokens).cpu())
+    return torch.cat(feats) if feats else torch.empty(0, 0)
 
 
 class Encoder:
@@ -61,14 +139,13 @@ class Encoder:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) preprocessed images -> (B, D) float32, L2-normalised."""
-        feats = self.model.encode_image(pixels.to(self.device))
-        return F.normalize(feats.float(), dim=-1).cpu().numpy()
+        return image_features(self.model, pixels.to(self.device)).cpu().numpy()
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Descriptions -> (B, D) float32, L2-normalised (cleaned and truncated as in training)."""
-        tokens = self.tokenizer([clean_caption(t, self.max_words) for t in texts]).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu().numpy()
+        tokens = tokenize_captions(self.tokenizer, texts, self.max_words).to(self.device)
+        return text_features(self.model, tokens).cpu().numpy()
 
 
 def create_untrained_checkpoint(path: str | os.PathLike, arch: str = "tiny-vit", seed: int = 0) -> Path:

@@ -9,8 +9,9 @@ faiss would only pay off far beyond that).
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
-import torch.nn.functional as F
 
 
 def hard_negative_images(features: torch.Tensor, pids: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
@@ -28,22 +29,13 @@ def hard_negative_images(features: torch.Tensor, pids: torch.Tensor, k: int, chu
     return out
 
 
-@torch.no_grad()
-def encode_training_images(model, dataset, device, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-    """Global features (N_records, D), normalised, of every record of a :class:`TrainPairs`, with
-    the eval transform (its in-memory cache when it has one; an unreadable file is a black image)."""
+def bank_batches(dataset, batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """The bank's input: every record of a :class:`TrainPairs` in order, as (B, 3, H, W) batches
+    with the eval transform (its in-memory cache when it has one; an unreadable file is a black
+    image). The features come from ``tbps.retrieval.encoder.encode_image_batches``."""
     from torchvision.transforms.functional import normalize
-    from tqdm import tqdm
 
-    was = model.training
-    model.eval()
-    feats = []
     n = len(dataset.records)
-    try:
-        for s in tqdm(range(0, n, batch_size), desc="image bank", unit="batch", disable=not progress, leave=False):
-            imgs = torch.stack([dataset.record_image(i) for i in range(s, min(s + batch_size, n))])
-            imgs = normalize(imgs, dataset.mean, dataset.std).to(device)
-            feats.append(F.normalize(model.encode_image(imgs).float(), dim=-1).cpu())
-    finally:
-        model.train(was)
-    return torch.cat(feats)
+    for s in range(0, n, batch_size):
+        imgs = torch.stack([dataset.record_image(i) for i in range(s, min(s + batch_size, n))])
+        yield normalize(imgs, dataset.mean, dataset.std)

@@ -1,0 +1,73 @@
+"""What the subcommands share: the one-line user error, loading a checkpoint as an encoder, the
+re-scoring options and reading a query image. Subcommands import this module, never each other."""
+
+from __future__ import annotations
+
+DEFAULT_RESCORE = 128  # candidates re-scored by --rescore without a value (LAIP, RaSa)
+
+
+class UserError(Exception):
+    """An error the user can fix: printed as one line, exit status 2, no traceback."""
+
+
+def load_encoder(checkpoint: str, device: str = "cpu"):
+    """The ``tbps.retrieval.encoder.Encoder`` for ``checkpoint`` (torch is imported here)."""
+    from tbps.retrieval.encoder import Encoder
+
+    return Encoder.from_checkpoint(checkpoint, device=device)
+
+
+def add_rescore_arguments(p, k_help: str) -> None:
+    """--rescore [K], --rescore-mode, --rescore-weight (shared by `tbps search` and `tbps serve`)."""
+    p.add_argument("--rescore", type=int, nargs="?", const=DEFAULT_RESCORE, default=None, metavar="K", help=k_help)
+    p.add_argument("--rescore-mode", choices=["itm", "itm+itc"], default=None,
+                   help="itm: the match probability alone (RaSa, default); itm+itc: minmax(ITM) + W * minmax(cosine)")
+    p.add_argument("--rescore-weight", type=float, default=None, metavar="W",
+                   help="W of --rescore-mode itm+itc (default 0.002)")
+
+
+def check_rescore_args(k: int | None, mode: str | None, weight: float | None) -> dict | None:
+    """--rescore/--rescore-mode/--rescore-weight -> ``{"mode", "weight"}`` (None without --rescore)."""
+    import math
+
+    if k is None:
+        if mode is not None or weight is not None:
+            raise UserError("--rescore-mode and --rescore-weight need --rescore [K]")
+        return None
+    if k <= 0:
+        raise UserError(f"--rescore must be a positive integer, got {k}")
+    mode = mode or "itm"
+    if weight is not None and mode != "itm+itc":
+        raise UserError("--rescore-weight is the cosine weight of --rescore-mode itm+itc")
+    weight = 0.002 if weight is None else weight
+    if not math.isfinite(weight) or weight < 0:
+        raise UserError(f"--rescore-weight must be a finite number >= 0, got {weight}")
+    return {"mode": mode, "weight": weight}
+
+
+def load_rescorer(encoder, mode: str = "itm", weight: float = 0.002):
+    """The ``tbps.retrieval.rescore.SearchRescorer`` sharing ``encoder``'s model; a checkpoint without a
+    trained fusion encoder raises ``CheckpointError`` (a one-line user error)."""
+    from tbps.retrieval.rescore import SearchRescorer
+
+    return SearchRescorer.from_encoder(encoder, mode=mode, weight=weight)
+
+
+def encode_image_file(encoder, path):
+    """(1, D) features of the image file ``path``; unreadable file -> a one-line user error."""
+    import pathlib
+
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    p = pathlib.Path(path).expanduser()
+    try:
+        with Image.open(p) as im:
+            im.load()
+            pixels = encoder.preprocess(im)
+    except FileNotFoundError:
+        raise UserError(f"query image {str(p)!r} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"cannot read query image {str(p)!r}: {e}") from None
+    with torch.inference_mode():
+        return encoder.encode_images(pixels[None])
