@@ -221,7 +221,7 @@ class BoundRescorer:
     One text pass (clean, tokenise, ``model.text_tokens``) gives both the token maps the
     fusion encoder reads and ``query_features``, the (Q, D) float32 L2-normalised stage-1
     query features: the pooled output of that pass, normalised as
-    :meth:`tbps.retrieval.encoder.Encoder.encode_texts` normalises ``model.encode_text``, so a
+    :func:`tbps.retrieval.encoder.text_features` normalises ``model.encode_text``, so a
     re-scored search need not encode its texts a second time::
 
         bound = rescorer.for_texts(texts, depth=128)
@@ -233,7 +233,7 @@ class BoundRescorer:
     """
 
     def __init__(self, rescorer: SearchRescorer, texts: Sequence[str], depth: int | None = None):
-        from tbps.data.text import clean_caption
+        from tbps.retrieval.encoder import tokenize_captions
 
         if depth is not None and depth < 1:
             raise ValueError(f"re-scoring needs depth >= 1, got {depth}")
@@ -243,9 +243,9 @@ class BoundRescorer:
         r = rescorer
         t0 = time.perf_counter()
         with torch.no_grad():
-            tok = r.tokenizer([clean_caption(t, r.max_words) for t in texts]).to(r.device)
+            tok = tokenize_captions(r.tokenizer, texts, r.max_words).to(r.device)
             pooled, self.words, self.mask = r.model.text_tokens(tok)  # (Q, D), (Q, L, D), (Q, L)
-            # text_tokens' pooled output is encode_text's; normalised as Encoder.encode_texts does
+            # text_tokens' pooled output is encode_text's; normalised as encoder.text_features does
             self.query_features = F.normalize(pooled.float(), dim=-1).cpu().numpy()  # (Q, D) float32
         self.seconds = time.perf_counter() - t0
 
