@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sqlite3
 
+import numpy as np
 import pytest
 
 from tbps.index import FilterError, compile_filter
+from tbps.index.filters import compile_filter_dict, compile_where, filter_text
 
 COLUMNS = ["id", "camera", "person_id", "time", "score"]
 ROWS = [
@@ -94,3 +96,68 @@ def test_bad_filters_raise_filter_error(db, where, match):
 
 def test_filter_error_is_a_user_error():
     assert FilterError.user_error is True
+
+
+# ---- the {column: value} form (the REST API's `filters` object) ----------------------------
+
+DICT_CASES = [
+    ({"camera": "c3"}, lambda r: r[1] == "c3"),
+    ({"camera": "c1", "person_id": 1}, lambda r: r[1] == "c1" and r[2] == 1),
+    ({"CAMERA": "c2", "Person_Id": 2}, lambda r: r[1] == "c2" and r[2] == 2),  # columns case-insensitive
+    ({"score": 0.5}, lambda r: r[4] == 0.5),
+    ({"person_id": 2.0}, lambda r: r[2] == 2),
+    ({"camera": "x' OR '1'='1"}, lambda r: False),  # a value is a value, never SQL
+    ({}, lambda r: True),  # no condition: every item
+]
+
+
+@pytest.mark.parametrize("filters,pred", DICT_CASES, ids=[str(c[0]) for c in DICT_CASES])
+def test_dict_filter_matches_python(db, filters, pred):
+    sql, params = compile_filter_dict(filters, COLUMNS)
+    got = [r[0] for r in db.execute(f"SELECT id FROM items WHERE {sql} ORDER BY id", params)]
+    assert got == [r[0] for r in ROWS if pred(r)]
+    if filters:  # the text shown for it is the same filter: compile_filter reads it into the same SQL
+        assert compile_filter(filter_text(filters), COLUMNS) == (sql, params)
+        assert compile_where(filters, COLUMNS) == (sql, params)
+
+
+def test_dict_filter_binds_values_and_checks_columns():
+    sql, params = compile_filter_dict({"camera": "o'neil", "n": 3, "x": 1.5, "b": True}, ["camera", "n", "x", "b"])
+    assert sql == '("camera" = ? AND "n" = ? AND "x" = ? AND "b" = ?)'
+    assert params == ["o'neil", 3, 1.5, "true"]
+    assert compile_filter_dict({"b": False}, ["b"]) == ('"b" = ?', ["false"])
+    assert compile_filter_dict({}, ["camera"]) == ("1", [])
+    with pytest.raises(FilterError, match="unknown filter column 'cam'.*known columns: camera"):
+        compile_filter_dict({"cam": "c1"}, ["camera"])
+    with pytest.raises(FilterError, match="finite number"):
+        compile_filter_dict({"x": float("nan")}, ["x"])
+    with pytest.raises(FilterError, match="string, a number or a boolean"):
+        compile_filter_dict({"camera": ["c1", "c2"]}, ["camera"])
+
+
+def test_filter_text_quotes_values():
+    assert filter_text({"camera": "o'neil", "n": 3, "x": 1.5, "b": True}) == (
+        "camera = 'o''neil' AND n = 3 AND x = 1.5 AND b = 'true'"
+    )
+    assert filter_text({}) is None
+
+
+def test_the_index_takes_either_form(tmp_path):
+    from tbps.index import GalleryIndex, QueryError, build_index_from_features
+
+    feats = np.eye(4, dtype=np.float32)
+    paths = [str(tmp_path / f"p{i}.png") for i in range(4)]
+    meta = {"camera": ["c1", "c2", "c1", "c3"], "person_id": [1, 1, 2, 3]}
+    build_index_from_features(tmp_path / "idx", feats, paths, metadata=meta, fingerprint={"embed_dim": 4})
+    with GalleryIndex.open(tmp_path / "idx") as ix:
+        assert ix.filter_ids({"camera": "c1"}).tolist() == ix.filter_ids("camera = 'c1'").tolist()
+        assert ix.filter_ids({"Camera": "c1", "person_id": 2}).tolist() == ix.filter_ids(
+            "camera = 'c1' AND person_id = 2").tolist()
+        assert len(ix.filter_ids({})) == 4
+        by_dict = ix.search(feats[0], k=4, where={"person_id": 1})[0]
+        by_text = ix.search(feats[0], k=4, where="person_id = 1")[0]
+        assert [(h.id, h.score) for h in by_dict] == [(h.id, h.score) for h in by_text] and len(by_dict) == 2
+        with pytest.raises(FilterError, match="unknown filter column 'colour'"):
+            ix.search(feats[0], k=2, where={"colour": "red"})
+        with pytest.raises(QueryError, match="cannot evaluate filter"):  # over SQLite's 64-bit integers
+            ix.filter_ids({"person_id": 10**30})

@@ -251,3 +251,80 @@ def test_page_offers_rescoring_only_when_the_server_can(laip):
     finally:
         for s in servers:
             s.stop()
+
+
+# ---- one text pass per re-scored query ------------------------------------------------------
+
+
+@pytest.fixture()
+def text_passes(monkeypatch):
+    """Queries run through the model's text tower, by entry point: ``encode_text`` (stage 1 alone)
+    and ``text_tokens`` (the token maps, whose pooled output is the stage-1 feature too)."""
+    from tbps.models.tbps_model import TBPSModel
+
+    counts = {"encode_text": 0, "text_tokens": 0}
+    for name in counts:
+        def counted(self, tokens, _orig=getattr(TBPSModel, name), _name=name):
+            counts[_name] += len(tokens)
+            return _orig(self, tokens)
+
+        monkeypatch.setattr(TBPSModel, name, counted)
+    return counts
+
+
+def _micro_model(kind, tmp_path, monkeypatch):
+    from tbps.models import create_model
+    from tbps.models.factory import ModelSpec
+
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
+    spec = {"clip": ModelSpec(arch="micro-vit"),
+            "clip+head": ModelSpec(arch="micro-vit", embed_dim=24),  # a text_head after the CLIP tower
+            "stream": ModelSpec(arch="micro-vit", text_tower={"source": "random", "hidden": 16, "dim": 12},
+                                embed_dim=24)}[kind]
+    torch.manual_seed(0)
+    model = create_model(spec, load_pretrained=False)
+    if kind == "stream":
+        model.prepare_vocabulary(["a man in a red shirt and black trousers", "a woman with a blue bag"])
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["clip", "clip+head", "stream"])
+def test_the_text_pass_of_a_rescorer_gives_the_stage1_feature(kind, tmp_path, monkeypatch):
+    """for_texts' one pass: query_features equal Encoder.encode_texts (same cleaning, same
+    tokens, text_tokens' pooled output = encode_text's, normalised the same way)."""
+    from tbps.models.fusion import FusionEncoder
+    from tbps.retrieval.encoder import Encoder
+    from tbps.retrieval.rescore import SearchRescorer
+
+    model = _micro_model(kind, tmp_path, monkeypatch)
+    encoder = Encoder(model, fingerprint={"embed_dim": model.embed_dim}, max_words=8)
+    fusion = FusionEncoder(model.embed_dim, width=16, layers=1, heads=2, mlp_ratio=2.0, vocab_size=10)
+    rescorer = SearchRescorer(model, fusion, encoder.tokenizer, max_words=encoder.max_words)
+    texts = TEXTS + ["A man; in a RED shirt!!  (black) trousers, and a bag with nine more words here", "?"]
+    bound = rescorer.for_texts(texts)
+    want = encoder.encode_texts(texts)
+    assert bound.query_features.dtype == np.float32 and bound.query_features.shape == want.shape
+    np.testing.assert_allclose(bound.query_features, want, rtol=0, atol=1e-6)
+    assert bound.words.shape[:2] == bound.mask.shape and bound.words.shape[0] == len(texts)
+
+
+def test_a_rescored_query_runs_the_text_tower_once(laip, capsys, text_passes):
+    """`tbps search --rescore` and `POST /search {"rescore": true}`: one text pass per query."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from tbps.cli.serve import load_app
+
+    idx = laip[0]
+    rc, out, err = _search(capsys, idx, TEXTS[0], "-k", 5, "--rescore", 8, "--json")
+    assert rc == 0 and json.loads(out)["rescored"] is True, err
+    assert text_passes == {"encode_text": 0, "text_tokens": 1}
+    with TestClient(load_app(idx, rescore=8)) as c:
+        for k in text_passes:
+            text_passes[k] = 0
+        r = c.post("/search", json={"text": TEXTS[1], "k": 5, "rescore": True})
+        assert r.status_code == 200 and r.json()["rescored"] is True, r.text
+        assert text_passes == {"encode_text": 0, "text_tokens": 1}
+        r = c.post("/search", json={"text": TEXTS[1], "k": 5})  # plain: the encoder alone
+        assert r.status_code == 200 and r.json()["rescored"] is False
+        assert text_passes == {"encode_text": 1, "text_tokens": 1}

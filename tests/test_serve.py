@@ -24,8 +24,8 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
-from tbps.serve import MAX_K, MAX_QUERY_CHARS, ThumbCache, create_app, filters_to_where
-from tbps.serve.app import THUMB_BOX
+from tbps.serve import MAX_K, MAX_QUERY_CHARS, ThumbCache, create_app
+from tbps.serve.runtime import THUMB_BOX
 
 PALETTE = {  # name -> RGB; the embedding has one dimension per name
     "red": (220, 30, 30),
@@ -196,15 +196,6 @@ def test_filters_as_string_and_as_object(client, index, encoder):
     assert [_name(index, h["id"]) for h in c.json()["results"]] == ["p01.png"]
     d = client.post("/search", json={"text": "red", "filters": {"camera": "x' OR '1'='1"}})
     assert d.status_code == 200 and d.json()["results"] == []
-
-
-def test_filters_to_where_quotes_and_checks_columns():
-    assert filters_to_where({"camera": "o'neil", "n": 3, "x": 1.5, "b": True}, ["camera", "n", "x", "b"]) == (
-        "camera = 'o''neil' AND n = 3 AND x = 1.5 AND b = 'true'"
-    )
-    assert filters_to_where({}, ["camera"]) is None
-    with pytest.raises(ValueError, match="unknown filter column 'cam'.*known columns: camera"):
-        filters_to_where({"cam": "c1"}, ["camera"])
 
 
 def test_k_above_gallery_is_clamped(client, index):
@@ -530,25 +521,58 @@ def test_end_to_end_with_a_real_checkpoint(real_gallery):
         assert c.post("/search", json={"text": "x" * 1001, "k": 1}).status_code == 422
 
 
+class HeldEncoder(ColourEncoder):
+    """A ColourEncoder whose next ``encode_texts``, once ``hold(batcher, n)`` is called, waits
+    until ``n`` queries have reached the batcher: the call's own and those queued behind it."""
+
+    def __init__(self):
+        self.calls: list[int] = []  # texts per call
+        self.batcher, self.expected = None, 0
+
+    def hold(self, batcher, n: int) -> None:
+        self.batcher, self.expected = batcher, n
+
+    def encode_texts(self, texts):
+        if self.expected:
+            deadline = time.monotonic() + 30  # only reached if the queries never all arrive
+            while len(texts) + self.batcher.waiting < self.expected and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self.expected = 0
+        self.calls.append(len(texts))
+        return super().encode_texts(texts)
+
+
 def test_concurrent_text_queries_are_batched(index, encoder):
     """Many threads at once: every answer equals the answer alone; the model saw batches."""
+    import math
     from concurrent.futures import ThreadPoolExecutor
 
     texts = [f"{a} {b}" for a in NAMES for b in NAMES][:48]
-    with TestClient(create_app(index, encoder)) as c:
+    held, n, max_batch = HeldEncoder(), 24, 32
+    with TestClient(create_app(index, held, max_batch=max_batch)) as c:
         alone = {t: c.post("/search", json={"text": t, "k": 3}).json()["results"] for t in texts[:6]}
         before = c.get("/stats").json()["text_batches"]
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda t: (t, c.post("/search", json={"text": t, "k": 3})), texts))
         after = c.get("/stats").json()["text_batches"]
-    assert all(r.status_code == 200 for _, r in answers)
-    for t, r in answers:
-        ref = naive_ranking(encoder, index, t)
+        # Arranged batching: the first encoder call is held until all n concurrent queries are
+        # queued behind it, so the rest go in full batches: 1 + ceil((n - 1) / max_batch) calls.
+        calls0 = len(held.calls)
+        held.hold(c.app.state.batcher, n)
+        with ThreadPoolExecutor(n) as pool:
+            arranged = list(pool.map(lambda t: (t, c.post("/search", json={"text": t, "k": 3})), texts[-n:]))
+        calls = held.calls[calls0:]
+        final = c.get("/stats").json()["text_batches"]
+    assert all(r.status_code == 200 for _, r in answers + arranged)
+    refs = {t: naive_ranking(encoder, index, t) for t in texts}
+    for t, r in answers + arranged:
+        ref = refs[t]
         assert_same_ranking([(h["id"], h["score"]) for h in r.json()["results"]], ref)
         if t in alone:
             assert [h["id"] for h in r.json()["results"]] == [h["id"] for h in alone[t]]
     assert after["queries"] - before["queries"] == len(texts)
-    assert after["batches"] - before["batches"] <= len(texts)
+    assert sum(calls) == n and len(calls) <= 1 + math.ceil((n - 1) / max_batch) < n, calls
+    assert final["batches"] - after["batches"] == len(calls) and final["queries"] - after["queries"] == n
 
 
 def test_text_batcher_groups_waiting_queries_and_passes_errors():
@@ -564,7 +588,7 @@ def test_text_batcher_groups_waiting_queries_and_passes_errors():
             raise RuntimeError("boom")
         return np.array([[len(t)] for t in texts], dtype=np.float32)
 
-    from tbps.serve.app import TextBatcher
+    from tbps.serve.runtime import TextBatcher
 
     b = TextBatcher(encode, threading.Lock(), max_batch=4)
     out = {}
@@ -586,7 +610,7 @@ def test_text_batcher_groups_waiting_queries_and_passes_errors():
 
 
 def test_oversized_bodies_are_refused_before_parsing(client):
-    from tbps.serve.app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES
+    from tbps.serve.schemas import MAX_BODY_BYTES, MAX_UPLOAD_BYTES
 
     big = b'{"text": "' + b"x" * MAX_BODY_BYTES + b'"}'
     r = client.post("/search", content=big, headers={"Content-Type": "application/json"})

@@ -78,16 +78,16 @@ def run(args) -> int:
         encoder = load_encoder(checkpoint, args.device)
         ix.check_encoder(encoder)
         rescorer = load_rescorer(encoder, **rescore) if rescore else None
+        options = {}
         if args.image is not None:
             feats = encode_image_file(encoder, args.image)
+        elif rescorer is not None:  # one text pass: the stage-1 feature and the token maps
+            bound = rescorer.for_texts([args.query.strip()], depth=args.rescore)
+            feats, options = bound.query_features, {"reranker": bound, "rerank_depth": args.rescore}
         else:
             feats = encoder.encode_texts([args.query.strip()])
         if args.nprobe is not None and ix.search_mode == "ivf":
             ix.search_params["nprobe"] = args.nprobe
-        options = {}
-        if rescorer is not None:
-            bound = rescorer.for_texts([args.query.strip()], depth=args.rescore)
-            options = {"reranker": bound, "rerank_depth": args.rescore}
         hits = ix.search(feats, args.k, where=args.where, exact=args.exact, **options)[0]
         mode = "exact" if args.exact else ix.search_mode
         n = len(ix)

@@ -20,11 +20,18 @@ Grammar (keywords are case-insensitive)::
 
 Examples: ``camera = 'c3' AND time >= '2024-01-01'``, ``person_id IN (3, 7)``,
 ``NOT (camera = 'c1' OR camera LIKE 'c2%')``.
+
+A filter can also be a ``{column: value}`` dict whose pairs must all match (the REST API's
+``filters`` object): ``compile_filter_dict`` binds its values as parameters directly, with no
+expression text in between; ``compile_where`` takes either form.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -230,3 +237,70 @@ def compile_filter(text: str, columns: Sequence[str]) -> tuple[str, list[object]
     parser = _Parser(text, columns)
     sql = parser.parse()
     return sql, parser.params
+
+
+def compile_filter_dict(filters: Mapping[str, object], columns: Sequence[str]) -> tuple[str, list[object]]:
+    """``{column: value}`` pairs that must all match -> ``(sql_condition, params)``.
+
+    Columns are matched case-insensitively against ``columns``, as in ``compile_filter``,
+    and double-quoted; every value becomes a ``?`` parameter: a string as it is, an integer
+    or a finite float as a number, a boolean as the string ``'true'`` or ``'false'``. An
+    empty dict matches every item. Raises ``FilterError`` naming an unknown column or a
+    value of another type.
+    """
+    lower = {c.lower(): c for c in columns}
+    parts, params = [], []
+    for column, value in filters.items():
+        name = lower.get(column.lower()) if isinstance(column, str) else None
+        if name is None:
+            known = ", ".join(columns) or "(none)"
+            raise FilterError(f"unknown filter column {column!r}; known columns: {known}")
+        parts.append('"' + name.replace('"', '""') + '" = ?')
+        params.append(_filter_value(column, value))
+    if not parts:
+        return "1", []
+    return (parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"), params
+
+
+def _filter_value(column: str, value: object) -> object:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        if not math.isfinite(value):
+            raise FilterError(f"filter value for {column!r} must be a finite number")
+        return float(value)
+    if isinstance(value, str):
+        return value
+    raise FilterError(f"filter value for {column!r} must be a string, a number or a boolean, "
+                      f"not {type(value).__name__}")
+
+
+def filter_text(filters: Mapping[str, object]) -> str | None:
+    """A ``{column: value}`` filter written as the expression ``compile_filter`` reads the same
+    way (``camera = 'o''neil' AND n = 3``), for showing it; ``None`` for an empty dict.
+
+    Strings are single-quoted with embedded quotes doubled, numbers written as numbers,
+    booleans as ``'true'`` / ``'false'``. Only for display: searches compile the dict itself.
+    """
+    parts = []
+    for column, value in filters.items():
+        if isinstance(value, bool):
+            literal = "'true'" if value else "'false'"
+        elif isinstance(value, numbers.Integral):
+            literal = str(int(value))
+        elif isinstance(value, numbers.Real):
+            literal = repr(float(value))
+        else:
+            literal = "'" + str(value).replace("'", "''") + "'"
+        parts.append(f"{column} = {literal}")
+    return " AND ".join(parts) or None
+
+
+def compile_where(where: str | Mapping[str, object], columns: Sequence[str]) -> tuple[str, list[object]]:
+    """A filter in either form, an expression string or a ``{column: value}`` dict, ->
+    ``(sql_condition, params)`` (``compile_filter`` or ``compile_filter_dict``)."""
+    if isinstance(where, Mapping):
+        return compile_filter_dict(where, columns)
+    return compile_filter(where, columns)

@@ -27,7 +27,7 @@ import numpy as np
 
 from tbps.index import ann as ann_mod
 from tbps.index.errors import EncoderMismatchError, IndexFormatError, QueryError
-from tbps.index.filters import compile_filter
+from tbps.index.filters import compile_where
 
 FORMAT = "tbps-gallery-index"
 VERSION = 1
@@ -323,26 +323,27 @@ class GalleryIndex:
             raise KeyError(f"no item with id {item_id} in index {str(self.root)!r}")
         return np.asarray(self.features[row])
 
-    def filter_ids(self, where: str) -> np.ndarray:
-        """Sorted int64 ids of the items matching the filter expression ``where``."""
-        sql, params = compile_filter(where, self.columns)
+    def filter_ids(self, where: str | dict[str, object]) -> np.ndarray:
+        """Sorted int64 ids of the items matching ``where``: a filter expression, or a
+        ``{column: value}`` dict whose pairs must all match (see ``tbps.index.filters``)."""
+        sql, params = compile_where(where, self.columns)
         with self._db_lock:
             try:
                 rows = self._db.execute(f"SELECT id FROM items WHERE {sql} ORDER BY id", params).fetchall()
-            except sqlite3.Error as e:  # e.g. too many parameters
+            except (sqlite3.Error, OverflowError) as e:  # e.g. too many parameters, an integer over 64 bits
                 raise QueryError(f"cannot evaluate filter {where!r}: {e}") from e
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     # -- search -------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int = 10, *, where: str | None = None,
+    def search(self, queries: np.ndarray, k: int = 10, *, where: str | dict[str, object] | None = None,
                reranker: Reranker | None = None, rerank_depth: int | None = None,
                exact: bool = False) -> list[list[Hit]]:
         """Top-``k`` gallery items for each query, best first.
 
         queries: (D,) or (Q, D) L2-normalised float32 features (text or image embeddings of
         the encoder that built the index). k larger than the gallery (or the filtered subset)
-        returns all of it. where: filter expression over ``self.columns`` (see
-        ``tbps.index.filters``). reranker: ``callable(query_feats (Q, D), cand_ids (Q, K'),
+        returns all of it. where: filter expression over ``self.columns``, or a ``{column:
+        value}`` dict whose pairs must all match (see ``tbps.index.filters``). reranker: ``callable(query_feats (Q, D), cand_ids (Q, K'),
         cand_scores (Q, K'), index) -> new scores (Q, K')`` applied to the top K' =
         max(k, rerank_depth or 100) candidates; results are re-sorted by the new scores.
         exact: force exact search even when the index has an ANN structure.

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 MODES = ("itm", "itm+itc")
 
@@ -141,6 +142,9 @@ class SearchRescorer:
         hits = index.search(encoder.encode_texts(texts), k=10, rerank_depth=128,
                             reranker=rescorer.for_texts(texts))
 
+    (When the rescorer's model is the encoder's, ``for_texts(texts).query_features`` already
+    are those stage-1 features: see :class:`BoundRescorer`.)
+
     Candidates' image token maps are computed from ``index.image_path(id)`` and cached
     (``cache_size`` images, least recently used dropped). Not thread-safe: callers that
     share one rescorer between threads serialise its calls (``tbps serve`` does).
@@ -214,13 +218,22 @@ class SearchRescorer:
 class BoundRescorer:
     """A :class:`SearchRescorer` bound to one search call's texts: the ``reranker`` callable.
 
-    After the call, ``seconds`` holds the time spent on the text token maps and the fusion
+    One text pass (clean, tokenise, ``model.text_tokens``) gives both the token maps the
+    fusion encoder reads and ``query_features``, the (Q, D) float32 L2-normalised stage-1
+    query features: the pooled output of that pass, normalised as
+    :func:`tbps.retrieval.encoder.text_features` normalises ``model.encode_text``, so a
+    re-scored search need not encode its texts a second time::
+
+        bound = rescorer.for_texts(texts, depth=128)
+        hits = index.search(bound.query_features, k=10, reranker=bound, rerank_depth=128)
+
+    After the call, ``seconds`` holds the time spent on the text pass and the fusion
     passes, ``stage1`` each query's ``{id: stage-1 score}`` of the candidates it saw, and
     ``rescored`` how many candidates each query had re-scored.
     """
 
     def __init__(self, rescorer: SearchRescorer, texts: Sequence[str], depth: int | None = None):
-        from tbps.data.text import clean_caption
+        from tbps.retrieval.encoder import tokenize_captions
 
         if depth is not None and depth < 1:
             raise ValueError(f"re-scoring needs depth >= 1, got {depth}")
@@ -230,8 +243,10 @@ class BoundRescorer:
         r = rescorer
         t0 = time.perf_counter()
         with torch.no_grad():
-            tok = r.tokenizer([clean_caption(t, r.max_words) for t in texts]).to(r.device)
-            _, self.words, self.mask = r.model.text_tokens(tok)  # (Q, L, D), (Q, L)
+            tok = tokenize_captions(r.tokenizer, texts, r.max_words).to(r.device)
+            pooled, self.words, self.mask = r.model.text_tokens(tok)  # (Q, D), (Q, L, D), (Q, L)
+            # text_tokens' pooled output is encode_text's; normalised as encoder.text_features does
+            self.query_features = F.normalize(pooled.float(), dim=-1).cpu().numpy()  # (Q, D) float32
         self.seconds = time.perf_counter() - t0
 
     @torch.no_grad()

@@ -1,0 +1,342 @@
+"""The server's routes: module-level handlers that read what they serve from ``request.app.state``.
+
+``create_app`` (``tbps.serve.app``) fills the state: ``live`` (``live.get()`` is the current
+index), ``encoder``, ``lock`` (one encoder call at a time), ``batcher``, ``thumbs``, ``token``,
+``search_options`` (the ``reranker`` for every query), ``rescorer``, ``rescore_depth``,
+``rescore_info`` and ``started``. ``public`` holds ``/health``; ``router`` every other route,
+which ``create_app`` puts behind the token when one is set.
+
+(No ``from __future__ import annotations``: FastAPI reads these annotations at runtime.)
+"""
+
+import io
+import math
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tbps.index.errors import FilterError, QueryError
+from tbps.index.filters import filter_text
+from tbps.serve.auth import TOKEN_COOKIE, token_matches
+from tbps.serve.runtime import THUMB_BOX, make_thumbnail
+from tbps.serve.schemas import (
+    ERROR,
+    MAX_BODY_BYTES,
+    MAX_FILTER_CHARS,
+    MAX_K,
+    MAX_QUERY_CHARS,
+    MAX_UPLOAD_BYTES,
+    Health,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+    Stats,
+)
+
+STATIC_DIR = Path(__file__).parent / "static"
+STATIC_FILES = {  # the only files the page may load: name -> media type
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+_MAX_ID = 2**62  # ids above this cannot exist; refuse before numpy sees them
+_CACHE_AN_HOUR = {"Cache-Control": "private, max-age=3600"}
+_NO_RESCORER = ("rescore: this server cannot re-score; start it with `tbps serve INDEX --rescore` on a "
+                "checkpoint with a trained fusion encoder (recipe laip)")
+
+public = APIRouter()
+router = APIRouter()
+
+ItemId = Annotated[int, PathParam(ge=0, description="Gallery item id, as returned by /search.")]
+
+
+# ---- errors: one readable line, never the (possibly huge) input echoed back -----------
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A 422 whose ``detail`` names the first problem; ``errors`` lists them all."""
+    items = []
+    for e in exc.errors():
+        loc = [x if isinstance(x, int) else str(x) for x in e.get("loc", ())]
+        items.append({"loc": loc, "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))})
+    for i in items:  # pydantic's wording for these is cryptic
+        if i["type"] == "string_pattern_mismatch" and i["loc"][-1:] == ["text"]:
+            i["msg"] = "the query is empty or only whitespace"
+    first = items[0] if items else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(x) for x in first["loc"] if x != "body") or "body"
+    detail = f"{where}: {first['msg']}"
+    if any(i["type"] == "json_invalid" for i in items):
+        detail = "the request body is not valid JSON: " + first["msg"]
+    return JSONResponse({"detail": detail, "errors": items}, status_code=422)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Any HTTP error as ``{"detail": "..."}``, with its headers (``WWW-Authenticate``)."""
+    return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+# ---- helpers --------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """Make index metadata safe for strict JSON (numpy scalars, NaN, paths, bytes)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _filter_of(filters: str | dict | None) -> tuple[str | dict | None, str | None]:
+    """(what the index filters by, the expression the response shows as ``where``)."""
+    if isinstance(filters, dict):  # the index binds the dict's values itself
+        return filters or None, filter_text(filters)
+    where = (filters.strip() or None) if filters is not None else None
+    return where, where
+
+
+def _search(state, index, feats: np.ndarray, k: int, where, options: dict | None = None) -> list:
+    """The index's hits for the (1, D) query ``feats``; a bad filter or query is a 422."""
+    try:
+        if len(index) == 0:
+            if isinstance(where, dict):
+                index.filter_ids(where)  # an unknown column is an error even in an empty gallery
+            return []
+        options = state.search_options if options is None else options
+        return index.search(np.asarray(feats, dtype=np.float32), k=min(k, len(index)), where=where, **options)[0]
+    except (FilterError, QueryError) as e:
+        raise HTTPException(422, f"filters: {e}") from None
+
+
+def _rescored_query(state, text: str):
+    """One text pass for a re-scored query -> its (1, D) stage-1 feature, the ``index.search``
+    options that re-score its top candidates, and the bound rescorer (timings, stage-1 scores)."""
+    with state.lock:  # the rescorer shares the encoder's model, and its image cache is not thread-safe
+        bound = state.rescorer.for_texts([text], depth=state.rescore_depth)
+
+    def locked(*args):
+        with state.lock:
+            return bound(*args)
+
+    return bound.query_features, {"reranker": locked, "rerank_depth": state.rescore_depth}, bound
+
+
+def _encode_upload(state, data: bytes, name: str) -> np.ndarray:
+    """(1, D) features of an uploaded image; one that cannot be read is a 400."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            pixels = state.encoder.preprocess(im)  # (3, H, W)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise HTTPException(400, f"the upload {name!r} is not a readable image ({type(e).__name__})") from None
+    with state.lock:
+        return state.encoder.encode_images(pixels.unsqueeze(0))
+
+
+def _response(request: Request, hits, query: str, k: int, where: str | None, t0: float,
+              bound=None) -> SearchResponse:
+    base = request.scope.get("root_path", "").rstrip("/")
+    stage1 = bound.stage1[0] if bound is not None and bound.stage1 else {}
+    results = []
+    for rank, h in enumerate(hits, start=1):
+        cos = stage1.get(int(h.id))
+        results.append(SearchHit(
+            id=int(h.id),
+            rank=rank,
+            score=float(h.score) if math.isfinite(float(h.score)) else -1.0,
+            name=Path(str(h.path)).name,
+            image_url=f"{base}/images/{int(h.id)}",
+            thumb_url=f"{base}/thumbs/{int(h.id)}",
+            metadata=_jsonable(dict(h.metadata or {})),
+            cosine=cos if cos is None or math.isfinite(cos) else None,
+        ))
+    return SearchResponse(
+        query=query, k=k, where=where, results=results, took_ms=round((time.perf_counter() - t0) * 1e3, 3),
+        rescored=bound is not None, rescore_ms=None if bound is None else round(bound.seconds * 1e3, 3),
+    )
+
+
+def _image_path(state, item_id: int) -> Path:
+    if item_id >= _MAX_ID:
+        raise HTTPException(404, f"no image with id {item_id} in this index")
+    try:
+        path = Path(state.live.get().image_path(item_id))
+    except (KeyError, IndexError):
+        raise HTTPException(404, f"no image with id {item_id} in this index") from None
+    if not path.is_file():
+        raise HTTPException(404, f"the image file for id {item_id} is gone from disk")
+    return path
+
+
+# ---- routes ---------------------------------------------------------------------------
+
+
+@public.get("/health", response_model=Health, tags=["server"], summary="Liveness probe (no token needed)")
+def health(request: Request):
+    return Health(status="ok", version=request.app.version)
+
+
+@router.get("/stats", response_model=Stats, tags=["server"], summary="Gallery size, model and index info")
+def stats(request: Request):
+    state = request.app.state
+    index, thumbs, batcher = state.live.get(), state.thumbs, state.batcher
+    info = index.info() if hasattr(index, "info") else {}
+    return Stats(
+        items=len(index),
+        embed_dim=int(getattr(state.encoder, "embed_dim", 0)),
+        columns=list(index.columns),
+        model=_jsonable(dict(getattr(index, "fingerprint", {}) or {})),
+        index=_jsonable(dict(info or {})),
+        limits={"max_k": MAX_K, "max_query_chars": MAX_QUERY_CHARS, "max_upload_bytes": MAX_UPLOAD_BYTES},
+        auth=bool(state.token),
+        thumb_cache={"items": len(thumbs), "capacity": thumbs.capacity, "hits": thumbs.hits, "misses": thumbs.misses},
+        text_batches={"batches": batcher.batches, "queries": batcher.queries, "max_batch": batcher.max_batch},
+        rescore=state.rescore_info,
+        reloads={"count": state.live.reloads, "error": state.live.error},
+        uptime_s=round(time.time() - state.started, 3),
+    )
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    tags=["search"],
+    summary="Search the gallery by a text description",
+    responses={
+        400: {**ERROR, "description": "The body could not be read (e.g. not UTF-8)."},
+        413: {**ERROR, "description": f"The body is over {MAX_BODY_BYTES} bytes."},
+        422: {**ERROR, "description": "Invalid query, k, or filter, or `rescore` asked of a server "
+              "that cannot re-score (the message says which)."},
+    },
+)
+def search(req: SearchRequest, request: Request):
+    state = request.app.state
+    t0 = time.perf_counter()
+    if req.rescore and state.rescorer is None:
+        raise HTTPException(422, _NO_RESCORER)
+    index = state.live.get()
+    where, shown = _filter_of(req.filters)
+    text = req.text.strip()
+    if req.rescore:  # the rescorer's one text pass gives the stage-1 feature too
+        feats, options, bound = _rescored_query(state, text)
+    else:
+        feats, options, bound = state.batcher(text)[None], None, None  # (1, D) float32, L2-normalised
+    k = min(req.k, len(index))
+    hits = _search(state, index, feats, k, where, options)
+    return _response(request, hits, text, k, shown, t0, bound)
+
+
+@router.post(
+    "/search/image",
+    response_model=SearchResponse,
+    tags=["search"],
+    summary="Find by example: search with an uploaded image",
+    responses={
+        400: {**ERROR, "description": "The upload is not a readable image."},
+        413: {**ERROR, "description": "The upload is too large."},
+        422: {**ERROR, "description": "Invalid k or filter."},
+    },
+)
+async def search_image(
+    request: Request,
+    file: Annotated[UploadFile, File(description="An image (JPEG, PNG, ...) of a person.")],
+    k: Annotated[int, Form(ge=1, le=MAX_K, description="How many results (clamped to the gallery size).")] = 10,
+    filters: Annotated[str | None, Form(max_length=MAX_FILTER_CHARS, description="A `where` expression.")] = None,
+):
+    from starlette.concurrency import run_in_threadpool
+
+    state = request.app.state
+    t0 = time.perf_counter()
+    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+    index = state.live.get()
+    where, shown = _filter_of(filters)
+    name = file.filename or "upload"
+    k = min(k, len(index))
+
+    def work():  # decoding and encoding are CPU work: keep them off the event loop
+        return _search(state, index, _encode_upload(state, data, name), k, where)
+
+    hits = await run_in_threadpool(work)
+    return _response(request, hits, name, k, shown, t0)
+
+
+@router.get(
+    "/images/{item_id}",
+    tags=["images"],
+    summary="The original gallery image",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"image/*": {}}, "description": "The image file."},
+        404: {**ERROR, "description": "No such id, or its file is gone."},
+        422: {**ERROR, "description": "The id is not a non-negative integer."},
+    },
+)
+def image(item_id: ItemId, request: Request):
+    return FileResponse(_image_path(request.app.state, item_id), headers=_CACHE_AN_HOUR)
+
+
+@router.get(
+    "/thumbs/{item_id}",
+    tags=["images"],
+    summary=f"A JPEG thumbnail fitting {THUMB_BOX[0]}x{THUMB_BOX[1]}",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/jpeg": {}}, "description": "The thumbnail."},
+        404: {**ERROR, "description": "No such id, or its file is gone or unreadable."},
+        422: {**ERROR, "description": "The id is not a non-negative integer."},
+    },
+)
+def thumb(item_id: ItemId, request: Request):
+    state = request.app.state
+    path = _image_path(state, item_id)
+    try:
+        mtime = path.stat().st_mtime_ns
+        data = state.thumbs.get((item_id, mtime), lambda: make_thumbnail(path))
+    except (OSError, ValueError) as e:
+        raise HTTPException(404, f"the image for id {item_id} cannot be read ({type(e).__name__})") from None
+    return Response(data, media_type="image/jpeg", headers=_CACHE_AN_HOUR)
+
+
+@router.get("/openapi.json", include_in_schema=False)
+def openapi_schema(request: Request):
+    return JSONResponse(request.app.openapi())
+
+
+# ---- the page -------------------------------------------------------------------------
+
+
+@router.get("/", include_in_schema=False)
+def page(request: Request):
+    html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    resp = HTMLResponse(html, headers={"Cache-Control": "no-cache"})
+    q = request.query_params.get("token")
+    if token_matches(q, request.app.state.token):  # opened as /?token=TOKEN: remember it in a cookie
+        resp.set_cookie(TOKEN_COOKIE, q, httponly=True, samesite="strict", path="/")
+    return resp
+
+
+@router.get("/static/{name}", include_in_schema=False)
+def static(name: str):
+    if name not in STATIC_FILES:  # a fixed list: no client path reaches the filesystem
+        raise HTTPException(404, f"no static file {name!r}")
+    return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})

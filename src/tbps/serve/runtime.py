@@ -1,0 +1,234 @@
+"""What the server runs on besides its routes: the text batcher, the live index, the
+thumbnail cache and the request-body limit. Plain Python (no FastAPI), each usable alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+THUMB_BOX = (160, 320)  # (W, H) bounding box; person crops are tall
+THUMB_CACHE_ITEMS = 2048  # ~8 KB each -> ~16 MB at most
+
+
+class ThumbCache:
+    """A thread-safe LRU of encoded thumbnails: ``get(key, make)`` returns bytes.
+
+    ``make`` runs outside the lock, so two threads may build the same thumbnail once each;
+    that is cheaper than serialising every miss.
+    """
+
+    def __init__(self, capacity: int = THUMB_CACHE_ITEMS):
+        self.capacity = int(capacity)
+        self._items: OrderedDict[Any, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Any, make: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+        data = make()
+        with self._lock:
+            self._items[key] = data
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return data
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class TextBatcher:
+    """Encode concurrent text queries together: ``__call__(text) -> (D,)`` blocks until done.
+
+    One worker thread takes whatever queries are waiting (up to ``max_batch``) and encodes
+    them in one ``encode_texts`` call, so under load the model sees batches, and an idle
+    server adds no delay (a lone query is encoded at once). Encoder calls never overlap:
+    ``lock`` is shared with the image-search path.
+    """
+
+    def __init__(self, encode_texts: Callable[[list[str]], np.ndarray], lock: threading.Lock, max_batch: int = 32):
+        self.encode_texts = encode_texts
+        self.lock = lock
+        self.max_batch = int(max_batch)
+        self.batches = 0
+        self.queries = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def __call__(self, text: str) -> np.ndarray:
+        from concurrent.futures import Future
+
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="tbps-text-batcher", daemon=True)
+                self._thread.start()
+        fut: Future = Future()
+        self._queue.put((text, fut))
+        return fut.result()
+
+    @property
+    def waiting(self) -> int:
+        """Queries queued and not yet taken into a batch (a snapshot: others may be arriving)."""
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        """Stop the worker thread (queries already queued are answered first)."""
+        with self._start_lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join(timeout=10)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            try:
+                with self.lock:
+                    feats = self.encode_texts([t for t, _ in batch])  # (B, D)
+                self.batches += 1
+                self.queries += len(batch)
+                for i, (_, fut) in enumerate(batch):
+                    fut.set_result(feats[i])
+            except BaseException as e:  # noqa: BLE001 - handed to every waiting request, which re-raises it
+                for _, fut in batch:
+                    fut.set_exception(e)
+
+
+class LiveIndex:
+    """The served index, reopened when another process commits a new generation.
+
+    ``tbps index add/remove`` replace ``INDEX/manifest.json`` atomically as their last step;
+    ``get()`` looks at that file at most every ``interval`` seconds and, when it changed,
+    opens the new generation and checks it against the encoder. If that fails (a foreign
+    model, a damaged file) the old generation keeps being served and ``error`` says why.
+    Item ids are stable across generations, so ids and thumbnails stay valid. Indexes
+    without a ``root`` on disk (or ``interval=None``) are served as they are.
+    """
+
+    def __init__(self, index, encoder, interval: float | None = 1.0):
+        self.index = index
+        self.encoder = encoder
+        self.interval = interval
+        root = getattr(index, "root", None)
+        can_reopen = root is not None and hasattr(type(index), "open") and interval is not None
+        self.manifest = Path(root) / "manifest.json" if can_reopen else None
+        self.stamp = self._stamp()
+        self.next_check = 0.0
+        self.reloads = 0
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def _stamp(self):
+        try:
+            st = self.manifest.stat()
+        except (OSError, AttributeError):
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def get(self):
+        """The current index (one call per request, so a request sees one generation)."""
+        if self.manifest is None or time.monotonic() < self.next_check:
+            return self.index
+        with self._lock:
+            now = time.monotonic()
+            if now < self.next_check:
+                return self.index
+            self.next_check = now + self.interval
+            stamp = self._stamp()
+            if stamp is None or stamp == self.stamp:
+                return self.index
+            self.stamp = stamp  # retry only when the manifest changes again
+            try:
+                new = type(self.index).open(self.index.root)
+                new.check_encoder(self.encoder)
+            except Exception as e:  # noqa: BLE001 - any failure: keep serving the generation we have
+                self.error = f"{type(e).__name__}: {e}"
+                logging.getLogger("tbps.serve").warning("index not reloaded, still serving the old one: %s", self.error)
+                return self.index
+            self.index, self.error = new, None
+            self.reloads += 1
+            logging.getLogger("tbps.serve").info("index reloaded: %d items", len(new))
+            return new
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over a size before anyone buffers them.
+
+    A declared ``Content-Length`` over the limit gets a 413 at once. A chunked body that
+    grows past it is cut off: reading it raises, which FastAPI answers with a 400. Either
+    way memory and temporary files stay bounded (Starlette would otherwise spool a whole
+    multipart upload to disk before the handler could look at its size).
+    """
+
+    def __init__(self, app, limit: int, limits: dict[str, int] | None = None):
+        self.app = app
+        self.limit = int(limit)
+        self.limits = dict(limits or {})  # path -> its own limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limits.get(scope.get("path", ""), self.limit)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
+            body = json.dumps({"detail": f"request body larger than {limit} bytes"}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ValueError(f"request body larger than {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def make_thumbnail(path: str | os.PathLike, box: tuple[int, int] = THUMB_BOX, quality: int = 85) -> bytes:
+    """Return a JPEG of the image at ``path`` shrunk to fit ``box`` (W, H), aspect kept."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        im.draft("RGB", box)  # JPEG decoders can downscale while reading
+        im = im.convert("RGB")
+        im.thumbnail(box, Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
