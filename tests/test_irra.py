@@ -1,4 +1,4 @@
-"""IRRA: MLM masking, SDM against a naive reference, every parameter trained, an end-to-end run."""
+"""IRRA: MLM masking, SDM against a naive reference, what it leaves untrained, an end-to-end run."""
 
 from __future__ import annotations
 
@@ -74,24 +74,13 @@ def _micro_irra(num_ids=4):
     return m, build_objective("irra", m, r.losses, num_identities=num_ids)
 
 
-def test_every_irra_parameter_receives_a_gradient():
-    from tbps.models.factory import get_tokenizer
-    from tbps.objectives import StepContext
-
+def test_irra_trains_no_logit_scale_and_no_itm_head():
+    """IRRA's losses use a fixed scale (50) and no ITM: exactly those are marked untrained (every
+    other parameter gets a gradient: tests/test_objectives.py)."""
     m, obj = _micro_irra()
-    tok = get_tokenizer(m.spec)
-    caps = ["a man in a red shirt", "a woman with a blue bag", "black shoes and grey trousers", "a girl in a dress"]
-    batch = {"image": torch.randn(4, 3, 32, 16), "tokens": tok(caps), "pid": torch.arange(4), "captions": caps}
-    batch = obj.batch_hook(None)(batch, tok)
-    out = obj(m, batch, StepContext(0.0, 1, 0))
-    assert {"sdm_loss", "id_loss", "mlm_loss"} <= set(out)
-    sum(v for k, v in out.items() if k.endswith("_loss")).backward()
     params = list(m.named_parameters()) + [(f"objective.{n}", p) for n, p in obj.named_parameters()]
-    # The MLM head sees only masked positions; the vocabulary rows of unseen ids get no gradient
-    # by construction, so the check is on each tensor as a whole.
-    missing = [n for n, p in params if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
-    # IRRA's losses use a fixed scale and no ITM: exactly those stay untrained.
-    assert sorted(missing) == ["clip.logit_scale", "objective.fusion.itm_head.bias", "objective.fusion.itm_head.weight"]
+    assert sorted(n for n, p in params if not p.requires_grad) == [
+        "clip.logit_scale", "objective.fusion.itm_head.bias", "objective.fusion.itm_head.weight"]
 
 
 def test_irra_trains_end_to_end_and_refuses_to_rescore(tiny_dataset, micro_overrides, tmp_path, capsys):

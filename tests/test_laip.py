@@ -1,5 +1,5 @@
 """LAIP: spaCy phrases, MPM masking inside phrases, hard negatives, triplet/ITM/queued ITC
-against references, every parameter trained, two stages end to end."""
+against references, two stages end to end (every parameter trained: tests/test_objectives.py)."""
 
 from __future__ import annotations
 
@@ -90,48 +90,9 @@ def test_itc_queue_with_empty_queue_is_in_batch_identity_contrast():
     torch.testing.assert_close(more, 0.5 * (i2t + t2i))
 
 
-def _micro_laip(extra=()):
-    from tbps.recipes.config import load_recipe
-    from tbps.models import create_model
-    from tbps.objectives import build_objective
-
-    r = load_recipe("laip-cpu", ["model.arch=micro-vit", "model.image_size=[32, 16]", "model.context_length=32",
-                                 "losses.fusion.width=32", "losses.fusion.heads=2", "losses.itc.queue_size=16",
-                                 *extra])
-    torch.manual_seed(0)
-    m = create_model(r.model)
-    return r, m, build_objective("laip", m, r.losses, num_identities=4)
-
-
-@pytest.mark.parametrize("mode", ["both", "forward"])
-def test_every_laip_parameter_receives_a_gradient(mode):
-    from tbps.recipes.config import _deep_merge
-    from tbps.models.factory import get_tokenizer
-    from tbps.objectives import StepContext
-
-    r, m, obj = _micro_laip()
-    obj.configure(_deep_merge(r.losses, {**r.stages[1]["losses"], "bidiratt": {"weight": 1.0, "mode": mode}}))
-    tok = get_tokenizer(m.spec)
-    caps = ["a man in a red shirt", "a woman with a blue bag", "black shoes and grey trousers", "a girl in a dress"]
-    table = {c: p for c, p in zip(caps, [["red shirt"], ["blue bag"], ["black shoes"], ["dress"]])}
-    batch = {"image": torch.randn(4, 3, 32, 16), "tokens": tok(caps), "pid": torch.tensor([0, 1, 2, 2]),
-             "captions": caps}
-    obj._phrase_table = table
-    batch = obj.batch_hook(None)(batch, tok)
-    out = obj(m, batch, StepContext(0.0, 1, 0))
-    assert {"itc_loss", "itm_loss", "triplet_loss", "bidiratt_loss", "mpm_loss"} <= set(out)
-    assert all(torch.isfinite(v).all() for v in out.values())
-    sum(v for k, v in out.items() if k.endswith("_loss")).backward()
-    params = list(m.named_parameters()) + [(f"objective.{n}", p) for n, p in obj.named_parameters()]
-    missing = [n for n, p in params if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
-    assert missing == []
-    assert not any(p.requires_grad for p in obj.momentum.parameters())  # the EMA copy is never trained
-    assert int((obj.image_queue.ids >= 0).sum()) == 4  # keys enqueued after the loss
-
-
 def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, monkeypatch, capsys):
     from tbps.recipes.config import load_recipe
-    from tbps.engine.train import TrainJob, _stage_losses, train
+    from tbps.engine.train import TrainJob, train
     from tbps.objectives import build_objective
 
     over = micro_overrides + ["losses.fusion.width=32", "losses.fusion.heads=2", "losses.itc.queue_size=32",
@@ -140,7 +101,7 @@ def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, mon
                                "{triplet: {weight: 1.0}, bidiratt: {weight: 1.0}, mpm: {weight: 1.0}}}]")]
     monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "cache"))  # the parsed phrases are cached there
     r = load_recipe("laip-cpu", over)
-    assert _stage_losses(r, 0)["mpm"]["weight"] == 0.0 and _stage_losses(r, 1)["mpm"]["weight"] == 1.0
+    assert r.losses_at(0)["mpm"]["weight"] == 0.0 and r.losses_at(1)["mpm"]["weight"] == 1.0
     res = train(TrainJob(str(tiny_dataset), r, str(tmp_path / "run"), epochs=2, progress=False))
     assert res["finished"]
     ck = torch.load(res["last"], weights_only=False)
@@ -160,9 +121,9 @@ def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, mon
     # Stage 1 asks the data pipeline for nothing; stage 2 for phrases.
     from tbps.models import create_model
 
-    obj = build_objective("laip", create_model(r.model), _stage_losses(r, 0), num_identities=4)
+    obj = build_objective("laip", create_model(r.model), r.losses_at(0), num_identities=4)
     assert obj.batch_hook(None) is None
-    obj.configure(_stage_losses(r, 1))
+    obj.configure(r.losses_at(1))
     assert obj.batch_hook(None).phrases
 
 

@@ -1,1 +1,2 @@
-"""Training and evaluation engine: the loop, checkpoints, optimiser, distributed helpers."""
+"""Training and evaluation engine: the run (train), the step loop (epoch), evaluation, the run
+log, the optimiser and schedule, the machine (runtime) and torchrun (distributed)."""

@@ -37,3 +37,19 @@ def init_distributed(device: str | None = None) -> DistInfo:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)
     return DistInfo(rank, world, local_rank)
+
+
+def all_agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank when it is true on any: ranks must stop at the same step, or the
+    next feature gather would wait forever."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op in one process)."""
+    if info.enabled:
+        dist.barrier()

@@ -36,6 +36,7 @@ def param_groups(modules: dict[str, nn.Module], cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(modules: dict[str, nn.Module], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The recipe's optimiser over :func:`param_groups` (trainable parameters only)."""
     groups = param_groups(modules, cfg)
     name = cfg.name.lower()
     if name == "adamw":
@@ -68,6 +69,16 @@ def lr_at(progress_epochs: float, total_epochs: float, cfg: OptimConfig) -> floa
     raise ValueError(f"unknown schedule {cfg.schedule!r}: cosine, step or constant")
 
 
+def schedule_position(progress: float, total_epochs: float, elapsed: float, budget_seconds: float | None) -> float:
+    """The fractional epoch at which to read the schedule. Under a time budget (``budget_seconds``)
+    that is the tighter limit, the schedule runs on the share of the budget spent, so it reaches its
+    end by the deadline: ``max(progress, total_epochs * elapsed / budget_seconds)``."""
+    if budget_seconds is None:
+        return progress
+    return max(progress, total_epochs * elapsed / budget_seconds)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate to ``lr`` times its ``lr_factor``."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_factor", 1.0)

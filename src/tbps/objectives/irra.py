@@ -27,7 +27,7 @@ from tbps.losses.id_loss import id_loss
 from tbps.losses.mlm import masked_token_loss
 from tbps.losses.sdm import sdm_loss
 from tbps.models.fusion import build_fusion, image_memory
-from tbps.objectives import Objective, StepContext, merge_losses, register
+from tbps.objectives.base import Objective, StepContext, merge_losses, register
 
 FUSION_DEFAULTS = {"width": 512, "layers": 4, "heads": 8, "mlp_ratio": 4.0}
 
@@ -42,6 +42,8 @@ DEFAULTS: dict[str, Any] = {
 
 @register("irra")
 class IRRAObjective(Objective):
+    defaults = DEFAULTS
+
     def __init__(self, model: nn.Module, losses: dict[str, Any], *, num_identities: int):
         super().__init__()
         self.configure(losses)
@@ -54,7 +56,7 @@ class IRRAObjective(Objective):
         self.fusion = build_fusion(model, self.cfg["fusion"])
 
     def configure(self, losses: dict[str, Any]) -> None:
-        self.cfg = merge_losses(DEFAULTS, losses or {})
+        self.cfg = merge_losses(self.defaults, losses or {})
 
     def batch_hook(self, dataset=None) -> FusionBatchHook | None:
         """Masked captions for MLM, made in the data pipeline."""

@@ -34,7 +34,7 @@ from tbps.losses.itm import itm_loss, sample_hard_negatives
 from tbps.losses.mlm import masked_token_loss
 from tbps.losses.triplet import fusion_triplet_loss
 from tbps.models.fusion import build_fusion, image_memory
-from tbps.objectives import Objective, StepContext, merge_losses, register
+from tbps.objectives.base import Objective, StepContext, merge_losses, register
 
 DEFAULTS: dict[str, Any] = {
     "itc": {"weight": 1.0, "queue_size": 65536, "momentum": 0.995, "alpha": 0.4},
@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
 
 @register("laip")
 class LAIPObjective(Objective):
+    defaults = DEFAULTS
+
     def __init__(self, model: nn.Module, losses: dict[str, Any], *, num_identities: int):
         super().__init__()
         from tbps.models.momentum import FeatureQueue
@@ -66,7 +68,7 @@ class LAIPObjective(Objective):
         self._phrase_table: dict[str, list[str]] | None = None
 
     def configure(self, losses: dict[str, Any]) -> None:
-        cfg = merge_losses(DEFAULTS, losses or {})
+        cfg = merge_losses(self.defaults, losses or {})
         if cfg["bidiratt"]["mode"] not in MODES:
             from tbps.recipes.config import ConfigError
 
@@ -94,14 +96,11 @@ class LAIPObjective(Objective):
             self.prepare_data(dataset)
         return FusionBatchHook(spec=self.mask_spec, phrases=True, phrase_table=self._phrase_table or {})
 
-    def after_step(self, model: nn.Module) -> None:
-        pass  # the momentum update runs in forward, before the keys (MoCo/ALBEF order)
-
     # ------------------------------------------------------------------ pieces
     def _itc(self, model, batch, img, txt, scale) -> torch.Tensor:
         c = self.cfg["itc"]
         self.momentum.momentum = c["momentum"]
-        self.momentum.update(model)
+        self.momentum.update(model)  # here, before the keys (MoCo/ALBEF order), not in after_step
         enc = self.momentum.module
         with torch.no_grad():
             img_k = F.normalize(enc.encode_image(batch["image"]).float(), dim=-1)

@@ -34,7 +34,7 @@ from torch import nn
 
 from tbps.losses.gather import gather_no_grad, gather_with_grad
 from tbps.losses import ditc_loss, imc_loss, imr_loss, nitc_loss, ritc_loss
-from tbps.objectives import Objective, StepContext, merge_losses, register
+from tbps.objectives.base import Objective, StepContext, merge_losses, register
 
 DEFAULTS: dict[str, Any] = {
     "nitc": {"weight": 1.0, "alpha": 0.5, "ramp_epochs": 1.0},
@@ -75,6 +75,8 @@ class NegativeCaptionHook:
 
 @register("mefa")
 class MeFaObjective(Objective):
+    defaults = DEFAULTS
+
     def __init__(self, model: nn.Module, losses: dict[str, Any], *, num_identities: int):
         super().__init__()
         from tbps.data.masking import MaskSpec
@@ -92,7 +94,7 @@ class MeFaObjective(Objective):
         self._bank_epoch = -1
 
     def configure(self, losses: dict[str, Any]) -> None:
-        self.cfg = merge_losses(DEFAULTS, losses or {})
+        self.cfg = merge_losses(self.defaults, losses or {})
         bad = set(self.cfg["imr_text"]["tiers"]) - {1, 2, 3}
         if bad:
             from tbps.recipes.config import ConfigError

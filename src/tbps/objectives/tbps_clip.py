@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from tbps.losses.gather import gather_no_grad, gather_with_grad, rank_offset
 from tbps.losses import citc_loss, nitc_loss, ritc_loss, simclr_loss
-from tbps.objectives import Objective, StepContext, merge_losses, register
+from tbps.objectives.base import Objective, StepContext, merge_losses, register
 
 DEFAULTS: dict[str, Any] = {
     "nitc": {"weight": 1.0, "alpha": 0.5, "ramp_epochs": 1.0},
@@ -28,9 +28,11 @@ DEFAULTS: dict[str, Any] = {
 
 @register("tbps-clip")
 class TBPSCLIPObjective(Objective):
+    defaults = DEFAULTS
+
     def __init__(self, model: nn.Module, losses: dict[str, Any], *, num_identities: int):
         super().__init__()
-        self.configure(losses)
+        self.cfg = merge_losses(self.defaults, losses or {})  # a subclass's defaults (tbps-clip-cmmoco) included
         ss = self.cfg["ss"]
         dim = model.embed_dim
         # SimCLR projector (TBPS-CLIP: 512-128-512); built whenever SS may be switched on.
@@ -39,7 +41,7 @@ class TBPSCLIPObjective(Objective):
         ) if ss["weight"] > 0 else None
 
     def configure(self, losses: dict[str, Any]) -> None:
-        self.cfg = merge_losses(DEFAULTS, losses or {})
+        self.cfg = merge_losses(self.defaults, losses or {})
 
     def forward(self, model: nn.Module, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg

@@ -22,7 +22,7 @@ from torch import nn
 
 from tbps.losses.gather import gather_no_grad, gather_with_grad
 from tbps.losses import CMMoCo, alignment_loss, id_loss
-from tbps.objectives import Objective, StepContext, merge_losses, register
+from tbps.objectives.base import Objective, StepContext, merge_losses, register
 from tbps.objectives.tbps_clip import DEFAULTS as TBPS_CLIP_DEFAULTS
 from tbps.objectives.tbps_clip import TBPSCLIPObjective
 
@@ -67,18 +67,21 @@ def _check_stage(cmmoco: CMMoCo | None, cfg: dict[str, Any]) -> None:
 
 @register("textreid")
 class TextReIDObjective(Objective):
+    defaults = DEFAULTS
+
     def __init__(self, model: nn.Module, losses: dict[str, Any], *, num_identities: int):
         super().__init__()
-        self.configure(losses)
+        self.cfg = merge_losses(self.defaults, losses or {})
         self.classifier = nn.Linear(model.embed_dim, num_identities)  # shared by both modalities
         nn.init.normal_(self.classifier.weight, std=0.001)
         nn.init.zeros_(self.classifier.bias)
-        self.cmmoco = build_cmmoco(model, self.cfg["cmmoco"])
+        # Built once from the recipe's losses: later stages may re-weight CM-MoCo, not switch it on.
+        self.cmmoco: CMMoCo | None = build_cmmoco(model, self.cfg["cmmoco"])
 
     def configure(self, losses: dict[str, Any]) -> None:
-        self.cfg = merge_losses(DEFAULTS, losses or {})
-        if hasattr(self, "cmmoco"):
-            _check_stage(self.cmmoco, self.cfg["cmmoco"])
+        cfg = merge_losses(self.defaults, losses or {})
+        _check_stage(self.cmmoco, cfg["cmmoco"])
+        self.cfg = cfg
 
     def forward(self, model: nn.Module, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -134,14 +137,16 @@ class _Tap:
 class TBPSCLIPCMMoCoObjective(TBPSCLIPObjective):
     """TBPS-CLIP's losses plus CM-MoCo as an extra term (``losses.cmmoco``)."""
 
+    defaults = {**TBPS_CLIP_DEFAULTS, "cmmoco": dict(CMMOCO_DEFAULTS)}
+
     def __init__(self, model: nn.Module, losses: dict[str, Any], *, num_identities: int):
-        super().__init__(model, losses, num_identities=num_identities)
-        self.cmmoco = build_cmmoco(model, self.cfg["cmmoco"])
+        super().__init__(model, losses, num_identities=num_identities)  # merges self.defaults, cmmoco included
+        self.cmmoco: CMMoCo | None = build_cmmoco(model, self.cfg["cmmoco"])
 
     def configure(self, losses: dict[str, Any]) -> None:
-        self.cfg = merge_losses({**TBPS_CLIP_DEFAULTS, "cmmoco": dict(CMMOCO_DEFAULTS)}, losses or {})
-        if hasattr(self, "cmmoco"):
-            _check_stage(self.cmmoco, self.cfg["cmmoco"])
+        cfg = merge_losses(self.defaults, losses or {})
+        _check_stage(self.cmmoco, cfg["cmmoco"])
+        self.cfg = cfg
 
     def forward(self, model: nn.Module, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         tap = _Tap(model, batch)  # reuse TBPS-CLIP's forward pass instead of encoding twice

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,15 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stages: list[dict[str, Any]] = field(default_factory=list)  # optional: per-epoch-range overrides of `losses`
+
+    def losses_at(self, epoch: int) -> dict[str, Any]:
+        """The ``losses`` section in force at ``epoch``: the recipe's, overridden by each stage
+        whose [start_epoch, end_epoch) holds the epoch."""
+        losses = self.losses
+        for stage in self.stages:
+            if stage.get("start_epoch", 0) <= epoch < stage.get("end_epoch", math.inf):
+                losses = _deep_merge(losses, stage.get("losses", {}))
+        return losses
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -1,0 +1,127 @@
+"""One epoch of optimiser steps: the step loop of a training run.
+
+:func:`train_one_epoch` walks an epoch's DataLoader from a given batch: the learning rate at the
+step's schedule position, the objective's forward under AMP, backward through the gradient
+scaler (with optional clipping), the logit-scale clamp and the objective's ``after_step``; a
+progress bar; and a time-budget check that every rank agrees on, so all stop at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from tbps.engine.distributed import DistInfo, all_agree
+from tbps.engine.optim import lr_at, schedule_position, set_lr
+from tbps.engine.runtime import Budget
+from tbps.objectives.base import Objective, StepContext
+from tbps.recipes.config import Recipe
+
+
+@dataclass
+class Amp:
+    """Mixed precision: on CUDA only; bfloat16 where supported, else float16 with loss scaling."""
+
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def choose(cls, wanted: bool, device: torch.device) -> "Amp":
+        enabled = wanted and device.type == "cuda"
+        return cls(enabled, torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """A gradient scaler, active for float16 only (bfloat16 needs none)."""
+        return torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+
+
+@dataclass
+class Loop:
+    """The parts of a run that the step loop touches, built once by :func:`tbps.engine.train.train`."""
+
+    model: nn.Module
+    objective: Objective
+    module: nn.Module  # model + objective as one module: gradients are clipped over its parameters
+    train_module: nn.Module  # ``module``, wrapped in DDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: Amp
+    device: torch.device
+    dist: DistInfo
+    recipe: Recipe
+    epochs: int
+    steps_per_epoch: int
+    budget: Budget
+    schedule_budget: float | None = None  # seconds: run the lr schedule to its end by then (None: by epochs)
+    elapsed_before: float = 0.0  # budget-clock seconds spent before a resume
+    global_step: int = 0
+
+    def elapsed(self) -> float:
+        """Budget-clock seconds of the whole run, resumes included."""
+        return self.elapsed_before + self.budget.elapsed()
+
+
+@dataclass
+class EpochEnd:
+    step_in_epoch: int  # batches of the epoch done (== steps_per_epoch when it ran to its end)
+    stopped_by_budget: bool
+
+
+def train_one_epoch(loop: Loop, loader: Iterable[dict], *, epoch: int, start_batch: int = 0, progress: bool = True,
+                    on_log: Callable[[int, float, float], None] | None = None) -> EpochEnd:
+    """Train on ``loader``'s batches (epoch ``epoch``, from batch ``start_batch``), stopping early
+    when the time budget is spent. ``on_log(step, loss, lr)`` is called every ``train.log_every``
+    steps and at the end of the epoch."""
+    tcfg = loop.recipe.train
+    bar = tqdm(total=loop.steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{loop.epochs}", unit="step",
+               disable=not progress, leave=False, dynamic_ncols=True)
+    seen, t0 = 0, time.perf_counter()
+    step_in_epoch, stopped = start_batch, False
+    for batch in loader:
+        outputs, loss, lr = _step(loop, batch, epoch + step_in_epoch / loop.steps_per_epoch)
+        loop.global_step += 1
+        step_in_epoch += 1
+        seen += batch["tokens"].shape[0] * loop.dist.world_size
+        if loop.global_step % tcfg.log_every == 0 or step_in_epoch == loop.steps_per_epoch:
+            ips = seen / max(time.perf_counter() - t0, 1e-9)
+            parts = {k.removesuffix("_loss"): f"{v.item():.3f}" for k, v in outputs.items() if k.endswith("_loss")}
+            bar.set_postfix(loss=f"{loss.item():.3f}", **parts, lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+            if on_log is not None:
+                on_log(loop.global_step, loss.item(), lr)
+        bar.update(1)
+        if all_agree(loop.budget.spent(), loop.dist, loop.device):
+            stopped = True
+            break
+    bar.close()
+    return EpochEnd(step_in_epoch, stopped)
+
+
+def _step(loop: Loop, batch: dict, progress: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+    """One optimiser step at fractional epoch ``progress``; returns the objective's outputs, the
+    summed loss and the learning rate used."""
+    tcfg, device = loop.recipe.train, loop.device
+    lr = lr_at(schedule_position(progress, loop.epochs, loop.elapsed(), loop.schedule_budget), loop.epochs,
+               loop.recipe.optim)
+    set_lr(loop.optimizer, lr)
+    batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    ctx = StepContext(epoch=progress, total_epochs=loop.epochs, step=loop.global_step)
+    with torch.autocast(device.type, dtype=loop.amp.dtype, enabled=loop.amp.enabled):
+        outputs = loop.train_module(batch, ctx)
+    loss = sum(v for k, v in outputs.items() if k.endswith("_loss"))
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.scaler.scale(loss).backward()
+    if tcfg.grad_clip > 0:
+        loop.scaler.unscale_(loop.optimizer)
+        torch.nn.utils.clip_grad_norm_(loop.module.parameters(), tcfg.grad_clip)
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    with torch.no_grad():
+        loop.model.logit_scale.clamp_(0, math.log(tcfg.logit_scale_max))
+    loop.objective.after_step(loop.model)
+    return outputs, loss, lr
