@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 
 import pytest
 import torch
 
 # Two cores: keep intra-op threads low so parallel helpers (DataLoader workers, gloo) don't thrash.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init on every tiny model
+logging.getLogger().setLevel(logging.ERROR)
+# Tests never write into the user's cache folder (tests that check the cache set their own).
+os.environ.setdefault("TBPS_CACHE", tempfile.mkdtemp(prefix="tbps-test-cache-"))  # open_clip warns about random init on every tiny model
 
 
 @pytest.fixture(scope="session")

@@ -179,7 +179,8 @@ class WordDictionary:
 
     def __init__(self, encoder: WordEncoder, cache: str | os.PathLike | None | bool = None):
         self.encoder = encoder
-        self.cache = None if cache is False else Path(cache) if cache else cache_dir("word_vectors")
+        # None: the cache folder in force when a vocabulary is added ($TBPS_CACHE may change in-process).
+        self._cache = False if cache is False else Path(cache) if cache else None
         self.words: list[str] = [PAD]
         self.index: dict[str, int] = {PAD: 0}
         self.vectors = torch.zeros(1, encoder.dim)  # (V, E)
@@ -188,6 +189,13 @@ class WordDictionary:
 
     def __len__(self) -> int:
         return len(self.words)
+
+    @property
+    def cache(self) -> Path | None:
+        """Where vocabularies are cached (None: not cached)."""
+        if self._cache is False:
+            return None
+        return self._cache if self._cache is not None else cache_dir("word_vectors")
 
     def __deepcopy__(self, memo):  # a momentum copy of the model shares the frozen table
         return self

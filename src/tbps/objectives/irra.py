@@ -54,6 +54,10 @@ class IRRAObjective(Objective):
         nn.init.normal_(self.classifier.weight, std=0.001)  # IRRA's init
         nn.init.zeros_(self.classifier.bias)
         self.fusion = build_fusion(model, self.cfg["fusion"])
+        # IRRA's losses use a fixed scale (SDM's 1/0.02) and no ITM: mark those untrained, so that
+        # "every trainable parameter gets a gradient" holds (AdamW skipped them anyway: no grad).
+        model.logit_scale.requires_grad_(False)
+        self.fusion.itm_head.requires_grad_(False)
 
     def configure(self, losses: dict[str, Any]) -> None:
         self.cfg = merge_losses(self.defaults, losses or {})

@@ -77,6 +77,9 @@ class TextReIDObjective(Objective):
         nn.init.zeros_(self.classifier.bias)
         # Built once from the recipe's losses: later stages may re-weight CM-MoCo, not switch it on.
         self.cmmoco: CMMoCo | None = build_cmmoco(model, self.cfg["cmmoco"])
+        # TextReID's losses use fixed temperatures, never CLIP's logit scale: mark it untrained (AdamW
+        # skipped it anyway: it never had a gradient).
+        model.logit_scale.requires_grad_(False)
 
     def configure(self, losses: dict[str, Any]) -> None:
         cfg = merge_losses(self.defaults, losses or {})
