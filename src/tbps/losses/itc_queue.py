@@ -9,7 +9,7 @@ queries' similarities (ALBEF's momentum distillation, alpha = 0.4).
 L = 1/2 [CE(s_i2t, y_i2t) + CE(s_t2i, y_t2i)].
 
 The momentum copy and the queues are :class:`tbps.models.momentum.MomentumEncoder` and
-:class:`tbps.losses.cmmoco.FeatureQueue` (shared with TextReID's CM-MoCo).
+:class:`tbps.models.momentum.FeatureQueue` (shared with TextReID's CM-MoCo).
 """
 
 from __future__ import annotations
