@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     from tbps.data.layouts import load_annotations
     from tbps.synth import RESERVED_SYNONYMS
     from tbps.models.checkpoint import load_model
+    from tbps.models.checkpoint import max_words as checkpoint_max_words
     from tbps.retrieval.encoder import encode_captions, encode_images
     from tbps.retrieval.metrics import retrieval_metrics
     from tbps.models.factory import get_tokenizer
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         name, path = spec.split("=", 1)
         model, ckpt = load_model(path)
         tok = get_tokenizer(model.spec)
-        mw = ckpt.get("recipe", {}).get("data", {}).get("max_words", 77)
+        mw = checkpoint_max_words(ckpt)
         img = encode_images(model, paths, progress=False)
         res = {}
         feats = {}

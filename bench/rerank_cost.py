@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     for spec in args.checkpoints:
         from tbps.data.layouts import load_annotations
         from tbps.models.checkpoint import load_model
+        from tbps.models.checkpoint import max_words as checkpoint_max_words
         from tbps.engine.evaluate import evaluate
         from tbps.models.factory import get_tokenizer
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
         model, ckpt = load_model(path)
         records = load_annotations(args.data, progress=False).split(args.split)
         res = evaluate(model, get_tokenizer(model.spec), records, progress=False,
-                       max_words=ckpt.get("recipe", {}).get("data", {}).get("max_words", 77))
+                       max_words=checkpoint_max_words(ckpt))
         out[name] = {"none": {"t2i": res.metrics["t2i"], "seconds_per_query": 0.0}}
         for method in ("jaccard", "kreciprocal"):
             out[name][method] = rerank_evaluation(res, method)

@@ -68,16 +68,10 @@ def evaluate(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split:
              device: str = "cpu", layout: str | None = None, progress: bool = False) -> dict:
     """Text-to-image and image-to-text R@1/5/10, mAP and mINP (percent) of a checkpoint (or run folder)
     on one split of a dataset folder, as ``tbps eval`` prints them."""
-    from tbps.data.layouts import load_annotations
-    from tbps.engine.evaluate import evaluate as _evaluate
-    from tbps.models.checkpoint import load_model
-    from tbps.models.factory import get_tokenizer
+    from tbps.engine.evaluate import evaluate_checkpoint
 
-    model, ckpt = load_model(checkpoint, device)
-    records = load_annotations(data_root, layout, progress=progress).split(split)
-    max_words = ckpt.get("recipe", {}).get("data", {}).get("max_words", 77)
-    return _evaluate(model, get_tokenizer(model.spec), records, device=device, max_words=max_words,
-                     progress=progress).metrics
+    return evaluate_checkpoint(checkpoint, data_root, split, layout=layout, device=device,
+                               progress=progress).result.metrics
 
 
 def load_encoder(checkpoint: str | os.PathLike, device: str = "cpu"):

@@ -43,23 +43,18 @@ def run(args) -> int:
 
     import torch
 
-    from tbps.data.layouts import load_annotations
-    from tbps.models.checkpoint import load_model
-    from tbps.engine.evaluate import evaluate, format_table
-    from tbps.models.factory import get_tokenizer
+    from tbps.engine.evaluate import evaluate_checkpoint, format_table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, ckpt = load_model(args.checkpoint, device)
-    ann = load_annotations(args.data, args.layout, strict=args.strict, progress=not args.json)
-    records = ann.split(args.split)
-    max_words = ckpt.get("recipe", {}).get("data", {}).get("max_words", 77)
-    res = evaluate(model, get_tokenizer(model.spec), records, batch_size=args.batch_size, device=device,
-                   max_words=max_words, progress=sys.stderr.isatty() and not args.json)
+    ev = evaluate_checkpoint(args.checkpoint, args.data, args.split, layout=args.layout, strict=args.strict,
+                             batch_size=args.batch_size, device=device,
+                             progress=sys.stderr.isatty() and not args.json, load_progress=not args.json)
+    res, model, ckpt, max_words = ev.result, ev.model, ev.checkpoint, ev.max_words
     rescored = None
     if args.rescore:
         from tbps.retrieval.rescore import load_fusion, rescore_evaluation
 
-        rescored = rescore_evaluation(model, load_fusion(ckpt, model), get_tokenizer(model.spec), res,
+        rescored = rescore_evaluation(model, load_fusion(ckpt, model), ev.tokenizer, res,
                                       k=args.rescore, mode=args.rescore_mode, weight=args.rescore_weight,
                                       max_words=max_words, device=device)
     reranked = None

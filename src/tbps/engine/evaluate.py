@@ -49,6 +49,36 @@ def evaluate(model, tokenizer, records: Sequence[Record], *, batch_size: int = 2
     return EvalResult(metrics, sim, paths, image_ids, captions, caption_ids, image_features=img)
 
 
+@dataclass
+class CheckpointEvaluation:
+    """:func:`evaluate_checkpoint`'s result, with what re-scoring and re-ranking reuse."""
+
+    result: EvalResult
+    model: torch.nn.Module
+    checkpoint: dict  # the loaded checkpoint (``path`` included)
+    tokenizer: object
+    max_words: int
+
+
+def evaluate_checkpoint(checkpoint, data_root, split: str = "test", *, layout: str | None = None,
+                        strict: bool = False, batch_size: int = 256, device="cpu", progress: bool = False,
+                        load_progress: bool | None = None) -> CheckpointEvaluation:
+    """Load a checkpoint (or run folder) and evaluate it on one split of a dataset folder, captions
+    truncated as its recipe trained them (what ``tbps eval`` and ``tbps.evaluate`` run).
+    ``load_progress``: a bar while the annotations load (default: as ``progress``)."""
+    from tbps.data.layouts import load_annotations
+    from tbps.models.checkpoint import load_model, max_words
+    from tbps.models.factory import get_tokenizer
+
+    model, ckpt = load_model(checkpoint, device)
+    records = load_annotations(data_root, layout, strict=strict,
+                               progress=progress if load_progress is None else load_progress).split(split)
+    tokenizer, words = get_tokenizer(model.spec), max_words(ckpt)
+    res = evaluate(model, tokenizer, records, batch_size=batch_size, device=device, max_words=words,
+                   progress=progress)
+    return CheckpointEvaluation(res, model, ckpt, tokenizer, words)
+
+
 def format_table(metrics: dict, title: str = "") -> str:
     """A plain-text table of both directions, as printed by `tbps eval`."""
     keys = ["R1", "R5", "R10", "mAP", "mINP"]

@@ -74,6 +74,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     return model.to(device).eval(), ckpt
 
 
+def max_words(ckpt: dict[str, Any]) -> int:
+    """How many words of a caption the checkpoint's recipe kept (``data.max_words``; 77 when unrecorded):
+    queries and evaluation captions are truncated the same way."""
+    return int(ckpt.get("recipe", {}).get("data", {}).get("max_words", 77))
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks (identifies the checkpoint an index was built from)."""
     h = hashlib.sha256()

@@ -25,6 +25,7 @@ from PIL import Image
 from tbps.data.text import clean_caption
 from tbps.data.transforms import eval_transform
 from tbps.models.checkpoint import CheckpointError, file_sha256, load_model, save_checkpoint
+from tbps.models.checkpoint import max_words as checkpoint_max_words
 
 __all__ = [
     "CheckpointError",
@@ -129,7 +130,7 @@ class Encoder:
             "embed_dim": model.embed_dim,
             "context_length": model.context_length,
         }
-        max_words = ckpt.get("recipe", {}).get("data", {}).get("max_words", 77)
+        max_words = checkpoint_max_words(ckpt)
         return cls(model, fingerprint=fingerprint, device=device, max_words=max_words, checkpoint=ckpt["path"])
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

@@ -165,10 +165,11 @@ class SearchRescorer:
     @classmethod
     def from_checkpoint(cls, path, device="cpu", **kwargs) -> SearchRescorer:
         from tbps.models.checkpoint import load_model
+        from tbps.models.checkpoint import max_words as checkpoint_max_words
         from tbps.models.factory import get_tokenizer
 
         model, ckpt = load_model(path, device)
-        max_words = ckpt.get("recipe", {}).get("data", {}).get("max_words", 77)
+        max_words = checkpoint_max_words(ckpt)
         return cls(model, load_fusion(ckpt, model), get_tokenizer(model.spec), max_words=max_words, device=device,
                    **kwargs)
 
