@@ -272,3 +272,40 @@ def test_converted_checkpoint_initialises_training_and_fingerprints_differ(tmp_p
     convert("irra", src, tmp_path / "irra2.pt", image_size=(32, 16), resize="shortest")
     a, b = Encoder.from_checkpoint(out).fingerprint, Encoder.from_checkpoint(tmp_path / "irra2.pt").fingerprint
     assert a["preprocess"]["resize"] != b["preprocess"]["resize"]
+
+
+def test_eval_of_a_converted_checkpoint_uses_its_preprocessing(tmp_path, tiny_dataset):
+    """`tbps eval`'s path (evaluate_checkpoint) encodes as the encoder does: IRRA's raw captions, its resize."""
+    from tbps.engine.evaluate import evaluate_checkpoint
+
+    src, _ = _irra_file(tmp_path)
+    out = tmp_path / "irra.pt"
+    convert("irra", src, out, image_size=(32, 16))
+    ev = evaluate_checkpoint(out, tiny_dataset, "test")
+    enc = Encoder.from_checkpoint(out)
+    pix = torch.stack([enc.preprocess(Image.open(p)) for p in ev.result.image_paths])
+    want = enc.encode_texts(ev.result.captions) @ enc.encode_images(pix).T
+    assert np.abs(ev.result.similarity.numpy() - want).max() < 1e-5
+    assert any(c != c.lower() or "." in c or "," in c for c in ev.result.captions)  # cleaning would matter
+
+
+def test_openai_resnet_state_dict(tmp_path):
+    """A CLIP ResNet (RN50's layout, tiny): layers, width and input size read from the shapes."""
+    import open_clip
+
+    cfg = {"embed_dim": 32, "quick_gelu": True,
+           "vision_cfg": {"image_size": 64, "layers": [1, 2, 1, 1], "width": 16, "patch_size": None},
+           "text_cfg": dict(R.CFG["text_cfg"])}
+    open_clip.factory._MODEL_CONFIGS["convtest-rn"] = cfg
+    torch.manual_seed(0)
+    ref = open_clip.create_model("convtest-rn").eval()
+    torch.save(ref.state_dict(), tmp_path / "RN-T.pt")
+    summary = convert("openai", tmp_path / "RN-T.pt", tmp_path / "rn.pt")
+    assert summary["image_size"] == [64, 64]
+    enc = Encoder.from_checkpoint(tmp_path / "rn.pt")
+    pix = _pixels(2, (64, 64))
+    with torch.no_grad():
+        img_ref = F.normalize(ref.encode_image(pix), dim=-1)
+        txt_ref = F.normalize(ref.encode_text(_ids(TEXTS)), dim=-1)
+    img, txt = _features(enc, pix, TEXTS)
+    assert (img - img_ref).abs().max() < TOL and (txt - txt_ref).abs().max() < TOL
