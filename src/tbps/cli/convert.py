@@ -8,7 +8,7 @@ import argparse
 # out of `tbps --help` (the readers are tbps.models.convert.formats.READERS)
 FORMATS: dict[str, tuple[str, str]] = {
     "irra": (
-        "IRRA (CVPR'23), github.com/anosorae/IRRA: best.pth per dataset (Google Drive links in its README)",
+        "IRRA (CVPR'23), github.com/anosorae/IRRA: a best.pth per dataset (linked from its README)",
         "CLIP ViT-B/16 (QuickGELU) at 384x128; image: projected CLS token; caption: projected end-of-text "
         "token; the raw caption into CLIP's BPE tokenizer (no punctuation stripping, no word limit), 77 "
         "tokens; resize to 384x128 bicubic, CLIP mean/std; its ID classifier and MLM modules are dropped",
@@ -20,7 +20,8 @@ FORMATS: dict[str, tuple[str, str]] = {
         "max-pooled); stored as one vector [global, TSE] / sqrt(2); preprocessing as IRRA",
     ),
     "tbps-clip": (
-        "TBPS-CLIP (AAAI'24), github.com/Flame-Chasers/TBPS-CLIP: checkpoints linked in its README",
+        "TBPS-CLIP (AAAI'24), github.com/Flame-Chasers/TBPS-CLIP: the files its main.py saves "
+        "({'model': state_dict}; the README version read here links no trained weights)",
         "its own CLIP ViT-B/16 at 224x224; projected CLS / end-of-text tokens; captions lower-cased, "
         ".!\"()*#:;~ replaced by spaces, cut to 77 words; resize bicubic, ImageNet mean/std",
     ),
@@ -39,9 +40,13 @@ FORMATS: dict[str, tuple[str, str]] = {
 
 
 def _formats_help() -> str:
+    import textwrap
+
     lines = ["formats:"]
     for name, (where, what) in FORMATS.items():
-        lines += [f"  {name}", f"    published: {where}", f"    inference: {what}"]
+        lines.append(f"  {name}")
+        for label, text in (("published", where), ("inference", what)):
+            lines += textwrap.wrap(f"{label}: {text}", 100, initial_indent="    ", subsequent_indent="      ")
     return "\n".join(lines)
 
 

@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 
-def tokenize_captions(tokenizer, texts: Sequence[str], max_words: int | None, cleaning: str = "tbps-clip") -> torch.Tensor:
+def tokenize_captions(tokenizer, texts: Sequence[str], max_words: int | None,
+                      cleaning: str = "tbps-clip") -> torch.Tensor:
     """Captions -> (B, L) token ids, cleaned and truncated to ``max_words`` words as in training.
 
     cleaning "tbps-clip" (tbps's own, TBPS-CLIP's): lower-case, strip ``.!"()*#:;~``, at most ``max_words``

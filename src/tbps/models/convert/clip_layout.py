@@ -97,10 +97,10 @@ def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], src: str) -
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    if missing:
-        raise ConvertError(f"{src}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise ConvertError(f"{src}: unexpected key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for what, keys in (("missing tensor", missing), ("unexpected key", unexpected)):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ConvertError(f"{src}: {what} {keys[0]!r}{more}")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise ConvertError(f"{src}: tensor {k!r} has shape {tuple(v.shape)}, the architecture read from the "

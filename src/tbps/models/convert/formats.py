@@ -29,8 +29,11 @@ TBPS_CLIP_UNUSED = ("simclr_mlp.",) + IRRA_UNUSED
 OPENAI_EXTRA = ("input_resolution", "context_length", "vocab_size")
 
 
+CLIP_BPE = "CLIP BPE (ftfy, html unescape, whitespace, lower-case)"
+
+
 def _preprocess(source: str, resize: str, caption_cleaning: str, max_words: int | None,
-                interpolation: str = "bicubic", tokenizer: str = "CLIP BPE (ftfy, html unescape, whitespace, lower-case)",
+                interpolation: str = "bicubic", tokenizer: str = CLIP_BPE,
                 truncate: str = "first context_length tokens, the last one replaced by end-of-text") -> dict[str, Any]:
     return {"source": source, "resize": resize, "interpolation": interpolation, "caption_cleaning": caption_cleaning,
             "max_words": max_words, "tokenizer": tokenizer, "truncate": truncate}
