@@ -39,7 +39,7 @@ from tbps.index.filter_tree import parse_filter
 from tbps.index.local_store import check_features, check_records, column_type
 from tbps.index.qdrant_filter import qdrant_filter
 from tbps.index.store import BUILTIN_COLUMNS, Hit, _sort_rows, fingerprint_diff
-from tbps.index.vectorstore import StoreSpec
+from tbps.index.storespec import StoreSpec
 
 FORMAT = "tbps-qdrant-store"
 VERSION = 1
