@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from tbps.index import EncoderMismatchError, FilterError, IndexInputError
+from tbps.index import EncoderMismatchError, FilterError, IndexFormatError, IndexInputError
 from tbps.index.vectorstore import create_store, open_store, parse_store
 from tests.fake_encoder import FakeEncoder
 
@@ -329,3 +329,30 @@ def test_rest_api_search_on_qdrant(two_stores):
             bad = c.post("/search", json={"text": "x", "filters": "colour = 'red'"})
             assert bad.status_code == 422 and "unknown column" in bad.json()["detail"]
     assert answers["qdrant"] == answers["local"] and len(answers["local"]) == 4
+
+
+def test_qdrant_local_folder_is_checked_before_it_is_opened(tmp_path):
+    """A folder the local engine would unpickle is read with a points-only unpickler first, and a
+    foreign folder is never written into."""
+    import pickle
+    import sqlite3
+
+    name = f"qdrant:{tmp_path / 'q'}"
+    feats, recs = _data()
+    with create_store(name, dim=D, fingerprint=FP) as s:
+        s.add(feats[:3], recs[:3])
+    with open_store(name) as s:  # what tbps writes passes the check
+        assert len(s) == 3
+    db = sqlite3.connect(tmp_path / "q" / "collection" / "gallery" / "storage.sqlite")
+    db.execute("UPDATE points SET point = ? WHERE rowid = 1", (pickle.dumps(os.system),))  # a planted callable
+    db.commit()
+    db.close()
+    with pytest.raises(IndexFormatError, match="holds something other than points.*posix.system|system"):
+        open_store(name)
+    (tmp_path / "crops").mkdir()
+    (tmp_path / "crops" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(IndexInputError, match="not a qdrant store"):
+        create_store(f"qdrant:{tmp_path / 'crops'}", dim=D, fingerprint=FP)
+    with pytest.raises(IndexFormatError, match="does not exist"):
+        open_store(f"qdrant:{tmp_path / 'crops'}")
+    assert sorted(os.listdir(tmp_path / "crops")) == ["a.jpg"]

@@ -34,7 +34,9 @@ from typing import Sequence
 
 import numpy as np
 
-from tbps.index.errors import EncoderMismatchError, IndexBusyError, IndexFormatError, IndexInputError, QueryError
+from tbps.index.errors import (
+    EncoderMismatchError, FilterError, IndexBusyError, IndexFormatError, IndexInputError, QueryError,
+)
 from tbps.index.filter_tree import parse_filter
 from tbps.index.local_store import check_features, check_records, column_type
 from tbps.index.qdrant_filter import qdrant_filter
@@ -158,7 +160,7 @@ class QdrantStore:
     # -- opening ------------------------------------------------------------------------
     @classmethod
     def open(cls, spec: StoreSpec) -> "QdrantStore":
-        if spec.path is not None and not os.path.isdir(spec.path):
+        if spec.path is not None and not os.path.isfile(os.path.join(spec.path, "meta.json")):
             raise IndexFormatError(f"store {spec.text!r} does not exist (create it with `tbps index build`)")
         client = _connect(spec)
         try:
@@ -172,6 +174,9 @@ class QdrantStore:
                images_dir: str | None = None, recursive: bool = False, overwrite: bool = False) -> "QdrantStore":
         """A new, empty collection; ``overwrite`` deletes an existing tbps store first (not atomic)."""
         _, models = _qdrant()
+        if spec.path is not None and os.path.isdir(spec.path) and os.listdir(spec.path) \
+                and not os.path.isfile(os.path.join(spec.path, "meta.json")):
+            raise IndexInputError(f"{spec.path!r} is a non-empty folder that is not a qdrant store; choose another path")
         client = _connect(spec)
         try:
             with _engine_errors(spec):
@@ -261,7 +266,13 @@ class QdrantStore:
 
     # -- reading ------------------------------------------------------------------------
     def _filter(self, where):
-        return qdrant_filter(parse_filter(where, self.columns), self.types)
+        try:
+            return qdrant_filter(parse_filter(where, self.columns), self.types)
+        except FilterError:
+            # another process (a server's other writer) may have added a column since we read the manifest
+            with self._lock:
+                self._use(_read_manifest(self._client, self.spec))
+            return qdrant_filter(parse_filter(where, self.columns), self.types)
 
     def _scroll(self, flt, fields=False) -> list:
         out, offset = [], None
