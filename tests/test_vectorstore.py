@@ -261,7 +261,8 @@ def two_stores(tmp_path, fake_models, capsys):
     csv.write_text("file,camera,time\n" + "".join(f"{p.name},c{i % 3},2024-01-{i + 1:02d}\n" for i, p in enumerate(paths)))
     out = {}
     for name in (str(tmp_path / "g.idx"), f"qdrant:{tmp_path / 'g.qdrant'}"):
-        rc = main(["index", "build", name, "--checkpoint", str(fake_models[0]), "--images", str(imgs),
+        where = ["--store", name] if name.startswith("qdrant:") else [name]  # the flag and the positional
+        rc = main(["index", "build", *where, "--checkpoint", str(fake_models[0]), "--images", str(imgs),
                    "--metadata", str(csv), "--workers", "0", "--no-progress", "--json"])
         res = capsys.readouterr()
         assert rc == 0, res.err
@@ -284,7 +285,8 @@ def test_cli_build_search_add_remove_on_qdrant(two_stores, fake_models, capsys, 
     names, imgs, paths = two_stores
     for where in (None, "camera = 'c1'", "time >= '2024-01-05' AND NOT camera = 'c0'"):
         extra = ["--where", where] if where else []
-        got = {b: _search(capsys, n, "a man in a red coat", "-k", "5", *extra)[1] for b, n in names.items()}
+        got = {"local": _search(capsys, names["local"], "a man in a red coat", "-k", "5", *extra)[1],
+               "qdrant": _search(capsys, "--store", names["qdrant"], "a man in a red coat", "-k", "5", *extra)[1]}
         assert [r["path"] for r in got["qdrant"]["results"]] == [r["path"] for r in got["local"]["results"]]
         np.testing.assert_allclose([r["score"] for r in got["qdrant"]["results"]],
                                    [r["score"] for r in got["local"]["results"]], atol=1e-5)
@@ -297,7 +299,7 @@ def test_cli_build_search_add_remove_on_qdrant(two_stores, fake_models, capsys, 
     assert main(["index", "add", names["qdrant"], str(imgs), "--workers", "0", "--no-progress", "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert (st["added"], st["unchanged"], st["count"]) == (3, 12, 15)
-    assert main(["index", "remove", names["qdrant"], paths[0].name, str(imgs / "img0050.jpg")]) == 0
+    assert main(["index", "remove", "--store", names["qdrant"], paths[0].name, str(imgs / "img0050.jpg")]) == 0
     assert "index now holds 13" in capsys.readouterr().out
     assert main(["index", "info", names["qdrant"]]) == 0
     out = capsys.readouterr().out
@@ -306,6 +308,8 @@ def test_cli_build_search_add_remove_on_qdrant(two_stores, fake_models, capsys, 
     assert rc == 2 and "already exists" in capsys.readouterr().err
     rc = main(["search", f"qdrant:{tmp_path / 'nothing'}", "red"])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = main(["search", "--store", names["qdrant"], names["local"], "red"])
+    assert rc == 2 and "not both" in capsys.readouterr().err
 
 
 def test_rest_api_search_on_qdrant(two_stores):

@@ -27,7 +27,7 @@ examples:
   tbps index build qdrant:gallery.qdrant --checkpoint best.pt --images crops/   # Qdrant's local engine
   tbps index build qdrant://db.example:6333/people --checkpoint best.pt --images crops/  # a Qdrant server
 
-stores: INDEX is a folder (faiss + SQLite, the default) or a Qdrant store, qdrant:PATH (the
+stores: INDEX (or --store NAME) is a folder (faiss + SQLite, the default) or a Qdrant store, qdrant:PATH (the
 local engine, in-process) or qdrant://HOST[:PORT]/COLLECTION (qdrants:// for HTTPS; API key
 from $QDRANT_API_KEY). A Qdrant write lands batch by batch: a killed add keeps what landed.
 
@@ -38,6 +38,8 @@ person id, ...) is stored and usable in `tbps search --where`. Names become lowe
 
 
 def register(subparsers) -> None:
+    from tbps.cli.common import add_store_arguments
+
     p = subparsers.add_parser("index", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
@@ -45,7 +47,7 @@ def register(subparsers) -> None:
     b = sub.add_parser("build", help="embed every image in a folder into a new index",
                        description="Embed every image under --images into a new index at INDEX.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("index", metavar="INDEX", help="index directory to create, or a store (see below)")
+    add_store_arguments(b, "index directory to create, or a store (see below)")
     b.add_argument("--checkpoint", required=True, metavar="CKPT", help="model checkpoint to embed with")
     b.add_argument("--images", required=True, metavar="DIR", help="folder of person crops")
     _common_write_args(b)
@@ -55,20 +57,20 @@ def register(subparsers) -> None:
                        description="Embed only the files under DIR that are new or changed "
                        "(size/mtime differ and the content hash confirms it).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("index", metavar="INDEX")
+    add_store_arguments(a, "index directory or store")
     a.add_argument("images", metavar="DIR", help="folder to scan (usually the one the index was built from)")
     a.add_argument("--checkpoint", metavar="CKPT", help="checkpoint (default: the one the index was built with)")
     _common_write_args(a, mode_default=None)
 
     r = sub.add_parser("remove", help="drop images (or whole folders) from an index",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("index", metavar="INDEX")
+    add_store_arguments(r, "index directory or store")
     r.add_argument("paths", metavar="PATH", nargs="+",
                    help="image path or folder (as given, or relative to the index's image folder)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
 
     i = sub.add_parser("info", help="print counts, model, search mode and sizes on disk")
-    i.add_argument("index", metavar="INDEX")
+    add_store_arguments(i, "index directory or store")
     i.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -88,12 +90,13 @@ def _common_write_args(p, mode_default: str | None = "auto") -> None:
 
 
 def run(args) -> int:
-    from tbps.cli.common import UserError, load_encoder
+    from tbps.cli.common import UserError, load_encoder, resolve_store
     from tbps.index import add_to_index, build_index, remove_from_index
     from tbps.index.ingest import add_to_store, build_store, remove_from_store
     from tbps.index.vectorstore import open_store, parse_store
 
     action = args.index_command
+    resolve_store(args, {"add": "images", "remove": "paths"}.get(action))
     spec = parse_store(args.index)  # a folder (faiss + SQLite, the default) or qdrant:PATH / qdrant://HOST/COLL
     if action == "info":
         with open_store(spec) as ix:

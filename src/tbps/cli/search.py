@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tbps.cli.common import DEFAULT_RESCORE, add_rescore_arguments
+from tbps.cli.common import DEFAULT_RESCORE, add_rescore_arguments, add_store_arguments
 
 HELP = "search a gallery index by text description or example image"
 
@@ -35,8 +35,8 @@ columns (`tbps index info INDEX` lists them).
 def register(subparsers) -> None:
     p = subparsers.add_parser("search", help=HELP, description=HELP + ".", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("index", metavar="INDEX", help="index directory made by `tbps index build`, or a store: "
-                   "qdrant:PATH (Qdrant's local engine) or qdrant://HOST[:PORT]/COLLECTION (a Qdrant server)")
+    add_store_arguments(p, "index directory made by `tbps index build`, or a store: qdrant:PATH (Qdrant's "
+                        "local engine) or qdrant://HOST[:PORT]/COLLECTION (a Qdrant server)")
     p.add_argument("query", metavar="TEXT", nargs="?", help="text description of the person")
     p.add_argument("--image", metavar="QUERY.jpg", help="search by example image instead of text")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
@@ -55,8 +55,10 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from tbps.cli.common import (
-        DEFAULT_RESCORE, UserError, check_rescore_args, encode_image_file, load_encoder, load_rescorer,
+        DEFAULT_RESCORE, UserError, check_rescore_args, encode_image_file, load_encoder, load_rescorer, resolve_store,
     )
+
+    resolve_store(args, "query")
 
     if args.image is not None and args.query is not None:
         raise UserError("give either a TEXT query or --image, not both")

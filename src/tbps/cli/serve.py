@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from tbps.cli.common import DEFAULT_RESCORE, add_rescore_arguments, check_rescore_args
+from tbps.cli.common import DEFAULT_RESCORE, add_rescore_arguments, add_store_arguments, check_rescore_args
 
 HELP = "serve a gallery index over HTTP: a REST API and a search page"
 
@@ -41,8 +41,8 @@ prints a warning.
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help=HELP, description=HELP + ".", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("index", metavar="INDEX", help="index directory made by `tbps index build`, or a store: "
-                   "qdrant:PATH (Qdrant's local engine) or qdrant://HOST[:PORT]/COLLECTION (a Qdrant server)")
+    add_store_arguments(p, "index directory made by `tbps index build`, or a store: qdrant:PATH (Qdrant's "
+                        "local engine) or qdrant://HOST[:PORT]/COLLECTION (a Qdrant server)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--token", default=None,
@@ -129,7 +129,9 @@ def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch
 
 
 def run(args) -> int:
-    from tbps.cli.common import UserError
+    from tbps.cli.common import UserError, resolve_store
+
+    resolve_store(args)
 
     token = args.token if args.token is not None else os.environ.get("TBPS_TOKEN") or None
     if token is not None and not token.strip():
