@@ -79,6 +79,25 @@ def test_topk_equals_exact_search(store):
     assert len(store) == N and store.info()["count"] == N and store.info()["dim"] == D
 
 
+def test_reranker_sees_the_candidates(store):
+    """The re-rank hook gets the top rerank_depth candidates with their stored features (what
+    tbps.retrieval.rerank.index_reranker reads: index.ids, index.features) and re-orders them."""
+    feats, _ = _data()
+    q = feats[2] + 0.5 * feats[9]
+    seen = []
+
+    def reverse(qs, ids, scores, index):
+        rows = np.searchsorted(np.asarray(index.ids), ids[0])
+        np.testing.assert_allclose(np.asarray(index.features[rows]) @ qs[0], scores[0], atol=1e-5)
+        seen.append(ids[0].tolist())
+        return -scores
+
+    hits = store.search(q, k=3, reranker=reverse, rerank_depth=10)[0]
+    top10 = exact_topk(feats, np.arange(N), q, 10)[0]
+    assert seen == [top10] and [h.id for h in hits] == top10[::-1][:3]
+    assert store.image_path(hits[0].id) == pathlib.Path(f"/gallery/cam{hits[0].id % 3}/img{hits[0].id:03d}.jpg")
+
+
 def _row(r):
     return r["camera"], r["person_id"], r["score"], r["time"]
 
@@ -107,7 +126,7 @@ FILTERS = [
 def test_filters_match_python(store, where, pred):
     feats, recs = _data()
     want = [i for i, r in enumerate(recs) if pred(*_row(r))] if pred else [0, 1, 2, 3, 4, 33]
-    assert store.filter_ids(where).tolist() == want
+    assert store.filter_ids(where).tolist() == want and store.count(where) == len(want)
     q = feats[7] + feats[30]
     hits = store.search(q, k=4, where=where)[0]
     assert [h.id for h in hits] == exact_topk(feats[want], np.asarray(want), q, 4)[0]

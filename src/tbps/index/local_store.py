@@ -80,6 +80,10 @@ class LocalStore(GalleryIndex):
                                                                  "recursive": bool(recursive)})
         return store
 
+    def count(self, where=None) -> int:
+        """Items in this generation (matching ``where``)."""
+        return len(self) if where is None else len(self.filter_ids(where))
+
     def file_states(self, under: str | None = None) -> dict[str, tuple]:
         states = super().file_states()
         if under is None:

@@ -55,6 +55,9 @@ class VectorStore(Protocol):
     def __len__(self) -> int:
         """How many items a search can return now (the engine's own count)."""
 
+    def count(self, where: str | dict | None = None) -> int:
+        """Items matching ``where`` (all of them without)."""
+
     def info(self) -> dict:
         """Counts, model fingerprint, columns, search mode and backend details, JSON-able."""
 
