@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from tbps.cli.common import add_store_arguments
+
 HELP = "build and maintain a searchable index of a folder of person crops"
 
 DESCRIPTION = """\
@@ -27,9 +29,10 @@ examples:
   tbps index build qdrant:gallery.qdrant --checkpoint best.pt --images crops/   # Qdrant's local engine
   tbps index build qdrant://db.example:6333/people --checkpoint best.pt --images crops/  # a Qdrant server
 
-stores: INDEX (or --store NAME) is a folder (faiss + SQLite, the default) or a Qdrant store, qdrant:PATH (the
-local engine, in-process) or qdrant://HOST[:PORT]/COLLECTION (qdrants:// for HTTPS; API key
-from $QDRANT_API_KEY). A Qdrant write lands batch by batch: a killed add keeps what landed.
+stores: INDEX (or --store NAME) is a folder (faiss + SQLite, the default) or a Qdrant
+store: qdrant:PATH (the local engine, in-process) or qdrant://HOST[:PORT]/COLLECTION
+(qdrants:// for HTTPS; API key from $QDRANT_API_KEY). A Qdrant write lands batch by batch:
+a killed add keeps what landed, `tbps index info` counts it, and a rerun adds the rest.
 
 metadata CSV: a header row; one column (named path, image, file, filename, image_path or
 relpath) gives each image's path relative to --images; every other column (camera, time,
@@ -38,8 +41,6 @@ person id, ...) is stored and usable in `tbps search --where`. Names become lowe
 
 
 def register(subparsers) -> None:
-    from tbps.cli.common import add_store_arguments
-
     p = subparsers.add_parser("index", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
