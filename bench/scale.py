@@ -107,10 +107,12 @@ def faiss_tbps(mode: str):
 
         ids = np.arange(len(g), dtype=np.int64)
         params = ann.default_params(mode, len(g))
+        if cfg.get("nlist"):  # --nlist: fewer lists build faster (the assignment of N items to them dominates)
+            params.update(nlist=int(cfg["nlist"]), nprobe=min(int(cfg["nlist"]), params["nprobe"]))
         index = ann.build(mode, g, ids, params)
 
         def search(q, **over):
-            p = {**params, **cfg, **over}
+            p = {**params, **over}
             labels = ann.search(index, mode, q[None], ann.candidates(mode, k, p), p)[0]
             rows = np.sort(labels[labels >= 0])  # ids are rows here
             sc = np.asarray(g[rows], dtype=np.float32) @ q  # exact re-scoring from the memory-mapped features
@@ -161,7 +163,7 @@ def child(args) -> int:
     q, truth = np.load(work / "queries.npy"), np.load(work / "truth.npy")
     k = truth.shape[1]
     t = time.perf_counter()
-    index, search = ENGINES[args.child](work, g, k, {})
+    index, search = ENGINES[args.child](work, g, k, {"nlist": args.nlist} if args.nlist else {})
     build_s = time.perf_counter() - t
     after_build = rss()
     size = index_bytes(args.child, index, work)
@@ -187,7 +189,8 @@ def child(args) -> int:
 
 
 def run_child(engine: str, work: Path, args) -> list[dict]:
-    cmd = [sys.executable, __file__, "--child", engine, "--workdir", str(work), "--nprobe", args.nprobe]
+    cmd = [sys.executable, __file__, "--child", engine, "--workdir", str(work), "--nprobe", args.nprobe,
+           "--nlist", str(args.nlist)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         print(f"# {engine}: failed ({res.returncode}): {res.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -203,6 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--nprobe", default="", help="extra nprobe values to sweep for ivf/ivfpq (comma-separated)")
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists for ivf/ivfpq (default: tbps' choice for the size)")
     p.add_argument("--flat-max", type=int, default=1_000_000, help="faiss flat above this size: skipped (N x d x 4 B of RAM)")
     p.add_argument("--ivf-max", type=int, default=1_000_000, help="IVF-SQ8 above this size: skipped (N x d B of RAM)")
     p.add_argument("--qdrant-max", type=int, default=20_000, help="Qdrant's local engine above this size: skipped")

@@ -180,33 +180,32 @@ def embed_partitions(files: Sequence[ImageFile], encoder, work: pathlib.Path, *,
             "embed_seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _gather(files: Sequence[ImageFile], encoder, work: pathlib.Path, partition_size: int,
-            features_out: pathlib.Path) -> tuple[list, int, list[dict]]:
-    """Read every partition (all must be present and match) in order: the rows to insert,
-    the feature count (written to the memory-mapped ``features_out``) and the skipped files."""
+def _gather(db, files: Sequence[ImageFile], encoder, work: pathlib.Path, partition_size: int,
+            features_out: pathlib.Path) -> tuple[int, list[dict]]:
+    """Read every partition (all must be present and match) in order, insert its rows into
+    ``db`` and its features into the memory-mapped ``features_out``: (item count, skipped files)."""
     fp, dim = encoder.fingerprint, int(encoder.embed_dim)
     n_parts = (len(files) + partition_size - 1) // partition_size
-    parts: list[Partition] = []
-    for p in range(n_parts):
+    counts = []
+    for p in range(n_parts):  # first pass: every partition is there (and how many items each holds)
         chunk = files[p * partition_size:(p + 1) * partition_size]
         part = _read_partition(_part_path(work, p), partition_key(fp, chunk), dim)
         if part is None:
             raise IndexInputError(f"partition {p} is missing or does not match in {str(work)!r}; run the build again")
-        parts.append(part)
-        del part
-    n = sum(len(pt.positions) for pt in parts)
-    out = np.lib.format.open_memmap(features_out, mode="w+", dtype=np.float32, shape=(n, dim))
-    rows, skipped, w = [], [], 0
-    for pt in parts:
+        counts.append(len(part.positions))
+    out = np.lib.format.open_memmap(features_out, mode="w+", dtype=np.float32, shape=(sum(counts), dim))
+    skipped, w = [], 0
+    for p in range(n_parts):  # second pass: one partition in memory at a time
+        pt = _read_partition(_part_path(work, p), partition_key(fp, files[p * partition_size:(p + 1) * partition_size]), dim)
         out[w:w + len(pt.positions)] = pt.features
-        for j, pos in enumerate(pt.positions.tolist()):
-            info = {"width": int(pt.width[j]), "height": int(pt.height[j]), "sha256": str(pt.sha256[j])}
-            rows.append((w + j, files[pos], info))
+        insert_items(db, [(w + j, files[pos], {"width": int(pt.width[j]), "height": int(pt.height[j]),
+                                               "sha256": str(pt.sha256[j])})
+                          for j, pos in enumerate(pt.positions.tolist())])
         w += len(pt.positions)
         skipped += [{"path": files[i].path, "reason": r} for i, r in pt.failed]
     out.flush()
     del out
-    return rows, n, skipped
+    return w, skipped
 
 
 def build_index_partitioned(path, encoder, files: Sequence[ImageFile], images_root, *, work_dir=None,
@@ -254,9 +253,8 @@ def _publish(root: pathlib.Path, encoder, files, images_root, work, partition_si
     fields = {"dim": int(encoder.embed_dim), "fingerprint": json.loads(json.dumps(encoder.fingerprint, default=str)),
               "checkpoint": checkpoint, "images_dir": str(images_root), "recursive": bool(recursive)}
     with GenerationWriter(root, create=True) as writer:
-        rows, n, skipped = _gather(files, encoder, work, partition_size, work / "features.npy")
         db = create_db(writer.path("meta"))
-        insert_items(db, rows)
+        n, skipped = _gather(db, files, encoder, work, partition_size, work / "features.npy")
         matched = unmatched = 0
         csv_cols: list[str] = []
         if meta is not None:
@@ -265,7 +263,6 @@ def _publish(root: pathlib.Path, encoder, files, images_root, work, partition_si
             unmatched = len(unmatched_paths)
         db.commit()
         db.close()
-        del rows
         features = np.load(work / "features.npy", mmap_mode="r")
         fields.update(next_id=n, columns=list(BUILTIN_COLUMNS) + csv_cols, csv_columns=csv_cols)
         manifest = write_generation(writer, fields, search_mode=search_mode, features=features)
