@@ -24,6 +24,8 @@ examples:
   tbps index add gallery.idx crops/            # embed only new or changed files
   tbps index remove gallery.idx crops/cam3/    # drop a file or everything under a folder
   tbps index info gallery.idx --json
+  tbps index build city.idx --checkpoint best.pt --list paths.txt --partition-size 50000 --search-mode ivfpq
+  torchrun --nproc_per_node 4 -m tbps.cli.main index build city.idx --checkpoint best.pt --list paths.txt --device cuda
 
 metadata CSV: a header row; one column (named path, image, file, filename, image_path or
 relpath) gives each image's path relative to --images; every other column (camera, time,
