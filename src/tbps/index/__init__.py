@@ -10,7 +10,7 @@
 Modules, from the top: ``build`` (the four write operations), ``scan`` (image folder, metadata
 CSV), ``embed`` (decode and encode in batches), ``generation`` (lock, files, fsync, publishing:
 crash safety), ``store`` (on-disk layout and ``GalleryIndex``), ``filters`` (filter grammar),
-``ann`` (approximate search).
+``ann`` (approximate search), ``partition`` (partitioned, resumable, multi-process builds).
 """
 
 from tbps.index.build import (
