@@ -1,4 +1,4 @@
-"""Search latency and recall of the gallery index at 10k / 100k / 1M items.
+"""Search latency and recall of the gallery index at 10k / 100k / 1M items (exact, IVF, IVF-PQ, HNSW).
 
 For each gallery size it writes a real index (``build_index_from_features``) of synthetic
 512-d features, opens it with ``GalleryIndex.open`` (memory-mapped) and times single-query
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=200, help="timed queries per approximate config")
     p.add_argument("--exact-queries", type=int, default=50, help="timed queries for exact search at >= 1M")
     p.add_argument("--data", choices=["clustered", "random"], default="clustered")
-    p.add_argument("--modes", default="exact,ivf,hnsw", help="search modes to measure")
+    p.add_argument("--modes", default="exact,ivf,ivfpq,hnsw", help="search modes to measure")
     p.add_argument("--hnsw-max", type=int, default=200_000, help="skip HNSW above this size (slow to build on 2 cores)")
     p.add_argument("--nprobe", default="8,16,24,48", help="IVF nprobe values to sweep (plus the default)")
     p.add_argument("--ef", default="64,128,256", help="HNSW efSearch values to sweep (plus the default)")
@@ -137,8 +137,9 @@ def main(argv=None) -> int:
                                           overwrite=True)
                 build_s = time.perf_counter() - t
                 ix = GalleryIndex.open(path)
+                ann_mb = (ix.info()["sizes_bytes"].get("ann") or 0) / 1e6  # the structure held in RAM
                 configs = [{}]
-                if mode == "ivf":
+                if mode in ("ivf", "ivfpq"):
                     default = ix.search_params["nprobe"]
                     configs = [{"nprobe": v} for v in sorted({default, *map(int, args.nprobe.split(","))})]
                 elif mode == "hnsw":
@@ -153,13 +154,14 @@ def main(argv=None) -> int:
                     cpu50 = np.percentile(cpu, 50) * 1e3
                     gbs = n * args.dim * 4 / (p50 / 1e3) / 1e9 if mode == "exact" else None
                     params = {"exact": "", "ivf": f"nlist={ix.search_params.get('nlist')} nprobe={cfg.get('nprobe')}",
+                              "ivfpq": f"nlist={ix.search_params.get('nlist')} nprobe={cfg.get('nprobe')} PQ",
                               "hnsw": f"M={ix.search_params.get('M')} ef={ix.search_params.get('ef_search')}"}[mode]
                     print(f"{n:>8} {mode:>6} {params:>24} {build_s:8.1f} {p50:8.2f} {p99:8.2f} {cpu50:8.2f} {rec:9.3f} "
-                          f"{'' if gbs is None else f'{gbs:6.2f}'}  (load {os.getloadavg()[0]:.1f})", flush=True)
+                          f"{'' if gbs is None else f'{gbs:6.2f}'}  ann {ann_mb:.1f} MB  (load {os.getloadavg()[0]:.1f})", flush=True)
                     results["runs"].append({"n": n, "mode": mode, "params": dict(ix.search_params), "queries": len(qs),
                                             "build_s": round(build_s, 2), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "cpu_p50_ms": round(cpu50, 3),
                                             "recall_at_k": round(rec, 4), "exact_gbs": None if gbs is None else round(gbs, 2),
-                                            "generate_s": round(gen_s, 1)})
+                                            "generate_s": round(gen_s, 1), "ann_mb": round(ann_mb, 1)})
                 if mode == "exact":
                     # Batched exact search: 32 queries per call amortise the read of the features.
                     qb = q[:32]

@@ -205,7 +205,7 @@ def test_encoder_mismatch_is_refused(tmp_path, enc):
         ix.check_encoder(resized)
 
 
-@pytest.mark.parametrize("mode", ["ivf", "hnsw"])
+@pytest.mark.parametrize("mode", ["ivf", "ivfpq", "hnsw"])
 def test_approximate_mode_agrees_with_exact(tmp_path, enc, mode, monkeypatch):
     pytest.importorskip("faiss")
     write_images(tmp_path / "imgs", 120, seed=3)

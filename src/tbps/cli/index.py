@@ -28,6 +28,8 @@ examples:
   tbps index info gallery.idx --json
   tbps index build qdrant:gallery.qdrant --checkpoint best.pt --images crops/   # Qdrant's local engine
   tbps index build qdrant://db.example:6333/people --checkpoint best.pt --images crops/  # a Qdrant server
+  tbps index build city.idx --checkpoint best.pt --list paths.txt --partition-size 50000 --search-mode ivfpq
+  torchrun --nproc_per_node 4 -m tbps.cli.main index build city.idx --checkpoint best.pt --list paths.txt --device cuda
 
 stores: INDEX (or --store NAME) is a folder (faiss + SQLite, the default) or a Qdrant
 store: qdrant:PATH (the local engine, in-process) or qdrant://HOST[:PORT]/COLLECTION
@@ -50,9 +52,10 @@ def register(subparsers) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_store_arguments(b, "index directory to create, or a store (see below)")
     b.add_argument("--checkpoint", required=True, metavar="CKPT", help="model checkpoint to embed with")
-    b.add_argument("--images", required=True, metavar="DIR", help="folder of person crops")
+    b.add_argument("--images", metavar="DIR", help="folder of person crops (or the root of --list's relative paths)")
     _common_write_args(b)
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at INDEX")
+    _partition_args(b)
 
     a = sub.add_parser("add", help="embed new or changed images into an existing index",
                        description="Embed only the files under DIR that are new or changed "
@@ -76,15 +79,28 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _partition_args(b) -> None:
+    g = b.add_argument_group("partitioned builds (very large galleries, resumable, torchrun)")
+    g.add_argument("--list", metavar="FILE", help="a file of image paths, one per line, instead of scanning --images "
+                   "(relative paths are taken from --images, or from the list's folder)")
+    g.add_argument("--partition-size", type=int, metavar="N",
+                   help="embed in partitions of N files of the sorted list, each saved in the work folder as it "
+                   "finishes; a killed build resumes from them (default 4096 with --list or under torchrun; "
+                   "without this, --list or torchrun the build is one pass)")
+    g.add_argument("--work-dir", metavar="DIR", help="where partitions are kept (default INDEX.parts)")
+    g.add_argument("--keep-parts", action="store_true", help="keep the partitions after publishing the index")
+
+
 def _common_write_args(p, mode_default: str | None = "auto") -> None:
     p.add_argument("--recursive", "-r", action="store_true", help="also scan subfolders")
     p.add_argument("--metadata", metavar="FILE.csv", help="per-image metadata CSV (see below)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=None,
                    help="image decoding processes (default: CPU cores - 1, at most 4; 0 = in-process)")
-    p.add_argument("--search-mode", choices=["auto", "exact", "ivf", "hnsw"], default=mode_default,
+    p.add_argument("--search-mode", choices=["auto", "exact", "ivf", "ivfpq", "hnsw"], default=mode_default,
                    help="exact or approximate search; auto picks by gallery size "
-                   "(exact below 50k items, IVF beyond; HNSW only when asked for)" + ("" if mode_default else "; default: keep"))
+                   "(exact below 50k items, IVF beyond; IVF-PQ, compressed codes for 10^7+ items, "
+                   "and HNSW only when asked for)" + ("" if mode_default else "; default: keep"))
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -117,7 +133,17 @@ def run(args) -> int:
         raise UserError("--search-mode applies to the local index folder; a qdrant store searches with its engine's index")
     common = {"recursive": args.recursive, "metadata_csv": args.metadata, "batch_size": args.batch_size,
               "workers": args.workers, "progress": not args.no_progress}
-    if action == "build":
+    partitioned = action == "build" and (args.list or args.partition_size is not None or _world() > 1)
+    if partitioned and not spec.is_local_index:
+        raise UserError("--list, --partition-size and torchrun builds write a local index folder; "
+                        "a qdrant store is written batch by batch (tbps index build --store ...)")
+    if partitioned:
+        stats = _build_partitioned(args)
+        if stats is None:  # a rank other than 0: rank 0 reports
+            return 0
+    elif action == "build":
+        if not args.images:
+            raise UserError("give --images DIR (or --list FILE)")
         encoder = load_encoder(args.checkpoint, args.device)
         if spec.is_local_index:
             stats = build_index(args.index, encoder, args.images, search_mode=args.search_mode,
@@ -143,6 +169,54 @@ def run(args) -> int:
     return 0
 
 
+def _world() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _build_partitioned(args) -> dict | None:
+    """`index build` in partitions; under torchrun each rank embeds its share and rank 0 publishes."""
+    from tbps.cli.common import UserError, load_encoder
+    from tbps.engine.distributed import barrier, init_distributed
+    from tbps.index.partition import DEFAULT_PARTITION_SIZE, build_index_partitioned, read_file_list, scan_for_partitions
+
+    if args.partition_size is not None and args.partition_size <= 0:
+        raise UserError(f"--partition-size must be positive, got {args.partition_size}")
+    if not (args.list or args.images):
+        raise UserError("give --images DIR or --list FILE")
+    if args.list:
+        files, root = read_file_list(args.list, args.images)
+    else:
+        files, root = scan_for_partitions(args.images, args.recursive, args.index, args.metadata), args.images
+    info = init_distributed(args.device)
+    device = args.device
+    if info.enabled and device.startswith("cuda") and ":" not in device:
+        device = f"cuda:{info.local_rank}"  # one GPU per process
+    try:
+        encoder = load_encoder(args.checkpoint, device)
+        stats = build_index_partitioned(
+            args.index, encoder, files, root, work_dir=args.work_dir,
+            partition_size=args.partition_size or DEFAULT_PARTITION_SIZE, rank=info.rank, world=info.world_size,
+            barrier=(lambda: barrier(info)) if info.enabled else None, metadata_csv=args.metadata,
+            batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
+            search_mode=args.search_mode, checkpoint=_abspath(args.checkpoint), recursive=args.recursive,
+            keep_parts=args.keep_parts, overwrite=args.overwrite)
+        barrier(info)  # the others wait for rank 0's publish, so that all exit after the index exists
+    finally:
+        if info.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return stats if info.is_main else None
+
+
+def _abspath(p: str) -> str:
+    import pathlib
+
+    return str(pathlib.Path(p).expanduser().resolve())
+
+
 def _print(obj: dict, as_json: bool, fmt) -> None:
     print(json.dumps(obj, indent=2) if as_json else fmt(obj))
 
@@ -155,6 +229,9 @@ def _format_write(s: dict) -> str:
         + (f", unchanged {s['unchanged']}" if "unchanged" in s else "")
         + f", skipped {s['skipped_count']}",
     ]
+    if "partitions" in s:
+        lines.append(f"  partitions: {s['partitions']} (embedded {s['embedded_partitions']} here, "
+                     f"{s['reused_partitions']} reused from an earlier run)")
     if s.get("missing"):
         lines.append(f"  {s['missing']} indexed file(s) no longer exist (drop them with `tbps index remove`)")
     if s.get("metadata_rows_matched") or s.get("metadata_rows_unmatched"):

@@ -90,7 +90,7 @@ def run(args) -> int:
             feats, options = bound.query_features, {"reranker": bound, "rerank_depth": args.rescore}
         else:
             feats = encoder.encode_texts([args.query.strip()])
-        if args.nprobe is not None and ix.search_mode == "ivf":
+        if args.nprobe is not None and ix.search_mode in ("ivf", "ivfpq"):
             ix.search_params["nprobe"] = args.nprobe
         hits = ix.search(feats, args.k, where=args.where, exact=args.exact, **options)[0]
         mode = "exact" if args.exact else ix.search_mode

@@ -10,7 +10,7 @@
 Modules, from the top: ``build`` (the four write operations), ``scan`` (image folder, metadata
 CSV), ``embed`` (decode and encode in batches), ``generation`` (lock, files, fsync, publishing:
 crash safety), ``store`` (on-disk layout and ``GalleryIndex``), ``filters`` (filter grammar),
-``ann`` (approximate search). ``vectorstore`` is the interface over where the vectors live:
+``ann`` (approximate search), ``partition`` (partitioned, resumable, multi-process builds). ``vectorstore`` is the interface over where the vectors live:
 ``local_store`` (this folder, the default) or ``qdrant_store`` (a Qdrant collection, local
 engine or server; filters via ``filter_tree`` and ``qdrant_filter``); ``ingest`` writes any
 store batch by batch.

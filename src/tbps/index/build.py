@@ -151,7 +151,7 @@ def build_index(path, encoder, images_dir, *, recursive: bool = False, metadata_
     encoder: an object with ``fingerprint``, ``embed_dim``, ``preprocess`` and
     ``encode_images`` (``tbps.retrieval.encoder.Encoder``). metadata_csv: optional CSV of per-image
     columns (see ``read_metadata_csv``). search_mode: "auto" (by gallery size), "exact",
-    "ivf" or "hnsw". checkpoint: recorded so that ``tbps search`` can load the same model.
+    "ivf", "ivfpq" or "hnsw". checkpoint: recorded so that ``tbps search`` can load the same model.
     overwrite: replace an existing index (atomically) instead of refusing.
     Returns stats: counts, skipped files with reasons, images/s.
     """
@@ -297,7 +297,7 @@ def add_to_index(path, encoder, images_dir, *, recursive: bool = False, metadata
     files keep their item id. Files that disappeared are counted (``missing``) but kept:
     drop them with ``remove_from_index``. A changed file that is now unreadable is reported
     and keeps its old entry. metadata_csv: (re)applies CSV columns to the matching items.
-    search_mode: change the recorded mode ("auto", "exact", "ivf", "hnsw"); None keeps it.
+    search_mode: change the recorded mode ("auto", "exact", "ivf", "ivfpq", "hnsw"); None keeps it.
     """
     t0 = time.perf_counter()
     root = pathlib.Path(path).expanduser().resolve()

@@ -351,7 +351,7 @@ def _build_ann(writer: GenerationWriter, requested: str, prev: dict | None, ids:
     params = dict(prev_search.get("params", {}))
     reusable = (
         prev_ann is not None and prev_search.get("mode") == mode and added_rows is not None
-        and (mode == "ivf" and n < 4 * int(params.get("trained_on", 0))
+        and (mode in ("ivf", "ivfpq") and n < 4 * int(params.get("trained_on", 0))
              or mode == "hnsw" and len(removed) == 0)
     )
     if reusable and mode == "hnsw":

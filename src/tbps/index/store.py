@@ -399,7 +399,8 @@ class GalleryIndex:
             return exact_topk(self.features, self.ids, q, depth, rows)
         # ANN proposes candidates; rescore them exactly against the stored features.
         n_avail = len(self) if allowed is None else len(allowed)
-        n_cand = min(max(3 * depth, 50), n_avail)  # extra candidates absorb the 8-bit code error
+        # extra candidates absorb the codes' rounding (8-bit IVF: 3x; PQ: more, see ann.candidates)
+        n_cand = min(ann_mod.candidates(self.search_mode, depth, self.search_params), n_avail)
         by_row = ann_mod.LABELS[self.search_mode] == "row"
         if allowed is not None and by_row:
             allowed = self._rows_of(allowed)
