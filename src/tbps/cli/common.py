@@ -58,16 +58,15 @@ def encode_image_file(encoder, path):
     import pathlib
 
     import torch
-    from PIL import Image, UnidentifiedImageError
+
+    from tbps.data.images import ImageError, open_image
 
     p = pathlib.Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"query image {str(p)!r} does not exist")
     try:
-        with Image.open(p) as im:
-            im.load()
-            pixels = encoder.preprocess(im)
-    except FileNotFoundError:
-        raise UserError(f"query image {str(p)!r} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        pixels = encoder.preprocess(open_image(p))
+    except (ImageError, OSError) as e:
         raise UserError(f"cannot read query image {str(p)!r}: {e}") from None
     with torch.inference_mode():
         return encoder.encode_images(pixels[None])

@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from tbps.data.images import open_image, to_rgb
+
 # TBPS-CLIP's pool: each training image gets `num_ops` draws (with replacement) from these.
 AUGMENT_POOL = ("color_jitter", "rotation", "resized_crop", "grayscale", "hflip", "erasing")
 
@@ -37,10 +39,8 @@ class AugmentConfig:
 
 
 def load_image(path, size: tuple[int, int]) -> Image.Image:
-    """Open as RGB and resize to (height, width) with bicubic filtering."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        return im.resize((size[1], size[0]), Image.BICUBIC)
+    """Open upright as RGB (``tbps.data.images.open_image``) and resize to (height, width), bicubic."""
+    return open_image(path).resize((size[1], size[0]), Image.BICUBIC)
 
 
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -53,8 +53,9 @@ def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
 
 def eval_transform(img: Image.Image, size: tuple[int, int], mean: Sequence[float],
                    std: Sequence[float]) -> torch.Tensor:
-    """The deterministic test-time transform: RGB, resize to (H, W), normalise."""
-    img = img.convert("RGB")
+    """The deterministic test-time transform: RGB (``to_rgb``: 16-bit and transparent images by
+    their meaning), resize to (H, W), normalise."""
+    img = to_rgb(img)
     if img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.BICUBIC)
     return to_tensor(img, mean, std)

@@ -220,15 +220,17 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-def make_thumbnail(path: str | os.PathLike, box: tuple[int, int] = THUMB_BOX, quality: int = 85) -> bytes:
-    """Return a JPEG of the image at ``path`` shrunk to fit ``box`` (W, H), aspect kept."""
-    from PIL import Image, ImageOps
+def make_thumbnail(path, box: tuple[int, int] = THUMB_BOX, quality: int = 85,
+                   max_pixels: int | None = None) -> bytes:
+    """A JPEG of the image at ``path`` (a path or bytes) shrunk to fit ``box`` (W, H), aspect kept;
+    ``tbps.data.images.ImageError`` if it cannot be read or decodes to over ``max_pixels``."""
+    from PIL import Image
 
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im.draft("RGB", box)  # JPEG decoders can downscale while reading
-        im = im.convert("RGB")
-        im.thumbnail(box, Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=quality, optimize=True)
+    from tbps.data.images import open_image
+
+    # upright and RGB as the index embedded it; JPEG decoders downscale while reading (draft)
+    im = open_image(path, max_pixels=max_pixels, draft=box)
+    im.thumbnail(box, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality, optimize=True)
     return buf.getvalue()
