@@ -70,3 +70,34 @@ def encode_image_file(encoder, path):
         raise UserError(f"cannot read query image {str(p)!r}: {e}") from None
     with torch.inference_mode():
         return encoder.encode_images(pixels[None])
+
+
+def options_anywhere(parser) -> None:
+    """Let options come before, between or after ``parser``'s positionals (``tbps search INDEX -k 3
+    "red coat"``): argparse alone gives an optional positional its empty value at the first
+    option and then calls the text an unrecognised argument. Parses intermixed
+    (``parse_known_intermixed_args``) whenever the subcommand parser is asked to parse."""
+    plain = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        parser.parse_known_args = plain  # the intermixed parser calls parse_known_args itself
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            parser.parse_known_args = parse_known_args
+
+    parser.parse_known_args = parse_known_args
+
+
+def quiet_broken_pipe() -> int:
+    """What a command returns when its reader went away (``tbps search ... | head``): stdout is
+    pointed at /dev/null so that Python's final flush does not print a traceback either."""
+    import os
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a file (tests, embedding): nothing will flush to a closed pipe
+    return 0

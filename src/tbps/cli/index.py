@@ -99,6 +99,8 @@ def run(args) -> int:
         return 0 if stats["removed"] or not stats["not_found"] else 1
     if getattr(args, "batch_size", 1) <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        raise UserError(f"--workers must be >= 0 (0: decode in this process), got {args.workers}")
     if action == "build":
         encoder = load_encoder(args.checkpoint, args.device)
         stats = build_index(args.index, encoder, args.images, recursive=args.recursive,
@@ -118,6 +120,9 @@ def run(args) -> int:
                              progress=not args.no_progress, search_mode=args.search_mode)
     for s in stats["skipped"]:
         print(f"tbps: skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    for s in stats.get("unreadable_folders", []):
+        print(f"tbps: warning: cannot read folder {s['path']} ({s['reason']}); its images are not indexed",
+              file=sys.stderr)
     _print(stats, args.json, _format_write)
     return 0
 
