@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tbps.index import build_index_from_features  # noqa: E402
@@ -144,8 +144,11 @@ predicates = st.recursive(_leaves, lambda inner: st.one_of(
     st.tuples(st.just("not"), inner), st.tuples(st.sampled_from(["and", "or"]), inner, inner)), max_leaves=6)
 
 
-@FUZZ
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(predicates)
+@example(("like", "camera", False, "c%"))  # SQLite's LIKE folds ASCII case
+@example(("cmp", "n", "<=", 3))
+@example(("between", "x", True, 0.5, 3.0))
 def test_grammar_filters_select_what_python_selects(index, p):
     want = [i for i, row in enumerate(ROWS) if evaluate(p, row) is True]
     assert index.filter_ids(to_text(p)).tolist() == want, to_text(p)
