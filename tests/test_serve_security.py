@@ -182,11 +182,10 @@ def live_server(gallery, encoder):
     """A real uvicorn server on a free port (keep-alive and the access log are its own)."""
     import uvicorn
 
-    from tbps.serve.auth import redact_access_log
+    from tbps.serve.auth import access_log_config
 
     config = uvicorn.Config(create_app(gallery, encoder, token="s3cret"), host="127.0.0.1", port=0,
-                            log_level="info", lifespan="on")
-    redact_access_log()
+                            log_level="info", lifespan="on", log_config=access_log_config())  # as `tbps serve`
     server = uvicorn.Server(config)
     t = threading.Thread(target=server.run, daemon=True)
     t.start()

@@ -194,9 +194,8 @@ def run(args) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"tbps: serving {n} images from {args.index} at http://{shown}:{args.port}/"
           + ("?token=..." if token else ""), file=sys.stderr, flush=True)
-    from tbps.serve.auth import redact_access_log
+    from tbps.serve.auth import access_log_config
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)  # configures logging
-    redact_access_log()  # after uvicorn's logging setup: ?token= never reaches the access log
-    uvicorn.Server(config).run()
+    # ?token= never reaches the access log
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=access_log_config())
     return 0

@@ -80,12 +80,15 @@ class RedactToken(logging.Filter):
         return True
 
 
-def redact_access_log(logger_name: str = "uvicorn.access") -> RedactToken:
-    """Install ``RedactToken`` on the access logger (once) and return it."""
-    log = logging.getLogger(logger_name)
-    for f in log.filters:
-        if isinstance(f, RedactToken):
-            return f
-    f = RedactToken()
-    log.addFilter(f)
-    return f
+def access_log_config() -> dict:
+    """uvicorn's logging configuration with ``RedactToken`` on its access logger: pass it as
+    ``uvicorn.run(..., log_config=access_log_config())`` (``tbps serve`` does)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["tbps_redact_token"] = {"()": "tbps.serve.auth.RedactToken"}
+    access = config["loggers"].setdefault("uvicorn.access", {})
+    access["filters"] = [*access.get("filters", []), "tbps_redact_token"]
+    return config
