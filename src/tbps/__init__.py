@@ -75,9 +75,11 @@ def evaluate(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split:
 
 
 def load_encoder(checkpoint: str | os.PathLike, device: str = "cpu"):
-    """A trained checkpoint (``best.pt``, ``last.pt`` or a run folder) as an image/text encoder:
-    ``encode_texts(list[str])`` and ``encode_images(pixels)`` give L2-normalised float32 features
-    (:class:`tbps.retrieval.encoder.Encoder`)."""
+    """A trained checkpoint (``best.pt``, ``last.pt`` or a run folder) or a converted one (``tbps convert``:
+    IRRA, RDE, TBPS-CLIP, OpenAI, open_clip) as an image/text encoder: ``preprocess(PIL image)`` gives the
+    (3, H, W) tensor the model's source code would, ``encode_images((B, 3, H, W))`` and
+    ``encode_texts(list[str])`` give (B, D) L2-normalised float32 arrays, captions cleaned and tokenised
+    as the source did (:class:`tbps.retrieval.encoder.Encoder`)."""
     from tbps.retrieval.encoder import Encoder
 
     return Encoder.from_checkpoint(checkpoint, device=device)

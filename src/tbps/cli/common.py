@@ -72,6 +72,31 @@ def encode_image_file(encoder, path):
         return encoder.encode_images(pixels[None])
 
 
+STORE_HELP = ("the gallery, instead of INDEX: an index folder (the default backend), qdrant:PATH (Qdrant's "
+              "local engine) or qdrant://HOST[:PORT]/COLLECTION (a Qdrant server; qdrants:// for HTTPS)")
+
+
+def add_store_arguments(p, index_help: str) -> None:
+    """INDEX (optional positional) and --store NAME, which says the same as a flag."""
+    p.add_argument("index", metavar="INDEX", nargs="?", help=index_help)
+    p.add_argument("--store", metavar="NAME", help=STORE_HELP)
+
+
+def resolve_store(args, shift: str | None = None) -> None:
+    """Put the store into ``args.index``. With --store, the first positional argparse gave INDEX
+    belongs to the next positional, ``shift`` (TEXT of `tbps search`, DIR of `index add`...)."""
+    if args.store is None:
+        if args.index is None:
+            raise UserError("give INDEX (an index folder or a store name) or --store NAME")
+        return
+    if args.index is not None:
+        current = getattr(args, shift) if shift else None
+        if shift is None or (current is not None and not isinstance(current, list)):
+            raise UserError(f"give either INDEX or --store, not both ({args.index!r} and {args.store!r})")
+        setattr(args, shift, [args.index, *current] if isinstance(current, list) else args.index)
+    args.index = args.store
+
+
 def options_anywhere(parser) -> None:
     """Let options come before, between or after ``parser``'s positionals (``tbps search INDEX -k 3
     "red coat"``): argparse alone gives an optional positional its empty value at the first

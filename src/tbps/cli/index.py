@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from tbps.cli.common import add_store_arguments
+
 HELP = "build and maintain a searchable index of a folder of person crops"
 
 DESCRIPTION = """\
@@ -24,6 +26,13 @@ examples:
   tbps index add gallery.idx crops/            # embed only new or changed files
   tbps index remove gallery.idx crops/cam3/    # drop a file or everything under a folder
   tbps index info gallery.idx --json
+  tbps index build qdrant:gallery.qdrant --checkpoint best.pt --images crops/   # Qdrant's local engine
+  tbps index build qdrant://db.example:6333/people --checkpoint best.pt --images crops/  # a Qdrant server
+
+stores: INDEX (or --store NAME) is a folder (faiss + SQLite, the default) or a Qdrant
+store: qdrant:PATH (the local engine, in-process) or qdrant://HOST[:PORT]/COLLECTION
+(qdrants:// for HTTPS; API key from $QDRANT_API_KEY). A Qdrant write lands batch by batch:
+a killed add keeps what landed, `tbps index info` counts it, and a rerun adds the rest.
 
 metadata CSV: a header row; one column (named path, image, file, filename, image_path or
 relpath) gives each image's path relative to --images; every other column (camera, time,
@@ -39,7 +48,7 @@ def register(subparsers) -> None:
     b = sub.add_parser("build", help="embed every image in a folder into a new index",
                        description="Embed every image under --images into a new index at INDEX.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("index", metavar="INDEX", help="index directory to create")
+    add_store_arguments(b, "index directory to create, or a store (see below)")
     b.add_argument("--checkpoint", required=True, metavar="CKPT", help="model checkpoint to embed with")
     b.add_argument("--images", required=True, metavar="DIR", help="folder of person crops")
     _common_write_args(b)
@@ -49,20 +58,20 @@ def register(subparsers) -> None:
                        description="Embed only the files under DIR that are new or changed "
                        "(size/mtime differ and the content hash confirms it).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("index", metavar="INDEX")
+    add_store_arguments(a, "index directory or store")
     a.add_argument("images", metavar="DIR", help="folder to scan (usually the one the index was built from)")
     a.add_argument("--checkpoint", metavar="CKPT", help="checkpoint (default: the one the index was built with)")
     _common_write_args(a, mode_default=None)
 
     r = sub.add_parser("remove", help="drop images (or whole folders) from an index",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("index", metavar="INDEX")
+    add_store_arguments(r, "index directory or store")
     r.add_argument("paths", metavar="PATH", nargs="+",
                    help="image path or folder (as given, or relative to the index's image folder)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
 
     i = sub.add_parser("info", help="print counts, model, search mode and sizes on disk")
-    i.add_argument("index", metavar="INDEX")
+    add_store_arguments(i, "index directory or store")
     i.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -82,18 +91,23 @@ def _common_write_args(p, mode_default: str | None = "auto") -> None:
 
 
 def run(args) -> int:
-    from tbps.cli.common import UserError, load_encoder
-    from tbps.index import GalleryIndex, add_to_index, build_index, remove_from_index
+    from tbps.cli.common import UserError, load_encoder, resolve_store
+    from tbps.index import add_to_index, build_index, remove_from_index
+    from tbps.index.ingest import add_to_store, build_store, remove_from_store
+    from tbps.index.vectorstore import open_store, parse_store
 
     action = args.index_command
+    resolve_store(args, {"add": "images", "remove": "paths"}.get(action))
+    spec = parse_store(args.index)  # a folder (faiss + SQLite, the default) or qdrant:PATH / qdrant://HOST/COLL
     if action == "info":
-        with GalleryIndex.open(args.index) as ix:
+        with open_store(spec) as ix:
             info = ix.info()
         _print(info, args.json, _format_info)
         return 0
     if action == "remove":
-        stats = remove_from_index(args.index, args.paths)
-        _print(stats, args.json, lambda s: f"removed {s['removed']} item(s); index now holds {s['count']} (generation {s['generation']})")
+        stats = (remove_from_index if spec.is_local_index else remove_from_store)(args.index, args.paths)
+        _print(stats, args.json, lambda s: f"removed {s['removed']} item(s); index now holds {s['count']}"
+               + (f" (generation {s['generation']})" if s["generation"] is not None else ""))
         for p in stats["not_found"]:
             print(f"tbps: warning: {p} is not in the index", file=sys.stderr)
         return 0 if stats["removed"] or not stats["not_found"] else 1
@@ -101,23 +115,30 @@ def run(args) -> int:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     if getattr(args, "workers", None) is not None and args.workers < 0:
         raise UserError(f"--workers must be >= 0 (0: decode in this process), got {args.workers}")
+    if not spec.is_local_index and args.search_mode not in (None, "auto"):
+        raise UserError("--search-mode applies to the local index folder; a qdrant store searches with its engine's index")
+    common = {"recursive": args.recursive, "metadata_csv": args.metadata, "batch_size": args.batch_size,
+              "workers": args.workers, "progress": not args.no_progress}
     if action == "build":
         encoder = load_encoder(args.checkpoint, args.device)
-        stats = build_index(args.index, encoder, args.images, recursive=args.recursive,
-                            metadata_csv=args.metadata, batch_size=args.batch_size, workers=args.workers,
-                            progress=not args.no_progress, search_mode=args.search_mode,
-                            checkpoint=args.checkpoint, overwrite=args.overwrite)
+        if spec.is_local_index:
+            stats = build_index(args.index, encoder, args.images, search_mode=args.search_mode,
+                                checkpoint=args.checkpoint, overwrite=args.overwrite, **common)
+        else:
+            stats = build_store(spec, encoder, args.images, checkpoint=args.checkpoint, overwrite=args.overwrite,
+                                **common)
     else:  # add
         checkpoint = args.checkpoint
         if checkpoint is None:
-            with GalleryIndex.open(args.index) as ix:
+            with open_store(spec) as ix:
                 checkpoint = ix.checkpoint
             if not checkpoint:
                 raise UserError(f"index {args.index} does not record its checkpoint; pass --checkpoint")
         encoder = load_encoder(checkpoint, args.device)
-        stats = add_to_index(args.index, encoder, args.images, recursive=args.recursive,
-                             metadata_csv=args.metadata, batch_size=args.batch_size, workers=args.workers,
-                             progress=not args.no_progress, search_mode=args.search_mode)
+        if spec.is_local_index:
+            stats = add_to_index(args.index, encoder, args.images, search_mode=args.search_mode, **common)
+        else:
+            stats = add_to_store(spec, encoder, args.images, **common)
     for s in stats["skipped"]:
         print(f"tbps: skipped {s['path']}: {s['reason']}", file=sys.stderr)
     for s in stats.get("unreadable_folders", []):
@@ -133,7 +154,8 @@ def _print(obj: dict, as_json: bool, fmt) -> None:
 
 def _format_write(s: dict) -> str:
     lines = [
-        f"index {s['index']} (generation {s['generation']}): {s['count']} item(s), search mode {s['search_mode']}",
+        f"index {s['index']}" + (f" (generation {s['generation']})" if s["generation"] is not None else "")
+        + f": {s['count']} item(s), search mode {s['search_mode']}",
         f"  scanned {s['scanned']} file(s): added {s['added']}, updated {s['updated']}"
         + (f", unchanged {s['unchanged']}" if "unchanged" in s else "")
         + f", skipped {s['skipped_count']}",
@@ -152,14 +174,16 @@ def _format_info(i: dict) -> str:
     fp = i["fingerprint"]
     sizes = i["sizes_bytes"]
     return "\n".join([
-        f"index:       {i['path']} (generation {i['generation']})",
+        f"index:       {i['path']}" + (f" (generation {i['generation']})" if i["generation"] is not None else ""),
+        *([f"store:       qdrant collection {i['collection']!r}, engine {i['engine']} ({i['engine_status']}); "
+           f"count is the engine's; next id {i['next_id']}"] if i.get("backend") == "qdrant" else []),
         f"items:       {i['count']} x {i['dim']}-d features",
         f"model:       {fp.get('arch', '?')}, checkpoint {i['checkpoint'] or '(not recorded)'}",
         f"             sha256 {str(fp.get('checkpoint_sha256', '?'))[:16]}..., image size {fp.get('image_size')}",
         f"images:      {i['images_dir']}{' (recursive)' if i['recursive'] else ''}",
         f"search:      {i['search_mode']} (requested {i['search_mode_requested']}) {i['search_params'] or ''}",
         f"columns:     {', '.join(i['columns'])}",
-        "disk:        " + ", ".join(f"{k} {_mb(v)}" for k, v in sizes.items() if v is not None),
+        "disk:        " + (", ".join(f"{k} {_mb(v)}" for k, v in sizes.items() if v is not None) or "(on the server)"),
         f"updated:     {i['updated']}",
     ])
 

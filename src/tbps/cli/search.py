@@ -6,7 +6,13 @@ import argparse
 import json
 import sys
 
-from tbps.cli.common import DEFAULT_RESCORE, add_rescore_arguments, options_anywhere, quiet_broken_pipe
+from tbps.cli.common import (
+    DEFAULT_RESCORE,
+    add_rescore_arguments,
+    add_store_arguments,
+    options_anywhere,
+    quiet_broken_pipe,
+)
 
 HELP = "search a gallery index by text description or example image"
 
@@ -15,6 +21,7 @@ examples:
   tbps search gallery.idx "a man in a black jacket with a red backpack"
   tbps search gallery.idx "woman in a white dress" -k 20 --where "camera = 'c3' AND time >= '2024-01-01'"
   tbps search gallery.idx --image query.jpg --json
+  tbps search qdrant://db.example:6333/people "a woman in a red coat"   # a Qdrant store
   tbps search gallery.idx "red coat" --checkpoint other/best.pt   # must match the index's model
   tbps search gallery.idx "a man in a grey hoodie" --rescore       # LAIP checkpoints: ITM re-scores the top 128
 
@@ -34,7 +41,8 @@ columns (`tbps index info INDEX` lists them).
 def register(subparsers) -> None:
     p = subparsers.add_parser("search", help=HELP, description=HELP + ".", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("index", metavar="INDEX", help="index directory made by `tbps index build`")
+    add_store_arguments(p, "index directory made by `tbps index build`, or a store: qdrant:PATH (Qdrant's "
+                        "local engine) or qdrant://HOST[:PORT]/COLLECTION (a Qdrant server)")
     p.add_argument("query", metavar="TEXT", nargs="?", help="text description of the person")
     p.add_argument("--image", metavar="QUERY.jpg", help="search by example image instead of text")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
@@ -54,8 +62,10 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from tbps.cli.common import (
-        DEFAULT_RESCORE, UserError, check_rescore_args, encode_image_file, load_encoder, load_rescorer,
+        DEFAULT_RESCORE, UserError, check_rescore_args, encode_image_file, load_encoder, load_rescorer, resolve_store,
     )
+
+    resolve_store(args, "query")
 
     if args.image is not None and args.query is not None:
         raise UserError("give either a TEXT query or --image, not both")
@@ -70,9 +80,9 @@ def run(args) -> int:
         raise UserError("--rescore re-scores text queries (the ITM head reads the description); "
                         "it cannot be used with --image")
 
-    from tbps.index import GalleryIndex
+    from tbps.index.vectorstore import open_store
 
-    with GalleryIndex.open(args.index) as ix:
+    with open_store(args.index) as ix:
         checkpoint = args.checkpoint or ix.checkpoint
         if not checkpoint:
             raise UserError(f"index {args.index} does not record its checkpoint; pass --checkpoint")

@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from tbps.cli.common import DEFAULT_RESCORE, add_rescore_arguments, check_rescore_args
+from tbps.cli.common import DEFAULT_RESCORE, add_rescore_arguments, add_store_arguments, check_rescore_args
 
 HELP = "serve a gallery index over HTTP: a REST API and a search page"
 
@@ -16,6 +16,7 @@ EPILOG = """\
 examples:
   tbps serve gallery.idx                         # http://127.0.0.1:8000/
   tbps serve gallery.idx --port 9000 --checkpoint runs/cuhk/best.pt
+  tbps serve qdrant://db.example:6333/people     # a gallery in a Qdrant collection
   TBPS_TOKEN=s3cret tbps serve gallery.idx --host 0.0.0.0
   tbps serve gallery.idx --rescore 128           # LAIP checkpoints: requests may ask for ITM re-scoring
   curl -s -H 'Authorization: Bearer s3cret' -H 'Content-Type: application/json' \\
@@ -45,7 +46,8 @@ and with the type their content has; uploads decode with a pixel limit (413 beyo
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help=HELP, description=HELP + ".", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("index", metavar="INDEX", help="index directory made by `tbps index build`")
+    add_store_arguments(p, "index directory made by `tbps index build`, or a store: qdrant:PATH (Qdrant's "
+                        "local engine) or qdrant://HOST[:PORT]/COLLECTION (a Qdrant server)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -129,13 +131,13 @@ def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch
     re-score) raises an error marked ``user_error``, so ``tbps`` prints one line and exits 2.
     """
     from tbps.cli.common import UserError, load_encoder, load_rescorer
-    from tbps.index import GalleryIndex
+    from tbps.index.vectorstore import open_store
     from tbps.serve import create_app
 
     if rescore is not None and rerank != "none":
         raise UserError(f"--rescore and --rerank {rerank} are alternatives: the ITM head re-orders the top K "
                         "by itself (pick one)")
-    index = GalleryIndex.open(index_path)
+    index = open_store(index_path)  # the folder's LocalStore (a GalleryIndex) or a QdrantStore
     checkpoint = checkpoint or index.checkpoint
     if not checkpoint:
         raise UserError(f"index {index_path} does not record its checkpoint; pass --checkpoint")
@@ -154,7 +156,9 @@ def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch
 
 
 def run(args) -> int:
-    from tbps.cli.common import UserError
+    from tbps.cli.common import UserError, resolve_store
+
+    resolve_store(args)
 
     token = args.token if args.token is not None else os.environ.get("TBPS_TOKEN") or None
     if token is not None and not token.strip():

@@ -197,9 +197,10 @@ class Collate:
 class GalleryImages(Dataset):
     """Unique test images with the eval transform; yields (tensor, index)."""
 
-    def __init__(self, paths: Sequence, image_size: tuple[int, int], mean, std):
+    def __init__(self, paths: Sequence, image_size: tuple[int, int], mean, std, **resize):
         self.paths = list(paths)
         self.size, self.mean, self.std = tuple(image_size), tuple(mean), tuple(std)
+        self.resize = resize  # eval_transform's resize / interpolation (a converted model's own)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -207,7 +208,7 @@ class GalleryImages(Dataset):
     def __getitem__(self, i: int):
         from tbps.data.images import open_image
 
-        return eval_transform(open_image(self.paths[i]), self.size, self.mean, self.std), i
+        return eval_transform(open_image(self.paths[i]), self.size, self.mean, self.std, **self.resize), i
 
 
 def eval_split(records: Sequence[Record]) -> tuple[list, list[int], list[str], list[int]]:

@@ -51,13 +51,30 @@ def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
     return normalize(x, mean, std)
 
 
+RESIZE_MODES = ("squash", "shortest")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
 def eval_transform(img: Image.Image, size: tuple[int, int], mean: Sequence[float],
-                   std: Sequence[float]) -> torch.Tensor:
+                   std: Sequence[float], *, resize: str = "squash", interpolation: str = "bicubic") -> torch.Tensor:
     """The deterministic test-time transform: RGB (``to_rgb``: 16-bit and transparent images by
-    their meaning), resize to (H, W), normalise."""
+    their meaning), resize, normalise.
+
+    resize "squash" (tbps, IRRA, TBPS-CLIP): straight to (H, W); "shortest" (OpenAI CLIP, open_clip):
+    the short side to the target's (torchvision's ``Resize(int)``), then a centre crop to (H, W).
+    """
     img = to_rgb(img)
-    if img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.BICUBIC)
+    if resize not in RESIZE_MODES or interpolation not in INTERPOLATIONS:
+        raise ValueError(f"resize {resize!r} / interpolation {interpolation!r}: known {RESIZE_MODES} / {INTERPOLATIONS}")
+    if resize == "shortest":
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.functional import center_crop
+        from torchvision.transforms.functional import resize as tv_resize
+
+        mode = InterpolationMode(interpolation)
+        img = center_crop(tv_resize(img, min(size), interpolation=mode), list(size))
+    elif img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), getattr(Image, interpolation.upper()))
     return to_tensor(img, mean, std)
 
 

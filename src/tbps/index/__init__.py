@@ -10,7 +10,10 @@
 Modules, from the top: ``build`` (the four write operations), ``scan`` (image folder, metadata
 CSV), ``embed`` (decode and encode in batches), ``generation`` (lock, files, fsync, publishing:
 crash safety), ``store`` (on-disk layout and ``GalleryIndex``), ``filters`` (filter grammar),
-``ann`` (approximate search).
+``ann`` (approximate search). ``vectorstore`` is the interface over where the vectors live:
+``local_store`` (this folder, the default) or ``qdrant_store`` (a Qdrant collection, local
+engine or server; filters via ``filter_tree`` and ``qdrant_filter``); ``ingest`` writes any
+store batch by batch.
 """
 
 from tbps.index.build import (
@@ -31,10 +34,14 @@ from tbps.index.errors import (
 )
 from tbps.index.filters import compile_filter
 from tbps.index.store import GalleryIndex, Hit
+from tbps.index.vectorstore import VectorStore, create_store, open_store
 
 __all__ = [
     "GalleryIndex",
     "Hit",
+    "VectorStore",
+    "open_store",
+    "create_store",
     "build_index",
     "add_to_index",
     "build_index_from_features",

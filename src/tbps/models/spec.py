@@ -51,6 +51,15 @@ class ModelSpec:
     text_tower: dict[str, Any] | None = None
     # Linear heads to this embedding size on both towers (TextReID: 256); None keeps the architecture's.
     embed_dim: int | None = None
+    # How the source codebase of a converted model (``tbps convert``) prepared its inputs; None: tbps's own
+    # (squash-resize bicubic, TBPS-CLIP caption cleaning). Keys: ``source``, ``resize`` ("squash" |
+    # "shortest"), ``interpolation``, ``caption_cleaning`` ("tbps-clip" | "none"), ``max_words``,
+    # ``tokenizer``, ``truncate``. The encoder (retrieval/encoder.py) honours resize, interpolation,
+    # caption_cleaning and max_words; every key is part of an index's fingerprint.
+    preprocess: dict[str, Any] | None = None
+    # RDE's token-selection embedding branch ({"ratio": 0.3, "dim": 1024}, models/rde.py): features are
+    # the global and the TSE embedding, each L2-normalised and scaled by 1/sqrt(2), concatenated.
+    tse: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":

@@ -40,6 +40,11 @@ class TBPSModel(nn.Module):
                 p.requires_grad_(False)
         elif spec.embed_dim:
             self.text_head = nn.Linear(clip_dim, out_dim)
+        self.tse = None  # RDE's token-selection branch (models/rde.py), for converted RDE checkpoints
+        if spec.tse:
+            from tbps.models.rde import TokenSelection
+
+            self.tse = TokenSelection(clip_dim, int(spec.tse.get("dim", 1024)), float(spec.tse.get("ratio", 0.3)))
 
     # ----------------------------------------------------------------- properties
     @property
@@ -92,6 +97,8 @@ class TBPSModel(nn.Module):
         """D, the size of the projected global features of both towers."""
         if self.spec.embed_dim:
             return int(self.spec.embed_dim)
+        if self.tse is not None:  # RDE: the global and the token-selection embeddings, concatenated
+            return int(self.clip.text_projection.shape[1]) + self.tse.dim
         with torch.no_grad():
             return int(self.clip.encode_text(torch.zeros(1, self.context_length, dtype=torch.long)).shape[-1])
 
@@ -130,11 +137,15 @@ class TBPSModel(nn.Module):
     # ------------------------------------------------------------------- encoders
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D) projected global image features."""
+        if self.tse is not None:
+            return self.tse.encode_image(self.clip, images)
         feats = self.clip.encode_image(images)
         return self.image_head(feats) if self.image_head is not None else feats
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, D) projected global text features."""
+        if self.tse is not None:
+            return self.tse.encode_text(self.clip, tokens)
         if self.text_stream is not None:
             return self.text_stream(tokens)
         feats = self.clip.encode_text(tokens)

@@ -30,6 +30,7 @@ from tbps.models.checkpoint import max_words as checkpoint_max_words
 __all__ = [
     "CheckpointError",
     "Encoder",
+    "caption_settings",
     "create_untrained_checkpoint",
     "encode_captions",
     "encode_image_batches",
@@ -40,9 +41,33 @@ __all__ = [
 ]
 
 
-def tokenize_captions(tokenizer, texts: Sequence[str], max_words: int) -> torch.Tensor:
-    """Captions -> (B, L) token ids, cleaned and truncated to ``max_words`` words as in training."""
-    return tokenizer([clean_caption(t, max_words) for t in texts])
+def tokenize_captions(tokenizer, texts: Sequence[str], max_words: int | None,
+                      cleaning: str = "tbps-clip") -> torch.Tensor:
+    """Captions -> (B, L) token ids, cleaned and truncated to ``max_words`` words as in training.
+
+    cleaning "tbps-clip" (tbps's own, TBPS-CLIP's): lower-case, strip ``.!"()*#:;~``, at most ``max_words``
+    words; "none" (IRRA, RDE, OpenAI CLIP, open_clip): the raw caption to the tokenizer (which does its
+    own ftfy/whitespace/lower-case cleaning), cut to ``max_words`` words only when that is set.
+    """
+    if cleaning == "none":
+        return tokenizer([t if max_words is None else " ".join(t.split()[:max_words]) for t in texts])
+    if cleaning != "tbps-clip":
+        raise ValueError(f"unknown caption cleaning {cleaning!r} (tbps-clip, none)")
+    return tokenizer([clean_caption(t, max_words or 77) for t in texts])
+
+
+def caption_settings(spec, max_words: int | None) -> tuple[str, int | None]:
+    """(cleaning, max_words) of a model: a converted model's recorded ones, else tbps's (the recipe's)."""
+    pre = getattr(spec, "preprocess", None)
+    if not pre:
+        return "tbps-clip", max_words
+    return pre.get("caption_cleaning", "tbps-clip"), pre.get("max_words")
+
+
+def resize_settings(spec) -> dict:
+    """``eval_transform``'s resize/interpolation of a model (tbps's squash + bicubic unless converted)."""
+    pre = getattr(spec, "preprocess", None) or {}
+    return {"resize": pre.get("resize", "squash"), "interpolation": pre.get("interpolation", "bicubic")}
 
 
 def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -81,8 +106,8 @@ def encode_images(model, paths: Sequence, *, batch_size: int = 256, device="cpu"
     from tbps.data.dataset import GalleryImages
 
     spec = model.spec
-    loader = DataLoader(GalleryImages(paths, model.image_size, spec.mean, spec.std), batch_size=batch_size,
-                        num_workers=num_workers)
+    loader = DataLoader(GalleryImages(paths, model.image_size, spec.mean, spec.std, **resize_settings(spec)),
+                        batch_size=batch_size, num_workers=num_workers)
     return encode_image_batches(model, (x for x, _ in loader), device=device, progress=progress,
                                 total=len(loader))
 
@@ -94,9 +119,10 @@ def encode_captions(model, tokenizer, captions: Sequence[str], *, batch_size: in
     from tqdm import tqdm
 
     feats = []
+    cleaning, words = caption_settings(model.spec, max_words)
     steps = range(0, len(captions), batch_size)
     for i in tqdm(steps, desc="encode captions", unit="batch", disable=not progress, leave=False):
-        tokens = tokenize_captions(tokenizer, captions[i : i + batch_size], max_words).to(device)
+        tokens = tokenize_captions(tokenizer, captions[i : i + batch_size], words, cleaning).to(device)
         feats.append(text_features(model, tokens).cpu())
     return torch.cat(feats) if feats else torch.empty(0, 0)
 
@@ -110,7 +136,8 @@ class Encoder:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.tokenizer = get_tokenizer(model.spec)
-        self.max_words = max_words
+        self.cleaning, self.max_words = caption_settings(model.spec, max_words)
+        self.resize = resize_settings(model.spec)
         self.fingerprint = fingerprint
         self.checkpoint = checkpoint
         self.image_size = model.image_size
@@ -130,12 +157,16 @@ class Encoder:
             "embed_dim": model.embed_dim,
             "context_length": model.context_length,
         }
+        if spec.preprocess:  # a converted model: how its source code prepared inputs (native: unchanged)
+            fingerprint["preprocess"] = dict(spec.preprocess)
+        if spec.tse:
+            fingerprint["tse"] = dict(spec.tse)
         max_words = checkpoint_max_words(ckpt)
         return cls(model, fingerprint=fingerprint, device=device, max_words=max_words, checkpoint=ckpt["path"])
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> (3, H, W) tensor with the eval transform the model was trained with."""
-        return eval_transform(image, self.image_size, self.model.spec.mean, self.model.spec.std)
+        return eval_transform(image, self.image_size, self.model.spec.mean, self.model.spec.std, **self.resize)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
@@ -145,7 +176,7 @@ class Encoder:
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Descriptions -> (B, D) float32, L2-normalised (cleaned and truncated as in training)."""
-        tokens = tokenize_captions(self.tokenizer, texts, self.max_words).to(self.device)
+        tokens = tokenize_captions(self.tokenizer, texts, self.max_words, self.cleaning).to(self.device)
         return text_features(self.model, tokens).cpu().numpy()
 
 
