@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import BinaryIO, Union
 
 import numpy as np
@@ -69,7 +70,10 @@ def open_image(src: Source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     name = _name(src)
     fp = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray)) else src
     try:
-        with Image.open(fp) as im:
+        with warnings.catch_warnings():  # PIL warns above 89 MP; the limit here is max_pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(fp)
+        with im:
             if draft is not None and im.format == "JPEG":
                 im.draft("RGB", (int(draft[0]), int(draft[1])))
             w, h = im.size
