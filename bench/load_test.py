@@ -2,12 +2,20 @@
 
     python bench/load_test.py                      # 32 clients, 30 s, 200-image synthetic gallery
     python bench/load_test.py --clients 8 --duration 10 --checkpoint runs/x/best.pt
+    python bench/load_test.py --soak               # 32 clients, 5 minutes, image uploads mixed in
 
 It builds a small real index in a temporary folder (synthetic pedestrians from
 ``tbps.synth`` and, unless --checkpoint is given, an untrained tiny-vit checkpoint),
 starts ``tbps serve`` as a subprocess on 127.0.0.1, waits for /health, runs the clients
 (asyncio + httpx, one connection each) with varied queries, k and filters, and prints
 requests/s, latency percentiles and the error count. Exit status 1 if any request failed.
+
+Soak mode (``--soak``: 32 clients for 300 s unless told otherwise) mixes image uploads into
+the text queries (``--upload-share``, default 1 in 8): gallery crops, a 10000x10000 JPEG
+(1.5 MB; the server decodes it at 1/8 scale) and a PNG that declares 12000x8000 pixels (a
+decompression bomb: it must get a 413), and samples the server's memory: its resident set
+at the start and end of the load and its peak (``VmHWM``), so a leak or a decode bomb shows
+as a number. An answer other than the expected status counts as an error.
 """
 
 from __future__ import annotations
@@ -117,50 +125,120 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> No
     raise RuntimeError(f"tbps serve not healthy after {timeout:.0f} s")
 
 
-async def run_clients(url: str, clients: int, duration: float, seed: int) -> dict:
-    """``clients`` workers POST /search back to back for ``duration`` seconds."""
+def soak_uploads(images: Path, n_crops: int = 6) -> list[tuple[str, bytes, int]]:
+    """(name, bytes, the status the server must answer) of the soak's uploads: a few gallery
+    crops, a 10000x10000 JPEG (200: decoded at 1/8 scale) and a 12000x8000 PNG bomb (413)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    crops = sorted(p for p in images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:n_crops]
+    out = [(p.name, p.read_bytes(), 200) for p in crops]
+    big = io.BytesIO()
+    Image.new("L", (10000, 10000), 128).save(big, "JPEG", quality=75)  # ~1.5 MB, 100 MP
+    out.append(("huge.jpg", big.getvalue(), 200))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 8000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    out.append(("bomb.png", bomb, 413))
+    return out
+
+
+def _pick_upload(rng: random.Random, uploads: list) -> tuple[str, bytes, int]:
+    roll = rng.random()  # 70% crops, 20% the huge JPEG, 10% the bomb
+    if roll < 0.1:
+        return uploads[-1]
+    if roll < 0.3:
+        return uploads[-2]
+    return rng.choice(uploads[:-2])
+
+
+async def _one_request(client, rng: random.Random, uploads: list, upload_share: float):
+    """(kind, ok, error text) of one request: a text search or, ``upload_share`` of the time, an upload."""
+    if uploads and rng.random() < upload_share:
+        name, data, expected = _pick_upload(rng, uploads)
+        r = await client.post("/search/image", files={"file": (name, data)}, data={"k": "10"})
+        ok = r.status_code == expected
+        return "upload", ok, None if ok else f"upload {name}: {r.status_code}: {r.text[:200]}"
+    body = random_query(rng)
+    r = await client.post("/search", json=body)
+    ok = r.status_code == 200 and len(r.json()["results"]) <= body["k"]
+    return "text", ok, None if ok else f"{r.status_code}: {r.text[:200]}"
+
+
+def _percentiles(lat: list[float]) -> dict:
+    lat = sorted(lat)
+
+    def pct(p: float) -> float:
+        return round(lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))] * 1e3, 1) if lat else float("nan")
+
+    return {"p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99), "max_ms": round(lat[-1] * 1e3, 1) if lat else None}
+
+
+async def run_clients(url: str, clients: int, duration: float, seed: int, uploads: list | None = None,
+                      upload_share: float = 0.0) -> dict:
+    """``clients`` workers POST /search (and, ``upload_share`` of the time, /search/image) back
+    to back for ``duration`` seconds."""
     import httpx
 
-    latencies: list[float] = []
+    latencies: dict[str, list[float]] = {"text": [], "upload": []}
     errors: list[str] = []
     stop_at = time.perf_counter() + duration
 
     async def worker(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
-        async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
             while time.perf_counter() < stop_at:
-                body = random_query(rng)
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/search", json=body)
-                    if r.status_code != 200 or len(r.json()["results"]) > body["k"]:
-                        errors.append(f"{r.status_code}: {r.text[:200]}")
-                        continue
+                    kind, ok, err = await _one_request(client, rng, uploads or [], upload_share)
                 except (httpx.HTTPError, ValueError, KeyError) as e:
                     errors.append(f"{type(e).__name__}: {e}")
                     continue
-                latencies.append(time.perf_counter() - t0)
+                if not ok:
+                    errors.append(err)
+                    continue
+                latencies[kind].append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(clients)))
     wall = time.perf_counter() - t0
-    lat = sorted(latencies)
-
-    def pct(p: float) -> float:
-        return lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))] * 1e3 if lat else float("nan")
-
-    return {
-        "clients": clients, "seconds": round(wall, 2), "requests": len(lat) + len(errors),
+    every = latencies["text"] + latencies["upload"]
+    res = {
+        "clients": clients, "seconds": round(wall, 2), "requests": len(every) + len(errors),
         "errors": len(errors), "error_samples": errors[:5],
-        "requests_per_s": round(len(lat) / wall, 1), "p50_ms": round(pct(50), 1), "p90_ms": round(pct(90), 1),
-        "p99_ms": round(pct(99), 1), "max_ms": round(lat[-1] * 1e3, 1) if lat else None,
+        "requests_per_s": round(len(every) / wall, 1), **_percentiles(every),
     }
+    if uploads:
+        res["uploads"] = {"requests": len(latencies["upload"]), **_percentiles(latencies["upload"])}
+    return res
+
+
+def rss_kib(pid: int) -> dict:
+    """The resident set (VmRSS) and its peak so far (VmHWM) of process ``pid``, in KiB (Linux)."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    except (OSError, ValueError):
+        pass
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds of load (default 30; --soak 300)")
+    ap.add_argument("--soak", action="store_true",
+                    help="soak mode: image uploads mixed in, the server's memory sampled (default 300 s)")
+    ap.add_argument("--upload-share", type=float, default=0.125, help="--soak: share of requests that upload")
     ap.add_argument("--ids", type=int, default=100, help="synthetic identities (2 images each; default 100)")
     ap.add_argument("--checkpoint", help="checkpoint to index with (default: untrained tiny-vit)")
     ap.add_argument("--server-threads", type=int, default=None, help="torch threads in the server")
@@ -169,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
+    args.duration = args.duration or (300.0 if args.soak else 30.0)
 
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tbps-load-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -186,10 +265,17 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         wait_healthy(url, proc)
         startup_s = time.perf_counter() - t0
-        asyncio.run(run_clients(url, min(4, args.clients), 2.0, args.seed + 1))  # warm-up, not counted
+        uploads = soak_uploads(index.parent / "synth") if args.soak else None
+        share = args.upload_share if args.soak else 0.0
+        asyncio.run(run_clients(url, min(4, args.clients), 2.0, args.seed + 1, uploads, share))  # warm-up
+        mem0 = rss_kib(proc.pid)
         server_cpu0, client_cpu0 = cpu_seconds(proc.pid), time.process_time()
-        res = asyncio.run(run_clients(url, args.clients, args.duration, args.seed))
+        res = asyncio.run(run_clients(url, args.clients, args.duration, args.seed, uploads, share))
         server_cpu1, client_cpu = cpu_seconds(proc.pid), time.process_time() - client_cpu0
+        mem1 = rss_kib(proc.pid)
+        res["server_rss_mib"] = {"after_warmup": round(mem0.get("VmRSS", 0) / 1024, 1),
+                                 "end": round(mem1.get("VmRSS", 0) / 1024, 1),
+                                 "peak": round(mem1.get("VmHWM", 0) / 1024, 1)}
         n_req = max(1, res["requests"])
         # CPU per request, server and load generator: on a small shared machine the two
         # compete for the same cores, so these say where the time goes better than req/s
@@ -223,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CPU per request: server {res['server_cpu_ms_per_request']} ms, "
               f"load generator {res['client_cpu_ms_per_request']} ms")
         print(f"text queries per encoder call (mean, incl. warm-up): {res['mean_text_batch']}")
+        if "uploads" in res:
+            u = res["uploads"]
+            print(f"uploads {u['requests']}: p50 {u['p50_ms']} ms  p99 {u['p99_ms']} ms  max {u['max_ms']} ms")
+        m = res["server_rss_mib"]
+        print(f"server memory (RSS): {m['after_warmup']} MiB after warm-up, {m['end']} MiB at the end, "
+              f"peak {m['peak']} MiB")
         print(f"errors {res['errors']}" + (f"  e.g. {res['error_samples']}" if res["errors"] else ""))
     return 1 if res["errors"] else 0
 

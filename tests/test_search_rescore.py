@@ -197,7 +197,7 @@ def test_serve_rescore_flags(laip, capsys, monkeypatch):
     assert code == 0, err
     from fastapi.testclient import TestClient
 
-    with TestClient(apps[-1]) as c:
+    with TestClient(apps[-1], base_url="http://127.0.0.1:8000") as c:
         assert c.get("/stats").json()["rescore"] == {"available": True, "k": 128, "mode": "itm+itc", "weight": 0.5}
     for argv, message in [
         ((laip[3], "--rescore"), "no fusion encoder to re-score with"),

@@ -663,9 +663,11 @@ def test_serve_command_starts_uvicorn_on_localhost(real_gallery, monkeypatch, ca
     app, kw = calls[0]
     assert kw["host"] == "127.0.0.1" and kw["port"] == 0 and kw["log_level"] == "warning"
     assert f"serving {len(GALLERY)} images" in err and "?token=" in err and "warning" not in err
-    with TestClient(app) as c:  # the token came from $TBPS_TOKEN
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:  # the token came from $TBPS_TOKEN
         assert c.get("/stats").status_code == 401
         assert c.get("/stats", headers={"Authorization": "Bearer env-token"}).status_code == 200
+        assert c.get("/health", headers={"Host": "rebound.example"}).status_code == 421  # DNS rebinding guard
+    assert "tbps_redact_token" in kw["log_config"]["loggers"]["uvicorn.access"]["filters"]
     monkeypatch.delenv("TBPS_TOKEN")
     code, err = _serve([str(real_gallery[0]), "--port", "0", "--host", "0.0.0.0"], capsys)
     assert code == 0 and "without a token" in err and calls[-1][1]["host"] == "0.0.0.0"
@@ -686,7 +688,7 @@ def test_serve_command_with_a_rerank(real_gallery, monkeypatch, capsys):
     encoder, ix = real_gallery[2], apps[0].state.live.get()
     text = "a woman in a green coat"
     want = ix.search(encoder.encode_texts([text]), k=5, reranker=index_reranker("jaccard"), rerank_depth=8)[0]
-    with TestClient(apps[0]) as c:
+    with TestClient(apps[0], base_url="http://localhost:8000") as c:
         got = c.post("/search", json={"text": text, "k": 5}).json()["results"]
     assert [h["id"] for h in got] == [h.id for h in want]
     assert [h["score"] for h in got] == pytest.approx([h.score for h in want], abs=1e-5)

@@ -58,16 +58,15 @@ def encode_image_file(encoder, path):
     import pathlib
 
     import torch
-    from PIL import Image, UnidentifiedImageError
+
+    from tbps.data.images import ImageError, open_image
 
     p = pathlib.Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"query image {str(p)!r} does not exist")
     try:
-        with Image.open(p) as im:
-            im.load()
-            pixels = encoder.preprocess(im)
-    except FileNotFoundError:
-        raise UserError(f"query image {str(p)!r} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        pixels = encoder.preprocess(open_image(p))
+    except (ImageError, OSError) as e:
         raise UserError(f"cannot read query image {str(p)!r}: {e}") from None
     with torch.inference_mode():
         return encoder.encode_images(pixels[None])
@@ -96,3 +95,34 @@ def resolve_store(args, shift: str | None = None) -> None:
             raise UserError(f"give either INDEX or --store, not both ({args.index!r} and {args.store!r})")
         setattr(args, shift, [args.index, *current] if isinstance(current, list) else args.index)
     args.index = args.store
+
+
+def options_anywhere(parser) -> None:
+    """Let options come before, between or after ``parser``'s positionals (``tbps search INDEX -k 3
+    "red coat"``): argparse alone gives an optional positional its empty value at the first
+    option and then calls the text an unrecognised argument. Parses intermixed
+    (``parse_known_intermixed_args``) whenever the subcommand parser is asked to parse."""
+    plain = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        parser.parse_known_args = plain  # the intermixed parser calls parse_known_args itself
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            parser.parse_known_args = parse_known_args
+
+    parser.parse_known_args = parse_known_args
+
+
+def quiet_broken_pipe() -> int:
+    """What a command returns when its reader went away (``tbps search ... | head``): stdout is
+    pointed at /dev/null so that Python's final flush does not print a traceback either."""
+    import os
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a file (tests, embedding): nothing will flush to a closed pipe
+    return 0

@@ -129,6 +129,8 @@ def run(args) -> int:
         return 0 if stats["removed"] or not stats["not_found"] else 1
     if getattr(args, "batch_size", 1) <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        raise UserError(f"--workers must be >= 0 (0: decode in this process), got {args.workers}")
     if not spec.is_local_index and args.search_mode not in (None, "auto"):
         raise UserError("--search-mode applies to the local index folder; a qdrant store searches with its engine's index")
     common = {"recursive": args.recursive, "metadata_csv": args.metadata, "batch_size": args.batch_size,
@@ -165,6 +167,9 @@ def run(args) -> int:
             stats = add_to_store(spec, encoder, args.images, **common)
     for s in stats["skipped"]:
         print(f"tbps: skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    for s in stats.get("unreadable_folders", []):
+        print(f"tbps: warning: cannot read folder {s['path']} ({s['reason']}); its images are not indexed",
+              file=sys.stderr)
     _print(stats, args.json, _format_write)
     return 0
 

@@ -6,7 +6,13 @@ import argparse
 import json
 import sys
 
-from tbps.cli.common import DEFAULT_RESCORE, add_rescore_arguments, add_store_arguments
+from tbps.cli.common import (
+    DEFAULT_RESCORE,
+    add_rescore_arguments,
+    add_store_arguments,
+    options_anywhere,
+    quiet_broken_pipe,
+)
 
 HELP = "search a gallery index by text description or example image"
 
@@ -51,6 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=run)
+    options_anywhere(p)
 
 
 def run(args) -> int:
@@ -95,6 +102,15 @@ def run(args) -> int:
         hits = ix.search(feats, args.k, where=args.where, exact=args.exact, **options)[0]
         mode = "exact" if args.exact else ix.search_mode
         n = len(ix)
+    try:
+        _print_hits(args, hits, mode, n, rescore, rescorer, bound if rescorer is not None else None)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+    return 0
+
+
+def _print_hits(args, hits, mode: str, n: int, rescore, rescorer, bound) -> None:
     if args.json:
         out = {
             "query": args.query.strip() if args.image is None else None,
@@ -129,4 +145,3 @@ def run(args) -> int:
         if rescorer is not None:
             n = bound.rescored[0] if bound.rescored else 0
             print(f"tbps: re-scored the top {n} by {rescore['mode']} in {1e3 * bound.seconds:.1f} ms", file=sys.stderr)
-    return 0

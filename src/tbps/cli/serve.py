@@ -34,7 +34,12 @@ auth: with --token (or $TBPS_TOKEN) every route but /health needs it, as
 'Authorization: Bearer TOKEN' or ?token=TOKEN. Open the page as http://HOST:PORT/?token=TOKEN:
 the server then sets an HttpOnly cookie and the page drops the token from its address.
 The server binds to 127.0.0.1 unless --host says otherwise; a public --host without a token
-prints a warning.
+prints a warning. ?token= values are kept out of the access log.
+
+safety: requests must name this server in their Host header (IP addresses, localhost, the
+--host name; --allow-host adds names), so a web page cannot reach it by DNS rebinding. Gallery
+images are served only when they still are the files indexed (size, SHA-256, no symbolic link)
+and with the type their content has; uploads decode with a pixel limit (413 beyond it).
 """
 
 
@@ -45,6 +50,9 @@ def register(subparsers) -> None:
                         "local engine) or qdrant://HOST[:PORT]/COLLECTION (a Qdrant server)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable). By default only "
+                   "IP addresses, localhost and the --host name are answered: the guard against DNS rebinding")
     p.add_argument("--token", default=None,
                    help="require this token on every route but /health (default: $TBPS_TOKEN, else none)")
     p.add_argument("--checkpoint", metavar="CKPT",
@@ -94,8 +102,27 @@ def _check_port_free(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port or --host)") from None
 
 
+def allowed_hosts(host: str, extra=()) -> list[str]:
+    """Host names the server answers besides IP literals and localhost: the bound name, and the
+    machine's names when bound to every address (0.0.0.0, ::), plus ``extra`` (--allow-host)."""
+    names = [h for h in extra if h]
+    if host in ("0.0.0.0", "::", ""):
+        names += [socket.gethostname(), socket.getfqdn()]
+    elif not _is_ip(host):
+        names.append(host)
+    return sorted({n.lower().rstrip(".") for n in names if n})
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
 def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch=32, rerank="none",
-             rerank_depth=None, rescore=None, rescore_mode="itm", rescore_weight=0.002):
+             rerank_depth=None, rescore=None, rescore_mode="itm", rescore_weight=0.002, hosts=None):
     """Open the index, load and check its encoder, and build the app (no server started).
 
     rescore: K, to let requests re-score their top K with the checkpoint's fusion encoder
@@ -125,7 +152,7 @@ def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch
     if rescore is not None:
         rescorer = load_rescorer(encoder, mode=rescore_mode, weight=rescore_weight)
     return create_app(index, encoder, token=token, max_batch=max_batch, reranker=reranker, rerank_depth=rerank_depth,
-                      rescorer=rescorer, rescore_depth=rescore or DEFAULT_RESCORE)
+                      rescorer=rescorer, rescore_depth=rescore or DEFAULT_RESCORE, allowed_hosts=hosts)
 
 
 def run(args) -> int:
@@ -162,7 +189,8 @@ def run(args) -> int:
 
     app = load_app(args.index, checkpoint=args.checkpoint, token=token, device=args.device, max_batch=args.max_batch,
                    rerank=args.rerank, rerank_depth=args.rerank_depth, rescore=args.rescore,
-                   rescore_mode=rescore.get("mode", "itm"), rescore_weight=rescore.get("weight", 0.002))
+                   rescore_mode=rescore.get("mode", "itm"), rescore_weight=rescore.get("weight", 0.002),
+                   hosts=allowed_hosts(args.host, args.allow_host))
     if not _is_loopback(args.host) and not token:
         print(f"tbps: warning: serving on {args.host} without a token: anyone who can reach this "
               "machine can search the gallery and fetch its images (set --token)", file=sys.stderr)
@@ -170,5 +198,8 @@ def run(args) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"tbps: serving {n} images from {args.index} at http://{shown}:{args.port}/"
           + ("?token=..." if token else ""), file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    from tbps.serve.auth import access_log_config
+
+    # ?token= never reaches the access log
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=access_log_config())
     return 0

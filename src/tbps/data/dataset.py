@@ -206,10 +206,9 @@ class GalleryImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        from tbps.data.images import open_image
 
-        with Image.open(self.paths[i]) as im:
-            return eval_transform(im, self.size, self.mean, self.std, **self.resize), i
+        return eval_transform(open_image(self.paths[i]), self.size, self.mean, self.std, **self.resize), i
 
 
 def eval_split(records: Sequence[Record]) -> tuple[list, list[int], list[str], list[int]]:

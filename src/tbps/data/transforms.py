@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from tbps.data.images import open_image, to_rgb
+
 # TBPS-CLIP's pool: each training image gets `num_ops` draws (with replacement) from these.
 AUGMENT_POOL = ("color_jitter", "rotation", "resized_crop", "grayscale", "hflip", "erasing")
 
@@ -37,10 +39,8 @@ class AugmentConfig:
 
 
 def load_image(path, size: tuple[int, int]) -> Image.Image:
-    """Open as RGB and resize to (height, width) with bicubic filtering."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        return im.resize((size[1], size[0]), Image.BICUBIC)
+    """Open upright as RGB (``tbps.data.images.open_image``) and resize to (height, width), bicubic."""
+    return open_image(path).resize((size[1], size[0]), Image.BICUBIC)
 
 
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -57,12 +57,13 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 def eval_transform(img: Image.Image, size: tuple[int, int], mean: Sequence[float],
                    std: Sequence[float], *, resize: str = "squash", interpolation: str = "bicubic") -> torch.Tensor:
-    """The deterministic test-time transform: RGB, resize, normalise.
+    """The deterministic test-time transform: RGB (``to_rgb``: 16-bit and transparent images by
+    their meaning), resize, normalise.
 
     resize "squash" (tbps, IRRA, TBPS-CLIP): straight to (H, W); "shortest" (OpenAI CLIP, open_clip):
     the short side to the target's (torchvision's ``Resize(int)``), then a centre crop to (H, W).
     """
-    img = img.convert("RGB")
+    img = to_rgb(img)
     if resize not in RESIZE_MODES or interpolation not in INTERPOLATIONS:
         raise ValueError(f"resize {resize!r} / interpolation {interpolation!r}: known {RESIZE_MODES} / {INTERPOLATIONS}")
     if resize == "shortest":

@@ -11,9 +11,11 @@ never stop a write.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import shutil
 import sqlite3
 import sys
 import time
@@ -158,18 +160,27 @@ def build_index(path, encoder, images_dir, *, recursive: bool = False, metadata_
     t0 = time.perf_counter()
     root = pathlib.Path(path).expanduser().resolve()
     ann_mod.choose_mode(0, search_mode)  # validate early
+    _check_workers(workers, batch_size)
     _check_build_target(root, overwrite)
     meta = read_metadata_csv(metadata_csv, images_dir) if metadata_csv else None
-    files = scan_images(images_dir, recursive, exclude=_excluded(root, metadata_csv))
+    unreadable: list[dict] = []
+    files = scan_images(images_dir, recursive, exclude=_excluded(root, metadata_csv), unreadable=unreadable)
     images_root = pathlib.Path(images_dir).expanduser().resolve()
+    if not files:
+        raise IndexInputError(f"no files in {str(images_root)!r}" + ("" if recursive else " (add --recursive to "
+                              "scan subfolders)") + "; an index needs at least one image")
     fields = {"dim": int(encoder.embed_dim), "fingerprint": _jsonable(encoder.fingerprint),
               "checkpoint": _checkpoint_of(encoder, checkpoint), "images_dir": str(images_root),
               "recursive": bool(recursive)}
     step = _test_hooks()
-    with GenerationWriter(root, create=True) as writer:
+    with _removed_on_failure(root), GenerationWriter(root, create=True) as writer:
         db = create_db(writer.path("meta"))  # CSV columns are added after the rows
         run = _embed(db, files, encoder, next_id=0, batch_size=batch_size, workers=workers,
                      progress=progress, step=step)
+        if not run.new_ids:
+            db.close()
+            raise IndexInputError(f"none of the {len(files)} file(s) in {str(images_root)!r} is a readable image "
+                                  f"(first: {run.skipped[0]['path']}: {run.skipped[0]['reason']})")
         csv_cols, matched, unmatched = _apply_metadata(db, meta, [], images_root)
         db.commit()
         db.close()
@@ -186,6 +197,7 @@ def build_index(path, encoder, images_dir, *, recursive: bool = False, metadata_
         "updated": 0,
         "skipped_count": len(run.skipped),
         "skipped": run.skipped,
+        "unreadable_folders": unreadable,
         "metadata_rows_matched": matched,
         "metadata_rows_unmatched": len(unmatched),
         "search_mode": manifest["search"]["mode"],
@@ -193,6 +205,38 @@ def build_index(path, encoder, images_dir, *, recursive: bool = False, metadata_
         "images_per_s": _rate(n, run.seconds),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _check_workers(workers: int | None, batch_size: int) -> None:
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise IndexInputError(f"workers must be an integer >= 0 (0: decode in this process), got {workers!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise IndexInputError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
+@contextlib.contextmanager
+def _removed_on_failure(root: pathlib.Path):
+    """A build that fails leaves nothing: the folders it created are removed, and in a folder
+    that existed (empty, or an index being overwritten) the files of its unpublished
+    generation (the previous generation, if any, stays intact)."""
+    created = None
+    for p in [root, *root.parents]:
+        if p.exists():
+            break
+        created = p
+    had_index = (root / MANIFEST).exists()
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        elif root.is_dir():
+            keep = set(read_manifest(root)["files"].values()) if (root / MANIFEST).exists() else set()
+            for name in os.listdir(root):
+                if (is_generation_file(name) and name not in keep) or (name == ".lock" and not had_index):
+                    with contextlib.suppress(OSError):
+                        os.unlink(root / name)
+        raise
 
 
 def _check_build_target(root: pathlib.Path, overwrite: bool) -> None:
@@ -269,10 +313,11 @@ class _AddPlan:
     changed: list[tuple[ImageFile, int]]  # (file, id): new content
     touched: list[tuple[ImageFile, int]]  # (file, id): size or mtime differ, same content
     missing: int  # indexed files below the images dir that are no longer there
+    unreadable: list[dict] = field(default_factory=list)  # {"path", "reason"} of folders that cannot be listed
 
 
 def _plan_add(files: list[ImageFile], known: dict[str, tuple], images_root: pathlib.Path,
-              recursive: bool) -> _AddPlan:
+              recursive: bool, unreadable: list[dict] | None = None) -> _AddPlan:
     new, changed, touched = [], [], []
     for f in files:
         rec = known.get(f.path)  # (id, size, mtime_ns, sha256)
@@ -284,7 +329,7 @@ def _plan_add(files: list[ImageFile], known: dict[str, tuple], images_root: path
     prefix = str(images_root) + os.sep
     missing = sum(1 for p in known if p.startswith(prefix) and p not in on_disk
                   and (recursive or os.sep not in p[len(prefix):]))
-    return _AddPlan(files, new, changed, touched, missing)
+    return _AddPlan(files, new, changed, touched, missing, list(unreadable or []))
 
 
 def add_to_index(path, encoder, images_dir, *, recursive: bool = False, metadata_csv=None,
@@ -302,6 +347,7 @@ def add_to_index(path, encoder, images_dir, *, recursive: bool = False, metadata
     t0 = time.perf_counter()
     root = pathlib.Path(path).expanduser().resolve()
     read_manifest(root)
+    _check_workers(workers, batch_size)
     step = _test_hooks()
     with GenerationWriter(root, create=False) as writer:
         prev = _previous(writer, f"{str(root)!r} is not a tbps index; create it with `tbps index build`")
@@ -312,8 +358,9 @@ def add_to_index(path, encoder, images_dir, *, recursive: bool = False, metadata
             old.check_encoder(encoder)
             meta = read_metadata_csv(metadata_csv, images_dir) if metadata_csv else None
             images_root = pathlib.Path(images_dir).expanduser().resolve()
-            files = scan_images(images_dir, recursive, exclude=_excluded(root, metadata_csv))
-            plan = _plan_add(files, old.file_states(), images_root, recursive)
+            unreadable: list[dict] = []
+            files = scan_images(images_dir, recursive, exclude=_excluded(root, metadata_csv), unreadable=unreadable)
+            plan = _plan_add(files, old.file_states(), images_root, recursive, unreadable)
             if not (plan.new or plan.changed or plan.touched or meta is not None or mode_changed):
                 return _add_stats(root, prev, plan, None, 0, [], t0)
             db = copy_db(writer)
@@ -363,6 +410,7 @@ def _add_stats(root: pathlib.Path, manifest: dict, plan: _AddPlan, run: _Embedde
         "missing": plan.missing,
         "skipped_count": len(run.skipped),
         "skipped": run.skipped,
+        "unreadable_folders": plan.unreadable,
         "metadata_rows_matched": matched,
         "metadata_rows_unmatched": len(unmatched),
         "search_mode": manifest["search"]["mode"],

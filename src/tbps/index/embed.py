@@ -9,7 +9,6 @@ where, is the caller's business (``tbps.index.build``).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import sys
 from dataclasses import dataclass
@@ -46,18 +45,19 @@ class ImageReader:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        from tbps.data.images import ImageError, open_image
 
         path = self.paths[i]
         try:
             with open(path, "rb") as f:
                 data = f.read()
             sha = hashlib.sha256(data).hexdigest()
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()  # decode fully here: truncated files fail now, not inside the model
-                width, height = im.size
-                pixels = self.preprocess(im)
+            im = open_image(data)  # upright RGB, decoded fully here: truncated files fail now
+            width, height = im.size
+            pixels = self.preprocess(im)
             return i, pixels, {"width": width, "height": height, "sha256": sha}, None
+        except ImageError as e:
+            return i, None, None, str(e).removeprefix("image: ")
         except Exception as e:  # any unreadable file is reported and skipped
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             if type(e).__name__ == "UnidentifiedImageError":

@@ -41,6 +41,7 @@ _KEYWORDS = {"AND", "OR", "NOT", "IN", "LIKE", "IS", "NULL", "BETWEEN"}
 _OPS = {"=": "=", "==": "=", "!=": "!=", "<>": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 _MAX_DEPTH = 64
 _MAX_LENGTH = 10_000
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 _TOKEN = re.compile(
     r"""
@@ -81,8 +82,7 @@ def _tokenize(text: str) -> list[_Tok]:
         if kind == "string":
             toks.append(_Tok("string", raw[1:-1].replace("''", "'"), pos))
         elif kind == "number":
-            value: object = float(raw) if any(c in raw for c in ".eE") else int(raw)
-            toks.append(_Tok("number", value, pos))
+            toks.append(_Tok("number", _number(raw, pos, text), pos))
         elif kind == "ident":
             if raw.upper() in _KEYWORDS:
                 toks.append(_Tok("kw", raw.upper(), pos))
@@ -93,6 +93,18 @@ def _tokenize(text: str) -> list[_Tok]:
         pos = m.end()
     toks.append(_Tok("end", None, len(text)))
     return toks
+
+
+def _number(raw: str, pos: int, text: str) -> int | float:
+    """A number literal; an integer outside SQLite's 64 bits is a ``FilterError`` (int() of a
+    5000-digit string would raise ValueError, and binding a 20-digit one OverflowError)."""
+    if any(c in raw for c in ".eE"):
+        return float(raw)
+    if len(raw.lstrip("+-").lstrip("0")) <= 19 and _INT64_MIN <= int(raw) <= _INT64_MAX:
+        return int(raw)
+    shown = raw if len(raw) <= 24 else raw[:20] + "..."
+    raise FilterError(f"integer {shown} at position {pos} is out of range (-2**63 to 2**63-1) in filter "
+                      f"{text if len(text) <= 200 else text[:200] + '...'!r}")
 
 
 class _Parser:
@@ -266,6 +278,8 @@ def _filter_value(column: str, value: object) -> object:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, numbers.Integral):
+        if not _INT64_MIN <= int(value) <= _INT64_MAX:
+            raise FilterError(f"filter value for {column!r} is out of range (-2**63 to 2**63-1)")
         return int(value)
     if isinstance(value, numbers.Real):
         if not math.isfinite(value):

@@ -29,7 +29,7 @@ import numpy as np
 
 from tbps.files import write_json
 from tbps.index import ann as ann_mod
-from tbps.index.errors import IndexBusyError
+from tbps.index.errors import IndexBusyError, IndexInputError
 from tbps.index.scan import CsvMetadata, ImageFile
 from tbps.index.store import FORMAT, MANIFEST, VERSION, gen_files, read_manifest
 
@@ -58,11 +58,14 @@ class GenerationWriter:
 
     def __init__(self, root: pathlib.Path, *, create: bool):
         self.root = root
-        if create:
-            root.mkdir(parents=True, exist_ok=True)
-        elif not root.is_dir():
-            read_manifest(root)  # raises the precise error
-        self.lock_fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if create:
+                root.mkdir(parents=True, exist_ok=True)
+            elif not root.is_dir():
+                read_manifest(root)  # raises the precise error
+            self.lock_fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only disk, a folder the user may not write, a file in the way
+            raise IndexInputError(f"cannot write index folder {str(root)!r}: {e.strerror or e}") from None
         try:
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

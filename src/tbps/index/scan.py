@@ -23,6 +23,7 @@ from tbps.index.store import BUILTIN_COLUMNS, INTERNAL_COLUMNS
 # Names accepted for the CSV column that gives the image path relative to the images dir.
 CSV_PATH_COLUMNS = ("path", "image", "file", "filename", "image_path", "relpath")
 _INT = re.compile(r"^[-+]?(0|[1-9]\d*)$")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -44,10 +45,14 @@ class CsvMetadata:
     rows: dict[str, dict[str, Any]]  # relpath -> {column: value}
 
 
-def scan_images(images_dir, recursive: bool = False, exclude: Iterable[str] = ()) -> list[ImageFile]:
+def scan_images(images_dir, recursive: bool = False, exclude: Iterable[str] = (),
+                unreadable: list[dict] | None = None) -> list[ImageFile]:
     """Regular, non-hidden files in ``images_dir`` (sorted); every one is tried as an image,
     so non-images are reported rather than silently ignored. ``exclude``: absolute paths
-    (files or directories, e.g. the index itself or the metadata CSV) to leave out."""
+    (files or directories, e.g. the index itself or the metadata CSV) to leave out.
+    unreadable: a list that gets ``{"path", "reason"}`` for each subfolder that cannot be
+    listed (``os.walk`` would skip it without a word); an unreadable ``images_dir`` itself
+    is an ``IndexInputError``."""
     root = pathlib.Path(images_dir).expanduser()
     if not root.exists():
         raise IndexInputError(f"image directory {str(root)!r} does not exist")
@@ -56,7 +61,16 @@ def scan_images(images_dir, recursive: bool = False, exclude: Iterable[str] = ()
     root = root.resolve()
     excl = {str(pathlib.Path(e).resolve()) for e in exclude}
     out: list[ImageFile] = []
-    walker = os.walk(root) if recursive else [(str(root), [], os.listdir(root))]
+    try:
+        top = os.listdir(root)
+    except OSError as e:
+        raise IndexInputError(f"cannot read image directory {str(root)!r}: {e.strerror or e}") from None
+
+    def report(err: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append({"path": str(err.filename), "reason": f"unreadable folder ({err.strerror or err})"})
+
+    walker = os.walk(root, onerror=report) if recursive else [(str(root), [], top)]
     for dirpath, dirnames, filenames in walker:
         dirnames[:] = sorted(
             d for d in dirnames if not d.startswith(".") and os.path.join(dirpath, d) not in excl
@@ -110,13 +124,18 @@ def infer_type(values: list[str]) -> str:
     """SQL type of a column from its text cells: INTEGER, REAL or TEXT (empty cells ignored)."""
     vals = [v for v in values if v != ""]
     if vals and all(_INT.match(v) for v in vals):
-        return "INTEGER"
+        # SQLite integers are 64-bit: a longer one (an id of 20+ digits) is kept exactly, as text
+        return "INTEGER" if all(_fits_int64(v) for v in vals) else "TEXT"
     try:
         if vals and all(np.isfinite(float(v)) for v in vals):
             return "REAL"
     except ValueError:
         pass
     return "TEXT"
+
+
+def _fits_int64(v: str) -> bool:
+    return len(v.lstrip("+-")) <= 19 and _INT64_MIN <= int(v) <= _INT64_MAX  # no int() of 5000 digits
 
 
 def _convert(v: str, typ: str) -> Any:

@@ -255,12 +255,36 @@ class GalleryIndex:
         if not isinstance(got, dict):
             raise EncoderMismatchError("the encoder has no fingerprint; cannot check it against the index")
         diffs = fingerprint_diff(self.fingerprint, got)
+        if diffs and self._same_checkpoint_path(encoder):
+            raise EncoderMismatchError(self._changed_checkpoint_message())
         if diffs:
             raise EncoderMismatchError(
                 f"the encoder does not match the one that built index {str(self.root)!r} "
                 f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}). Use the checkpoint "
                 f"the index was built with ({self.checkpoint}) or rebuild the index."
             )
+
+    def _same_checkpoint_path(self, encoder) -> bool:
+        """Whether ``encoder`` was loaded from the path this index records (then the file changed)."""
+        ours, theirs = self.checkpoint, getattr(encoder, "checkpoint", None)
+        if not ours or not isinstance(theirs, (str, os.PathLike)):
+            return False
+        with contextlib.suppress(OSError):
+            return os.path.samefile(ours, theirs)
+        return os.path.abspath(ours) == os.path.abspath(theirs)
+
+    def _changed_checkpoint_message(self) -> str:
+        import datetime as dt
+
+        try:
+            mtime = dt.datetime.fromtimestamp(os.stat(self.checkpoint).st_mtime, dt.timezone.utc)
+            when = f"the file was last modified {mtime.isoformat(timespec='seconds')}"
+        except OSError:
+            when = "the file cannot be read now"
+        return (f"the checkpoint {self.checkpoint} has changed since index {str(self.root)!r} was built with it "
+                f"(built {self.manifest.get('created') or 'at an unknown time'}; {when}), e.g. a new "
+                "training run wrote over it. Rebuild the index (`tbps index build --overwrite`) or pass "
+                "--checkpoint with a copy of the checkpoint it was built with.")
 
     # -- rows, for writers (tbps.index.build) ---------------------------------------------
     def file_states(self) -> dict[str, tuple[int, int | None, int | None, str | None]]:

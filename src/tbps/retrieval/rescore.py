@@ -191,14 +191,13 @@ class SearchRescorer:
         if item_id in self._memory:
             self._memory.move_to_end(item_id)
             return self._memory[item_id]
-        from PIL import Image
-
+        from tbps.data.images import open_image
         from tbps.data.transforms import eval_transform
         from tbps.models.fusion import image_memory
 
         spec = self.model.spec
-        with Image.open(index.image_path(item_id)) as im:
-            x = eval_transform(im, self.model.image_size, spec.mean, spec.std)[None].to(self.device)
+        im = open_image(index.image_path(item_id))
+        x = eval_transform(im, self.model.image_size, spec.mean, spec.std)[None].to(self.device)
         mem = image_memory(self.model, x)[1][0]  # (1+N, D)
         self._memory[item_id] = mem
         if len(self._memory) > self.cache_size:

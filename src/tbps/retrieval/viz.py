@@ -9,6 +9,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from tbps.data.images import open_image
 from tbps.files import atomic_write
 
 GREEN, RED, INK, PAPER = (34, 160, 70), (210, 45, 45), (30, 30, 30), (250, 250, 248)
@@ -57,8 +58,8 @@ def retrieval_grid(
             x = pad + text_width + j * (tw + 2 * border + pad)
             ok = correct[qi][j]
             draw.rectangle([x, y, x + tw + 2 * border - 1, y + th + 2 * border - 1], fill=GREEN if ok else RED)
-            with Image.open(path) as im:
-                canvas.paste(im.convert("RGB").resize((tw, th), Image.BICUBIC), (x + border, y + border))
+            im = open_image(path, draft=(tw, th))
+            canvas.paste(im.resize((tw, th), Image.BICUBIC), (x + border, y + border))
             label = f"#{j + 1}" + (f"  {scores[qi][j]:.2f}" if scores is not None else "") + ("  ✓" if ok else "")
             draw.text((x, y + th + 2 * border + 1), label.replace("✓", "ok"), fill=GREEN if ok else INK, font=small)
     out_path = Path(out_path)

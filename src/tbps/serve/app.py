@@ -30,7 +30,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tbps.serve import routes
 from tbps.serve.auth import auth_responses, token_dependencies
-from tbps.serve.runtime import THUMB_CACHE_ITEMS, BodyLimit, LiveIndex, TextBatcher, ThumbCache
+from tbps.serve.runtime import (
+    THUMB_CACHE_ITEMS,
+    BodyLimit,
+    HostCheck,
+    LiveIndex,
+    SecurityHeaders,
+    TextBatcher,
+    ThumbCache,
+)
 from tbps.serve.schemas import FILTERS_DESCRIPTION, MAX_BODY_BYTES, MAX_UPLOAD_BYTES
 
 _DESCRIPTION = ("Text-based person search over a gallery of person crops. "
@@ -39,7 +47,8 @@ _DESCRIPTION = ("Text-based person search over a gallery of person crops. "
 
 def create_app(index, encoder, *, token: str | None = None, title: str = "tbps search",
                thumb_cache_items: int = THUMB_CACHE_ITEMS, max_batch: int = 32, reload_interval: float | None = 1.0,
-               reranker=None, rerank_depth: int | None = None, rescorer=None, rescore_depth: int = 128):
+               reranker=None, rerank_depth: int | None = None, rescorer=None, rescore_depth: int = 128,
+               allowed_hosts=None, decode_slots: int = 2, max_image_pixels: int | None = None):
     """Build the FastAPI app that serves ``index`` (a ``GalleryIndex``) with ``encoder``.
 
     ``encoder`` must be the one the index was built with (check it before with
@@ -59,7 +68,16 @@ def create_app(index, encoder, *, token: str | None = None, title: str = "tbps s
     ``reranker``. ``app.state`` holds what the routes read (``tbps.serve.routes``), among
     them ``live`` (``live.get()`` is the current index), ``encoder``, ``thumbs`` (the
     thumbnail cache) and ``batcher``.
+
+    Safety: ``allowed_hosts`` (names; None accepts any ``Host``) is the DNS-rebinding guard
+    (``HostCheck``: IP literals and ``localhost`` are always accepted, ``tbps serve`` passes the
+    names it binds). At most ``decode_slots`` images (uploads, thumbnails) decode at once;
+    gallery images decode up to ``max_image_pixels`` (None: ``tbps.data.images``' default),
+    uploads up to ``MAX_UPLOAD_PIXELS``. Originals are served only as checked by
+    ``tbps.serve.runtime.read_gallery_file`` and typed by their content; every response
+    carries ``nosniff``, ``X-Frame-Options: DENY`` and a CSP (``SecurityHeaders``).
     """
+    from tbps.data.images import DEFAULT_MAX_PIXELS
     from tbps import __version__
 
     _check_rescoring(encoder, reranker, rescorer, rescore_depth)
@@ -78,7 +96,12 @@ def create_app(index, encoder, *, token: str | None = None, title: str = "tbps s
     state.search_options = {"reranker": reranker, "rerank_depth": rerank_depth} if reranker is not None else {}
     state.rescorer, state.rescore_depth = rescorer, int(rescore_depth)
     state.rescore_info = _rescore_info(rescorer, rescore_depth)
+    state.decodes = threading.BoundedSemaphore(max(1, int(decode_slots)))
+    state.max_image_pixels = int(max_image_pixels or DEFAULT_MAX_PIXELS)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, limits={"/search/image": MAX_UPLOAD_BYTES + 64 * 1024})
+    app.add_middleware(SecurityHeaders)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=list(allowed_hosts))  # added last: runs first
     app.add_exception_handler(RequestValidationError, routes.validation_error)
     app.add_exception_handler(StarletteHTTPException, routes.http_error)
     app.include_router(routes.public)

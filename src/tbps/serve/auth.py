@@ -10,6 +10,8 @@ authenticate without the token ever appearing in image URLs. Tokens are compared
 """
 
 import hmac
+import logging
+import re
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -56,3 +58,37 @@ def token_dependencies(token: str | None) -> list:
 def auth_responses(token: str | None) -> dict:
     """The 401 answer the schema documents on guarded routes (none without a token)."""
     return {401: {**ERROR, "description": "Missing or wrong token."}} if token else {}
+
+
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#\s\"]*", re.IGNORECASE)
+
+
+def redact_token(text: str) -> str:
+    """``text`` with the value of every ``token=`` query parameter replaced by ``***``."""
+    return _TOKEN_IN_QUERY.sub(r"\1***", text)
+
+
+class RedactToken(logging.Filter):
+    """A logging filter that keeps ``?token=...`` out of the access log (uvicorn logs each
+    request's full path and query as an argument of its record)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_token(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = redact_token(record.msg)
+        return True
+
+
+def access_log_config() -> dict:
+    """uvicorn's logging configuration with ``RedactToken`` on its access logger: pass it as
+    ``uvicorn.run(..., log_config=access_log_config())`` (``tbps serve`` does)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["tbps_redact_token"] = {"()": "tbps.serve.auth.RedactToken"}
+    access = config["loggers"].setdefault("uvicorn.access", {})
+    access["filters"] = [*access.get("filters", []), "tbps_redact_token"]
+    return config

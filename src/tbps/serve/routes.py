@@ -9,7 +9,6 @@ which ``create_app`` puts behind the token when one is set.
 (No ``from __future__ import annotations``: FastAPI reads these annotations at runtime.)
 """
 
-import io
 import math
 import time
 from pathlib import Path
@@ -25,7 +24,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tbps.index.errors import FilterError, QueryError
 from tbps.index.filters import filter_text
 from tbps.serve.auth import TOKEN_COOKIE, token_matches
-from tbps.serve.runtime import THUMB_BOX, make_thumbnail
+from tbps.serve.runtime import (
+    IMAGE_CSP,
+    THUMB_BOX,
+    GalleryFileError,
+    check_gallery_file,
+    make_thumbnail,
+    read_gallery_file,
+    sniff_image,
+)
 from tbps.serve.schemas import (
     ERROR,
     MAX_BODY_BYTES,
@@ -33,6 +40,7 @@ from tbps.serve.schemas import (
     MAX_K,
     MAX_QUERY_CHARS,
     MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_PIXELS,
     Health,
     SearchHit,
     SearchRequest,
@@ -50,6 +58,16 @@ _MAX_ID = 2**62  # ids above this cannot exist; refuse before numpy sees them
 _CACHE_AN_HOUR = {"Cache-Control": "private, max-age=3600"}
 _NO_RESCORER = ("rescore: this server cannot re-score; start it with `tbps serve INDEX --rescore` on a "
                 "checkpoint with a trained fusion encoder (recipe laip)")
+
+_TOKEN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tbps search: token needed</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body><h1>tbps search</h1>
+<p>This server needs the token it was started with (<code>--token</code> or <code>$TBPS_TOKEN</code>).</p>
+<form method="get" action="ACTION"><label>Token <input name="token" type="password" autocomplete="current-password"
+required autofocus></label> <button type="submit">Open</button></form>
+<p>API clients send <code>Authorization: Bearer TOKEN</code>.</p></body></html>
+"""
 
 public = APIRouter()
 router = APIRouter()
@@ -78,7 +96,12 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Any HTTP error as ``{"detail": "..."}``, with its headers (``WWW-Authenticate``)."""
+    """Any HTTP error as ``{"detail": "..."}``, with its headers (``WWW-Authenticate``); a browser
+    asking for a page without the token gets a page where it can enter it instead."""
+    if exc.status_code == 401 and request.method == "GET" and "text/html" in request.headers.get("accept", ""):
+        base = request.scope.get("root_path", "").rstrip("/")
+        return HTMLResponse(_TOKEN_PAGE.replace("ACTION", f"{base}/"), status_code=401,
+                            headers=getattr(exc, "headers", None))
     return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
                         headers=getattr(exc, "headers", None))
 
@@ -138,14 +161,16 @@ def _rescored_query(state, text: str):
 
 
 def _encode_upload(state, data: bytes, name: str) -> np.ndarray:
-    """(1, D) features of an uploaded image; one that cannot be read is a 400."""
-    from PIL import Image, UnidentifiedImageError
+    """(1, D) features of an uploaded image; one that cannot be read is a 400, one over
+    ``MAX_UPLOAD_PIXELS`` (after JPEG's draft decoding) a 413. At most ``decode_slots`` decode at once."""
+    from tbps.data.images import ImageError, ImageTooLarge, open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            pixels = state.encoder.preprocess(im)  # (3, H, W)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        with state.decodes:  # bounds the memory concurrent decodes take
+            pixels = state.encoder.preprocess(open_image(data, max_pixels=MAX_UPLOAD_PIXELS, draft=(1024, 1024)))
+    except ImageTooLarge as e:
+        raise HTTPException(413, f"the upload {name!r} is too large an image: {str(e).removeprefix('image: ')}") from None
+    except (ImageError, OSError, ValueError) as e:
         raise HTTPException(400, f"the upload {name!r} is not a readable image ({type(e).__name__})") from None
     with state.lock:
         return state.encoder.encode_images(pixels.unsqueeze(0))
@@ -174,16 +199,21 @@ def _response(request: Request, hits, query: str, k: int, where: str | None, t0:
     )
 
 
-def _image_path(state, item_id: int) -> Path:
+def _gallery_item(state, item_id: int) -> tuple[Path, dict, str | None]:
+    """(image path, its recorded metadata, the index's images folder) of item ``item_id``."""
     if item_id >= _MAX_ID:
         raise HTTPException(404, f"no image with id {item_id} in this index")
+    index = state.live.get()
     try:
-        path = Path(state.live.get().image_path(item_id))
+        hit = index.get(item_id)
     except (KeyError, IndexError):
         raise HTTPException(404, f"no image with id {item_id} in this index") from None
-    if not path.is_file():
-        raise HTTPException(404, f"the image file for id {item_id} is gone from disk")
-    return path
+    images_dir = (getattr(index, "manifest", None) or {}).get("images_dir")
+    return Path(hit.path), dict(hit.metadata or {}), images_dir
+
+
+def _refused(item_id: int, e: GalleryFileError) -> HTTPException:
+    return HTTPException(404, f"the image file for id {item_id} {e}")
 
 
 # ---- routes ---------------------------------------------------------------------------
@@ -198,7 +228,10 @@ def health(request: Request):
 def stats(request: Request):
     state = request.app.state
     index, thumbs, batcher = state.live.get(), state.thumbs, state.batcher
-    info = index.info() if hasattr(index, "info") else {}
+    info = dict(index.info()) if hasattr(index, "info") else {}
+    for key in ("path", "images_dir", "checkpoint"):  # names only: no server paths to the client
+        if info.get(key):
+            info[key] = Path(str(info[key])).name
     return Stats(
         items=len(index),
         embed_dim=int(getattr(state.encoder, "embed_dim", 0)),
@@ -284,15 +317,25 @@ async def search_image(
     "/images/{item_id}",
     tags=["images"],
     summary="The original gallery image",
-    response_class=FileResponse,
+    response_class=Response,
     responses={
-        200: {"content": {"image/*": {}}, "description": "The image file."},
-        404: {**ERROR, "description": "No such id, or its file is gone."},
+        200: {"content": {"image/*": {}}, "description": "The image file, typed by its content."},
+        404: {**ERROR, "description": "No such id, or its file is gone, changed, a link or not an image."},
         422: {**ERROR, "description": "The id is not a non-negative integer."},
     },
 )
 def image(item_id: ItemId, request: Request):
-    return FileResponse(_image_path(request.app.state, item_id), headers=_CACHE_AN_HOUR)
+    # The bytes checked against the index (size, SHA-256, no link) and typed by their content,
+    # never by the file's name: a JPEG with HTML appended, named x.html, is an image/jpeg.
+    path, record, images_dir = _gallery_item(request.app.state, item_id)
+    try:
+        data = read_gallery_file(path, record, images_dir)
+    except GalleryFileError as e:
+        raise _refused(item_id, e) from None
+    media = sniff_image(data)
+    if media is None:
+        raise HTTPException(404, f"the file for id {item_id} is not an image this server serves")
+    return Response(data, media_type=media, headers={**_CACHE_AN_HOUR, "Content-Security-Policy": IMAGE_CSP})
 
 
 @router.get(
@@ -307,12 +350,22 @@ def image(item_id: ItemId, request: Request):
     },
 )
 def thumb(item_id: ItemId, request: Request):
+    from tbps.data.images import ImageError
+
     state = request.app.state
-    path = _image_path(state, item_id)
+    path, record, images_dir = _gallery_item(state, item_id)
+
+    def make() -> bytes:
+        raw = read_gallery_file(path, record, images_dir)
+        with state.decodes:
+            return make_thumbnail(raw, max_pixels=state.max_image_pixels)
+
     try:
-        mtime = path.stat().st_mtime_ns
-        data = state.thumbs.get((item_id, mtime), lambda: make_thumbnail(path))
-    except (OSError, ValueError) as e:
+        st = check_gallery_file(path, record, images_dir)
+        data = state.thumbs.get((item_id, st.st_mtime_ns, st.st_size), make)
+    except GalleryFileError as e:
+        raise _refused(item_id, e) from None
+    except (ImageError, OSError) as e:
         raise HTTPException(404, f"the image for id {item_id} cannot be read ({type(e).__name__})") from None
     return Response(data, media_type="image/jpeg", headers=_CACHE_AN_HOUR)
 

@@ -220,15 +220,162 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-def make_thumbnail(path: str | os.PathLike, box: tuple[int, int] = THUMB_BOX, quality: int = 85) -> bytes:
-    """Return a JPEG of the image at ``path`` shrunk to fit ``box`` (W, H), aspect kept."""
-    from PIL import Image, ImageOps
+def make_thumbnail(path, box: tuple[int, int] = THUMB_BOX, quality: int = 85,
+                   max_pixels: int | None = None) -> bytes:
+    """A JPEG of the image at ``path`` (a path or bytes) shrunk to fit ``box`` (W, H), aspect kept;
+    ``tbps.data.images.ImageError`` if it cannot be read or decodes to over ``max_pixels``."""
+    from PIL import Image
 
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im.draft("RGB", box)  # JPEG decoders can downscale while reading
-        im = im.convert("RGB")
-        im.thumbnail(box, Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=quality, optimize=True)
+    from tbps.data.images import open_image
+
+    # upright and RGB as the index embedded it; JPEG decoders downscale while reading (draft)
+    im = open_image(path, max_pixels=max_pixels, draft=box)
+    im.thumbnail(box, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality, optimize=True)
     return buf.getvalue()
+
+
+# ---- serving untrusted galleries --------------------------------------------------------
+
+# What an original may be served as: PIL's name of the format it decodes as -> media type.
+# Anything else (or a file PIL cannot identify) is not served as it is.
+SERVED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
+                  "BMP": "image/bmp", "TIFF": "image/tiff"}
+IMAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"  # an image shown alone runs nothing
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
+            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+class GalleryFileError(Exception):
+    """A gallery file that must not be served: gone, replaced, a link out of the gallery, changed."""
+
+
+def check_gallery_file(path: str | os.PathLike, record: dict, images_dir: str | None) -> os.stat_result:
+    """The ``stat`` of an indexed image file, or ``GalleryFileError`` saying why it cannot be served.
+
+    Paths are recorded resolved, so a symbolic link anywhere on the way now (the file or a
+    folder replaced by one) means it changed since indexing; the file must lie under the
+    index's ``images_dir`` and still have its recorded size.
+    """
+    p = str(path)
+    real = os.path.realpath(p)
+    if real != p:
+        raise GalleryFileError("was replaced by a link since it was indexed")
+    if images_dir and os.path.commonpath([real, os.path.realpath(images_dir)]) != os.path.realpath(images_dir):
+        raise GalleryFileError("is outside the gallery folder")
+    try:
+        st = os.stat(p, follow_symlinks=False)
+    except FileNotFoundError:
+        raise GalleryFileError("is gone from disk") from None
+    except OSError as e:
+        raise GalleryFileError(f"cannot be read ({e.strerror or e})") from None
+    import stat as stat_mod
+
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise GalleryFileError("is not a regular file any more")
+    size = record.get("size")
+    if size is not None and int(size) != st.st_size:
+        raise GalleryFileError(f"changed since it was indexed ({st.st_size} bytes, {size} recorded); "
+                               "update the index with `tbps index add`")
+    return st
+
+
+def read_gallery_file(path: str | os.PathLike, record: dict, images_dir: str | None) -> bytes:
+    """The bytes of an indexed image, checked as ``check_gallery_file`` does and against the
+    recorded SHA-256 (read through ``O_NOFOLLOW``, hashed as read: what is hashed is served)."""
+    import hashlib
+
+    st = check_gallery_file(path, record, images_dir)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise GalleryFileError(f"cannot be read ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(st.st_size + 1)
+    sha = record.get("sha256")
+    if len(data) != st.st_size or (sha and hashlib.sha256(data).hexdigest() != sha):
+        raise GalleryFileError("changed since it was indexed; update the index with `tbps index add`")
+    return data
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The media type of an image by its content (PIL reads the header only), None unless it is
+    one of ``SERVED_FORMATS``: a JPEG named ``x.html`` is served as ``image/jpeg``."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return SERVED_FORMATS.get(im.format or "")
+    except Exception:  # noqa: BLE001 - any file PIL cannot identify is not served as an image
+        return None
+
+
+class HostCheck:
+    """ASGI middleware against DNS rebinding: only requests whose ``Host`` names this server.
+
+    A page on ``evil.example`` that re-points its name at 127.0.0.1 reaches the server with
+    ``Host: evil.example``; refusing names the server was not told to answer stops it.
+    Accepted: IP literals (a rebinding needs a name), ``localhost`` and ``allowed``.
+    """
+
+    def __init__(self, app, allowed):
+        self.app = app
+        self.allowed = {h.lower().rstrip(".") for h in allowed}
+
+    def accepts(self, host: str) -> bool:
+        import ipaddress
+
+        name = host.strip().lower()
+        if name.startswith("["):  # [::1]:8000
+            name = name[1:].split("]", 1)[0]
+        elif name.count(":") == 1:
+            name = name.rsplit(":", 1)[0]
+        name = name.rstrip(".")
+        if name in self.allowed or name == "localhost" or name.endswith(".localhost"):
+            return True
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        if self.accepts(host):
+            return await self.app(scope, receive, send)
+        shown = host[:100]
+        body = json.dumps({"detail": f"this server does not answer to host {shown!r}; start it with "
+                           f"--allow-host {shown.split(':')[0] or 'NAME'} to allow that name"}).encode()
+        await send({"type": "http.response.start", "status": 421,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class SecurityHeaders:
+    """ASGI middleware: ``nosniff``, no framing, no referrer, and a CSP on every response (a
+    route that sets its own ``Content-Security-Policy`` keeps it)."""
+
+    HEADERS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+               (b"referrer-policy", b"no-referrer"))
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                names = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in self.HEADERS if k not in names]
+                if b"content-security-policy" not in names:
+                    headers.append((b"content-security-policy", PAGE_CSP.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

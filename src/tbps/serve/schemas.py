@@ -22,6 +22,9 @@ MAX_QUERY_CHARS = 1000  # a long description is ~300 characters; CLIP reads 77 t
 MAX_FILTER_CHARS = 2000
 MAX_K = 1000
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+# pixels an uploaded query image may decode to (after JPEG draft decoding at <= 1/8 scale): 24 MP
+# is ~72 MB of RGB; a 10000x10000 JPEG decodes at 1250x1250, a 10000x10000 PNG is refused (413)
+MAX_UPLOAD_PIXELS = 24_000_000
 MAX_BODY_BYTES = 1024 * 1024  # any other request body; a 1,000-character query is ~4 KB
 
 # The filter field's description; create_app appends the index's columns to it in the schema.
