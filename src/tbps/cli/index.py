@@ -82,7 +82,7 @@ def _common_write_args(p, mode_default: str | None = "auto") -> None:
 
 
 def run(args) -> int:
-    from tbps.cli.common import UserError, load_encoder
+    from tbps.cli.common import UserError, check_device, load_encoder
     from tbps.index import GalleryIndex, add_to_index, build_index, remove_from_index
 
     action = args.index_command
@@ -99,6 +99,7 @@ def run(args) -> int:
         return 0 if stats["removed"] or not stats["not_found"] else 1
     if getattr(args, "batch_size", 1) <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    check_device(args.device)
     if action == "build":
         encoder = load_encoder(args.checkpoint, args.device)
         stats = build_index(args.index, encoder, args.images, recursive=args.recursive,
