@@ -103,6 +103,8 @@ def _check_args(args, recipe, job) -> None:
         raise UserError("--ids must be at least 3 (one per split) and --images-per-id at least 1")
     if not math.isfinite(args.minutes) or args.minutes <= 0:
         raise UserError(f"--minutes must be a finite number > 0, got {args.minutes}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
     if args.queries < 1:
         raise UserError(f"--queries must be at least 1, got {args.queries}")
     out = Path(args.out)

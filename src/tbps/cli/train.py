@@ -73,12 +73,12 @@ def run(args) -> int:
     if args.init and not Path(args.init).is_file():
         raise UserError(f"--init {args.init}: no such checkpoint file")
     if args.resume:
-        out, data = args.resume, args.data or _resumed_data_root(Path(args.resume))
         if overrides or args.recipe:
             raise UserError("--resume continues a run with its own recipe: --recipe, --model, --pretrained and "
                             "KEY=VALUE overrides are not applied (start a new run with --init RUN/last.pt instead)")
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             raise UserError(f"--resume {args.resume} continues in its own folder: drop --out {args.out}")
+        out, data = args.resume, args.data or _resumed_data_root(Path(args.resume))
         recipe = load_recipe(DEFAULT_RECIPE)  # replaced by the run's own recipe
     else:
         if not args.data:

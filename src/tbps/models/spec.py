@@ -116,9 +116,9 @@ def check_image_size(spec: ModelSpec) -> None:
     """A :class:`ModelError` when ``spec.image_size`` is smaller than one patch of its vision tower
     (a ViT's ``patch_size``; 32 pixels for a CLIP ResNet, which downsamples 32x), so that the
     mistake is named before any work instead of failing in the first convolution."""
+    vision = (spec.arch_config or arch_config(spec.arch)).get("vision_cfg", {})  # unknown arch: ModelError
     if spec.image_size is None:
         return
-    vision = (spec.arch_config or arch_config(spec.arch)).get("vision_cfg", {})
     if isinstance(vision.get("layers"), (list, tuple)):
         least = 32
     else:

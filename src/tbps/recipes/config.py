@@ -242,7 +242,7 @@ RANGES = {
     "optim.milestones": _NON_NEGATIVE, "optim.gamma": _POSITIVE,
     "train.epochs": _POSITIVE, "train.grad_clip": _NON_NEGATIVE, "train.logit_scale_init": _POSITIVE,
     "train.logit_scale_max": _POSITIVE, "train.eval_every": _POSITIVE, "train.log_every": _POSITIVE,
-    "train.cpu_threads": _NON_NEGATIVE,
+    "train.cpu_threads": _NON_NEGATIVE, "train.seed": _NON_NEGATIVE,
     "model.context_length": _POSITIVE, "model.image_size": _POSITIVE, "model.embed_dim": _POSITIVE,
     "model.text_attn_dropout": _bounds(0, 1, open_high=True), "model.std": _POSITIVE,
 }

@@ -114,6 +114,8 @@ def _checked(ids, images_per_id, seed, image_size, split_fractions, out_dir):
     ids, images_per_id, seed = int(ids), int(images_per_id), int(seed)
     if ids < 1:
         raise SynthError(f"ids must be at least 1, got {ids}")
+    if seed < 0:
+        raise SynthError(f"seed must be 0 or more, got {seed}")
     if images_per_id < 1:
         raise SynthError(f"images_per_id must be at least 1, got {images_per_id}")
     if len(image_size) != 2 or min(image_size) < 16:
