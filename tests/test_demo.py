@@ -21,9 +21,13 @@ def test_demo_end_to_end(tmp_path, capsys):
     with Image.open(out / "retrieval.png") as im:
         # three query rows of 5 thumbnails beside the text
         assert im.format == "PNG" and im.width > 5 * 64 and im.height > 3 * 128
-    # the picture shows the ranks: rerunning reuses the dataset, not rewriting it
+    # rerunning refuses to replace the earlier run without --overwrite (its best.pt unchanged) ...
+    best = (out / "run" / "best.pt").read_bytes()
+    assert main(["demo", "--out", str(out), "--minutes", "0.02", "--queries", "2", *MICRO]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "run" / "best.pt").read_bytes() == best
+    # ... and with it reuses the dataset, not rewriting it
     mtime = (out / "data" / "reid_raw.json").stat().st_mtime
-    assert main(["demo", "--out", str(out), "--minutes", "0.02", "--queries", "2", *MICRO]) == 0
+    assert main(["demo", "--out", str(out), "--minutes", "0.02", "--queries", "2", "--overwrite", *MICRO]) == 0
     assert (out / "data" / "reid_raw.json").stat().st_mtime == mtime
 
 

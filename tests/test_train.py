@@ -52,12 +52,60 @@ def test_train_writes_run_files_and_learns(trained_run):
     assert max(r["val_t2i_mAP"] for r in rows) > first
 
 
-def test_resume_after_stop_equals_uninterrupted(tiny_dataset, micro_overrides, tmp_path):
+def test_resume_after_a_validation_continues_history_and_best_exactly(tiny_dataset, micro_overrides, tmp_path,
+                                                                      monkeypatch):
+    """Stopped after epoch 1's validation and last.pt, or killed between epoch 2's validation (and
+    best.pt) and its last.pt: the resumed run's metrics files, best.pt and last.pt equal an
+    uninterrupted run's. The val R1 is scripted per epoch (60, 10) so that epoch 1 stays the
+    best: a resumed run that forgot the best so far would take epoch 2's weights."""
+    import tbps.engine.evaluate as ev
+    from tbps.engine.runlog import RunLog
+
+    script, at = {1: 60.0, 2: 10.0}, {}
+    real_eval, real_log_eval, real_save = ev.evaluate, RunLog.evaluate, RunLog.save_last
+
+    def scripted_eval(*a, **k):
+        res = real_eval(*a, **k)
+        res.metrics["t2i"]["R1"] = script[at["epoch"]]
+        return res
+
+    def log_eval(self, loop, epoch_progress):
+        at["epoch"] = epoch_progress
+        return real_log_eval(self, loop, epoch_progress)
+
+    monkeypatch.setattr(ev, "evaluate", scripted_eval)
+    monkeypatch.setattr(RunLog, "evaluate", log_eval)
     train(_job(tiny_dataset, tmp_path / "a", micro_overrides, epochs=2))
+
     train(_job(tiny_dataset, tmp_path / "b", micro_overrides, epochs=2, stop_after_epochs=1))
     assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
-    train(_job(tiny_dataset, tmp_path / "b", micro_overrides, resume=True))
-    assert _same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+    b_summary = train(_job(tiny_dataset, tmp_path / "b", micro_overrides, resume=True))
+
+    class Killed(BaseException):
+        pass
+
+    def save_or_die(self, loop, epoch, step):
+        if epoch == 2:
+            raise Killed  # after epoch 2's validation (best.pt, history row), before its last.pt
+        real_save(self, loop, epoch, step)
+
+    monkeypatch.setattr(RunLog, "save_last", save_or_die)
+    with pytest.raises(Killed):
+        train(_job(tiny_dataset, tmp_path / "c", micro_overrides, epochs=2))
+    monkeypatch.setattr(RunLog, "save_last", real_save)
+    assert load_checkpoint(tmp_path / "c" / "last.pt")["epoch"] == 1
+    c_summary = train(_job(tiny_dataset, tmp_path / "c", micro_overrides, resume=True))
+
+    a = tmp_path / "a"
+    rows = (a / "metrics.jsonl").read_text()
+    assert [json.loads(r)["val_t2i_R1"] for r in rows.splitlines()] == [60.0, 10.0]
+    assert load_checkpoint(a / "best.pt")["epoch"] == 1
+    for run, summary in ((tmp_path / "b", b_summary), (tmp_path / "c", c_summary)):
+        assert (run / "metrics.jsonl").read_text() == rows
+        assert (run / "metrics.csv").read_text() == (a / "metrics.csv").read_text()
+        assert summary["best_info"]["epoch"] == 1 and summary["best_info"]["score"] == 60.0
+        assert _same_weights(a / "best.pt", run / "best.pt")
+        assert _same_weights(a / "last.pt", run / "last.pt")
 
 
 def test_time_budget_stops_mid_epoch_saves_evaluates_and_resumes_exactly(tiny_dataset, micro_overrides, tmp_path):

@@ -54,7 +54,9 @@ def train(data_root: str | os.PathLike, recipe: Any = "tbps-clip-cpu", out_dir: 
 
     recipe: a :class:`Recipe`, or a name/path for :func:`load_recipe`. options: the fields of
     :class:`tbps.engine.train.TrainJob` (``epochs``, ``time_budget`` in minutes, ``budget_clock``,
-    ``init_from``, ``device``, ``layout``, ``strict``, ``progress``, ...).
+    ``init_from``, ``device``, ``layout``, ``strict``, ``progress``, ...). A non-empty ``out_dir`` is
+    refused (``TrainError``) unless ``resume=True`` or ``overwrite=True``; every option is checked
+    before any work.
     """
     from tbps.engine.train import TrainJob
     from tbps.engine.train import train as _train

@@ -1,5 +1,5 @@
-"""What the subcommands share: the one-line user error, loading a checkpoint as an encoder, the
-re-scoring options and reading a query image. Subcommands import this module, never each other."""
+"""What the subcommands share: the one-line user error, the --device check, loading a checkpoint as an
+encoder, the re-scoring options and reading a query image. Subcommands import this module, never each other."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ DEFAULT_RESCORE = 128  # candidates re-scored by --rescore without a value (LAIP
 
 class UserError(Exception):
     """An error the user can fix: printed as one line, exit status 2, no traceback."""
+
+
+def check_device(name: str | None, default: str | None = "cpu") -> str:
+    """``--device`` checked before any work: a malformed name, or a GPU this machine lacks, is a
+    one-line error (exit 2), not a traceback after the model has loaded. None gives ``default``
+    (None: cuda when available, else cpu)."""
+    from tbps.engine.runtime import check_device as _check
+
+    return _check(name, default)
 
 
 def load_encoder(checkpoint: str, device: str = "cpu"):

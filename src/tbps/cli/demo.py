@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--recipe", default="tbps-clip-cpu", help="recipe to train (see `tbps train --list-recipes`)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset and of training")
     p.add_argument("--queries", type=int, default=6, help="test captions shown in the picture")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run of an earlier demo in OUT/run (the dataset in OUT/data is reused)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
     p.set_defaults(func=run)
 
@@ -45,7 +47,11 @@ def run(args) -> int:
 
     t_start = time.time()
     out = Path(args.out)
-    data = out / "data"
+    data, run_dir = out / "data", out / "run"
+    recipe = load_recipe(args.recipe, [f"train.seed={args.seed}", *args.overrides])
+    job = TrainJob(data_root=str(data), recipe=recipe, out_dir=str(run_dir), time_budget=args.minutes,
+                   overwrite=args.overwrite)
+    _check_args(args, recipe, job)  # everything before any work: nothing is written on a mistake
     if (data / "reid_raw.json").exists():
         print(f"[1/4] using the synthetic dataset already in {data}")
     else:
@@ -54,9 +60,7 @@ def run(args) -> int:
         print(f"      {stats['images']} images, {stats['captions']} captions in {stats['seconds']:.1f}s")
 
     print(f"[2/4] training {args.recipe} for at most {args.minutes:g} min (progress below)")
-    recipe = load_recipe(args.recipe, [f"train.seed={args.seed}", *args.overrides])
-    run_dir = out / "run"
-    summary = train(TrainJob(data_root=str(data), recipe=recipe, out_dir=str(run_dir), time_budget=args.minutes))
+    summary = train(job)
 
     print("[3/4] evaluating best.pt (chosen on val) on the test split")
     model, ckpt = load_model(run_dir / "best.pt")
@@ -83,3 +87,37 @@ def run(args) -> int:
     print(f"metrics: {(out / 'results.json').resolve()}")
     print(f"checkpoint: {(run_dir / 'best.pt').resolve()}  (try: tbps eval {run_dir / 'best.pt'} --data {data})")
     return 0
+
+
+def _check_args(args, recipe, job) -> None:
+    """The demo's options, its output folder, the training job and the size of the dataset to be
+    written, checked before any work."""
+    import math
+    from pathlib import Path
+
+    from tbps.cli.common import UserError
+    from tbps.engine.train import check_job
+    from tbps.synth import planned_splits
+
+    if args.ids < 3 or args.images_per_id < 1:
+        raise UserError("--ids must be at least 3 (one per split) and --images-per-id at least 1")
+    if not math.isfinite(args.minutes) or args.minutes <= 0:
+        raise UserError(f"--minutes must be a finite number > 0, got {args.minutes}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
+    if args.queries < 1:
+        raise UserError(f"--queries must be at least 1, got {args.queries}")
+    out = Path(args.out)
+    for p in (out, out / "data", out / "run"):
+        if p.exists() and not p.is_dir():
+            raise UserError(f"--out {args.out}: {p} exists and is not a folder")
+    if Path(job.out_dir).is_dir() and any(Path(job.out_dir).iterdir()) and not args.overwrite:
+        raise UserError(f"{job.out_dir} holds the run of an earlier demo: pass --overwrite to replace it "
+                        "(the dataset is reused), or another --out")
+    check_job(job)
+    if not (out / "data" / "reid_raw.json").exists():
+        train_images = planned_splits(args.ids, args.images_per_id, args.seed)["train"]
+        if 2 * train_images < recipe.data.batch_size:  # two captions per image
+            raise UserError(f"--ids {args.ids} x --images-per-id {args.images_per_id} gives {2 * train_images} "
+                            f"training pairs, fewer than one batch of {recipe.data.batch_size}: "
+                            "use more identities or a smaller data.batch_size")

@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--layout", help="force a layout (see `tbps train --help`)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images or captions encoded at once (default 256)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--strict", action="store_true", help="a missing or corrupt image is an error")
@@ -41,11 +41,9 @@ def run(args) -> int:
     import json
     import sys
 
-    import torch
-
     from tbps.engine.evaluate import evaluate_checkpoint, format_table
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check_args(args)
     ev = evaluate_checkpoint(args.checkpoint, args.data, args.split, layout=args.layout, strict=args.strict,
                              batch_size=args.batch_size, device=device,
                              progress=sys.stderr.isatty() and not args.json, load_progress=not args.json)
@@ -77,3 +75,23 @@ def run(args) -> int:
                                 "gallery": res.metrics["gallery"]},
                                f"re-ranked: {reranked['method']}, {1000 * reranked['seconds_per_query']:.3f} ms per query"))
     return 0
+
+
+def _check_args(args) -> str:
+    """Every option checked before the model loads; returns the device."""
+    import math
+    from pathlib import Path
+
+    from tbps.cli.common import UserError, check_device
+
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.rescore < 0:
+        raise UserError(f"--rescore must be a positive integer (0: off), got {args.rescore}")
+    if not math.isfinite(args.rescore_weight) or args.rescore_weight < 0:
+        raise UserError(f"--rescore-weight must be a finite number >= 0, got {args.rescore_weight}")
+    if not Path(args.checkpoint).exists():
+        raise UserError(f"{args.checkpoint}: no such checkpoint")
+    if not Path(args.data).is_dir():
+        raise UserError(f"--data {args.data}: no such dataset folder")
+    return check_device(args.device, None)

@@ -107,7 +107,7 @@ def _common_write_args(p, mode_default: str | None = "auto") -> None:
 
 
 def run(args) -> int:
-    from tbps.cli.common import UserError, load_encoder, resolve_store
+    from tbps.cli.common import UserError, check_device, load_encoder, resolve_store
     from tbps.index import add_to_index, build_index, remove_from_index
     from tbps.index.ingest import add_to_store, build_store, remove_from_store
     from tbps.index.vectorstore import open_store, parse_store
@@ -133,6 +133,7 @@ def run(args) -> int:
         raise UserError(f"--workers must be >= 0 (0: decode in this process), got {args.workers}")
     if not spec.is_local_index and args.search_mode not in (None, "auto"):
         raise UserError("--search-mode applies to the local index folder; a qdrant store searches with its engine's index")
+    check_device(args.device)
     common = {"recursive": args.recursive, "metadata_csv": args.metadata, "batch_size": args.batch_size,
               "workers": args.workers, "progress": not args.no_progress}
     partitioned = action == "build" and (args.list or args.partition_size is not None or _world() > 1)

@@ -62,7 +62,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from tbps.cli.common import (
-        DEFAULT_RESCORE, UserError, check_rescore_args, encode_image_file, load_encoder, load_rescorer, resolve_store,
+        DEFAULT_RESCORE, UserError, check_device, check_rescore_args, encode_image_file, load_encoder, load_rescorer,
+        resolve_store,
     )
 
     resolve_store(args, "query")
@@ -76,6 +77,7 @@ def run(args) -> int:
     if args.nprobe is not None and args.nprobe <= 0:
         raise UserError(f"--nprobe must be a positive integer, got {args.nprobe}")
     rescore = check_rescore_args(args.rescore, args.rescore_mode, args.rescore_weight)
+    check_device(args.device)
     if rescore and args.image is not None:
         raise UserError("--rescore re-scores text queries (the ITM head reads the description); "
                         "it cannot be used with --image")

@@ -30,6 +30,8 @@ def run(args) -> int:
 
     if args.ids < 3 or args.images_per_id < 1:
         raise UserError("--ids must be at least 3 (one per split) and --images-per-id at least 1")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be 0 or more (0 or 1: in this process), got {args.workers}")
     stats = synthesize(args.out, ids=args.ids, images_per_id=args.images_per_id, seed=args.seed,
                        image_size=tuple(args.size), workers=args.workers)
     print(_summary(stats))

@@ -27,15 +27,17 @@ def register(sub) -> None:
                    help="recipe name (see `tbps train --list-recipes`) or YAML path (default: tbps-clip-cpu)")
     p.add_argument("--model", help="architecture, e.g. ViT-B-16, RN50, EVA02-B-16, tiny-vit")
     p.add_argument("--pretrained", help="open_clip weights tag (e.g. openai) or local checkpoint path")
-    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs (a positive integer)")
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
-                   help="stop cleanly after this much time (saves and evaluates)")
+                   help="stop cleanly after this much time, > 0 (saves and evaluates)")
     p.add_argument("--budget-clock", choices=("wall", "cpu"), default="wall",
                    help="what --time-budget counts: wall-clock time (default), or this process's CPU time "
                    "summed over its threads, so that ablations at equal budget get equal compute on a "
                    "shared machine (use with data.num_workers=0: worker processes are not counted)")
     p.add_argument("--out", default=None, help="run folder (default: runs/RECIPE)")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt (with its own recipe)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, a non-empty run folder is refused)")
     p.add_argument("--init", metavar="CKPT",
                    help="fine-tune: start from the weights of a tbps checkpoint (a run's best.pt or last.pt) with "
                    "a fresh optimiser, schedule and epoch count; modules the checkpoint lacks start fresh")
@@ -53,13 +55,14 @@ def run(args) -> int:
     import os
     from pathlib import Path
 
-    from tbps.cli.common import UserError
+    from tbps.cli.common import UserError, check_device
     from tbps.recipes.config import DEFAULT_RECIPE, list_recipes, load_recipe
     from tbps.engine.train import TrainJob, train
 
     if args.list_recipes:
         print("\n".join(list_recipes()))
         return 0
+    check_device(args.device, None)
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model.arch={args.model}")
@@ -70,24 +73,24 @@ def run(args) -> int:
     if args.init and not Path(args.init).is_file():
         raise UserError(f"--init {args.init}: no such checkpoint file")
     if args.resume:
-        out, data = args.resume, args.data
-        if data is None:
-            import yaml
-
-            cfg = Path(args.resume) / "config.yaml"
-            if not cfg.exists():
-                raise UserError(f"--resume {args.resume}: no config.yaml there")
-            data = yaml.safe_load(cfg.read_text())["data_root"]
-        recipe = load_recipe(args.recipe or DEFAULT_RECIPE)  # replaced by the run's own recipe
+        if overrides or args.recipe:
+            raise UserError("--resume continues a run with its own recipe: --recipe, --model, --pretrained and "
+                            "KEY=VALUE overrides are not applied (start a new run with --init RUN/last.pt instead)")
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise UserError(f"--resume {args.resume} continues in its own folder: drop --out {args.out}")
+        out, data = args.resume, args.data or _resumed_data_root(Path(args.resume))
+        recipe = load_recipe(DEFAULT_RECIPE)  # replaced by the run's own recipe
     else:
         if not args.data:
             raise UserError("--data ROOT is required (or --resume RUN)")
         data = args.data
         recipe = load_recipe(args.recipe or DEFAULT_RECIPE, overrides)
         out = args.out or f"runs/{recipe.name}"
-    summary = train(TrainJob(data_root=data, recipe=recipe, out_dir=out, layout=args.layout, epochs=args.epochs,
-                             time_budget=args.time_budget, budget_clock=args.budget_clock, resume=bool(args.resume), init_from=args.init, device=args.device,
-                             strict=args.strict, progress=not args.no_progress))
+    job = TrainJob(data_root=data, recipe=recipe, out_dir=out, layout=args.layout, epochs=args.epochs,
+                   time_budget=args.time_budget, budget_clock=args.budget_clock, resume=bool(args.resume),
+                   overwrite=args.overwrite, init_from=args.init, device=args.device, strict=args.strict,
+                   progress=not args.no_progress)
+    summary = train(job)  # checks every option, the device and the run folder before any work
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports
     print(json.dumps({k: v for k, v in summary.items() if k != "best_info"}, indent=2))
@@ -95,3 +98,22 @@ def run(args) -> int:
         b = summary["best_info"]
         print(f"best.pt: {b['metric']} {b['score']:.2f} at epoch {b['epoch']}")
     return 0
+
+
+def _resumed_data_root(run) -> str:
+    """The dataset a run was trained on, from its ``config.yaml`` (``--resume`` without ``--data``)."""
+    import yaml
+
+    from tbps.cli.common import UserError
+
+    if not run.is_dir():
+        raise UserError(f"--resume {run}: no such run folder")
+    if not (run / "last.pt").is_file():
+        raise UserError(f"--resume {run}: no last.pt there to continue from")
+    try:
+        root = yaml.safe_load((run / "config.yaml").read_text()).get("data_root")
+    except (OSError, yaml.YAMLError, AttributeError):
+        root = None
+    if not isinstance(root, str):
+        raise UserError(f"--resume {run}: its config.yaml does not name the dataset; pass --data ROOT")
+    return root

@@ -74,7 +74,8 @@ class RunLog:
 
     def evaluate(self, loop: Loop, epoch_progress: float) -> dict | None:
         """Evaluate on val, append the row, and save ``best.pt`` when the selection metric improved
-        (ties go to the higher mAP). Returns the metrics (None without val, or off the main rank)."""
+        (ties go to the higher mAP); the caller then saves ``last.pt`` and :meth:`write_history`.
+        Returns the metrics (None without val, or off the main rank)."""
         from tbps.engine.evaluate import evaluate
 
         if self.val_records is None or not self.dist.is_main:
@@ -94,8 +95,13 @@ class RunLog:
             save_checkpoint(self.out / "best.pt", self.state(loop, int(epoch_progress), 0, full=False))
         say(f"epoch {epoch_progress:.2f}: val text->image R1 {m['t2i']['R1']:.2f} R5 {m['t2i']['R5']:.2f} "
             f"mAP {m['t2i']['mAP']:.2f}" + ("  (best so far)" if improved else ""), self.dist)
-        write_history(self.out, self.history)
         return m
+
+    def write_history(self) -> None:
+        """``metrics.jsonl`` and ``metrics.csv`` from the history (the trainer calls it after saving
+        ``last.pt``, which holds the same history: a resumed run rewrites them from there)."""
+        if self.dist.is_main and self.history:
+            write_history(self.out, self.history)
 
     def _add_row(self, row: dict, step: int) -> None:
         self.history.append(row)

@@ -49,3 +49,36 @@ def cpu_threads(requested: int, workers: int, world_size: int) -> int:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // world_size - workers)
+
+
+class DeviceError(ValueError):
+    """A device name that is malformed or not present on this machine (one line, exit 2)."""
+
+    user_error = True
+
+
+def check_device(name: str | None, default: str | None = None) -> str:
+    """``name`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``) checked against this machine, or ``default``
+    (None: cuda when available, else cpu). Raises :class:`DeviceError` naming it, before any work."""
+    import torch
+
+    if name is None:
+        return default or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(name))
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return str(dev)
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise DeviceError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"--device {name}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+        return str(dev)
+    if dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise DeviceError(f"--device {name}: Apple's MPS is not available here (use --device cpu)")
+        return str(dev)
+    raise DeviceError(f"--device {name!r}: tbps runs on cpu, cuda or cuda:N")

@@ -27,10 +27,23 @@ from tbps.engine.distributed import DistInfo, barrier, init_distributed
 from tbps.engine.epoch import Amp, Loop, train_one_epoch
 from tbps.engine.optim import build_optimizer
 from tbps.engine.runlog import RunLog, say
-from tbps.engine.runtime import Budget, cpu_threads, seed_everything
+from tbps.engine.runtime import Budget, check_device, cpu_threads, seed_everything
 from tbps.files import atomic_write
 from tbps.models.checkpoint import CheckpointError, load_checkpoint, set_rng_state
 from tbps.recipes.config import Recipe, recipe_from_dict
+
+
+# What a run writes into its folder: a run started with overwrite=True removes these first, and a
+# run that fails before its first last.pt removes what it wrote.
+RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "metrics.csv")
+RUN_DIRS = ("tb",)
+
+
+class TrainError(ValueError):
+    """A training job that cannot start as given (an option out of range, a run folder in the way);
+    the message names the option (one line, exit 2)."""
+
+    user_error = True
 
 
 @dataclass
@@ -45,6 +58,7 @@ class TrainJob:
     time_budget: float | None = None  # minutes for the whole run, on budget_clock
     budget_clock: str = "wall"  # wall | cpu (this process's CPU time: equal compute on a shared machine)
     resume: bool = False
+    overwrite: bool = False  # replace the run in a non-empty out_dir (else that is an error)
     init_from: str | None = None  # a tbps checkpoint whose weights this run starts from (fine-tuning)
     device: str | None = None  # None: cuda when available
     strict: bool = False
@@ -87,15 +101,29 @@ class _Start:
 
 
 def train(job: TrainJob) -> dict[str, Any]:
-    """Run (or resume) a training job; returns a summary with paths and final val metrics."""
+    """Run (or resume) a training job; returns a summary with paths and final val metrics.
+
+    Everything is checked before any work (:func:`check_job`): a non-empty ``out_dir`` is refused
+    unless ``resume`` or ``overwrite``. A run that fails before its first ``last.pt`` leaves no files.
+    """
+    out = Path(job.out_dir)
+    fresh = check_job(job)
     dist = init_distributed(job.device)
-    device = torch.device(job.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(check_device(job.device))
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
-    out = Path(job.out_dir)
+    try:
+        return _train(job, out, dist, device, fresh)
+    except BaseException:
+        if fresh and fresh.wrote and dist.is_main and not (out / "last.pt").exists():
+            _remove_run_files(out, remove_dir=not fresh.existed)
+        raise
+
+
+def _train(job: TrainJob, out: Path, dist: DistInfo, device: torch.device, fresh: "_Fresh | None") -> dict[str, Any]:
     resume_ckpt = _resume_checkpoint(job, out)
     recipe, tcfg = job.recipe, job.recipe.train
-    epochs = job.epochs or (resume_ckpt or {}).get("epochs") or tcfg.epochs
+    epochs = job.epochs if job.epochs is not None else (resume_ckpt or {}).get("epochs") or tcfg.epochs
     seed_everything(tcfg.seed)  # same initial weights on every rank
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(tcfg.cpu_threads, recipe.data.num_workers, dist.world_size))
@@ -105,11 +133,15 @@ def train(job: TrainJob) -> dict[str, Any]:
     start = _restore(loop, resume_ckpt, job, out) if resume_ckpt is not None else _Start()
     if resume_ckpt is None and job.init_from:
         say(_init_weights({"model": model, "objective": loop.objective}, job.init_from), dist)
+    if fresh:
+        fresh.wrote = True
     _write_config(job, out, data, epochs, dist)
     log = RunLog(out, dist, tokenizer=data.tokenizer, val_records=data.val_records, history=start.history,
                  best=start.best, progress=job.progress,
                  meta={"data_root": str(job.data_root), "layout": data.ann.layout,
                        "num_identities": data.dataset.num_identities, "epochs": epochs})
+    if resume_ckpt is not None:
+        log.write_history()  # the metrics files as last.pt knows them (a kill may have come between the two)
 
     loop.objective.prepare_data(data.dataset)  # one-off data work (e.g. parsing captions), before the clock starts
     loop.budget = Budget(job.time_budget, job.budget_clock)
@@ -140,11 +172,69 @@ def _resume_checkpoint(job: TrainJob, out: Path) -> dict | None:
     """``last.pt`` of the run folder when resuming (the job then takes the run's own recipe)."""
     if not job.resume:
         return None
-    if not (out / "last.pt").exists():
-        raise FileNotFoundError(f"--resume {out}: no last.pt there to continue from")
     ckpt = load_checkpoint(out / "last.pt")
     job.recipe = recipe_from_dict(ckpt["recipe"])  # a run continues with its own recipe
     return ckpt
+
+
+@dataclass
+class _Fresh:
+    """A new run's folder (not a resumed one): whether it existed before this run, and whether this
+    run has started writing into it."""
+
+    existed: bool
+    wrote: bool = False
+
+
+def check_job(job: TrainJob) -> _Fresh | None:
+    """Check a job's options, device, architecture and run folder before any work; raises
+    :class:`TrainError` (or ``DeviceError``, ``ModelError``) naming the option. Returns
+    :class:`_Fresh` for a new run (None when resuming). Writes nothing."""
+    from tbps.models.spec import check_image_size
+
+    def positive_int(name: str, v: Any) -> None:
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise TrainError(f"{name} must be a positive integer, got {v!r}")
+
+    positive_int("--epochs", job.epochs)
+    positive_int("stop_after_epochs", job.stop_after_epochs)
+    b = job.time_budget
+    if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0):
+        raise TrainError(f"--time-budget must be a finite number of minutes > 0, got {b!r}")
+    if job.budget_clock not in Budget.CLOCKS:
+        raise TrainError(f"--budget-clock must be one of {list(Budget.CLOCKS)}, got {job.budget_clock!r}")
+    if job.resume and job.overwrite:
+        raise TrainError("--resume continues the run in the folder and --overwrite replaces it: pass one of them")
+    check_device(job.device)
+    out = Path(job.out_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"run folder {out} exists and is not a folder")
+    if job.resume:
+        if not (out / "last.pt").is_file():
+            raise TrainError(f"--resume {out}: no last.pt there to continue from")
+        return None
+    check_image_size(job.recipe.model)
+    existed = out.exists()
+    held = sorted(p.name for p in out.iterdir()) if existed else []
+    if held and not job.overwrite:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise TrainError(f"run folder {out} is not empty ({shown}): continue that run with --resume, replace it "
+                         "with --overwrite (resume=True / overwrite=True in the API), or choose another folder")
+    return _Fresh(existed)
+
+
+def _remove_run_files(out: Path, *, remove_dir: bool) -> None:
+    """Remove what a run writes in ``out`` (:data:`RUN_FILES`, :data:`RUN_DIRS`), nothing else;
+    the folder too when ``remove_dir`` and it is then empty."""
+    import shutil
+
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            shutil.rmtree(out / name, ignore_errors=True)
+    if remove_dir and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _model_and_data(job: TrainJob, recipe: Recipe, dist: DistInfo, *, pretrained: bool) -> tuple[nn.Module, _Data]:
@@ -176,8 +266,8 @@ def _model_and_data(job: TrainJob, recipe: Recipe, dist: DistInfo, *, pretrained
     sampler = GlobalBatchSampler(dataset.item_pids(), dcfg.batch_size, seed=tcfg.seed, identity_k=dcfg.identity_k,
                                  rank=dist.rank, world_size=dist.world_size)
     if sampler.num_batches() == 0:
-        raise ValueError(f"{len(dataset)} training pairs are fewer than one global batch of {sampler.global_batch}: "
-                         "lower data.batch_size")
+        raise TrainError(f"{job.data_root}: {len(dataset)} training pair(s) are fewer than one global batch of "
+                         f"{sampler.global_batch}: lower data.batch_size or use a larger dataset")
     return model, _Data(ann, val_records, dataset, sampler, tokenizer)
 
 
@@ -261,6 +351,8 @@ def _write_config(job: TrainJob, out: Path, data: _Data, epochs: int, dist: Dist
 
     if not dist.is_main:
         return
+    if job.overwrite:  # checked by check_job: the old run's files go now that the new run can start
+        _remove_run_files(out, remove_dir=False)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "config.yaml", "w") as f:
         yaml.safe_dump({**job.recipe.to_dict(), "data_root": str(job.data_root), "layout": data.ann.layout,
@@ -297,17 +389,21 @@ def _run_epochs(job: TrainJob, loop: Loop, log: RunLog, data: _Data, start: _Sta
         end = train_one_epoch(loop, loader, epoch=epoch, start_batch=start_batch,
                               progress=job.progress and dist.is_main, on_log=log.train_scalars)
         start_batch = 0
+        # Evaluate, then save last.pt, then the metrics files: last.pt always holds the history and the
+        # best-so-far of every evaluation before it, so a run killed at any point resumes them exactly.
         if end.stopped_by_budget:
             at = epoch + end.step_in_epoch / loop.steps_per_epoch
+            log.evaluate(loop, at)
             log.save_last(loop, epoch, end.step_in_epoch)
+            log.write_history()
             say(f"{job.budget_clock} time budget of {job.time_budget:g} min spent at epoch {at:.2f}: saved last.pt",
                 dist)
-            log.evaluate(loop, at)
             return completed, True
         completed = epoch + 1
-        log.save_last(loop, epoch + 1, 0)
         if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == loop.epochs:
             log.evaluate(loop, epoch + 1)
+        log.save_last(loop, epoch + 1, 0)
+        log.write_history()
         done_here += 1
         if job.stop_after_epochs is not None and done_here >= job.stop_after_epochs:
             break

@@ -7,6 +7,7 @@ in :mod:`tbps.models.spec`; the text towers in :mod:`tbps.models.text_towers`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def create_model(spec: ModelSpec, *, load_pretrained: bool = True) -> TBPSModel:
     """Build a :class:`TBPSModel` from ``spec``.
 
     With ``load_pretrained=False`` the weights are left random (used when a tbps
-    checkpoint is about to be loaded over them).
+    checkpoint is about to be loaded over them; open_clip's random-init warning is then silenced).
     """
     import open_clip
 
@@ -44,7 +45,8 @@ def create_model(spec: ModelSpec, *, load_pretrained: bool = True) -> TBPSModel:
     if spec.context_length is not None:
         kwargs["force_context_length"] = spec.context_length
     try:
-        clip = open_clip.create_model(spec.arch, pretrained=pretrained, pretrained_text=False, **kwargs)
+        with _quiet_random_init(not load_pretrained):
+            clip = open_clip.create_model(spec.arch, pretrained=pretrained, pretrained_text=False, **kwargs)
     except RuntimeError as e:
         if pretrained and not Path(pretrained).exists():
             raise ModelError(
@@ -58,6 +60,31 @@ def create_model(spec: ModelSpec, *, load_pretrained: bool = True) -> TBPSModel:
     if spec.freeze_patch_embed:
         model.freeze_patch_embedding()
     return model
+
+
+class _DropRandomInitWarning:
+    """A logging filter that drops open_clip's "No pretrained weights loaded ... initialized randomly"."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def _quiet_random_init(quiet: bool):
+    """Silence open_clip's random-init warning while ``quiet``: the weights of a tbps checkpoint are
+    loaded right after (eval, search, index, serve, resume), so the warning would be false."""
+    import logging
+
+    if not quiet:
+        yield
+        return
+    root = logging.getLogger()  # open_clip warns through logging.warning, i.e. the root logger
+    root.addFilter(_DropRandomInitWarning)
+    try:
+        yield
+    finally:
+        root.removeFilter(_DropRandomInitWarning)
 
 
 def get_tokenizer(spec: ModelSpec):

@@ -119,3 +119,20 @@ def arch_config(arch: str) -> dict[str, Any]:
 def text_context_length(spec: ModelSpec) -> int:
     """Tokens per caption: the spec's own ``context_length`` or its architecture's."""
     return int(spec.context_length or (spec.arch_config or arch_config(spec.arch))["text_cfg"]["context_length"])
+
+
+def check_image_size(spec: ModelSpec) -> None:
+    """A :class:`ModelError` when ``spec.image_size`` is smaller than one patch of its vision tower
+    (a ViT's ``patch_size``; 32 pixels for a CLIP ResNet, which downsamples 32x), so that the
+    mistake is named before any work instead of failing in the first convolution."""
+    vision = (spec.arch_config or arch_config(spec.arch)).get("vision_cfg", {})  # unknown arch: ModelError
+    if spec.image_size is None:
+        return
+    if isinstance(vision.get("layers"), (list, tuple)):
+        least = 32
+    else:
+        patch = vision.get("patch_size")
+        least = max(patch) if isinstance(patch, (list, tuple)) else patch
+    if least and min(spec.image_size) < least:
+        raise ModelError(f"model.image_size {list(spec.image_size)} is smaller than one {least}-pixel patch of "
+                         f"{spec.arch}: use at least [{least}, {least}]")

@@ -8,6 +8,7 @@ Recipes shipped with tbps live in ``tbps/recipes/NAME.yaml``; any path works too
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
 import math
@@ -156,18 +157,25 @@ def load_recipe_dict(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a recipe dict."""
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a recipe dict. A malformed item
+    raises :class:`ConfigError` naming it (never another exception: the parser is fuzzed)."""
     d = copy.deepcopy(d)
     for item in overrides:
-        if "=" not in item:
+        if not isinstance(item, str) or "=" not in item:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. optim.lr=3e-4)")
         key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(p.strip() and p == p.strip() for p in parts):
+            raise ConfigError(f"override {item!r}: the key must be SECTION.KEY (e.g. optim.lr=3e-4)")
+        if raw.strip() == "":
+            raise ConfigError(f"override {item!r}: no value after '=' (write {key}=null to unset a key)")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {_first_line(e)}") from None
+        except RecursionError:
+            raise ConfigError(f"override {item!r}: value is nested too deeply") from None
         node = d
-        parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
@@ -176,22 +184,135 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def coerce_like(default: Any, value: Any, where: str) -> Any:
-    """Give ``value`` the type of ``default`` where YAML left it a string or an int
-    (YAML reads ``3e-4`` as a string and ``1`` as an int)."""
+    """Give ``value`` the type of ``default`` where YAML left it a string or an int (YAML reads
+    ``3e-4`` as a string and ``1`` as an int); a number that is not finite, or a fraction where an
+    integer belongs, is a :class:`ConfigError` naming ``where``."""
     if isinstance(default, bool) or default is None or value is None:
         return value
-    if isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+    if isinstance(default, float) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         try:
-            return float(value)
-        except ValueError:
+            x = float(value)
+        except (ValueError, OverflowError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if isinstance(default, int) and isinstance(value, str):
+        if not math.isfinite(x):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return x
+    if isinstance(default, int) and isinstance(value, (str, float)):
         try:
-            return int(value)
+            x = int(value) if isinstance(value, str) else value
         except ValueError:
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if isinstance(x, float) and not (math.isfinite(x) and x.is_integer()):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(x)
     return value
+
+
+def _bounds(low: float | None = None, high: float | None = None, *, open_low: bool = False,
+            open_high: bool = False):
+    """A range check of a number and the words that say it (``> 0``, ``in [0, 1]``)."""
+
+    def ok(x: float) -> bool:
+        return ((low is None or (x > low if open_low else x >= low))
+                and (high is None or (x < high if open_high else x <= high)))
+
+    if high is None:
+        words = f"{'>' if open_low else '>='} {low:g}"
+    elif low is None:
+        words = f"{'<' if open_high else '<='} {high:g}"
+    else:
+        words = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    return ok, words
+
+
+_POSITIVE, _NON_NEGATIVE, _FRACTION = _bounds(0, open_low=True), _bounds(0), _bounds(0, 1)
+# The allowed range of each number of a recipe, by dotted key (lists and dicts: each element).
+RANGES = {
+    "data.batch_size": _POSITIVE, "data.identity_k": _NON_NEGATIVE, "data.num_workers": _NON_NEGATIVE,
+    "data.max_words": _POSITIVE, "data.eval_batch_size": _POSITIVE, "data.augment.num_ops": _NON_NEGATIVE,
+    "data.text_augment.backtranslation_prob": _FRACTION, "data.text_augment.deletion_prob": _FRACTION,
+    "optim.lr": _NON_NEGATIVE, "optim.betas": _bounds(0, 1, open_high=True), "optim.eps": _POSITIVE,
+    "optim.weight_decay": _NON_NEGATIVE, "optim.momentum": _FRACTION, "optim.lr_factors": _NON_NEGATIVE,
+    "optim.warmup_epochs": _NON_NEGATIVE, "optim.warmup_start_lr": _NON_NEGATIVE, "optim.min_lr": _NON_NEGATIVE,
+    "optim.milestones": _NON_NEGATIVE, "optim.gamma": _POSITIVE,
+    "train.epochs": _POSITIVE, "train.grad_clip": _NON_NEGATIVE, "train.logit_scale_init": _POSITIVE,
+    "train.logit_scale_max": _POSITIVE, "train.eval_every": _POSITIVE, "train.log_every": _POSITIVE,
+    "train.cpu_threads": _NON_NEGATIVE, "train.seed": _NON_NEGATIVE,
+    "model.context_length": _POSITIVE, "model.image_size": _POSITIVE, "model.embed_dim": _POSITIVE,
+    "model.text_attn_dropout": _bounds(0, 1, open_high=True), "model.std": _POSITIVE,
+}
+CHOICES = {
+    "optim.name": ("adamw", "adam", "sgd", "lamb"),
+    "optim.schedule": ("cosine", "step", "constant"),
+    "train.select_metric": ("R1", "R5", "R10", "mAP", "mINP"),
+}
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against a field's type hint (int, float, bool, str, ``X | None``, tuples,
+    lists and dicts of those), floats made finite floats; else a :class:`ConfigError` naming ``where``."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _typed(value, inner[0], where) if len(inner) == 1 else value
+    if value is None:
+        raise ConfigError(f"{where}: a value is required, got null")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        value = coerce_like(0, value, where)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        value = coerce_like(0.0, value, where)
+        if not isinstance(value, float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        items = [_typed(v, args[min(i, len(args) - 1)] if args else Any, where) for i, v in enumerate(value)]
+        return tuple(items) if origin is not list else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_typed(k, args[0], where): _typed(v, args[1], where) for k, v in value.items()}
+    return value
+
+
+def _in_range(value: Any, where: str) -> None:
+    """The :data:`RANGES` and :data:`CHOICES` check of one (already typed) value."""
+    if where in CHOICES and value not in CHOICES[where]:
+        raise ConfigError(f"{where}: expected one of {list(CHOICES[where])}, got {value!r}")
+    rule = RANGES.get(where)
+    if rule is None or value is None:
+        return
+    ok, words = rule
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+    for x in items:
+        if not ok(x):
+            raise ConfigError(f"{where}: must be {words}, got {value!r}")
 
 
 def _build(cls, d: Any, where: str):
@@ -199,46 +320,93 @@ def _build(cls, d: Any, where: str):
         return None
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a mapping, got {d!r}")
+    import typing
+
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     unknown = set(d) - set(fields)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown key(s) {sorted(map(str, unknown))}; known: {sorted(fields)}")
     kwargs = {}
     for k, v in d.items():
         if k in ("augment", "text_augment") and cls is DataConfig:
             kwargs[k] = _build(AugmentConfig if k == "augment" else TextAugmentConfig, v, f"{where}.{k}")
-        elif isinstance(v, list) and k in ("betas", "pool"):
-            kwargs[k] = tuple(coerce_like(0.0, x, f"{where}.{k}") if k == "betas" else x for x in v)
         else:
-            default = fields[k].default
-            kwargs[k] = coerce_like(default, v, f"{where}.{k}") if default is not dataclasses.MISSING else v
+            kwargs[k] = _typed(v, hints[k], f"{where}.{k}")
+            _in_range(kwargs[k], f"{where}.{k}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
 
 
+def _model_spec(d: Any) -> ModelSpec:
+    """The recipe's ``model:`` section as a checked :class:`ModelSpec`."""
+    import typing
+
+    if not isinstance(d, dict):
+        raise ConfigError(f"model: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(ModelSpec)
+    unknown = set(d) - set(hints)
+    if unknown:
+        raise ConfigError(f"model: unknown model option(s) {sorted(map(str, unknown))}; known: {sorted(hints)}")
+    checked = {}
+    for k, v in d.items():
+        checked[k] = _typed(v, hints[k], f"model.{k}")
+        _in_range(checked[k], f"model.{k}")
+    if not checked.get("arch", "tiny-vit").strip():
+        raise ConfigError("model.arch: an architecture name is required")
+    try:
+        return ModelSpec.from_dict(checked)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from e
+
+
+def _stages(stages: Any) -> list[dict[str, Any]]:
+    """``stages:``: a list of ``{start_epoch, end_epoch, losses}`` mappings."""
+    if not isinstance(stages, list):
+        raise ConfigError(f"stages: expected a list, got {stages!r}")
+    for i, st in enumerate(stages):
+        where = f"stages[{i}]"
+        if not isinstance(st, dict) or set(st) - {"start_epoch", "end_epoch", "losses"}:
+            raise ConfigError(f"{where}: expected a mapping of start_epoch, end_epoch and losses, got {st!r}")
+        for k in ("start_epoch", "end_epoch"):
+            if k in st:
+                st[k] = _typed(st[k], float, f"{where}.{k}")
+                if st[k] < 0:
+                    raise ConfigError(f"{where}.{k}: must be >= 0, got {st[k]!r}")
+        if not isinstance(st.get("losses", {}), dict):
+            raise ConfigError(f"{where}.losses: expected a mapping, got {st['losses']!r}")
+    return stages
+
+
 def recipe_from_dict(d: dict[str, Any]) -> Recipe:
-    """Validate a merged recipe dict into a :class:`Recipe` (unknown keys are errors)."""
+    """Validate a merged recipe dict into a :class:`Recipe`: unknown keys, wrong types, numbers out
+    of range (:data:`RANGES`) and NaN are :class:`ConfigError` naming the key."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a recipe is a mapping, got {d!r}")
     d = copy.deepcopy(d)
     known = {f.name for f in dataclasses.fields(Recipe)}
     unknown = set(d) - known
     if unknown:
-        raise ConfigError(f"recipe {d.get('name')!r}: unknown section(s) {sorted(unknown)}; known: {sorted(known)}")
-    try:
-        model = ModelSpec.from_dict(d.get("model") or {})
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from e
+        raise ConfigError(f"recipe {d.get('name')!r}: unknown section(s) {sorted(map(str, unknown))}; "
+                          f"known: {sorted(known)}")
+    for k in ("name", "objective", "description"):
+        if k in d and d[k] is not None and not isinstance(d[k], str):
+            raise ConfigError(f"{k}: expected a string, got {d[k]!r}")
+    losses = d.get("losses") or {}
+    if not isinstance(losses, dict):
+        raise ConfigError(f"losses: expected a mapping, got {losses!r}")
     return Recipe(
-        name=d.get("name", "recipe"),
-        objective=d.get("objective", "tbps-clip"),
-        description=d.get("description", ""),
-        model=model,
+        name=d.get("name") or "recipe",
+        objective=d.get("objective") or "tbps-clip",
+        description=d.get("description") or "",
+        model=_model_spec(d.get("model") or {}),
         data=_build(DataConfig, d.get("data") or {}, "data"),
-        losses=d.get("losses") or {},
+        losses=losses,
         optim=_build(OptimConfig, d.get("optim") or {}, "optim"),
         train=_build(TrainConfig, d.get("train") or {}, "train"),
-        stages=d.get("stages") or [],
+        stages=_stages(d.get("stages") or []),
     )
 
 

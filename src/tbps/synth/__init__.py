@@ -33,7 +33,7 @@ from tbps.synth.attributes import (
 )
 from tbps.synth.captions import CAPTION_WORDS, COLOUR_WORDS, RESERVED_SYNONYMS, make_caption, tokenize
 from tbps.synth.render import View, identity_shades, person_shades, render_image, render_person, sample_view
-from tbps.synth.write import ANNOTATION_FILE, JPEG_QUALITY, SPLITS, assign_splits, synthesize
+from tbps.synth.write import ANNOTATION_FILE, JPEG_QUALITY, SPLITS, assign_splits, planned_splits, synthesize
 
 __all__ = [
     "ANNOTATION_FILE",
@@ -62,6 +62,7 @@ __all__ = [
     "identity_shades",
     "make_caption",
     "person_shades",
+    "planned_splits",
     "render_image",
     "render_person",
     "sample_identities",

@@ -98,11 +98,24 @@ def _render_chunk(job: tuple[list[tuple[int, dict[str, Any], str]], int, int, tu
     return records
 
 
+def planned_splits(ids: int, images_per_id: int = 4, seed: int = 0,
+                   split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> dict[str, int]:
+    """Images per split that :func:`synthesize` would write with these arguments, without rendering
+    (two captions per image), so a caller can refuse a dataset too small before writing it."""
+    _, families = sample_identities(int(ids), seed)
+    counts = {s: 0 for s in SPLITS}
+    for s in assign_splits(families, tuple(float(f) for f in split_fractions), seed):  # type: ignore[arg-type]
+        counts[s] += int(images_per_id)
+    return counts
+
+
 def _checked(ids, images_per_id, seed, image_size, split_fractions, out_dir):
     """The arguments of ``synthesize`` as plain values, or a ``SynthError`` saying what is wrong."""
     ids, images_per_id, seed = int(ids), int(images_per_id), int(seed)
     if ids < 1:
         raise SynthError(f"ids must be at least 1, got {ids}")
+    if seed < 0:
+        raise SynthError(f"seed must be 0 or more, got {seed}")
     if images_per_id < 1:
         raise SynthError(f"images_per_id must be at least 1, got {images_per_id}")
     if len(image_size) != 2 or min(image_size) < 16:
@@ -170,8 +183,11 @@ def synthesize(
     identities, families = sample_identities(ids, seed)
     splits = assign_splits(families, fr, seed)  # type: ignore[arg-type]
     img_root = out / "imgs"
-    for s in set(splits):
-        (img_root / s).mkdir(parents=True, exist_ok=True)
+    try:
+        for s in set(splits):
+            (img_root / s).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SynthError(f"cannot write the dataset to {out}: {e.strerror or e}") from None
 
     total = ids * images_per_id
     if workers is None:
