@@ -215,3 +215,15 @@ def test_safetensors_checkpoint_works_where_pt_does(tmp_path, tiny_dataset, caps
     capsys.readouterr()
     assert main(["search", str(tmp_path / "idx"), "a red coat", "-k", "2", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["results"]) == 2
+
+
+def test_weights_that_do_not_fit_the_spec_are_one_line(tmp_path):
+    from tbps.models.checkpoint import load_model
+
+    ckpt = load_checkpoint(create_untrained_checkpoint(tmp_path / "a.pt", arch="micro-vit"))
+    del ckpt["model"][next(iter(ckpt["model"]))]
+    save_checkpoint(tmp_path / "b.safetensors", ckpt)
+    with pytest.raises(CheckpointError, match=r"b.safetensors: its weights do not fit its model_spec \(micro-vit\)"
+                                              r".*Missing key") as e:
+        load_model(tmp_path / "b.safetensors")
+    assert "\n" not in str(e.value)

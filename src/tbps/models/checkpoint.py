@@ -90,9 +90,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the model stored in a checkpoint: returns (model in eval mode, checkpoint dict)."""
     ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.get("model_spec"), dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{ckpt['path']}: a tbps checkpoint without its model (model_spec and model)")
     spec = ModelSpec.from_dict(ckpt["model_spec"])
     model = create_model(spec, load_pretrained=False)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors: say which, in one line
+        detail = " ".join(str(e).split())
+        raise CheckpointError(f"{ckpt['path']}: its weights do not fit its model_spec ({spec.arch}): "
+                              f"{detail[:300]}") from None
     return model.to(device).eval(), ckpt
 
 

@@ -81,6 +81,10 @@ def export_onnx(checkpoint: str | os.PathLike, outdir: str | os.PathLike, *, che
                "hf": "its WordPiece tokenizer and BERT tower are not exported by tbps yet"}.get(kind, "unknown tower")
         raise ExportError(f"{path}: text tower {kind!r} does not export to ONNX ({why}); only CLIP's own text "
                           "transformer does")
+    try:
+        import onnx  # noqa: F401  (torch's exporter writes through it)
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package: pip install 'tbps[deploy]'") from None
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     h, w = encoder.image_size
