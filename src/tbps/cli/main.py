@@ -14,7 +14,7 @@ import sys
 from tbps.cli.common import UserError
 
 # Order is the order shown by `tbps --help`.
-COMMANDS = ["synth", "train", "eval", "demo", "convert", "index", "search", "serve"]
+COMMANDS = ["synth", "train", "eval", "demo", "convert", "index", "search", "serve", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

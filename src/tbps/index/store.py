@@ -92,7 +92,28 @@ def read_manifest(root: pathlib.Path) -> dict:
     for key in ("generation", "files", "count", "dim", "fingerprint", "columns", "search"):
         if key not in manifest:
             raise IndexFormatError(f"corrupt index manifest {str(mpath)!r}: missing key {key!r}")
+    _check_file_names(root, mpath, manifest["files"])
     return manifest
+
+
+def _check_file_names(root: pathlib.Path, mpath: pathlib.Path, files: Any) -> None:
+    """Every file a manifest names is a plain name of a file inside ``root``: no folder part, no
+    ``..``, no absolute path, no symlink that leads out (a received index must not make tbps read,
+    copy or delete files elsewhere)."""
+    if not isinstance(files, dict) or not all(isinstance(k, str) for k in files):
+        raise IndexFormatError(f"corrupt index manifest {str(mpath)!r}: 'files' is not a table of file names")
+    real_root = root.resolve()
+    for kind, name in files.items():
+        if name is None and kind == "ann":
+            continue
+        if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+                or os.path.isabs(name)):
+            raise IndexFormatError(f"unsafe index manifest {str(mpath)!r}: file {kind!r} is {name!r}, "
+                                   "not a plain file name inside the index folder")
+        target = root / name
+        if target.is_symlink() and real_root not in target.resolve().parents:
+            raise IndexFormatError(f"unsafe index manifest {str(mpath)!r}: file {kind!r} ({name}) is a symlink "
+                                   "that leads outside the index folder")
 
 
 def fingerprint_diff(expected: dict, got: dict) -> list[str]:
