@@ -4,6 +4,8 @@ preprocess.json describes the real preprocessing, and towers that cannot export 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +79,26 @@ def test_towers_that_cannot_export_are_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "text tower 'frozen-words' does not export" in err
     assert not (tmp_path / "out" / "image_encoder.onnx").exists()
+
+
+def test_a_converted_model_exports_with_its_source_preprocessing(tmp_path):
+    """A converted open_clip model keeps raw captions (no tbps-clip cleaning) and shortest-side resize:
+    preprocess.json says so, and the text graph fed the source's tokens gives the encoder's features."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import convert_refs as R
+
+    weights = tmp_path / "random.pt"
+    torch.save(R.clip_state(7, image_size=(32, 32)), weights)
+    ckpt = tmp_path / "oc.pt"
+    assert main(["convert", "open_clip", str(weights), str(ckpt), "--arch", R.ARCH]) == 0
+    out = tmp_path / "out"
+    assert main(["export", "onnx", str(ckpt), str(out)]) == 0
+    settings = json.loads((out / "preprocess.json").read_text())
+    assert settings["text"]["caption_cleaning"]["kind"] == "none"
+    assert settings["image"]["resize"]["mode"] == "shortest"
+    enc = Encoder.from_checkpoint(ckpt)
+    tokens = tokenize_captions(enc.tokenizer, CAPTIONS, enc.max_words, "none").numpy()
+    assert not np.array_equal(tokens, tokenize_captions(enc.tokenizer, CAPTIONS, enc.max_words).numpy())
+    txt = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    got = txt.run(None, {"tokens": tokens})[0]
+    assert np.abs(got - enc.encode_texts(CAPTIONS)).max() < 1e-4

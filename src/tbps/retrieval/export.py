@@ -30,6 +30,7 @@ from torch import nn
 from tbps.data.text import _STRIP_CHARS
 from tbps.files import atomic_write, write_json
 from tbps.models.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from tbps.retrieval.encoder import resize_settings
 
 OPSET = 17
 IMAGE_GRAPH, TEXT_GRAPH, SETTINGS = "image_encoder.onnx", "text_encoder.onnx", "preprocess.json"
@@ -81,6 +82,9 @@ def export_onnx(checkpoint: str | os.PathLike, outdir: str | os.PathLike, *, che
                "hf": "its WordPiece tokenizer and BERT tower are not exported by tbps yet"}.get(kind, "unknown tower")
         raise ExportError(f"{path}: text tower {kind!r} does not export to ONNX ({why}); only CLIP's own text "
                           "transformer does")
+    if model.spec.tse:
+        raise ExportError(f"{path}: RDE's token-selection branch (a converted RDE checkpoint) does not export to "
+                          "ONNX yet; only the global CLIP embedding does")
     try:
         import onnx  # noqa: F401  (torch's exporter writes through it)
     except ImportError:
@@ -135,6 +139,20 @@ def preprocess_settings(encoder, outdir: Path | None = None) -> dict[str, Any]:
     if outdir is not None:
         shutil.copyfile(vocab, outdir / Path(vocab).name)
     h, w = encoder.image_size
+    resize = resize_settings(spec)  # tbps's squash + bicubic, or what a converted model's source code did
+    how = ("stretch to exactly (H, W): no crop, no padding, aspect ratio not kept" if resize["resize"] == "squash"
+           else "resize the shorter side to the target's, then centre-crop (H, W) (open_clip / OpenAI CLIP)")
+    if encoder.cleaning == "none":
+        cleaning = {"kind": "none", "max_words": encoder.max_words,
+                    "order": "the raw caption to the tokenizer (its own cleaning below); when max_words is set, "
+                             "keep the first max_words whitespace-separated words"}
+    else:
+        cleaning = {
+            "kind": "tbps-clip", "lowercase": True,
+            "replace_with_space": _STRIP_CHARS.pattern.strip("[]").replace("\\", ""),
+            "collapse_whitespace": True, "strip": True, "max_words": encoder.max_words,
+            "order": "lowercase, replace the characters, collapse whitespace, keep the first max_words words",
+        }
     return {
         "format": "tbps-onnx-export",
         "version": 1,
@@ -142,18 +160,14 @@ def preprocess_settings(encoder, outdir: Path | None = None) -> dict[str, Any]:
         "features": {"dim": encoder.embed_dim, "l2_normalised": True, "dtype": "float32"},
         "image": {
             "input": "pixels", "layout": "NCHW", "dtype": "float32", "size": [h, w], "channels": "RGB",
-            "resize": {"interpolation": "bicubic", "library": "PIL", "to": [h, w],
-                       "how": "stretch to exactly (H, W): no crop, no padding, aspect ratio not kept"},
+            "resize": {"interpolation": resize["interpolation"], "library": "PIL", "to": [h, w], "mode": resize["resize"],
+                       "how": how},
             "scale": 1 / 255, "mean": list(spec.mean), "std": list(spec.std),
             "formula": "(pixel / 255 - mean) / std per channel",
         },
         "text": {
             "input": "tokens", "dtype": "int64", "context_length": encoder.model.context_length,
-            "caption_cleaning": {
-                "lowercase": True, "replace_with_space": _STRIP_CHARS.pattern.strip("[]").replace("\\", ""),
-                "collapse_whitespace": True, "strip": True, "max_words": encoder.max_words,
-                "order": "lowercase, replace the characters, collapse whitespace, keep the first max_words words",
-            },
+            "caption_cleaning": cleaning,
             "tokenizer": {
                 "kind": "clip-bpe", "vocab_file": Path(vocab).name,
                 "its_own_cleaning": getattr(tok.clean_fn, "__name__", "").lstrip("_") or "lower",
@@ -176,7 +190,7 @@ def max_difference(encoder, outdir: Path, pixels: torch.Tensor, texts: list[str]
         return None
     from tbps.retrieval.encoder import tokenize_captions
 
-    tokens = tokenize_captions(encoder.tokenizer, texts, encoder.max_words).numpy()
+    tokens = tokenize_captions(encoder.tokenizer, texts, encoder.max_words, encoder.cleaning).numpy()
     img = ort.InferenceSession(str(outdir / IMAGE_GRAPH), providers=["CPUExecutionProvider"])
     txt = ort.InferenceSession(str(outdir / TEXT_GRAPH), providers=["CPUExecutionProvider"])
     a = img.run(None, {"pixels": pixels.numpy()})[0]
