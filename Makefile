@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[serve,nlp,dev]'
+	$(BIN)/pip install -q -e '.[serve,nlp,dev,deploy,qdrant]'
 	touch $(STAMP)
 
 demo: venv
