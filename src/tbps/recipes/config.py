@@ -73,6 +73,14 @@ class TrainConfig:
     log_every: int = 10  # steps between metric rows in the progress bar
     budget_schedule: bool = True  # with --time-budget, run the lr schedule to its end by the deadline
     cpu_threads: int = 0  # torch threads on CPU; 0: the cores left over by the DataLoader workers
+    # Gradient caching: > 0 embeds each process's batch in chunks of this many pairs and reproduces the
+    # loss and gradients of the whole batch (tbps.engine.gradcache); 0: off. For a global batch larger
+    # than fits: data.batch_size = global batch / GPUs, grad_cache_chunk = what one GPU holds.
+    grad_cache_chunk: int = 0
+
+    def __post_init__(self):
+        if self.grad_cache_chunk < 0:
+            raise ValueError(f"grad_cache_chunk is 0 (off) or a chunk size in pairs, got {self.grad_cache_chunk}")
 
 
 @dataclass
