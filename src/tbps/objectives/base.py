@@ -28,6 +28,8 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
+from tbps.objectives.cached import CachedModel, Embedding, embed
+
 OBJECTIVES: dict[str, type["Objective"]] = {}
 
 # (collated batch, tokenizer) -> the batch with extra keys; runs in the DataLoader workers.
@@ -41,22 +43,6 @@ class StepContext:
     epoch: float
     total_epochs: float
     step: int
-
-
-@dataclass(frozen=True)
-class Embedding:
-    """One per-sample encoder call of an objective: ``model.<method>(batch[<key>])``, with gradients
-    or (``grad=False``) under ``torch.no_grad()``. Its output is a tensor or a tuple of tensors
-    whose first dimension is the batch."""
-
-    method: str  # a model method: encode_image, encode_text, image_tokens, text_tokens
-    key: str  # the batch entry it encodes
-    grad: bool = True
-    call: int = 0  # the n-th call of this method on this entry within one forward
-
-    @property
-    def name(self) -> str:
-        return f"{self.method}:{self.key}#{self.call}"
 
 
 class Objective(nn.Module):
@@ -104,16 +90,12 @@ class Objective(nn.Module):
 
     def embed(self, model: nn.Module, chunk: dict) -> dict[str, Any]:
         """The declared encoder calls on a chunk of the batch: ``{Embedding.name: output}``."""
-        from tbps.objectives.cached import embed
-
         return embed(model, self.embeddings(), chunk)
 
     def loss_from_features(self, model: nn.Module, features: dict[str, Any], batch: dict,
                            ctx: StepContext) -> dict[str, torch.Tensor]:
         """``forward``'s outputs for the whole ``batch`` with every declared encoder call answered
         from ``features`` (the chunks' outputs, concatenated) instead of running the encoders."""
-        from tbps.objectives.cached import CachedModel
-
         return self.forward(CachedModel(model, self.embeddings(), features, batch, type(self).__name__), batch, ctx)
 
 

@@ -2,7 +2,7 @@
 
 Gradient caching (:mod:`tbps.engine.gradcache`) needs an objective in two halves: the per-sample
 encoder calls (run chunk by chunk) and the losses over the whole batch's features. Objectives
-declare their encoder calls as a list of :class:`tbps.objectives.base.Embedding`; then
+declare their encoder calls as a list of :class:`Embedding`; then
 
 * :func:`embed` runs those calls on one chunk of a batch, and
 * :class:`CachedModel` stands in for the model while the objective's own ``forward`` runs on the
@@ -18,16 +18,31 @@ encoder on the whole batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from tbps.objectives.base import Embedding
-
 # The model methods that run per-sample encoders (TBPSModel): a CachedModel answers all of them.
 ENCODER_METHODS = ("encode_image", "encode_text", "image_tokens", "text_tokens")
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """One per-sample encoder call of an objective: ``model.<method>(batch[<key>])``, with gradients
+    or (``grad=False``) under ``torch.no_grad()``. Its output is a tensor or a tuple of tensors
+    whose first dimension is the batch."""
+
+    method: str  # a model method: encode_image, encode_text, image_tokens, text_tokens
+    key: str  # the batch entry it encodes
+    grad: bool = True
+    call: int = 0  # the n-th call of this method on this entry within one forward
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}:{self.key}#{self.call}"
 
 
 class GradCacheError(RuntimeError):
