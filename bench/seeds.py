@@ -47,7 +47,7 @@ def run_seed(recipe_name: str, data: str, out: str, seed: int, epochs: int | Non
     best = summary.get("best_info") or {}
     result = {
         "key": _key(recipe_name, data, epochs, minutes, overrides), "seed": seed,
-        "steps": summary["global_step"], "epochs_trained": _epochs_at_stop(run_dir, summary),
+        "steps": summary["global_step"], "epochs_trained": _epochs_at_stop(run_dir),
         "stopped_by_budget": summary["stopped_by_budget"], "minutes": round((time.time() - t0) / 60, 2),
         "picked_on": best.get("metric", "last epoch (no val split)"), "picked_epoch": best.get("epoch"),
         "val_score": best.get("score"), "test_t2i": test["t2i"], "test": test,
@@ -56,7 +56,7 @@ def run_seed(recipe_name: str, data: str, out: str, seed: int, epochs: int | Non
     return result
 
 
-def _epochs_at_stop(run_dir: Path, summary: dict) -> float | None:
+def _epochs_at_stop(run_dir: Path) -> float | None:
     """Fractional epochs trained: the last evaluated position of the run's history."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
         if (run_dir / "metrics.jsonl").exists() else []
