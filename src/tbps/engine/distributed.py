@@ -53,3 +53,34 @@ def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op in one process)."""
     if info.enabled:
         dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers on every rank, as DDP does before each forward (no-op in one process)."""
+    if info.enabled:
+        for b in module.buffers():
+            dist.broadcast(b.data, 0)
+
+
+def average_gradients(module: torch.nn.Module, info: DistInfo) -> None:
+    """Average ``.grad`` over the ranks, as DDP's reducer does, for steps that back-propagate more
+    than once outside it (gradient caching). A parameter with a gradient on any rank gets the mean
+    (zeros where a rank has none); one with a gradient on no rank keeps ``None``, as under DDP with
+    ``find_unused_parameters``. One flat all-reduce per step (no-op in one process)."""
+    if not info.enabled:
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return
+    device = params[0].device
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(used)
+    params = [p for p, u in zip(params, used.tolist()) if u > 0]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    offset = 0
+    for p in params:
+        k = p.numel()
+        p.grad = flat[offset:offset + k].view_as(p).to(p.dtype)
+        offset += k

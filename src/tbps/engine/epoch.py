@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from tbps.engine.distributed import DistInfo, all_agree
+from tbps.engine import gradcache
+from tbps.engine.distributed import DistInfo, all_agree, average_gradients, broadcast_buffers
 from tbps.engine.optim import lr_at, schedule_position, set_lr
 from tbps.engine.runtime import Budget
 from tbps.objectives.base import Objective, StepContext
@@ -111,11 +112,14 @@ def _step(loop: Loop, batch: dict, progress: float) -> tuple[dict[str, torch.Ten
     set_lr(loop.optimizer, lr)
     batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
     ctx = StepContext(epoch=progress, total_epochs=loop.epochs, step=loop.global_step)
-    with torch.autocast(device.type, dtype=loop.amp.dtype, enabled=loop.amp.enabled):
-        outputs = loop.train_module(batch, ctx)
-    loss = sum(v for k, v in outputs.items() if k.endswith("_loss"))
     loop.optimizer.zero_grad(set_to_none=True)
-    loop.scaler.scale(loss).backward()
+    if tcfg.grad_cache_chunk > 0:
+        outputs, loss = _cached_forward_backward(loop, batch, ctx)
+    else:
+        with torch.autocast(device.type, dtype=loop.amp.dtype, enabled=loop.amp.enabled):
+            outputs = loop.train_module(batch, ctx)
+        loss = sum(v for k, v in outputs.items() if k.endswith("_loss"))
+        loop.scaler.scale(loss).backward()
     if tcfg.grad_clip > 0:
         loop.scaler.unscale_(loop.optimizer)
         torch.nn.utils.clip_grad_norm_(loop.module.parameters(), tcfg.grad_clip)
@@ -125,3 +129,16 @@ def _step(loop: Loop, batch: dict, progress: float) -> tuple[dict[str, torch.Ten
         loop.model.logit_scale.clamp_(0, math.log(tcfg.logit_scale_max))
     loop.objective.after_step(loop.model)
     return outputs, loss, lr
+
+
+def _cached_forward_backward(loop: Loop, batch: dict, ctx: StepContext) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The step's forward and backward by gradient caching (``train.grad_cache_chunk``) on the
+    unwrapped module; under torchrun the gradients are then averaged here instead of by DDP."""
+    device, amp = loop.device, loop.amp
+    broadcast_buffers(loop.module, loop.dist)
+    outputs, loss = gradcache.forward_backward(
+        loop.objective, loop.model, batch, ctx, loop.recipe.train.grad_cache_chunk,
+        backward=lambda t: loop.scaler.scale(t).backward(),
+        autocast=lambda: torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled))
+    average_gradients(loop.module, loop.dist)
+    return outputs, loss

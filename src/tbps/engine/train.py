@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from tbps.engine import gradcache
 from tbps.engine.distributed import DistInfo, barrier, init_distributed
 from tbps.engine.epoch import Amp, Loop, train_one_epoch
 from tbps.engine.optim import build_optimizer
@@ -123,6 +124,7 @@ def train(job: TrainJob) -> dict[str, Any]:
 def _train(job: TrainJob, out: Path, dist: DistInfo, device: torch.device, fresh: "_Fresh | None") -> dict[str, Any]:
     resume_ckpt = _resume_checkpoint(job, out)
     recipe, tcfg = job.recipe, job.recipe.train
+    gradcache.check_supported(recipe)  # refused in one line before the data is loaded
     epochs = job.epochs if job.epochs is not None else (resume_ckpt or {}).get("epochs") or tcfg.epochs
     seed_everything(tcfg.seed)  # same initial weights on every rank
     if device.type == "cpu":

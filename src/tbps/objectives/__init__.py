@@ -13,6 +13,7 @@ from __future__ import annotations
 from tbps.objectives.base import (
     OBJECTIVES,
     BatchHook,
+    Embedding,
     Objective,
     StepContext,
     build_objective,
@@ -23,4 +24,4 @@ from tbps.objectives.base import (
 # Imported for their @register: each adds its objective(s) to OBJECTIVES.
 from tbps.objectives import irra, laip, mefa, tbps_clip, textreid  # noqa: E402,F401  isort: skip
 
-__all__ = ["OBJECTIVES", "BatchHook", "Objective", "StepContext", "build_objective", "merge_losses", "register"]
+__all__ = ["OBJECTIVES", "BatchHook", "Embedding", "Objective", "StepContext", "build_objective", "merge_losses", "register"]

@@ -12,6 +12,12 @@ The trainer (:mod:`tbps.engine`) calls, in this order:
 
 Every hook but ``configure`` and ``forward`` has a no-op default, so an objective overrides only
 what it uses.
+
+Gradient caching (``train.grad_cache_chunk``, :mod:`tbps.engine.gradcache`) splits a step into
+``embed(model, chunk)`` (the per-sample encoder calls, run chunk by chunk) and
+``loss_from_features(model, features, batch, ctx)`` (the losses of the whole batch from those
+features). An objective opts in by setting ``not_cacheable = None`` and declaring its encoder calls
+in ``embeddings()``; both methods then come from this base class (see :mod:`tbps.objectives.cached`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
+
+from tbps.objectives.cached import CachedModel, Embedding, embed
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
 
@@ -47,6 +55,9 @@ class Objective(nn.Module):
     """
 
     defaults: ClassVar[dict[str, Any]] = {}
+    # Why train.grad_cache_chunk cannot be used with this objective; None when it can (it then
+    # declares its encoder calls in embeddings()).
+    not_cacheable: ClassVar[str | None] = "it does not declare its encoder calls for gradient caching"
 
     def configure(self, losses: dict[str, Any]) -> None:
         """Apply a (possibly per-stage) ``losses:`` section; called before every epoch. Required."""
@@ -69,6 +80,23 @@ class Objective(nn.Module):
 
     def after_step(self, model: nn.Module) -> None:
         """Run after each optimiser step (EMA updates, queues)."""
+
+    # ------------------------------------------------------------------ gradient caching
+    def embeddings(self) -> list[Embedding]:
+        """The per-sample encoder calls of ``forward`` under the current losses, in the order it
+        makes them (only for objectives with ``not_cacheable = None``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be trained with gradient caching: "
+                                  f"{self.not_cacheable}")
+
+    def embed(self, model: nn.Module, chunk: dict) -> dict[str, Any]:
+        """The declared encoder calls on a chunk of the batch: ``{Embedding.name: output}``."""
+        return embed(model, self.embeddings(), chunk)
+
+    def loss_from_features(self, model: nn.Module, features: dict[str, Any], batch: dict,
+                           ctx: StepContext) -> dict[str, torch.Tensor]:
+        """``forward``'s outputs for the whole ``batch`` with every declared encoder call answered
+        from ``features`` (the chunks' outputs, concatenated) instead of running the encoders."""
+        return self.forward(CachedModel(model, self.embeddings(), features, batch, type(self).__name__), batch, ctx)
 
 
 def merge_losses(defaults: dict[str, Any], given: dict[str, Any], where: str = "losses") -> dict[str, Any]:

@@ -27,7 +27,7 @@ from tbps.losses.id_loss import id_loss
 from tbps.losses.mlm import masked_token_loss
 from tbps.losses.sdm import sdm_loss
 from tbps.models.fusion import build_fusion, image_memory
-from tbps.objectives.base import Objective, StepContext, merge_losses, register
+from tbps.objectives.base import Embedding, Objective, StepContext, merge_losses, register
 
 FUSION_DEFAULTS = {"width": 512, "layers": 4, "heads": 8, "mlp_ratio": 4.0}
 
@@ -61,6 +61,16 @@ class IRRAObjective(Objective):
 
     def configure(self, losses: dict[str, Any]) -> None:
         self.cfg = merge_losses(self.defaults, losses or {})
+
+    # SDM and ID are functions of the global features; MLM of the image tokens and the masked captions'
+    # word tokens, all cached per sample (the fusion encoder and the heads run on the whole batch).
+    not_cacheable = None
+
+    def embeddings(self) -> list[Embedding]:
+        """forward's encoder calls, in its order (gradient caching)."""
+        mlm = self.cfg["mlm"]["weight"] > 0
+        plan = [Embedding("image_tokens" if mlm else "encode_image", "image"), Embedding("encode_text", "tokens")]
+        return plan + [Embedding("text_tokens", "mlm_tokens")] if mlm else plan
 
     def batch_hook(self, dataset=None) -> FusionBatchHook | None:
         """Masked captions for MLM, made in the data pipeline."""

@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
 
 @register("laip")
 class LAIPObjective(Objective):
+    not_cacheable = ("its ITM hard negatives pair each caption with other samples' image tokens inside the "
+                     "fusion encoder, whose graph would then span the whole batch")
     defaults = DEFAULTS
 
     def __init__(self, model: nn.Module, losses: dict[str, Any], *, num_identities: int):

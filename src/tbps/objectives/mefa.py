@@ -75,6 +75,8 @@ class NegativeCaptionHook:
 
 @register("mefa")
 class MeFaObjective(Objective):
+    not_cacheable = ("its IMR negatives encode rewritten captions that are not batch entries and its CMR "
+                     "refines each sample's tokens against the other modality's")
     defaults = DEFAULTS
 
     def __init__(self, model: nn.Module, losses: dict[str, Any], *, num_identities: int):

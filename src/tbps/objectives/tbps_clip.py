@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from tbps.losses.gather import gather_no_grad, gather_with_grad, rank_offset
 from tbps.losses import citc_loss, nitc_loss, ritc_loss, simclr_loss
-from tbps.objectives.base import Objective, StepContext, merge_losses, register
+from tbps.objectives.base import Embedding, Objective, StepContext, merge_losses, register
 
 DEFAULTS: dict[str, Any] = {
     "nitc": {"weight": 1.0, "alpha": 0.5, "ramp_epochs": 1.0},
@@ -42,6 +42,18 @@ class TBPSCLIPObjective(Objective):
 
     def configure(self, losses: dict[str, Any]) -> None:
         self.cfg = merge_losses(self.defaults, losses or {})
+
+    not_cacheable = None  # every term is a function of per-sample encoder outputs (train.grad_cache_chunk)
+
+    def embeddings(self) -> list[Embedding]:
+        """forward's encoder calls, in its order (gradient caching)."""
+        cfg = self.cfg
+        plan = [Embedding("encode_image", "image"), Embedding("encode_text", "tokens")]
+        if cfg["nitc"]["weight"] > 0 and cfg["mvs"]["enabled"]:
+            plan.append(Embedding("encode_image", "image_view2"))
+        if cfg["ss"]["weight"] > 0:
+            plan += [Embedding("encode_image", "ss_view1"), Embedding("encode_image", "ss_view2")]
+        return plan
 
     def forward(self, model: nn.Module, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg

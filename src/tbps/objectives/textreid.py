@@ -22,7 +22,7 @@ from torch import nn
 
 from tbps.losses.gather import gather_no_grad, gather_with_grad
 from tbps.losses import CMMoCo, alignment_loss, id_loss
-from tbps.objectives.base import Objective, StepContext, merge_losses, register
+from tbps.objectives.base import Embedding, Objective, StepContext, merge_losses, register
 from tbps.objectives.tbps_clip import DEFAULTS as TBPS_CLIP_DEFAULTS
 from tbps.objectives.tbps_clip import TBPSCLIPObjective
 
@@ -85,6 +85,14 @@ class TextReIDObjective(Objective):
         cfg = merge_losses(self.defaults, losses or {})
         _check_stage(self.cmmoco, cfg["cmmoco"])
         self.cfg = cfg
+
+    # CM-MoCo, ID and alignment are functions of the global features; the momentum keys are computed
+    # (without a graph) on the whole batch in the loss step.
+    not_cacheable = None
+
+    def embeddings(self) -> list[Embedding]:
+        """forward's encoder calls, in its order (gradient caching)."""
+        return [Embedding("encode_image", "image"), Embedding("encode_text", "tokens")]
 
     def forward(self, model: nn.Module, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg

@@ -74,6 +74,14 @@ class TrainConfig:
     log_every: int = 10  # steps between metric rows in the progress bar
     budget_schedule: bool = True  # with --time-budget, run the lr schedule to its end by the deadline
     cpu_threads: int = 0  # torch threads on CPU; 0: the cores left over by the DataLoader workers
+    # Gradient caching: > 0 embeds each process's batch in chunks of this many pairs and reproduces the
+    # loss and gradients of the whole batch (tbps.engine.gradcache); 0: off. For a global batch larger
+    # than fits: data.batch_size = global batch / GPUs, grad_cache_chunk = what one GPU holds.
+    grad_cache_chunk: int = 0
+
+    def __post_init__(self):
+        if self.grad_cache_chunk < 0:
+            raise ValueError(f"grad_cache_chunk is 0 (off) or a chunk size in pairs, got {self.grad_cache_chunk}")
 
 
 @dataclass
@@ -165,10 +173,10 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. optim.lr=3e-4)")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if not all(p.strip() and p == p.strip() for p in parts):
+        if not all(p and not any(c.isspace() for c in p) for p in parts):
             raise ConfigError(f"override {item!r}: the key must be SECTION.KEY (e.g. optim.lr=3e-4)")
         if raw.strip() == "":
-            raise ConfigError(f"override {item!r}: no value after '=' (write {key}=null to unset a key)")
+            raise ConfigError(f"override {item!r}: no value after '=' (write {'.'.join(parts)}=null to unset a key)")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
