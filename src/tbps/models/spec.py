@@ -51,6 +51,8 @@ class ModelSpec:
     text_tower: dict[str, Any] | None = None
     # Linear heads to this embedding size on both towers (TextReID: 256); None keeps the architecture's.
     embed_dim: int | None = None
+    # CLIP ResNets only: stride of layer4 (2: CLIP's own; 1: TextReID's RES5_STRIDE, a H/16 x W/16 final map).
+    resnet_last_stride: int = 2
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
