@@ -28,7 +28,7 @@ def param_groups(modules: dict[str, nn.Module], cfg: OptimConfig) -> list[dict]:
             for key, f in cfg.lr_factors.items():
                 if full.startswith(key):
                     factor = f
-            if cfg.bias_lr_factor != 1.0 and name.endswith(".bias"):
+            if cfg.bias_lr_factor != 1.0 and full.endswith(".bias"):
                 factor = cfg.bias_lr_factor
             groups.setdefault((factor, not _no_decay(name, p)), []).append(p)
     return [
