@@ -4,7 +4,8 @@ For each recipe (one child process each, so peak memory is its own): `tbps train
 ``train``) on a tiny synthetic dataset for one epoch at batch 8, timing every optimiser step, then
 `tbps eval` reads the run's best.pt. One line per recipe: parameters (trainable / all, model and
 objective), seconds per step (the median of the steps after the first, which warms the allocator),
-peak resident memory of the training process, wall seconds of the whole train run, and the test R@1
+its CPU seconds per step (the process's own CPU time: comparable across a busy and an idle
+machine, unlike the wall seconds), peak resident memory of the training process, wall seconds of the whole train run, and the test R@1
 `tbps eval` printed (of random weights after a few steps: it shows the checkpoint reads back, not
 accuracy).
 
@@ -53,6 +54,7 @@ def run_one(name: str, data: Path, out: Path, batch: int, threads: int, budget_m
     from tbps.recipes.config import load_recipe
 
     times: list[float] = []
+    cpu: list[float] = []  # this process's CPU seconds per step: what a step costs whatever else runs
     counts: dict[str, int] = {}
     real_step = epoch_mod._step
 
@@ -60,9 +62,10 @@ def run_one(name: str, data: Path, out: Path, batch: int, threads: int, budget_m
         if not counts:
             ps = list(loop.module.parameters())
             counts.update(all=sum(p.numel() for p in ps), trainable=sum(p.numel() for p in ps if p.requires_grad))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = real_step(loop, batch_, progress)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         return res
 
     epoch_mod._step = timed_step
@@ -76,6 +79,7 @@ def run_one(name: str, data: Path, out: Path, batch: int, threads: int, budget_m
         "recipe": name, "arch": recipe.model.arch, "image_size": list(recipe.model.image_size or []),
         "params_M": round(counts.get("all", 0) / 1e6, 1), "trainable_M": round(counts.get("trainable", 0) / 1e6, 1),
         "steps": len(times), "s_per_step": round(statistics.median(steady), 2) if steady else None,
+        "cpu_s_per_step": round(statistics.median(cpu[1:] or cpu), 2) if cpu else None,
         "first_step_s": round(times[0], 2) if times else None,
         "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "train_wall_s": round(wall, 1), "best_pt": Path(summary["best"]).exists(), "threads": torch.get_num_threads(),
@@ -110,7 +114,7 @@ def main(argv=None) -> int:
         from tbps.synth import synthesize  # 12 ids x 2 views: ~4 steps of 8 pairs in the train split
 
         synthesize(data, ids=12, images_per_id=2, seed=0, image_size=(128, 64), workers=1, progress=False)
-    cols = ["recipe", "arch", "image_size", "params_M", "trainable_M", "s_per_step", "first_step_s", "steps",
+    cols = ["recipe", "arch", "image_size", "params_M", "trainable_M", "s_per_step", "cpu_s_per_step", "first_step_s", "steps",
             "peak_rss_GiB", "train_wall_s", "best_pt", "test_R1"]
     print(" | ".join(cols), flush=True)
     for name in args.recipes:
