@@ -37,7 +37,8 @@ def _second_pass(mode: str) -> bool:
     return mode == "second_pass"
 
 
-def _soft_logits(img_s: torch.Tensor, txt_s: torch.Tensor, scale: torch.Tensor, gather: bool) -> dict[str, torch.Tensor]:
+def _soft_logits(img_s: torch.Tensor, txt_s: torch.Tensor, scale: torch.Tensor,
+                 gather: bool) -> dict[str, torch.Tensor]:
     """Scaled similarities of second-pass features, local rows against global columns: (B, G) each."""
     s, g = scale.detach(), (gather_no_grad if gather else (lambda x: x))
     return {"soft_i2t": s * img_s @ g(txt_s).t(), "soft_t2i": s * txt_s @ g(img_s).t()}
