@@ -22,7 +22,7 @@ from tbps.engine.distributed import DistInfo, all_agree, average_gradients, broa
 from tbps.engine.optim import lr_at, schedule_position, set_lr
 from tbps.engine.runtime import Budget
 from tbps.objectives.base import Objective, StepContext
-from tbps.recipes.config import Recipe
+from tbps.recipes.config import ConfigError, Recipe
 
 
 @dataclass
@@ -33,9 +33,13 @@ class Amp:
     dtype: torch.dtype
 
     @classmethod
-    def choose(cls, wanted: bool, device: torch.device) -> "Amp":
+    def choose(cls, wanted: bool, device: torch.device, dtype: str = "auto") -> "Amp":
         enabled = wanted and device.type == "cuda"
-        return cls(enabled, torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16)
+        if dtype not in ("auto", "float16", "bfloat16"):
+            raise ConfigError(f"train.amp_dtype must be auto, float16 or bfloat16, got {dtype!r}")
+        if dtype == "auto":
+            dtype = "bfloat16" if enabled and torch.cuda.is_bf16_supported() else "float16"
+        return cls(enabled, getattr(torch, dtype))
 
     def scaler(self) -> torch.amp.GradScaler:
         """A gradient scaler, active for float16 only (bfloat16 needs none)."""
@@ -125,8 +129,9 @@ def _step(loop: Loop, batch: dict, progress: float) -> tuple[dict[str, torch.Ten
         torch.nn.utils.clip_grad_norm_(loop.module.parameters(), tcfg.grad_clip)
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
-    with torch.no_grad():
-        loop.model.logit_scale.clamp_(0, math.log(tcfg.logit_scale_max))
+    if tcfg.logit_scale_clamp == "step":  # "forward": capped inside the forward instead (TBPSModel.scale)
+        with torch.no_grad():
+            loop.model.logit_scale.clamp_(0, math.log(tcfg.logit_scale_max))
     loop.objective.after_step(loop.model)
     return outputs, loss, lr
 

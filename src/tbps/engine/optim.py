@@ -28,6 +28,8 @@ def param_groups(modules: dict[str, nn.Module], cfg: OptimConfig) -> list[dict]:
             for key, f in cfg.lr_factors.items():
                 if full.startswith(key):
                     factor = f
+            if cfg.bias_lr_factor != 1.0 and full.endswith(".bias"):
+                factor = cfg.bias_lr_factor
             groups.setdefault((factor, not _no_decay(name, p)), []).append(p)
     return [
         {"params": ps, "lr_factor": factor, "weight_decay": cfg.weight_decay if decay else 0.0}
@@ -54,7 +56,12 @@ def build_optimizer(modules: dict[str, nn.Module], cfg: OptimConfig) -> torch.op
 
 def lr_at(progress_epochs: float, total_epochs: float, cfg: OptimConfig) -> float:
     """Learning rate at a fractional epoch: linear warm-up from ``warmup_start_lr``, then
-    cosine decay to ``min_lr`` at ``total_epochs`` (or step decay at ``milestones``)."""
+    cosine decay to ``min_lr`` at ``total_epochs`` (or step decay at ``milestones``). With
+    ``schedule_unit: epoch`` the position is rounded down to the epoch (a per-epoch scheduler)."""
+    if cfg.schedule_unit == "epoch":
+        progress_epochs = math.floor(progress_epochs)
+    elif cfg.schedule_unit != "step":
+        raise ValueError(f"unknown schedule_unit {cfg.schedule_unit!r}: step or epoch")
     if progress_epochs < cfg.warmup_epochs:
         t = progress_epochs / cfg.warmup_epochs
         return cfg.warmup_start_lr + t * (cfg.lr - cfg.warmup_start_lr)

@@ -31,7 +31,7 @@ from tbps.engine.runlog import RunLog, say
 from tbps.engine.runtime import Budget, check_device, cpu_threads, seed_everything
 from tbps.files import atomic_write
 from tbps.models.checkpoint import CheckpointError, load_checkpoint, set_rng_state
-from tbps.recipes.config import Recipe, recipe_from_dict
+from tbps.recipes.config import ConfigError, Recipe, recipe_from_dict
 
 
 # What a run writes into its folder: a run started with overwrite=True removes these first, and a
@@ -258,6 +258,9 @@ def _model_and_data(job: TrainJob, recipe: Recipe, dist: DistInfo, *, pretrained
     model = create_model(recipe.model, load_pretrained=pretrained)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(tcfg.logit_scale_init))
+    if tcfg.logit_scale_clamp not in ("step", "forward"):
+        raise ConfigError(f"train.logit_scale_clamp must be step or forward, got {tcfg.logit_scale_clamp!r}")
+    model.logit_scale_cap = tcfg.logit_scale_max if tcfg.logit_scale_clamp == "forward" else None
     tokenizer = get_tokenizer(model.spec)
     dataset = TrainPairs(train_records, model.image_size, mean=model.spec.mean, std=model.spec.std,
                          augment=dcfg.augment, text_augment=dcfg.text_augment, max_words=dcfg.max_words,
@@ -296,7 +299,7 @@ def _loop(recipe: Recipe, model: nn.Module, data: _Data, device: torch.device, d
     if dist.enabled:
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
         train_module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True, **ddp_kwargs)
-    amp = Amp.choose(recipe.train.amp, device)
+    amp = Amp.choose(recipe.train.amp, device, recipe.train.amp_dtype)
     return Loop(model=model, objective=objective, module=module, train_module=train_module, optimizer=optimizer,
                 scaler=amp.scaler(), amp=amp, device=device, dist=dist, recipe=recipe, epochs=epochs,
                 steps_per_epoch=data.sampler.num_batches(),

@@ -82,17 +82,20 @@ class CMMoCo(nn.Module):
     ``loss`` updates the key encoder (EMA), computes the keys, returns the loss, and then
     enqueues the keys gathered from every process. ``batch_negatives`` adds the current
     global batch's keys of other people as negatives (needed when ``queue_size`` is 0).
+    ``key_train_mode`` runs the key encoder in train mode when the objective trains (TextReID:
+    BatchNorm on the batch's statistics); otherwise it stays in eval mode.
     """
 
     def __init__(self, model: nn.Module, *, queue_size: int = 2048, momentum: float = 0.999,
-                 temperature: float = 0.07, batch_negatives: bool = False, dim: int | None = None):
+                 temperature: float = 0.07, batch_negatives: bool = False, dim: int | None = None,
+                 key_train_mode: bool = False):
         super().__init__()
         if queue_size == 0 and not batch_negatives:
             raise ValueError("cmmoco: queue_size 0 leaves no negatives; set batch_negatives: true")
         dim = int(dim or model.embed_dim)
         self.temperature = float(temperature)
         self.batch_negatives = bool(batch_negatives)
-        self.key_encoder = MomentumEncoder(model, momentum)
+        self.key_encoder = MomentumEncoder(model, momentum, train_mode=key_train_mode)
         self.image_queue = FeatureQueue(queue_size, dim)
         self.text_queue = FeatureQueue(queue_size, dim)
 

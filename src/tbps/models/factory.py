@@ -21,6 +21,7 @@ from tbps.models.spec import (  # noqa: F401  (CLIP_MEAN .. ModelError: re-expor
     list_architectures,
     register_spec_config,
 )
+from tbps.models.resnet import adapt_modified_resnet
 from tbps.models.tbps_model import TBPSModel
 from tbps.models.text_towers import text_tower
 
@@ -40,7 +41,8 @@ def create_model(spec: ModelSpec, *, load_pretrained: bool = True) -> TBPSModel:
 
     pretrained = spec.pretrained if load_pretrained else None
     kwargs: dict[str, Any] = {}
-    if spec.image_size is not None:
+    resnet = isinstance(spec.arch_config["vision_cfg"].get("layers"), (list, tuple))  # open_clip's ModifiedResNet
+    if spec.image_size is not None and not resnet:
         kwargs["force_image_size"] = tuple(spec.image_size)
     if spec.context_length is not None:
         kwargs["force_context_length"] = spec.context_length
@@ -54,6 +56,9 @@ def create_model(spec: ModelSpec, *, load_pretrained: bool = True) -> TBPSModel:
                 "weights on a connected machine and pass the file path as --pretrained."
             ) from e
         raise
+    if resnet:  # built square at its native size (weights load as they are), then fitted to the real input
+        size = spec.image_size or (clip.visual.image_size,) * 2
+        adapt_modified_resnet(clip.visual, tuple(size), spec.resnet_last_stride)
     model = TBPSModel(clip, spec)
     if spec.text_attn_dropout:
         model.set_text_attention_dropout(spec.text_attn_dropout)

@@ -40,19 +40,22 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
 class MomentumEncoder(nn.Module):
     """A frozen EMA copy of ``module`` (keys for contrast with queues)."""
 
-    def __init__(self, module: nn.Module, momentum: float = 0.999):
+    def __init__(self, module: nn.Module, momentum: float = 0.999, *, train_mode: bool = False):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.momentum = float(momentum)
+        self.train_mode = bool(train_mode)
         self.module = copy.deepcopy(module)
         self.module.requires_grad_(False)
-        self.module.eval()  # keys without dropout noise; BatchNorm uses the copied running statistics
+        self.module.train(self.train_mode and module.training)
 
     def train(self, mode: bool = True) -> MomentumEncoder:
-        # The key encoder stays in eval mode whatever the parent does (no dropout noise in keys).
+        # Default: the key encoder stays in eval mode whatever the parent does (no dropout noise in keys;
+        # BatchNorm on the copied running statistics). ``train_mode``: it follows the parent, as
+        # TextReID's key encoders (BatchNorm on the batch's statistics) and MoCo's do.
         super().train(mode)
-        self.module.eval()
+        self.module.train(mode and self.train_mode)
         return self
 
     def update(self, online: nn.Module) -> None:

@@ -52,6 +52,17 @@ class TBPSModel(nn.Module):
         """Log of the learnable inverse temperature (CLIP initialises it to log(1/0.07))."""
         return self.clip.logit_scale
 
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), the inverse temperature the contrastive losses use. With
+        ``logit_scale_cap`` set (``train.logit_scale_clamp: forward``) its value is capped there in
+        every forward while the gradient flows as if uncapped, as TBPS-CLIP's code does
+        (``logit_scale.data = clamp(logit_scale.exp().data, max=100)``)."""
+        s = self.logit_scale.exp()
+        cap = getattr(self, "logit_scale_cap", None)
+        if cap is None:
+            return s
+        return s - (s - s.clamp(max=cap)).detach()  # value min(s, cap), d/ds = 1
+
     @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) of the images the visual tower takes."""
@@ -155,7 +166,7 @@ class TBPSModel(nn.Module):
         return {
             "image_features": self.encode_image(images),
             "text_features": self.encode_text(tokens),
-            "logit_scale": self.logit_scale.exp(),
+            "logit_scale": self.scale(),
         }
 
     def image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -178,7 +178,7 @@ class LAIPObjective(Objective):
         txt_raw, words, tmask = model.text_tokens(batch["tokens"])  # (B, D), (B, L, D), (B, L)
         img, txt = F.normalize(img_raw, dim=-1), F.normalize(txt_raw, dim=-1)
         pid = batch["pid"]
-        scale = model.logit_scale.exp()
+        scale = model.scale()
         out: dict[str, torch.Tensor] = {"logit_scale": scale.detach()}
         if cfg["itc"]["weight"] > 0:
             out["itc_loss"] = cfg["itc"]["weight"] * self._itc(model, batch, img, txt, scale)

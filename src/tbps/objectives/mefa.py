@@ -172,7 +172,7 @@ class MeFaObjective(Objective):
         pid = batch["pid"]
         img_g, txt_g = gather(img), gather(txt)
         pid_g = gather_no_grad(pid) if cfg["gather"] else pid
-        scale = model.logit_scale.exp()
+        scale = model.scale()
         out: dict[str, torch.Tensor] = {"logit_scale": scale.detach()}
 
         n = cfg["nitc"]

@@ -3,8 +3,9 @@
     L = w_moco * L_cmmoco + w_id * L_id + w_align * L_align
 
 - CM-MoCo (``losses/cmmoco.py``): momentum key encoders, id-filtered queues, T = 0.07.
-- ID (``losses/id_loss.py``): a classifier over the P training ids on the unnormalised
-  features of both modalities, label smoothing 0.1.
+- ID (``losses/id_loss.py``): a classifier over the P training ids (unit-length class vectors,
+  no bias) on the unnormalised features of both modalities, label smoothing 0.1, summed over
+  the two modalities as TextReID's code does.
 - Alignment (``losses/alignment.py``): on the cosine matrix of local images against the
   global texts (gathered across processes).
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from tbps.losses.gather import gather_no_grad, gather_with_grad
 from tbps.losses import CMMoCo, alignment_loss, id_loss
+from tbps.losses.id_loss import NormalizedClassifier
 from tbps.objectives.base import Embedding, Objective, StepContext, merge_losses, register
 from tbps.objectives.tbps_clip import DEFAULTS as TBPS_CLIP_DEFAULTS
 from tbps.objectives.tbps_clip import TBPSCLIPObjective
@@ -32,11 +34,16 @@ CMMOCO_DEFAULTS: dict[str, Any] = {
     "momentum": 0.999,
     "temperature": 0.07,
     "batch_negatives": False,  # also contrast with the current batch's keys of other people
+    # The key encoder's mode: "train" (TextReID's: BatchNorm on batch statistics, dropout on) or "eval"
+    # (running statistics copied from the online model, no dropout).
+    "key_mode": "train",
 }
 
 DEFAULTS: dict[str, Any] = {
     "cmmoco": dict(CMMOCO_DEFAULTS),
-    "id": {"weight": 1.0, "smoothing": 0.1},
+    # TextReID: CE(image) + CE(text) ("sum"; IRRA halves it: "mean") over unit-length class vectors
+    # without bias ("normalized"; "linear": nn.Linear with a bias, N(0, 0.001) weights).
+    "id": {"weight": 1.0, "smoothing": 0.1, "reduction": "sum", "classifier": "normalized"},
     "align": {"weight": 1.0, "scale_pos": 10.0, "margin_pos": 0.6, "scale_neg": 40.0, "margin_neg": 0.4},
     "gather": True,
 }
@@ -50,8 +57,10 @@ def build_cmmoco(model: nn.Module, cfg: dict[str, Any]) -> CMMoCo | None:
         return None
     if cfg["queue_size"] == 0 and not cfg["batch_negatives"]:
         raise ConfigError("losses.cmmoco: queue_size 0 leaves no negatives; set batch_negatives: true")
+    if cfg["key_mode"] not in ("train", "eval"):
+        raise ConfigError(f"losses.cmmoco.key_mode must be train or eval, got {cfg['key_mode']!r}")
     return CMMoCo(model, queue_size=cfg["queue_size"], momentum=cfg["momentum"], temperature=cfg["temperature"],
-                  batch_negatives=cfg["batch_negatives"])
+                  batch_negatives=cfg["batch_negatives"], key_train_mode=cfg["key_mode"] == "train")
 
 
 def _check_stage(cmmoco: CMMoCo | None, cfg: dict[str, Any]) -> None:
@@ -65,6 +74,20 @@ def _check_stage(cmmoco: CMMoCo | None, cfg: dict[str, Any]) -> None:
                           f"{cfg['queue_size']})")
 
 
+def _id_classifier(kind: str, dim: int, num_identities: int) -> nn.Module:
+    """The ID classifier shared by both modalities (one over the P training ids)."""
+    from tbps.recipes.config import ConfigError
+
+    if kind == "normalized":
+        return NormalizedClassifier(dim, num_identities)
+    if kind == "linear":
+        linear = nn.Linear(dim, num_identities)
+        nn.init.normal_(linear.weight, std=0.001)
+        nn.init.zeros_(linear.bias)
+        return linear
+    raise ConfigError(f"losses.id.classifier must be normalized or linear, got {kind!r}")
+
+
 @register("textreid")
 class TextReIDObjective(Objective):
     defaults = DEFAULTS
@@ -72,9 +95,7 @@ class TextReIDObjective(Objective):
     def __init__(self, model: nn.Module, losses: dict[str, Any], *, num_identities: int):
         super().__init__()
         self.cfg = merge_losses(self.defaults, losses or {})
-        self.classifier = nn.Linear(model.embed_dim, num_identities)  # shared by both modalities
-        nn.init.normal_(self.classifier.weight, std=0.001)
-        nn.init.zeros_(self.classifier.bias)
+        self.classifier = _id_classifier(self.cfg["id"]["classifier"], model.embed_dim, num_identities)
         # Built once from the recipe's losses: later stages may re-weight CM-MoCo, not switch it on.
         self.cmmoco: CMMoCo | None = build_cmmoco(model, self.cfg["cmmoco"])
         # TextReID's losses use fixed temperatures, never CLIP's logit scale: mark it untrained (AdamW
@@ -108,7 +129,7 @@ class TextReIDObjective(Objective):
         i = cfg["id"]
         if i["weight"] > 0:
             out["id_loss"] = i["weight"] * id_loss(self.classifier, img_raw.float(), txt_raw.float(), pid,
-                                                   i["smoothing"])
+                                                   i["smoothing"], reduction=i["reduction"])
         a = cfg["align"]
         if a["weight"] > 0:
             gather = gather_with_grad if cfg["gather"] else (lambda x: x)

@@ -59,6 +59,8 @@ class OptimConfig:
     min_lr: float = 5e-6
     milestones: list[float] = field(default_factory=list)  # step schedule: epochs where lr *= gamma
     gamma: float = 0.1
+    bias_lr_factor: float = 1.0  # != 1: biases take lr x this instead of their lr_factors one (IRRA: 2)
+    schedule_unit: str = "step"  # step: the lr moves every step; epoch: held for each epoch (IRRA's scheduler)
 
 
 @dataclass
@@ -69,6 +71,14 @@ class TrainConfig:
     grad_clip: float = 0.0
     logit_scale_init: float = 1 / 0.07
     logit_scale_max: float = 100.0
+    # step: clamp the log-scale parameter at log(logit_scale_max) after every optimiser step; forward: leave
+    # it free and cap exp(logit_scale) at logit_scale_max inside every forward, the gradient flowing as if
+    # uncapped (TBPS-CLIP's code: the parameter may drift above the cap and must come back before the
+    # value drops below it).
+    logit_scale_clamp: str = "step"
+    # AMP's low-precision type on CUDA: auto (bfloat16 where supported, else float16 with loss scaling),
+    # float16 (the reference codes' torch.autocast default / IRRA's fp16 model) or bfloat16.
+    amp_dtype: str = "auto"
     eval_every: int = 1  # epochs
     select_metric: str = "R1"  # val metric (text-to-image) that picks best.pt
     log_every: int = 10  # steps between metric rows in the progress bar
