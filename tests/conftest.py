@@ -41,3 +41,28 @@ MICRO = [
 @pytest.fixture
 def micro_overrides():
     return list(MICRO)
+
+
+def objective_setup(recipe, root):
+    """A recipe's model, training set and objective on the dataset at ``root``, with the trainer's hooks
+    run in its order (prepare_data, configure, on_epoch_start) at the first epoch where every stage's
+    losses are on. Returns (model, dataset, objective, epoch, collate)."""
+    from tbps.data.dataset import Collate, TrainPairs
+    from tbps.data.layouts import load_annotations
+    from tbps.data.text import clean_caption
+    from tbps.models.factory import create_model, get_tokenizer
+    from tbps.objectives import build_objective
+
+    epoch = max([s.get("start_epoch", 0) for s in recipe.stages], default=0)
+    torch.manual_seed(0)
+    model = create_model(recipe.model)
+    records = load_annotations(root).split("train")
+    ds = TrainPairs(records, model.image_size, mean=model.spec.mean, std=model.spec.std, augment=recipe.data.augment,
+                    text_augment=None, max_words=recipe.data.max_words)
+    model.prepare_vocabulary([clean_caption(c, 10**6) for r in records for c in r.captions])
+    obj = build_objective(recipe.objective, model, recipe.losses_at(0), num_identities=ds.num_identities)
+    obj.prepare_data(ds)
+    obj.configure(recipe.losses_at(epoch))
+    ds.set_epoch(epoch)
+    obj.on_epoch_start(model, ds, epoch=epoch, device="cpu")
+    return model, ds, obj, epoch, Collate(get_tokenizer(model.spec), obj.batch_hook(ds))

@@ -61,28 +61,12 @@ def _one_step(case: Case, tiny_dataset):
     """Build the case's model, data set and objective and run the trainer's hooks in its order
     (prepare_data, configure, on_epoch_start, batch_hook), then one forward and backward pass
     on ~12 pairs of many identities. Returns the model, the objective, the batch and the outputs."""
-    from tests.conftest import MICRO
-    from tbps.data.dataset import Collate, TrainPairs
-    from tbps.data.layouts import load_annotations
-    from tbps.data.text import clean_caption
-    from tbps.models.factory import create_model, get_tokenizer
+    from tests.conftest import MICRO, objective_setup
     from tbps.recipes.config import load_recipe
 
     recipe = load_recipe(case.recipe, MICRO + case.overrides)
     assert recipe.objective == case.objective
-    epoch = max([s.get("start_epoch", 0) for s in recipe.stages], default=0)
-    torch.manual_seed(0)
-    model = create_model(recipe.model)
-    records = load_annotations(tiny_dataset).split("train")
-    ds = TrainPairs(records, model.image_size, mean=model.spec.mean, std=model.spec.std, augment=recipe.data.augment,
-                    text_augment=None, max_words=recipe.data.max_words)
-    model.prepare_vocabulary([clean_caption(c, 10**6) for r in records for c in r.captions])
-    obj = build_objective(recipe.objective, model, recipe.losses_at(0), num_identities=ds.num_identities)
-    obj.prepare_data(ds)
-    obj.configure(recipe.losses_at(epoch))
-    ds.set_epoch(epoch)
-    obj.on_epoch_start(model, ds, epoch=epoch, device="cpu")
-    collate = Collate(get_tokenizer(model.spec), obj.batch_hook(ds))
+    model, ds, obj, epoch, collate = objective_setup(recipe, tiny_dataset)
     batch = collate([ds[i] for i in range(0, len(ds), max(1, len(ds) // 12))])
     out = obj(model, batch, StepContext(epoch=epoch + 0.5, total_epochs=epoch + 1, step=0))
     sum(v for k, v in out.items() if k.endswith("_loss")).backward()

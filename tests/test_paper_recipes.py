@@ -20,28 +20,14 @@ EXTRA = {
 
 
 def _step(name: str, root):
-    from tbps.data.dataset import Collate, TrainPairs
-    from tbps.data.layouts import load_annotations
-    from tbps.data.text import clean_caption
+    from tests.conftest import objective_setup
     from tbps.engine.optim import build_optimizer, lr_at, set_lr
-    from tbps.models.factory import create_model, get_tokenizer
-    from tbps.objectives import StepContext, build_objective
+    from tbps.objectives import StepContext
     from tbps.recipes.config import load_recipe
 
     recipe = load_recipe(name, TINY + EXTRA.get(name, []))
-    epoch = max([s.get("start_epoch", 0) for s in recipe.stages], default=0)  # the stage with every loss on
-    torch.manual_seed(0)
-    model = create_model(recipe.model)
-    records = load_annotations(root).split("train")
-    ds = TrainPairs(records, model.image_size, mean=model.spec.mean, std=model.spec.std, augment=recipe.data.augment,
-                    text_augment=None, max_words=recipe.data.max_words)
-    model.prepare_vocabulary([clean_caption(c, 10**6) for r in records for c in r.captions])
-    obj = build_objective(recipe.objective, model, recipe.losses_at(0), num_identities=ds.num_identities)
-    obj.prepare_data(ds)
-    obj.configure(recipe.losses_at(epoch))
-    ds.set_epoch(epoch)
-    obj.on_epoch_start(model, ds, epoch=epoch, device="cpu")
-    batch = Collate(get_tokenizer(model.spec), obj.batch_hook(ds))([ds[0], ds[len(ds) // 2]])  # batch 2
+    model, ds, obj, epoch, collate = objective_setup(recipe, root)
+    batch = collate([ds[0], ds[len(ds) // 2]])  # batch 2
     opt = build_optimizer({"model": model, "objective": obj}, recipe.optim)
     set_lr(opt, lr_at(epoch + 0.5, epoch + 1, recipe.optim))
     params = [p for p in list(model.parameters()) + list(obj.parameters()) if p.requires_grad]

@@ -40,7 +40,7 @@ from tbps.index.errors import (
 from tbps.index.filter_tree import parse_filter
 from tbps.index.local_store import check_features, check_records, column_type
 from tbps.index.qdrant_filter import qdrant_filter
-from tbps.index.store import BUILTIN_COLUMNS, Hit, _sort_rows, fingerprint_diff
+from tbps.index.store import BUILTIN_COLUMNS, Hit, _sort_rows, check_queries, fingerprint_diff
 from tbps.index.storespec import StoreSpec
 
 FORMAT = "tbps-qdrant-store"
@@ -334,7 +334,7 @@ class QdrantStore:
                exact: bool = False) -> list[list[Hit]]:
         """As ``GalleryIndex.search``; scores are the engine's dot products of the stored vectors."""
         _, models = _qdrant()
-        q = self._check_queries(queries)
+        q = check_queries(queries, self.dim)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise QueryError(f"k must be a positive integer, got {k!r}")
         flt = self._filter(where) if where is not None else None
@@ -371,18 +371,6 @@ class QdrantStore:
                     pts.append(p.model_copy(update={"score": float(s)}))
             out.append(pts)
         return out
-
-    def _check_queries(self, queries) -> np.ndarray:
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise QueryError(f"queries must have shape (D,) or (Q, D) with D={self.dim}, got {np.shape(queries)}")
-        if len(q) == 0:
-            raise QueryError("no queries given")
-        if not np.all(np.isfinite(q)):
-            raise QueryError("queries contain NaN or infinite values")
-        return q
 
     # -- writing --------------------------------------------------------------------------
     def _save_manifest(self, **changes) -> None:

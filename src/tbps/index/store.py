@@ -394,7 +394,7 @@ class GalleryIndex:
         exact: force exact search even when the index has an ANN structure.
         Returns one list of ``Hit`` per query.
         """
-        q = self._check_queries(queries)
+        q = check_queries(queries, self.dim)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise QueryError(f"k must be a positive integer, got {k!r}")
         k = int(k)
@@ -419,18 +419,6 @@ class GalleryIndex:
             [_hit(recs[int(i)], float(s)) for i, s in zip(ids_row, sc_row) if i >= 0]
             for ids_row, sc_row in zip(cand_ids, cand_scores)
         ]
-
-    def _check_queries(self, queries) -> np.ndarray:
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise QueryError(f"queries must have shape (D,) or (Q, D) with D={self.dim}, got {np.shape(queries)}")
-        if len(q) == 0:
-            raise QueryError("no queries given")
-        if not np.all(np.isfinite(q)):
-            raise QueryError("queries contain NaN or infinite values")
-        return q
 
     def _candidates(self, q: np.ndarray, depth: int, allowed: np.ndarray | None,
                     exact: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -463,6 +451,20 @@ class GalleryIndex:
             out_ids[i, : len(order)] = lab[order]
             out_sc[i, : len(order)] = sc[order]
         return out_ids, out_sc
+
+
+def check_queries(queries, dim: int) -> np.ndarray:
+    """Query features as a (Q, D) float32 array; a wrong shape, no query or a NaN raises :class:`QueryError`."""
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise QueryError(f"queries must have shape (D,) or (Q, D) with D={dim}, got {np.shape(queries)}")
+    if len(q) == 0:
+        raise QueryError("no queries given")
+    if not np.all(np.isfinite(q)):
+        raise QueryError("queries contain NaN or infinite values")
+    return q
 
 
 def exact_topk(features: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int,
