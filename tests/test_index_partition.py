@@ -82,9 +82,18 @@ def _cli_worker(rank: int, world: int, port: int, argv: list[str], out: str) -> 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import tbps.cli.common as common
+
+    common.load_encoder = _fake_load_encoder  # a spawned process of its own: nothing to restore
+    _cli_build(argv, out, rank)
+
+
+def _fake_load_encoder(checkpoint, device="cpu"):
+    return FakeEncoder(embed_dim=32)
+
+
+def _cli_build(argv: list[str], out: str, rank: int = 0) -> None:
     from tbps.cli.main import main
 
-    common.load_encoder = lambda checkpoint, device="cpu": FakeEncoder(embed_dim=32)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = main(argv)
@@ -98,7 +107,11 @@ def test_two_gloo_processes_build_exactly_what_one_process_builds(tmp_path, gall
 
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    _cli_worker(0, 1, 0, argv(tmp_path / "one.idx"), str(tmp_path / "one"))
+    import tbps.cli.common as common
+
+    with pytest.MonkeyPatch.context() as m:  # one plain process, in this one: restore the loader after
+        m.setattr(common, "load_encoder", _fake_load_encoder)
+        _cli_build(argv(tmp_path / "one.idx"), str(tmp_path / "one"))
     mp.spawn(_cli_worker, args=(2, _free_port(), argv(tmp_path / "two.idx"), str(tmp_path / "two")), nprocs=2,
              join=True)
     r0 = json.loads((tmp_path / "two" / "rank0.json").read_text())
