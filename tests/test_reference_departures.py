@@ -239,3 +239,22 @@ def test_clip_resnet_takes_a_non_square_input_and_textreid_last_stride():
         x = rn.layer4(rn.layer3(rn.layer2(rn.layer1(rn.stem(torch.randn(2, 3, 192, 64))))))
         assert tuple(x.shape[2:]) == cells
         assert rn(torch.randn(2, 3, 192, 64)).shape == (2, 16)
+
+
+def test_tbps_clip_normalises_with_imagenet_statistics_as_its_code_does():
+    """TBPS-CLIP's misc/data.py: Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) after ToTensor, in
+    training and at test time; the paper recipes' eval transform gives exactly that on a known image."""
+    import numpy as np
+    from PIL import Image
+
+    from tbps.data.transforms import eval_transform
+    from tbps.recipes.config import load_recipe
+
+    img = Image.fromarray(np.arange(4 * 2 * 3, dtype=np.uint8).reshape(4, 2, 3) * 10)
+    want = (torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+            - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    for name in ("tbps-clip", "tbps-clip-simplified"):
+        spec = load_recipe(name).model
+        got = eval_transform(img, (4, 2), spec.mean, spec.std)
+        assert torch.allclose(got, want, atol=1e-6), name
+    assert load_recipe("tbps-clip-cpu").model.mean[0] == pytest.approx(0.48145466)  # CLIP's, said in its YAML
