@@ -59,6 +59,7 @@ def world(tmp_path_factory):
     (t / "junk" / "a.jpg").write_bytes(b"not a jpeg")
     (t / "junk" / "b.txt").write_text("hello")
     (t / "afile").write_text("x")
+    (t / "empty.txt").write_text("# a file list with no path in it\n\n")
     (t / "junk.jpg").write_bytes(b"<html>")
     (t / "bomb.png").write_bytes(png_header(12000, 8000))
     (t / "q.png").write_bytes((t / "imgs" / "p1.png").read_bytes())
@@ -114,6 +115,10 @@ CASES = [
     ("build-missing-images", BUILD + ["--images", "{t}/nope"], 2, "does not exist", None),
     ("build-images-is-a-file", BUILD + ["--images", "{t}/afile"], 2, "is not a directory", None),
     ("build-empty-gallery", BUILD + ["--images", "{t}/empty"], 2, "no files in", None),
+    ("build-empty-partitioned", BUILD + ["--images", "{t}/empty", "--partition-size", "2"], 2, "no files in", None),
+    ("build-empty-list", BUILD + ["--list", "{t}/empty.txt"], 2, "empty.txt'; an index needs at least one", None),
+    ("build-empty-qdrant", ["index", "build", "qdrant:{t}/newq", "--checkpoint", "{t}/ckpt.pt", "--images",
+                            "{t}/empty", "--no-progress"], 2, "no files in", None),
     ("build-no-readable-image", BUILD + ["--images", "{t}/junk"], 2, "none of the 2 file(s)", None),
     ("build-workers-negative", BUILD + ["--images", "{t}/imgs", "--workers", "-1"], 2, "--workers must be >= 0", None),
     ("build-batch-size-zero", BUILD + ["--images", "{t}/imgs", "--batch-size", "0"], 2, "--batch-size", None),

@@ -45,6 +45,7 @@ from tbps.index.generation import (
     write_generation,
 )
 from tbps.index.scan import (
+    require_files,
     CsvMetadata,
     ImageFile,
     infer_type,
@@ -166,9 +167,7 @@ def build_index(path, encoder, images_dir, *, recursive: bool = False, metadata_
     unreadable: list[dict] = []
     files = scan_images(images_dir, recursive, exclude=_excluded(root, metadata_csv), unreadable=unreadable)
     images_root = pathlib.Path(images_dir).expanduser().resolve()
-    if not files:
-        raise IndexInputError(f"no files in {str(images_root)!r}" + ("" if recursive else " (add --recursive to "
-                              "scan subfolders)") + "; an index needs at least one image")
+    require_files(files, images_root, recursive)
     fields = {"dim": int(encoder.embed_dim), "fingerprint": _jsonable(encoder.fingerprint),
               "checkpoint": _checkpoint_of(encoder, checkpoint), "images_dir": str(images_root),
               "recursive": bool(recursive)}

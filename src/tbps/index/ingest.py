@@ -22,7 +22,7 @@ import numpy as np
 from tbps.index.build import _excluded, _match_paths, _plan_add
 from tbps.index.embed import embed_files
 from tbps.index.errors import IndexInputError
-from tbps.index.scan import CsvMetadata, ImageFile, read_metadata_csv, scan_images
+from tbps.index.scan import CsvMetadata, ImageFile, read_metadata_csv, require_files, scan_images
 from tbps.index.vectorstore import VectorStore, create_store, open_store, parse_store
 
 _TEST_HOOK_ENV = "TBPS_STORE_TEST_HOOK"  # "batch:N": stop after N batches landed (tests kill the process there)
@@ -81,6 +81,7 @@ def build_store(spec, encoder, images_dir, *, recursive: bool = False, metadata_
     files = scan_images(images_dir, recursive, exclude=_excluded(local, metadata_csv) if local else
                         ([metadata_csv] if metadata_csv else []))
     images_root = str(pathlib.Path(images_dir).expanduser().resolve())
+    require_files(files, images_root, recursive)
     ckpt = str(pathlib.Path(checkpoint).expanduser().resolve()) if checkpoint else None
     with create_store(s, dim=int(encoder.embed_dim), fingerprint=dict(encoder.fingerprint), checkpoint=ckpt,
                       images_dir=images_root, recursive=recursive, overwrite=overwrite) as store:

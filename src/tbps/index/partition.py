@@ -35,7 +35,7 @@ from tbps.index import ann as ann_mod
 from tbps.index.embed import embed_files
 from tbps.index.errors import IndexInputError
 from tbps.index.generation import GenerationWriter, add_csv_columns, apply_csv, create_db, insert_items, write_generation
-from tbps.index.scan import ImageFile, read_metadata_csv, scan_images
+from tbps.index.scan import ImageFile, read_metadata_csv, require_files, scan_images
 from tbps.index.store import BUILTIN_COLUMNS, MANIFEST
 
 __all__ = ["build_index_partitioned", "read_file_list", "partition_key", "DEFAULT_PARTITION_SIZE"]
@@ -81,6 +81,7 @@ def read_file_list(list_file, root=None) -> tuple[list[ImageFile], pathlib.Path]
             raise IndexInputError(f"file list {str(lpath)!r} line {lineno}: {entry!r} is not a regular file")
         rel = p.relative_to(base).as_posix() if p.is_relative_to(base) else p.as_posix()
         seen[str(p)] = ImageFile(str(p), rel, st.st_size, st.st_mtime_ns)
+    require_files(seen, lpath)
     return sorted(seen.values(), key=lambda f: f.path), base
 
 
@@ -230,6 +231,7 @@ def build_index_partitioned(path, encoder, files: Sequence[ImageFile], images_ro
     if root.exists() and not root.is_dir():
         raise IndexInputError(f"{str(root)!r} exists and is not a directory")
     ann_mod.choose_mode(0, search_mode)
+    require_files(files, images_root)
     work = pathlib.Path(work_dir).expanduser().resolve() if work_dir else root.with_name(root.name + ".parts")
     images_root = pathlib.Path(images_root).expanduser().resolve()
     meta = read_metadata_csv(metadata_csv, images_root) if metadata_csv else None

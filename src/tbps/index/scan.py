@@ -233,3 +233,10 @@ def _norm_relpath(p: str) -> str:
     while p.startswith("./"):
         p = p[2:]
     return pathlib.PurePosixPath(p).as_posix() if p else p
+
+
+def require_files(files, where, recursive: bool = True) -> None:
+    """Refuse an empty gallery (a folder, or a list file, with no image) before anything is written."""
+    if not files:
+        raise IndexInputError(f"no files in {str(where)!r}" + ("" if recursive else " (add --recursive to "
+                              "scan subfolders)") + "; an index needs at least one image")

@@ -47,7 +47,7 @@ def create_model(spec: ModelSpec, *, load_pretrained: bool = True) -> TBPSModel:
     if spec.context_length is not None:
         kwargs["force_context_length"] = spec.context_length
     try:
-        with _quiet_random_init(not load_pretrained):
+        with quiet_random_init(not load_pretrained):
             clip = open_clip.create_model(spec.arch, pretrained=pretrained, pretrained_text=False, **kwargs)
     except RuntimeError as e:
         if pretrained and not Path(pretrained).exists():
@@ -76,7 +76,7 @@ class _DropRandomInitWarning:
 
 
 @contextmanager
-def _quiet_random_init(quiet: bool):
+def quiet_random_init(quiet: bool):
     """Silence open_clip's random-init warning while ``quiet``: the weights of a tbps checkpoint are
     loaded right after (eval, search, index, serve, resume), so the warning would be false."""
     import logging

@@ -15,6 +15,7 @@ import torch
 
 from tbps.models.convert.clip_layout import arch_name, infer_config, load_strict, shape
 from tbps.models.convert.reading import ConvertError, read_source
+from tbps.models.factory import quiet_random_init
 from tbps.models.spec import CLIP_MEAN, CLIP_STD, ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -144,7 +145,8 @@ def read_open_clip(src: str, *, arch: str | None = None, **_) -> Converted:
     if Path(src).expanduser().is_file():
         sd = _unwrap(read_source(str(Path(src).expanduser())), src)
         sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-        model = open_clip.create_model(arch, pretrained=None)
+        with quiet_random_init(True):  # the file's weights are loaded right after
+            model = open_clip.create_model(arch, pretrained=None)
         source = "file"
     else:  # a pretrained tag: open_clip's own download (needs internet once)
         pcfg = open_clip.get_pretrained_cfg(arch, src) or {}
