@@ -66,3 +66,26 @@ def objective_setup(recipe, root):
     ds.set_epoch(epoch)
     obj.on_epoch_start(model, ds, epoch=epoch, device="cpu")
     return model, ds, obj, epoch, Collate(get_tokenizer(model.spec), obj.batch_hook(ds))
+
+
+@pytest.fixture()
+def fake_models(tmp_path, monkeypatch):
+    """Checkpoint files whose name picks a FakeEncoder seed: fake0.pt, fake1.pt; `tbps` commands load
+    them through tbps.cli.common.load_encoder (one encoder per file name)."""
+    import pathlib
+
+    import tbps.cli.common as cli_common
+    from tests.fake_encoder import FakeEncoder
+
+    made = {}
+
+    def load(checkpoint, device="cpu"):
+        name = pathlib.Path(checkpoint).name
+        assert pathlib.Path(checkpoint).exists(), checkpoint
+        made[name] = made.get(name) or FakeEncoder(embed_dim=32, seed=int(name[4]))
+        return made[name]
+
+    monkeypatch.setattr(cli_common, "load_encoder", load)
+    for n in ("fake0.pt", "fake1.pt"):
+        (tmp_path / n).write_bytes(b"x")
+    return tmp_path / "fake0.pt", tmp_path / "fake1.pt"

@@ -10,30 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-import tbps.cli.common as cli_common
 from tbps.cli.main import main
 from tbps.index import GalleryIndex
 from tests.fake_encoder import FakeEncoder
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_index import write_images  # noqa: E402
-
-
-@pytest.fixture()
-def fake_models(tmp_path, monkeypatch):
-    """Checkpoint files whose name picks a FakeEncoder seed: fake0.pt, fake1.pt."""
-    made = {}
-
-    def load(checkpoint, device="cpu"):
-        name = pathlib.Path(checkpoint).name
-        assert pathlib.Path(checkpoint).exists(), checkpoint
-        made[name] = made.get(name) or FakeEncoder(embed_dim=32, seed=int(name[4]))
-        return made[name]
-
-    monkeypatch.setattr(cli_common, "load_encoder", load)
-    for n in ("fake0.pt", "fake1.pt"):
-        (tmp_path / n).write_bytes(b"x")
-    return tmp_path / "fake0.pt", tmp_path / "fake1.pt"
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -253,23 +253,6 @@ def test_kill9_during_qdrant_add_leaves_it_searchable_and_counted(tmp_path, caps
 
 # -- the CLI and the REST API on a Qdrant store -------------------------------------------------
 @pytest.fixture()
-def fake_models(tmp_path, monkeypatch):
-    import tbps.cli.common as cli_common
-
-    made = {}
-
-    def load(checkpoint, device="cpu"):
-        name = pathlib.Path(checkpoint).name
-        made[name] = made.get(name) or FakeEncoder(embed_dim=32, seed=int(name[4]))
-        return made[name]
-
-    monkeypatch.setattr(cli_common, "load_encoder", load)
-    for n in ("fake0.pt", "fake1.pt"):
-        (tmp_path / n).write_bytes(b"x")
-    return tmp_path / "fake0.pt", tmp_path / "fake1.pt"
-
-
-@pytest.fixture()
 def two_stores(tmp_path, fake_models, capsys):
     """The same 12 images and CSV in a local folder and in a Qdrant store, built by the CLI."""
     from tbps.cli.main import main

@@ -350,12 +350,18 @@ def _build(cls, d: Any, where: str):
         if k in ("augment", "text_augment") and cls is DataConfig:
             kwargs[k] = _build(AugmentConfig if k == "augment" else TextAugmentConfig, v, f"{where}.{k}")
         else:
-            kwargs[k] = _typed(v, hints[k], f"{where}.{k}")
-            _in_range(kwargs[k], f"{where}.{k}")
+            kwargs[k] = _checked_value(v, hints[k], f"{where}.{k}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+def _checked_value(value: Any, hint: Any, where: str) -> Any:
+    """One recipe value given its field's type and checked against the key's range."""
+    value = _typed(value, hint, where)
+    _in_range(value, where)
+    return value
 
 
 def _model_spec(d: Any) -> ModelSpec:
@@ -368,10 +374,7 @@ def _model_spec(d: Any) -> ModelSpec:
     unknown = set(d) - set(hints)
     if unknown:
         raise ConfigError(f"model: unknown model option(s) {sorted(map(str, unknown))}; known: {sorted(hints)}")
-    checked = {}
-    for k, v in d.items():
-        checked[k] = _typed(v, hints[k], f"model.{k}")
-        _in_range(checked[k], f"model.{k}")
+    checked = {k: _checked_value(v, hints[k], f"model.{k}") for k, v in d.items()}
     if not checked.get("arch", "tiny-vit").strip():
         raise ConfigError("model.arch: an architecture name is required")
     try:
