@@ -31,13 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-PAPER = ("tbps-clip", "tbps-clip-simplified", "irra", "textreid", "mefa", "laip")
+from paper_scale import EXTRA, PAPER  # bench/ is this script's folder: the same recipes and stand-ins
+
 COMMON = ["model.pretrained=null", "data.text_augment=null", "train.log_every=1", "train.amp=true"]
-EXTRA = {
-    "textreid": ["model.text_tower.source=random", "model.text_tower.dim=1024"],
-    "mefa": ["losses.imr_text.tiers=[1, 2]", "losses.imr_text.mlm=null"],
-    "laip": ["stages=[]", "losses.triplet.weight=1.0", "losses.bidiratt.weight=1.0", "losses.mpm.weight=1.0"],
-}
 NO_SPACY = {  # what needs spaCy's parser / stop words
     "mefa": ["losses.imr_text.weight=0.0"],
     "laip": ["losses.bidiratt.weight=0.0", "losses.mpm.weight=0.0"],
