@@ -186,13 +186,16 @@ _values = st.one_of(st.integers(), st.floats(), st.text(max_size=6), st.booleans
 @FUZZ
 @given(st.dictionaries(st.one_of(st.sampled_from(["camera", "n", "x", "CAMERA", "id"]), st.text(max_size=6)),
                        _values, max_size=3))
+@example(filters={"WIDTH": 0})  # built-in columns, matched case-insensitively (found by the fuzzer)
+@example(filters={"width": 0, "camera": "c1"})
 def test_filter_dicts_raise_only_user_errors_and_match_python(index, filters):
     try:
         got = index.filter_ids(filters).tolist()
     except GalleryIndexError as e:
         assert e.user_error
         return
-    rows = [{**r, "id": i} for i, r in enumerate(ROWS)]
+    # the CSV columns as written, the built-in ones (path, width, size, ...) as the index recorded them
+    rows = [{"path": index.get(i).path, **index.get(i).metadata, **r, "id": i} for i, r in enumerate(ROWS)]
 
     def value(v):
         return ("true" if v else "false") if isinstance(v, bool) else v
