@@ -46,7 +46,15 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def make_data(work: Path, n: int, d: int, n_queries: int, k: int, seed: int) -> dict:
-    """Write ``gallery.npy`` (n, d) float32, ``queries.npy`` and ``truth.npy`` (Q, k) into ``work``."""
+    """Write ``gallery.npy`` (n, d) float32, ``queries.npy`` and ``truth.npy`` (Q, k) into ``work``.
+
+    A ``data.json`` records what was made; a later run (``--keep``) with the same settings reuses it."""
+    spec = {"n": n, "d": d, "queries": n_queries, "k": k, "seed": seed}
+    stamp = work / "data.json"
+    if stamp.exists():
+        made = json.loads(stamp.read_text())
+        if made.get("spec") == spec:
+            return {**made["gen"], "reused_data": True}
     rng = np.random.default_rng(seed)
     coarse = unit(rng.standard_normal((64, d), dtype=np.float32))
     n_fine = max(1, n // 20)
@@ -71,7 +79,9 @@ def make_data(work: Path, n: int, d: int, n_queries: int, k: int, seed: int) -> 
     del gallery, fine
     np.save(work / "queries.npy", q.astype(np.float32))
     np.save(work / "truth.npy", best_i)
-    return {"generate_s": round(time.perf_counter() - t, 1)}
+    gen = {"generate_s": round(time.perf_counter() - t, 1), "generate_load": round(os.getloadavg()[0], 1)}
+    stamp.write_text(json.dumps({"spec": spec, "gen": gen}))
+    return gen
 
 
 def rss() -> dict:
@@ -109,7 +119,17 @@ def faiss_tbps(mode: str):
         params = ann.default_params(mode, len(g))
         if cfg.get("nlist"):  # --nlist: fewer lists build faster (the assignment of N items to them dominates)
             params.update(nlist=int(cfg["nlist"]), nprobe=min(int(cfg["nlist"]), params["nprobe"]))
-        index = ann.build(mode, g, ids, params)
+        saved = work / f"{mode}-nlist{params['nlist']}.faiss"  # --keep: a structure built by an earlier run
+        if saved.exists() and saved.with_suffix(".json").exists():
+            index = ann.read(saved)
+            built = {**json.loads(saved.with_suffix(".json").read_text()), "reused_structure": True}
+        else:
+            t, load = time.perf_counter(), os.getloadavg()[0]
+            index = ann.build(mode, g, ids, params)
+            built = {"build_s": round(time.perf_counter() - t, 1), "build_load": round((load + os.getloadavg()[0]) / 2, 1)}
+            if cfg.get("keep"):
+                ann.write(index, saved)
+                saved.with_suffix(".json").write_text(json.dumps(built))
 
         def search(q, **over):
             p = {**params, **over}
@@ -118,7 +138,7 @@ def faiss_tbps(mode: str):
             sc = np.asarray(g[rows], dtype=np.float32) @ q  # exact re-scoring from the memory-mapped features
             return rows[np.lexsort((rows, -sc))[:k]]
 
-        search.params = params
+        search.params, search.built = params, built
         return index, search
 
     return make
@@ -163,10 +183,14 @@ def child(args) -> int:
     q, truth = np.load(work / "queries.npy"), np.load(work / "truth.npy")
     k = truth.shape[1]
     t = time.perf_counter()
-    index, search = ENGINES[args.child](work, g, k, {"nlist": args.nlist} if args.nlist else {})
-    build_s = time.perf_counter() - t
+    index, search = ENGINES[args.child](work, g, k, {"nlist": args.nlist, "keep": args.keep})
+    built = getattr(search, "built", {"build_s": round(time.perf_counter() - t, 1)})
     after_build = rss()
     size = index_bytes(args.child, index, work)
+    if args.build_only:
+        print(json.dumps({"n": len(g), "engine": args.child, "built": built, "index_mb": None if size is None else round(size / 1e6, 1),
+                          "rss_after_build_mb": after_build, "peak_rss_mb": peak_rss_mb()}), flush=True)
+        return 0
     configs = [{}]
     params = getattr(search, "params", {})
     if "nprobe" in params:
@@ -179,7 +203,7 @@ def child(args) -> int:
             found.append(search(qi, **cfg))
             lat.append(time.perf_counter() - t)
         rec = float(np.mean([len(set(f.tolist()) & set(tr.tolist())) / k for f, tr in zip(found, truth)]))
-        print(json.dumps({"n": len(g), "engine": args.child, "params": {**params, **cfg}, "build_s": round(build_s, 1),
+        print(json.dumps({"n": len(g), "engine": args.child, "params": {**params, **cfg}, **built,
                           "index_mb": None if size is None else round(size / 1e6, 1), "rss_after_build_mb": after_build,
                           "peak_rss_mb": peak_rss_mb(), "rss_after_queries_mb": rss(),
                           "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
@@ -190,7 +214,7 @@ def child(args) -> int:
 
 def run_child(engine: str, work: Path, args) -> list[dict]:
     cmd = [sys.executable, __file__, "--child", engine, "--workdir", str(work), "--nprobe", args.nprobe,
-           "--nlist", str(args.nlist)]
+           "--nlist", str(args.nlist), *(["--keep"] if args.keep else []), *(["--build-only"] if args.build_only else [])]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         print(f"# {engine}: failed ({res.returncode}): {res.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -212,6 +236,10 @@ def main(argv=None) -> int:
     p.add_argument("--qdrant-max", type=int, default=20_000, help="Qdrant's local engine above this size: skipped")
     p.add_argument("--workdir", default=None, help="where data and indexes go (default: a temp dir, removed)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the data and the built faiss structures in --workdir and reuse them on the next run "
+                        "with the same settings (build on a busy machine, time the queries later on a quiet one)")
+    p.add_argument("--build-only", action="store_true", help="make the data and build (with --keep), time no queries")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -226,17 +254,19 @@ def main(argv=None) -> int:
             work = root / f"n{n}"
             work.mkdir(parents=True, exist_ok=True)
             gen = make_data(work, n, args.dim, args.queries, args.k, seed=n)
-            print(f"# N={n}: data and streamed ground truth in {gen['generate_s']} s", flush=True)
+            print(f"# N={n}: data and streamed ground truth in {gen['generate_s']} s"
+                  + (" (made by an earlier run, reused)" if gen.get("reused_data") else ""), flush=True)
             for engine in args.engines.split(","):
                 if n > limits.get(engine, n):
                     print(f"# N={n} {engine}: skipped (above --{engine}-max)", flush=True)
                     continue
                 for r in run_child(engine, work, args):
                     results.append({**r, **gen})
-                    print(format_row(r), flush=True)
-            shutil.rmtree(work, ignore_errors=True)
+                    print(json.dumps(r) if args.build_only else format_row(r), flush=True)
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
     finally:
-        if args.workdir is None:
+        if args.workdir is None and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
