@@ -257,3 +257,16 @@ def test_bit_identical_to_numpy_full_sort():
         **numpy_full_sort_metrics(sim.T[np.isin(gids, qids)], gids[np.isin(gids, qids)], qids),
         "num_skipped": int((~np.isin(gids, qids)).sum()),
     }
+
+
+def test_threads_give_the_same_figures_and_errors():
+    sim, qids, gids = random_case(70, 90, 7, seed=4, quantum=0.1)
+    one = retrieval_metrics(sim, qids, gids, chunk_size=6, threads=1)
+    assert retrieval_metrics(sim, qids, gids, chunk_size=6, threads=3) == one
+    assert_close(one, naive_retrieval_metrics(sim, qids, gids))
+    before = torch.get_num_threads()
+    bad = sim.clone()
+    bad[[40, 13], 5] = float("nan")  # the first bad row is named, whichever thread meets it first
+    with pytest.raises(MetricsError, match="query row 13"):
+        retrieval_metrics(bad, qids, gids, chunk_size=6, threads=3)
+    assert torch.get_num_threads() == before  # restored after the threaded section

@@ -29,6 +29,8 @@ counted under the extra key ``"num_skipped"``.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -39,11 +41,12 @@ from tbps.retrieval.positions import Scratch, chunk_positions
 # Bytes of working memory per (query, gallery) element of one chunk: float32 bin
 # coordinates, int32 bins, a bool candidate flag, the int64 histogram and its cumsum
 # (G / 4 bins a row), and a float32 copy when the rows must be converted or are strided.
-# Turns a memory budget into a chunk size. The default keeps one chunk's buffers
-# (~8 queries at ICFG size) in a core's L2 cache: larger chunks are slower, smaller ones
-# pay per-chunk Python overhead (bench/eval_metrics.py --chunk-sizes measures it).
+# Turns a memory budget into a chunk size. The default (~31 queries at ICFG size, a few
+# MB that stay in the L3 cache) was the fastest of 8, 16, 32 and 64 queries a chunk on
+# this project's 2-core machine: smaller chunks pay per-chunk Python overhead, larger
+# ones leave the cache.
 _BYTES_PER_ELEMENT = 17
-DEFAULT_MEMORY_BUDGET = 3 * 2**20  # bytes of chunk working set when chunk_size is None
+DEFAULT_MEMORY_BUDGET = 10 * 2**20  # bytes of chunk working set when chunk_size is None
 
 
 class MetricsError(ValueError):
@@ -213,6 +216,7 @@ def retrieval_metrics(
     chunk_size: int | None = None,
     ks: Sequence[int] = (1, 5, 10),
     skip_missing: bool = False,
+    threads: int | None = None,
 ) -> dict:
     """R@k, mAP and mINP in percent for a (Q, G) similarity matrix, in bounded memory.
 
@@ -226,6 +230,8 @@ def retrieval_metrics(
     ks: the k of R@k; the result has keys ``f"R{k}"``.
     skip_missing: queries with no correct item raise ``MetricsError`` unless this is
         True; then they are left out of all averages and counted in ``"num_skipped"``.
+    threads: chunks processed at once, each on its own thread (default: torch's thread
+        count); the figures do not depend on it.
 
     Returns ``{"R1", "R5", "R10", "mAP", "mINP"}`` (floats, percent) and, with
     skip_missing, ``"num_skipped"`` (int). Ties rank as a stable descending sort
@@ -244,12 +250,14 @@ def retrieval_metrics(
         raise _missing_error(qids, missing)
 
     positions = np.empty(len(cols), dtype=np.int64)  # (P,) of every correct item, flat like cols
-    scratch = Scratch()
-    for a in range(0, n_q, chunk_size):
+    local = threading.local()  # one set of scratch buffers per thread
+
+    def chunk(a: int) -> None:
         b = min(a + chunk_size, n_q)
         kept = np.flatnonzero(~missing[a:b])  # chunk rows with a correct item
         if len(kept) == 0:
-            continue
+            return
+        scratch = local.__dict__.setdefault("scratch", Scratch())
         x = _chunk_rows(sim, a, b, scratch)  # (c, G)
         if len(kept) < b - a:
             x = np.ascontiguousarray(x[kept])
@@ -259,7 +267,27 @@ def retrieval_metrics(
             raise MetricsError(f"similarity contains NaN (first in query row {row})")
         rows = np.repeat(np.arange(len(kept)), n_rel[a:b][kept])
         positions[ptr[a] : ptr[b]] = chunk_positions(x, hi, rows, cols[ptr[a] : ptr[b]], scratch)
+
+    _run_chunks(chunk, range(0, n_q, chunk_size), torch.get_num_threads() if threads is None else int(threads))
     return _summarise(*_per_query(positions, n_rel, ptr, n_g), n_q, ks, skip_missing)
+
+
+def _run_chunks(job, starts, threads: int) -> None:
+    """job(a) for every chunk start, in order on this thread, or spread over ``threads``
+    threads (numpy and torch release the GIL inside their loops). Each torch op then runs
+    on one thread, so that the chunks, not the ops, share the cores."""
+    if threads <= 1 or len(starts) <= 1:
+        for a in starts:
+            job(a)
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(job, starts):  # in order: the first failing chunk raises
+                pass
+    finally:
+        torch.set_num_threads(before)
 
 
 def _per_query(positions, n_rel, ptr, n_g):
