@@ -20,7 +20,8 @@ Methods, each in its own subprocess on the same seeded matrix:
 - numpy: the baseline a user writes, ``np.argsort(-sim, axis=1, kind="stable")``, then
   matches, cumulative sums, AP (``np.bincount`` in rank order), INP;
 - torch-ref: ``tbps.retrieval.metrics.naive_retrieval_metrics`` (the tests' reference);
-- chunked: ``tbps.retrieval.metrics.retrieval_metrics`` (``chunked:N`` sets chunk_size).
+- chunked: ``tbps.retrieval.metrics.retrieval_metrics`` (``chunked:N`` sets chunk_size,
+  ``chunked@T`` spreads the chunks over T threads; plain ``chunked`` uses --threads).
 
 "extra MB" = peak RSS during the call minus RSS just before it (the kernel's peak mark is
 reset through /proc/self/clear_refs first; the warm-up call runs on a tiny input, so no
@@ -105,9 +106,10 @@ def worker(kind: str, method: str, n_q: int, n_g: int, threads: int) -> None:
         fn = numpy_full_sort
     elif method == "torch-ref":
         fn = naive_retrieval_metrics
-    else:
-        chunk = int(method.split(":")[1]) if ":" in method else None
-        fn = lambda s, q, g: retrieval_metrics(s, q, g, chunk_size=chunk)  # noqa: E731
+    else:  # chunked[:CHUNK][@THREADS]
+        name, _, n_threads = method.partition("@")
+        chunk = int(name.split(":")[1]) if ":" in name else None
+        fn = lambda s, q, g: retrieval_metrics(s, q, g, chunk_size=chunk, threads=int(n_threads or threads))  # noqa: E731
     fn(*make_input(kind, 8, 64, seed=1))  # lazy initialisation outside the measurement, tiny buffers
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
@@ -138,7 +140,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inputs", nargs="+", default=["hard", "noise"], choices=INPUTS)
     p.add_argument("--methods", nargs="+", default=["numpy", "chunked"],
-                   help="numpy, torch-ref, chunked or chunked:N (chunk size N); the first is the baseline")
+                   help="numpy, torch-ref, chunked, chunked:N (chunk size N), chunked@T (T threads); "
+                        "the first is the baseline")
     p.add_argument("--queries", type=int, default=19848, help="Q (default: ICFG-PEDES test captions)")
     p.add_argument("--gallery", type=int, default=19848, help="G (default: ICFG-PEDES test images)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every method (numpy sorts on one)")

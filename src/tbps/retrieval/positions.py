@@ -20,11 +20,12 @@ higher score, and equal bins are settled by comparing the scores themselves. Equ
 scores (``-0.0`` and ``+0.0`` too) get equal bins, and the correct items' bins are read
 back from the same array, so nothing depends on how the arithmetic was vectorised.
 
-Per matrix element that is about nine passes over buffers that stay in the CPU's L2
-cache (subtract, multiply, maximum, add-and-convert, bincount, the candidate flag
-lookup, its nonzero), against the O(log G) compares and scattered index traffic per
-element of a full sort. Rows whose lo..hi span is zero (all correct items at the row
-maximum) or not finite take exact per-row fallbacks.
+Per matrix element that is eight streaming passes over buffers that stay in the CPU's
+cache (row maximum, subtract, multiply, maximum, add-and-convert to int32, bincount, the
+candidate flag lookup, its nonzero), a few ns on one core, against the O(log G)
+data-dependent compares and scattered index traffic per element of a full sort. Rows
+whose lo..hi span is zero (all correct items at the row maximum) or not finite take
+exact per-row fallbacks.
 """
 
 from __future__ import annotations
