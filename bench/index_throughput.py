@@ -6,9 +6,11 @@ checkpoint (``create_untrained_checkpoint``, tiny model by default), and measure
   ceiling   encode_images on already-preprocessed batches (no decoding at all)
   decode    JPEG read + SHA-256 + decode + preprocess, one thread, no model
   build     ``build_index`` end to end, for each --workers setting: "auto" (the default,
-            ``default_workers``: on CPU, decoding in threads between forward passes),
-            0 (the same, explicitly) or W decoding processes
+            ``default_workers``: on CPU, decoding in threads), 0 (the same, explicitly) or
+            W decoding processes
 
+each at every torch thread count of --threads (on a busy machine one thread can be
+faster than two: the figures show which).
 Each repeat measures the ceiling and every build setting one after another, so that they
 share the machine's load; the best of --repeats is shown for each, and the build as a
 fraction of the ceiling. "embedding" counts the time from the first file read to the last
@@ -55,6 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", default="auto,0,1", help="decoding worker counts to try (auto: the default)")
     p.add_argument("--size", default="64x160", help="crop size WxH of the synthetic JPEGs")
+    p.add_argument("--threads", default="2,1", help="torch thread counts to measure, each with its own ceiling")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is shown")
     args = p.parse_args(argv)
 
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
         ckpt = create_untrained_checkpoint(work / "ckpt" / "best.pt", arch=args.arch)
         enc = Encoder.from_checkpoint(ckpt)
         print(f"{args.images} JPEGs {w}x{h}, model {args.arch} (input {list(enc.image_size)}, "
-              f"d={enc.embed_dim}), batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
+              f"d={enc.embed_dim}), batch {args.batch_size}, {os.cpu_count()} cores, "
               f"tbps from {Path(tbps.__file__).parent}")
 
         # Ceiling: forward passes over preprocessed batches.
@@ -83,38 +86,39 @@ def main(argv=None) -> int:
         n_batches = max(1, args.images // args.batch_size)
         reader = ImageReader([str(x) for x in paths], enc.preprocess)
         settings = [None if x == "auto" else int(x) for x in args.workers.split(",")]
-        threads = torch.get_num_threads()
-        ceiling = {t: 0.0 for t in sorted({1, threads})}  # the model alone at each thread count
+        thread_counts = [int(x) for x in args.threads.split(",")]
+        ceiling = {t: 0.0 for t in thread_counts}  # the model alone at each thread count
         decode = 0.0
-        build = {nw: (0.0, 0.0) for nw in settings}
+        build = {(t, nw): (0.0, 0.0) for t in thread_counts for nw in settings}
         for _ in range(args.repeats):  # interleaved, so that every figure sees the same load
-            for t_ in ceiling:
-                torch.set_num_threads(t_)
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
                 t = time.perf_counter()
                 for _ in range(n_batches):
                     enc.encode_images(pixels)
-                ceiling[t_] = max(ceiling[t_], n_batches * len(pixels) / (time.perf_counter() - t))
-            torch.set_num_threads(threads)
+                ceiling[threads] = max(ceiling[threads], n_batches * len(pixels) / (time.perf_counter() - t))
+                for nw in settings:
+                    out = work / "idx"
+                    t = time.perf_counter()
+                    st = build_index(out, enc, work / "imgs", batch_size=args.batch_size, workers=nw, progress=False)
+                    total = st["count"] / (time.perf_counter() - t)
+                    old = build[threads, nw]
+                    build[threads, nw] = (max(old[0], st["images_per_s"]), max(old[1], total))
+                    shutil.rmtree(out)
             t = time.perf_counter()
             for i in range(len(reader)):
                 reader[i]
             decode = max(decode, len(reader) / (time.perf_counter() - t))
-            for nw in settings:
-                out = work / "idx"
-                t = time.perf_counter()
-                st = build_index(out, enc, work / "imgs", batch_size=args.batch_size, workers=nw, progress=False)
-                total = st["count"] / (time.perf_counter() - t)
-                build[nw] = (max(build[nw][0], st["images_per_s"]), max(build[nw][1], total))
-                shutil.rmtree(out)
-        for t_, c in ceiling.items():
-            print(f"ceiling (forward only), {t_} thread(s):  {c:8.1f} images/s")
         best_ceiling = max(ceiling.values())
-        print(f"decode+hash+preprocess, 1 thread:    {decode:8.1f} images/s")
-        for nw in settings:
-            name = "auto" if nw is None else str(nw)
-            best, best_total = build[nw]
-            print(f"index build, workers={name:4s}:         {best:8.1f} images/s embedding "
-                  f"({best / best_ceiling:4.0%} of the best ceiling), {best_total:6.1f} images/s overall")
+        print(f"decode+hash+preprocess, 1 thread:      {decode:8.1f} images/s")
+        for threads in thread_counts:
+            print(f"torch threads {threads}: ceiling (forward only) {ceiling[threads]:8.1f} images/s")
+            for nw in settings:
+                name = "auto" if nw is None else str(nw)
+                best, best_total = build[threads, nw]
+                print(f"  index build, workers={name:4s}:   {best:8.1f} images/s embedding "
+                      f"({best / ceiling[threads]:4.0%} of this ceiling, {best / best_ceiling:4.0%} of the best), "
+                      f"{best_total:6.1f} images/s overall")
         print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

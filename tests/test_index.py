@@ -411,9 +411,11 @@ def test_decoding_threads_and_workers_give_the_reference_batches(tmp_path, enc):
     bad.write_bytes(b"\xff\xd8 truncated")
     files = [str(p) for p in paths[:6]] + [str(bad)] + [str(p) for p in paths[6:]]
     before = torch.get_num_threads()
-    torch.set_num_threads(2)  # a pool of 2 decoding threads
+    runs = {}
     try:
-        runs = {w: list(embed_files(files, enc, batch_size=4, workers=w, progress=False)) for w in (0, 1)}
+        for threads, w in ((1, 0), (2, 0), (2, 1)):  # decoding ahead on a spare core, between passes, workers
+            torch.set_num_threads(threads)
+            runs[threads, w] = list(embed_files(files, enc, batch_size=4, workers=w, progress=False))
     finally:
         torch.set_num_threads(before)
     ref = reference_features(enc, paths)
@@ -421,7 +423,49 @@ def test_decoding_threads_and_workers_give_the_reference_batches(tmp_path, enc):
         assert [b.indices for b in batches] == [[0, 1, 2, 3], [4, 5, 7], [8, 9, 10, 11]], w
         assert [b.failures[0][0] for b in batches if b.failures] == [6], w
         np.testing.assert_allclose(np.concatenate([b.features for b in batches]), ref, atol=1e-6)
-    assert [b.infos for b in runs[0]] == [b.infos for b in runs[1]]
+    assert [b.infos for b in runs[1, 0]] == [b.infos for b in runs[2, 0]] == [b.infos for b in runs[2, 1]]
+
+
+class _Logged(FakeEncoder):
+    """FakeEncoder whose preprocess and (slow) forward pass log when they run."""
+
+    def __init__(self, log):
+        super().__init__(embed_dim=8, seed=0)
+        self.log = log
+
+    def preprocess(self, image):
+        self.log.append("decode")
+        return super().preprocess(image)
+
+    def encode_images(self, pixels):
+        self.log.append("forward")
+        time.sleep(0.3)
+        self.log.append("forward done")
+        return super().encode_images(pixels)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_spare_cores_decode_the_next_batch_during_the_forward_pass(tmp_path, threads):
+    """One model thread on 2+ cores: the next batch is decoded while this one is embedded.
+    As many threads as cores: decoding only between forward passes, never beside them."""
+    import torch
+
+    from tbps.index.embed import _cores, embed_files
+
+    if threads == 1 and _cores() < 2:
+        pytest.skip("needs a spare core")
+    paths = [str(p) for p in write_images(tmp_path / "imgs", 4)]
+    log: list[str] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads if threads == 1 else _cores())
+    try:
+        list(embed_files(paths, _Logged(log), batch_size=2, workers=0, progress=False))
+    finally:
+        torch.set_num_threads(before)
+    first = log.index("forward")
+    during = log[first + 1:log.index("forward done")]
+    assert during == (["decode", "decode"] if threads == 1 else [])
+    assert log.count("decode") == 4 and log.count("forward") == 2
 
 
 def test_default_workers_on_cpu_and_gpu():

@@ -1,7 +1,9 @@
 """Image files to unit features: decoding (threads or ``DataLoader`` workers), the encoder in this process.
 
 On a CPU the model's forward pass and the decoding (read, SHA-256, decode, preprocess) take
-turns, each on every core: a batch is decoded by a pool of threads, then embedded. On a GPU
+turns, each on every core: a batch is decoded by a pool of threads, then embedded (when the
+model runs on fewer threads than there are cores, the spare cores decode the next batch
+meanwhile). On a GPU
 (or with ``workers`` > 0) decoding runs in worker processes and overlaps the forward pass,
 each worker stacking its batch into one tensor. An unreadable, corrupt or non-image file
 becomes a failure (index, reason) in its batch; it never stops the run. ``embed_files`` only
@@ -107,15 +109,34 @@ def _worker_init(_):
     torch.set_num_threads(1)  # workers decode; the main process owns the other cores for the model
 
 
-def _decoded_in_threads(reader: ImageReader, batch_size: int, threads: int) -> Iterator[_Decoded]:
-    """Each batch decoded by ``threads`` threads when it is asked for, i.e. between the caller's
-    forward passes (PIL, hashlib and torch release the GIL while they work)."""
+def _decoded_in_threads(reader: ImageReader, batch_size: int, model_threads: int) -> Iterator[_Decoded]:
+    """The batches, decoded in this process by a pool of threads (PIL, hashlib and NumPy
+    release the GIL while they work).
+
+    When the model's threads leave cores free (``model_threads`` < cores: e.g. one thread on a
+    busy machine), the free cores decode the next batch while the caller embeds this one.
+    Otherwise every core is the model's: a batch is decoded, by one thread per core, only when
+    it is asked for, i.e. between the caller's forward passes, so the two never compete.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for lo in range(0, len(reader), batch_size):
-            idx = range(lo, min(lo + batch_size, len(reader)))
-            yield _collate(list(pool.map(reader.__getitem__, idx)) if threads > 1 else [reader[i] for i in idx])
+    spare = _cores() - model_threads
+    ahead = spare > 0
+    starts = range(0, len(reader), batch_size)
+
+    def submit(pool, lo):
+        return [pool.submit(reader.__getitem__, i) for i in range(lo, min(lo + batch_size, len(reader)))]
+
+    with ThreadPoolExecutor(spare if ahead else max(1, model_threads)) as pool:
+        pending = submit(pool, 0) if ahead else None
+        for lo in starts:
+            if ahead:
+                items = [f.result() for f in pending]
+                if lo + batch_size < len(reader):
+                    pending = submit(pool, lo + batch_size)  # decoded while this batch is embedded
+            else:
+                items = [f.result() for f in submit(pool, lo)]
+            yield _collate(items)
 
 
 def _decoded_in_workers(reader: ImageReader, batch_size: int, workers: int) -> Iterator[_Decoded]:
@@ -148,8 +169,7 @@ def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 64, workers:
     (B, 3, H, W)) -> (B, D)`` embeds (``tbps.retrieval.encoder.Encoder``); its ``device``
     (default cpu) picks the default workers. Features are re-normalised, as the index stores
     unit vectors. workers: decoding processes (None: ``default_workers(device)``; 0: decode
-    in this process, a batch at a time, in as many threads as torch uses). progress: a tqdm
-    bar on stderr.
+    in this process, in threads, see ``_decoded_in_threads``). progress: a tqdm bar on stderr.
     """
     if batch_size <= 0:
         raise IndexInputError(f"batch size must be positive, got {batch_size}")
