@@ -174,3 +174,20 @@ def test_index_training_and_thumbnails_share_the_orientation(tmp_path):
     assert np.array_equal(np.asarray(a), np.asarray(b))
     ta, tb = (Image.open(io.BytesIO(make_thumbnail(tmp_path / "images" / n))) for n in files)
     assert ta.size == tb.size == (40, 80)
+
+
+def test_to_tensor_is_bit_identical_to_torchvision():
+    """tbps's NumPy to_tensor gives exactly torchvision's pil_to_tensor / 255 then normalize."""
+    import torch
+    from torchvision.transforms.functional import normalize, pil_to_tensor
+
+    from tbps.data.transforms import to_tensor
+
+    rng = np.random.default_rng(3)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    for h, w in ((96, 48), (7, 13)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = normalize(pil_to_tensor(img).float().div_(255.0), mean, std)
+        out = to_tensor(img, mean, std)
+        assert out.dtype == torch.float32 and out.shape == (3, h, w)
+        assert torch.equal(out, ref)

@@ -385,6 +385,119 @@ def test_embed_files_yields_batches_in_order_with_failures(tmp_path, enc):
     assert list(embed_files([], enc, workers=0, progress=False)) == []
 
 
+class _ThreadsSeen(FakeEncoder):
+    """FakeEncoder that records torch's thread count at each forward pass."""
+
+    def __init__(self):
+        super().__init__(embed_dim=32, seed=0)
+        self.threads: list[int] = []
+
+    def encode_images(self, pixels):
+        import torch
+
+        self.threads.append(torch.get_num_threads())
+        return super().encode_images(pixels)
+
+
+def test_decoding_threads_and_workers_give_the_reference_batches(tmp_path, enc):
+    """The CPU default (a pool of threads per batch) and worker processes (one stacked tensor
+    per batch) yield the same batches as features computed one image at a time."""
+    import torch
+
+    from tbps.index.embed import embed_files
+
+    paths = write_images(tmp_path / "imgs", 11)
+    bad = tmp_path / "imgs" / "zz.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    files = [str(p) for p in paths[:6]] + [str(bad)] + [str(p) for p in paths[6:]]
+    before = torch.get_num_threads()
+    runs = {}
+    try:
+        for threads, w in ((1, 0), (2, 0), (2, 1)):  # decoding ahead on a spare core, between passes, workers
+            torch.set_num_threads(threads)
+            runs[threads, w] = list(embed_files(files, enc, batch_size=4, workers=w, progress=False))
+    finally:
+        torch.set_num_threads(before)
+    ref = reference_features(enc, paths)
+    for w, batches in runs.items():
+        assert [b.indices for b in batches] == [[0, 1, 2, 3], [4, 5, 7], [8, 9, 10, 11]], w
+        assert [b.failures[0][0] for b in batches if b.failures] == [6], w
+        np.testing.assert_allclose(np.concatenate([b.features for b in batches]), ref, atol=1e-6)
+    assert [b.infos for b in runs[1, 0]] == [b.infos for b in runs[2, 0]] == [b.infos for b in runs[2, 1]]
+
+
+class _Logged(FakeEncoder):
+    """FakeEncoder whose preprocess and (slow) forward pass log when they run."""
+
+    def __init__(self, log):
+        super().__init__(embed_dim=8, seed=0)
+        self.log = log
+
+    def preprocess(self, image):
+        self.log.append("decode")
+        return super().preprocess(image)
+
+    def encode_images(self, pixels):
+        self.log.append("forward")
+        time.sleep(0.3)
+        self.log.append("forward done")
+        return super().encode_images(pixels)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_spare_cores_decode_the_next_batch_during_the_forward_pass(tmp_path, threads):
+    """One model thread on 2+ cores: the next batch is decoded while this one is embedded.
+    As many threads as cores: decoding only between forward passes, never beside them."""
+    import torch
+
+    from tbps.index.embed import _cores, embed_files
+
+    if threads == 1 and _cores() < 2:
+        pytest.skip("needs a spare core")
+    paths = [str(p) for p in write_images(tmp_path / "imgs", 4)]
+    log: list[str] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads if threads == 1 else _cores())
+    try:
+        list(embed_files(paths, _Logged(log), batch_size=2, workers=0, progress=False))
+    finally:
+        torch.set_num_threads(before)
+    first = log.index("forward")
+    during = log[first + 1:log.index("forward done")]
+    assert during == (["decode", "decode"] if threads == 1 else [])
+    assert log.count("decode") == 4 and log.count("forward") == 2
+
+
+def test_default_workers_on_cpu_and_gpu():
+    from tbps.index.embed import _cores, default_workers
+
+    assert default_workers("cpu") == 0  # the model owns the cores: decode between forward passes
+    assert default_workers("cuda:0") == max(1, min(4, _cores() - 1))
+
+
+def test_workers_leave_the_model_the_other_cores_then_restore(tmp_path):
+    """With decoding workers on CPU, the forward passes run on the cores they leave, and the
+    caller's thread count comes back, also when the caller stops early."""
+    import torch
+
+    from tbps.index.embed import _cores, embed_files
+
+    paths = [str(p) for p in write_images(tmp_path / "imgs", 6)]
+    spy = _ThreadsSeen()
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    try:
+        n = torch.get_num_threads()
+        list(embed_files(paths, spy, batch_size=2, workers=1, progress=False))
+        assert spy.threads == [max(1, min(n, _cores() - 1))] * 3 and torch.get_num_threads() == n
+        spy.threads.clear()
+        for _ in embed_files(paths, spy, batch_size=2, workers=0, progress=False):
+            break  # abandoned after one batch: closing the generator restores the count
+        assert spy.threads == [n] and torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_every_write_publishes_with_one_manifest_write(tmp_path, enc, monkeypatch):
     """build, add, remove and build_from_features each write manifest.json once, as the
     last step; a write with nothing to commit writes none."""
