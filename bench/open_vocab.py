@@ -5,8 +5,9 @@ all at once, and the older ``reserved`` map of ``tbps.synth.RESERVED_SYNONYMS``)
 first checks, on the data, that no target word occurs in any training caption (nor in the
 checkpoint's recorded vocabulary). Each checkpoint is evaluated against the same gallery with
 its unseen-word handling switched: ``encode`` (the unseen word's own frozen vector, the old
-behaviour), ``nearest-1`` (its nearest training word) and ``nearest`` (the recipe's setting,
-softmax mix of the k nearest), and any ``--mode NAME=K,T`` given. Original queries must come out
+behaviour), ``drop`` (the word left out), ``nearest-1`` (its nearest training word),
+``nearest-3`` (softmax(cos / 0.05) mix of the 3 nearest), ``recipe`` (the checkpoint's own setting)
+and any ``--mode NAME=K,T`` given. Original queries must come out
 bit-for-bit the same in every mode (checked). Prints a table; --json writes everything.
 
     python bench/open_vocab.py --data /tmp/ov/data400 s0=/tmp/ov/runs/s0/last.pt s1=/tmp/ov/runs/s1/last.pt
@@ -40,7 +41,7 @@ REWRITES["reserved"] = {
     "handbag": "tote", "purse": "tote", "sweater": "cardigan", "jumper": "cardigan", "pullover": "cardigan",
     "hat": "fedora",
 }
-MODES = {"encode": None, "nearest-1": (1, 1.0), "nearest": "recipe"}
+MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05), "recipe": "recipe"}
 
 
 def rewriter(word_map: dict[str, str]):
@@ -65,8 +66,8 @@ def spec_with(spec, mode):
     """A copy of ``spec`` with the unseen-word handling ``mode`` (see MODES)."""
     s = copy.copy(spec)
     s.text_tower = dict(spec.text_tower or {})
-    if mode is None:
-        s.text_tower["oov"] = "encode"
+    if mode is None or mode == "drop":
+        s.text_tower["oov"] = mode or "encode"
     elif mode != "recipe":
         s.text_tower.update(oov="nearest", oov_k=int(mode[0]), oov_temperature=float(mode[1]))
     else:

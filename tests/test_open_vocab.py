@@ -81,29 +81,45 @@ def test_model_reads_unseen_word_as_its_neighbour_and_known_queries_are_unchange
         known = ["a woman in a red coat with a white hat", "a man in blue jeans"]
         assert torch.equal(tok(known), off(known))
         assert torch.equal(model.encode_text(tok(known)), model.encode_text(off(known)))
+        drop_spec = _spec(oov="drop")
+        drop_spec.text_tower["vocabulary"] = vocab
+        drop = get_tokenizer(drop_spec)  # oov: drop reads the query without its unseen words
+        assert torch.equal(drop(["a man in a scarlet coat"]), tok(["a man in a coat"]))
     assert tok.explain("A scarlet coat")["scarlet"] == [(nearest, pytest.approx(1.0))]
+    assert drop.explain("a scarlet coat") == {"scarlet": []}
     assert off.explain("a scarlet coat") == {}  # oov: encode shows nothing
 
 
-def test_vocabulary_travels_in_the_checkpoint(tmp_path, monkeypatch):
+def test_vocabulary_travels_in_the_checkpoint(tmp_path, monkeypatch, capsys):
     from tbps.models.checkpoint import load_model, save_checkpoint
 
     monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
-    model = create_model(_spec(), load_pretrained=False).eval()
+    model = create_model(_spec(oov_k=3), load_pretrained=False).eval()
     model.prepare_vocabulary(["a red coat", "blue jeans"])
     save_checkpoint(tmp_path / "m.pt", {"model_spec": model.spec.to_dict(), "model": model.state_dict()})
     loaded, _ = load_model(tmp_path / "m.pt")
     assert loaded.spec.text_tower["vocabulary"] == ["a", "blue", "coat", "jeans", "red"]
+    assert {k: loaded.spec.text_tower[k] for k in ("oov", "oov_k")} == {"oov": "nearest", "oov_k": 3}
     tok_a, tok_b = get_tokenizer(model.spec), get_tokenizer(loaded.spec)
     assert tok_b.explain("a crimson anorak") == tok_a.explain("a crimson anorak") != {}
     with torch.no_grad():
         q = ["a crimson anorak", "a red coat"]
         assert torch.equal(loaded.encode_text(tok_b(q)), model.encode_text(tok_a(q)))
+    # What `tbps search` shows: the Encoder cleans the query as in training, then explains it.
+    from tbps.cli.search import _print_unknown_words
+    from tbps.retrieval.encoder import Encoder
+
+    why = Encoder.from_checkpoint(tmp_path / "m.pt").unknown_words("A Crimson coat!")
+    assert list(why) == ["crimson"] and why == tok_a.explain("a crimson coat")
+    _print_unknown_words(why)
+    (w1, p1), (w2, p2), (w3, p3) = why["crimson"]
+    assert capsys.readouterr().err == (f'tbps: "crimson" (not in the training vocabulary) -> {w1} ({p1:.2f}), '
+                                       f"{w2} ({p2:.2f}), {w3} ({p3:.2f})\n")
     # Without a recorded vocabulary (checkpoints from before) nothing is mapped.
     assert WordTokenizer(tok_a.dictionary, 8, _spec()).explain("a crimson anorak") == {}
 
 
-@pytest.mark.parametrize("bad", [{"oov": "guess"}, {"oov_k": 0}, {"oov_k": 1.5}, {"oov_temperature": 0},
+@pytest.mark.parametrize("bad", [{"oov": "guess"}, {"oov": None}, {"oov_k": 0}, {"oov_k": 1.5}, {"oov_temperature": 0},
                                  {"oov_temperature": "hot"}, {"vocabulary": "red coat"}, {"vocabulary": [1, 2]}])
 def test_bad_oov_settings_are_named(bad):
     with pytest.raises(TextStreamError, match=next(iter(bad))):

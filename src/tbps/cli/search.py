@@ -104,7 +104,7 @@ def run(args) -> int:
             feats, options = bound.query_features, {"reranker": bound, "rerank_depth": args.rescore}
         else:
             feats = encoder.encode_texts([args.query.strip()])
-        if args.image is None:
+        if args.image is None and hasattr(encoder, "unknown_words"):  # tbps checkpoints (not every encoder kind)
             _print_unknown_words(encoder.unknown_words(args.query.strip()))
         if args.nprobe is not None and ix.search_mode in ("ivf", "ivfpq"):
             ix.search_params["nprobe"] = args.nprobe
@@ -122,8 +122,8 @@ def run(args) -> int:
 def _print_unknown_words(unknown: dict) -> None:
     """One stderr line per query word the training never used: the training words it was read as."""
     for word, near in unknown.items():
-        print(f'tbps: "{word}" (not in the training vocabulary) -> '
-              + ", ".join(f"{w} ({p:.2f})" for w, p in near), file=sys.stderr)
+        read = ", ".join(f"{w} ({p:.2f})" for w, p in near) if near else "left out"
+        print(f'tbps: "{word}" (not in the training vocabulary) -> {read}', file=sys.stderr)
 
 
 def _print_hits(args, hits, mode: str, n: int, rescore, rescorer, bound) -> None:

@@ -43,11 +43,13 @@ PAD = "<pad>"
 TEXT_TOWER_DEFAULTS: dict[str, Any] = {
     "type": "frozen-words", "source": "minilm", "hidden": 512, "dim": 64,
     # Words outside the training vocabulary (word_map.py): "nearest" feeds the softmax(cos / oov_temperature)
-    # mix of the oov_k nearest training words; "encode" feeds the unseen word's own frozen vector.
-    "oov": "nearest", "oov_k": 3, "oov_temperature": 0.05,
+    # mix of the oov_k nearest training words; "encode" feeds the unseen word's own frozen vector; "drop"
+    # leaves the word out.
+    # k=1 by default: the best of k 1/3/5 on bench/open_vocab.py's rewrites (docs/performance.md, section 5).
+    "oov": "nearest", "oov_k": 1, "oov_temperature": 0.05,
     "vocabulary": None,  # the training vocabulary, recorded by training (prepare_vocabulary)
 }
-OOV_MODES = ("nearest", "encode")
+OOV_MODES = ("nearest", "encode", "drop")
 _WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")  # "t-shirt", "man's", "3" ; commas and slashes split
 
 
@@ -173,7 +175,9 @@ def text_tower_config(spec: ModelSpec) -> dict[str, Any]:
 def record_vocabulary(spec: ModelSpec, words: set[str]) -> None:
     """Keep the training vocabulary in the spec (so in every checkpoint): unseen query words are
     then known as such wherever the model is loaded (see ``oov``)."""
-    spec.text_tower = {**(spec.text_tower or {}), "vocabulary": sorted(set(words) - {PAD})}
+    cfg = text_tower_config(spec)  # the unseen-word settings in force are recorded too, not left to defaults
+    spec.text_tower = {**(spec.text_tower or {}), **{k: cfg[k] for k in ("oov", "oov_k", "oov_temperature")},
+                       "vocabulary": sorted(set(words) - {PAD})}
 
 
 def word_encoder(spec: ModelSpec) -> WordEncoder:
@@ -334,13 +338,14 @@ class WordTokenizer:
         self._map: tuple[tuple, NearestWords | None] = ((), None)
 
     def word_map(self) -> NearestWords | None:
-        """The unseen-word map in force (None: ``oov: encode``, or no training vocabulary recorded)."""
+        """The unseen-word map in force (None: ``oov: encode``, or no training vocabulary recorded);
+        with ``oov: drop`` only its ``known`` words are used."""
         # Not re-validated per call (the tower's build did): serving tokenises every query through here.
         cfg = {**TEXT_TOWER_DEFAULTS, **(self.spec.text_tower or {})} if self.spec is not None else {"oov": "encode"}
         vocab = cfg.get("vocabulary")
-        if cfg["oov"] != "nearest" or not vocab:
+        if cfg["oov"] == "encode" or not vocab:
             return None
-        key = (id(vocab), len(vocab), cfg["oov_k"], cfg["oov_temperature"])
+        key = (cfg["oov"], id(vocab), len(vocab), cfg["oov_k"], cfg["oov_temperature"])
         if self._map[0] != key:
             self._map = (key, NearestWords(self.dictionary, vocab, cfg["oov_k"], cfg["oov_temperature"]))
         return self._map[1]
@@ -349,15 +354,23 @@ class WordTokenizer:
         """How the unseen words of ``text`` are read: {word: [(training word, weight), ...]} ({} when none
         are, or no map is in force)."""
         m = self.word_map()
-        return m.explain(split_words(text)[: self.context_length]) if m is not None else {}
+        if m is None:
+            return {}
+        words = split_words(text)[: self.context_length]
+        if self._map[0][0] == "drop":
+            return {w: [] for w in dict.fromkeys(words) if w not in m.known}
+        return m.explain(words)
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
         words = [split_words(t)[: self.context_length] for t in texts]
+        m = self.word_map()
+        if m is not None and self._map[0][0] == "drop":
+            words = [[w for w in ws if w in m.known] for ws in words]
+            m = None
         flat = [w for ws in words for w in ws]
         ids = self.dictionary.ids(flat)
-        m = self.word_map()
         if m is not None:
             ids = m.rows(flat, ids)
         out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
