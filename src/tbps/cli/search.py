@@ -31,6 +31,12 @@ them (itm: the match probability; itm+itc: minmax(ITM) + W * minmax(cosine)). Ne
 trained with a fusion encoder and an ITM head (recipe laip, laip-cpu) and a text query. Results
 past the top K keep their cosine order below, with score cosine - top cosine - 1 (<= -1).
 
+unknown words: with a frozen word-dictionary text tower (textreid recipes), a query word that no
+training caption used is read as the mix of its nearest training words in the frozen encoder's
+space (model.text_tower.oov: nearest); each such word is shown on stderr, e.g.
+  tbps: "rucksack" (not in the training vocabulary) -> bag (1.00)
+(the nearest training word; with model.text_tower.oov_k > 1, the k nearest and their weights)
+
 filters (--where): column = 'text' | column > 3 | column IN ('c1', 'c2') | column LIKE 'c%'
 | column BETWEEN 1 AND 5 | column IS NULL, combined with AND, OR, NOT and parentheses.
 Columns: id, path, relpath, size, mtime, sha256, width, height and the metadata CSV's
@@ -99,6 +105,8 @@ def run(args) -> int:
             feats, options = bound.query_features, {"reranker": bound, "rerank_depth": args.rescore}
         else:
             feats = encoder.encode_texts([args.query.strip()])
+        if args.image is None and hasattr(encoder, "unknown_words"):  # tbps checkpoints (not every encoder kind)
+            _print_unknown_words(encoder.unknown_words(args.query.strip()))
         if args.nprobe is not None and ix.search_mode in ("ivf", "ivfpq"):
             ix.search_params["nprobe"] = args.nprobe
         hits = ix.search(feats, args.k, where=args.where, exact=args.exact, **options)[0]
@@ -110,6 +118,13 @@ def run(args) -> int:
     except BrokenPipeError:
         return quiet_broken_pipe()
     return 0
+
+
+def _print_unknown_words(unknown: dict) -> None:
+    """One stderr line per query word the training never used: the training words it was read as."""
+    for word, near in unknown.items():
+        read = ", ".join(f"{w} ({p:.2f})" for w, p in near) if near else "left out"
+        print(f'tbps: "{word}" (not in the training vocabulary) -> {read}', file=sys.stderr)
 
 
 def _print_hits(args, hits, mode: str, n: int, rescore, rescorer, bound) -> None:

@@ -37,9 +37,19 @@ from torch import nn
 
 from tbps.files import cache_dir
 from tbps.models.spec import ModelSpec, arch_config
+from tbps.models.word_map import NearestWords
 
 PAD = "<pad>"
-TEXT_TOWER_DEFAULTS: dict[str, Any] = {"type": "frozen-words", "source": "minilm", "hidden": 512, "dim": 64}
+TEXT_TOWER_DEFAULTS: dict[str, Any] = {
+    "type": "frozen-words", "source": "minilm", "hidden": 512, "dim": 64,
+    # Words outside the training vocabulary (word_map.py): "nearest" feeds the softmax(cos / oov_temperature)
+    # mix of the oov_k nearest training words; "encode" feeds the unseen word's own frozen vector; "drop"
+    # leaves the word out.
+    # k=1 by default: the best of k 1/3/5 on bench/open_vocab.py's rewrites (docs/performance.md, section 5).
+    "oov": "nearest", "oov_k": 1, "oov_temperature": 0.05,
+    "vocabulary": None,  # the training vocabulary, recorded by training (prepare_vocabulary)
+}
+OOV_MODES = ("nearest", "encode", "drop")
 _WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")  # "t-shirt", "man's", "3" ; commas and slashes split
 
 
@@ -149,7 +159,25 @@ def text_tower_config(spec: ModelSpec) -> dict[str, Any]:
         raise TextStreamError(f"model.text_tower.type {cfg['type']!r}: only 'frozen-words' exists")
     if cfg["source"] not in ("minilm", "clip", "random"):
         raise TextStreamError(f"model.text_tower.source {cfg['source']!r}: minilm, clip or random")
+    if cfg["oov"] not in OOV_MODES:
+        raise TextStreamError(f"model.text_tower.oov {cfg['oov']!r}: one of {', '.join(OOV_MODES)}")
+    if isinstance(cfg["oov_k"], bool) or not isinstance(cfg["oov_k"], int) or cfg["oov_k"] < 1:
+        raise TextStreamError(f"model.text_tower.oov_k {cfg['oov_k']!r}: a whole number >= 1")
+    t = cfg["oov_temperature"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or t == float("inf"):
+        raise TextStreamError(f"model.text_tower.oov_temperature {t!r}: a number > 0")
+    vocab = cfg["vocabulary"]
+    if vocab is not None and (not isinstance(vocab, list) or not all(isinstance(w, str) for w in vocab)):
+        raise TextStreamError("model.text_tower.vocabulary: a list of words (recorded by training)")
     return cfg
+
+
+def record_vocabulary(spec: ModelSpec, words: set[str]) -> None:
+    """Keep the training vocabulary in the spec (so in every checkpoint): unseen query words are
+    then known as such wherever the model is loaded (see ``oov``)."""
+    cfg = text_tower_config(spec)  # the unseen-word settings in force are recorded too, not left to defaults
+    spec.text_tower = {**(spec.text_tower or {}), **{k: cfg[k] for k in ("oov", "oov_k", "oov_temperature")},
+                       "vocabulary": sorted(set(words) - {PAD})}
 
 
 def word_encoder(spec: ModelSpec) -> WordEncoder:
@@ -225,6 +253,11 @@ class WordDictionary:
                 self.vectors = torch.cat([self.vectors, vectors[keep].float()])
                 self._on_device = {}
 
+    def add(self, keys: Sequence[str], vectors: torch.Tensor) -> list[int]:
+        """Rows for ``keys`` holding ``vectors`` (N, E), in memory only (a key already present keeps its row)."""
+        self._append(list(keys), vectors)
+        return [self.index[k] for k in keys]
+
     def add_vocabulary(self, words: Sequence[str]) -> dict[str, Any]:
         """Make every word known, encoding the vocabulary once and caching it on disk.
 
@@ -293,18 +326,53 @@ def get_dictionary(spec: ModelSpec) -> WordDictionary:
 class WordTokenizer:
     """Texts -> (B, L) dictionary rows, 0-padded to ``context_length`` (like open_clip's).
 
-    Words beyond ``context_length`` are dropped; an unseen word is encoded on the fly.
+    Words beyond ``context_length`` are dropped; an unseen word is encoded on the fly, and with
+    ``spec.text_tower.oov: nearest`` and a recorded training vocabulary, a word outside that
+    vocabulary is fed as the mix of its nearest training words (:class:`NearestWords`).
     """
 
-    def __init__(self, dictionary: WordDictionary, context_length: int):
+    def __init__(self, dictionary: WordDictionary, context_length: int, spec: ModelSpec | None = None):
         self.dictionary = dictionary
         self.context_length = int(context_length)
+        self.spec = spec  # read at each call: training records the vocabulary after making the tokenizer
+        self._map: tuple[tuple, NearestWords | None] = ((), None)
+
+    def word_map(self) -> NearestWords | None:
+        """The unseen-word map in force (None: ``oov: encode``, or no training vocabulary recorded);
+        with ``oov: drop`` only its ``known`` words are used."""
+        # Not re-validated per call (the tower's build did): serving tokenises every query through here.
+        cfg = {**TEXT_TOWER_DEFAULTS, **(self.spec.text_tower or {})} if self.spec is not None else {"oov": "encode"}
+        vocab = cfg.get("vocabulary")
+        if cfg["oov"] == "encode" or not vocab:
+            return None
+        key = (cfg["oov"], id(vocab), len(vocab), cfg["oov_k"], cfg["oov_temperature"])
+        if self._map[0] != key:
+            self._map = (key, NearestWords(self.dictionary, vocab, cfg["oov_k"], cfg["oov_temperature"]))
+        return self._map[1]
+
+    def explain(self, text: str) -> dict[str, list[tuple[str, float]]]:
+        """How the unseen words of ``text`` are read: {word: [(training word, weight), ...]} ({} when none
+        are, or no map is in force)."""
+        m = self.word_map()
+        if m is None:
+            return {}
+        words = split_words(text)[: self.context_length]
+        if self._map[0][0] == "drop":
+            return {w: [] for w in dict.fromkeys(words) if w not in m.known}
+        return m.explain(words)
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
         words = [split_words(t)[: self.context_length] for t in texts]
-        ids = self.dictionary.ids([w for ws in words for w in ws])
+        m = self.word_map()
+        if m is not None and self._map[0][0] == "drop":
+            words = [[w for w in ws if w in m.known] for ws in words]
+            m = None
+        flat = [w for ws in words for w in ws]
+        ids = self.dictionary.ids(flat)
+        if m is not None:
+            ids = m.rows(flat, ids)
         out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
         pos = 0
         for i, ws in enumerate(words):
@@ -389,4 +457,4 @@ def build_text_stream(spec: ModelSpec, out_dim: int) -> FrozenWordStream:
 
 def get_word_tokenizer(spec: ModelSpec, context_length: int) -> WordTokenizer:
     """The tokenizer sharing the spec's dictionary."""
-    return WordTokenizer(get_dictionary(spec), context_length)
+    return WordTokenizer(get_dictionary(spec), context_length, spec)

@@ -6,7 +6,8 @@ captions into its ids, and what it does with the training vocabulary before trai
 - ``text_tower: null``: CLIP's own text transformer (inside the open_clip model, so nothing
   is built here), open_clip's BPE tokenizer, no vocabulary step;
 - ``frozen-words`` (the default type): TextReID's frozen word dictionary + BiGRU
-  (``text_stream.py``), its word tokenizer, and the vocabulary encoded once into the dictionary;
+  (``text_stream.py``), its word tokenizer, and the vocabulary encoded once into the dictionary
+  and recorded in the spec (unseen query words are then read through it: ``word_map.py``);
 - ``hf``: a BERT-family tower from a local folder (``hf_text.py``), its WordPiece tokenizer,
   no vocabulary step (its subword vocabulary is fixed).
 """
@@ -21,7 +22,13 @@ from torch import nn
 
 from tbps.models.hf_text import HFTextTower, HFTokenizer
 from tbps.models.spec import ModelError, ModelSpec, register_spec_config, text_context_length
-from tbps.models.text_stream import FrozenWordStream, build_text_stream, get_word_tokenizer, split_words
+from tbps.models.text_stream import (
+    FrozenWordStream,
+    build_text_stream,
+    get_word_tokenizer,
+    record_vocabulary,
+    split_words,
+)
 
 
 @dataclass(frozen=True)
@@ -29,14 +36,14 @@ class TextTower:
     """One kind of text tower.
 
     ``build(spec, out_dim)`` -> the module (None: CLIP's own tower, already in the open_clip model);
-    ``tokenizer(spec)`` -> captions to (B, L) ids; ``prepare(tower, words)`` -> ``{"words": N,
+    ``tokenizer(spec)`` -> captions to (B, L) ids; ``prepare(spec, tower, words)`` -> ``{"words": N,
     "cached": bool, ...}`` after taking in the training words (None: no vocabulary step), with
     ``split_words(caption)`` -> the words as the tower stores them.
     """
 
     build: Callable[[ModelSpec, int], nn.Module] | None
     tokenizer: Callable[[ModelSpec], Callable]
-    prepare: Callable[[nn.Module, set[str]], dict[str, Any]] | None = None
+    prepare: Callable[[ModelSpec, nn.Module, set[str]], dict[str, Any]] | None = None
     split_words: Callable[[str], list[str]] | None = None
 
 
@@ -47,13 +54,20 @@ def _clip_tokenizer(spec: ModelSpec):
     return open_clip.get_tokenizer(spec.arch, context_length=spec.context_length)
 
 
+def _prepare_frozen_words(spec: ModelSpec, stream: FrozenWordStream, words: set[str]) -> dict[str, Any]:
+    """Encode the training words into the dictionary and record them in the spec (for ``oov``)."""
+    info = stream.prepare_vocabulary(words)
+    record_vocabulary(spec, words)
+    return info
+
+
 CLIP_TOWER = TextTower(build=None, tokenizer=_clip_tokenizer)
 
 TEXT_TOWERS: dict[str, TextTower] = {
     "frozen-words": TextTower(
         build=build_text_stream,
         tokenizer=lambda spec: get_word_tokenizer(spec, text_context_length(spec)),
-        prepare=FrozenWordStream.prepare_vocabulary,
+        prepare=_prepare_frozen_words,
         split_words=split_words,
     ),
     "hf": TextTower(

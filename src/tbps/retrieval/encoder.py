@@ -180,6 +180,15 @@ class Encoder:
         return text_features(self.model, tokens).cpu().numpy()
 
 
+    def unknown_words(self, text: str) -> dict[str, list[tuple[str, float]]]:
+        """How a description's words outside the training vocabulary are read: {word: [(training word,
+        weight), ...]} (frozen word-dictionary towers with ``oov: nearest``; {} otherwise or when none are)."""
+        explain = getattr(self.tokenizer, "explain", None)
+        if explain is None or self.cleaning != "tbps-clip":
+            return {}
+        return explain(clean_caption(text, self.max_words or 77))
+
+
 def create_untrained_checkpoint(path: str | os.PathLike, arch: str = "tiny-vit", seed: int = 0) -> Path:
     """Write a valid checkpoint with random weights (for tests and benchmarks)."""
     from tbps.recipes.config import load_recipe

@@ -1,0 +1,126 @@
+"""Unseen query words read through the training vocabulary (models/word_map.py, oov: nearest)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tbps.models import ModelSpec, create_model, get_tokenizer
+from tbps.models.text_stream import TextStreamError, WordDictionary, WordEncoder, WordTokenizer, text_tower_config
+from tbps.models.word_map import NearestWords
+
+VECTORS = {  # a constructed 3-d space: "scarlet" is nearest "red", then "blue"; "tote" nearest "bag"
+    "red": (1.0, 0.0, 0.0), "blue": (0.0, 1.0, 0.0), "bag": (0.0, 0.0, 1.0), "a": (0.5, 0.5, 0.5),
+    "scarlet": (0.9, 0.3, 0.0), "tote": (0.1, 0.0, 0.8),
+}
+
+
+class TableEncoder(WordEncoder):
+    key, dim = "table-3", 3
+
+    def encode(self, words):
+        return torch.tensor([VECTORS[w] for w in words])
+
+
+def test_unseen_word_becomes_its_nearest_training_words(tmp_path):
+    d = WordDictionary(TableEncoder(), cache=False)
+    m1 = NearestWords(d, ["red", "blue", "bag", "a"], k=1)
+    ids = d.ids(["a", "scarlet", "bag", "tote"])
+    rows = m1.rows(["a", "scarlet", "bag", "tote"], ids)
+    assert rows[0] == ids[0] and rows[2] == ids[2]  # training words keep their own rows
+    assert torch.equal(d.vectors[rows[1]], d.vectors[d.index["red"]])  # k=1: exactly the nearest word
+    assert torch.equal(d.vectors[rows[3]], d.vectors[d.index["bag"]])
+    assert d.vectors[d.index["scarlet"]].tolist() == pytest.approx([0.9, 0.3, 0.0])  # its own row is untouched
+    # k=2: softmax(cos / T) over the two nearest, by hand.
+    m2 = NearestWords(d, ["red", "blue", "bag", "a"], k=2, temperature=0.1)
+    row = m2.rows(["scarlet"], d.ids(["scarlet"]))[0]
+    s = torch.tensor(VECTORS["scarlet"]) / math.hypot(0.9, 0.3)
+    cos = {w: float(s @ (torch.tensor(VECTORS[w]) / torch.tensor(VECTORS[w]).norm())) for w in ("red", "a")}
+    assert cos["red"] > cos["a"] > float(s @ torch.tensor([0.0, 1.0, 0.0]))  # red, then a, then blue
+    e = {w: math.exp(c / 0.1) for w, c in cos.items()}
+    p_red = e["red"] / (e["red"] + e["a"])
+    expected = p_red * torch.tensor(VECTORS["red"]) + (1 - p_red) * torch.tensor(VECTORS["a"])
+    assert torch.allclose(d.vectors[row], expected, atol=1e-6)
+    why = m2.explain(["a", "scarlet", "scarlet"])
+    assert list(why) == ["scarlet"] and [w for w, _ in why["scarlet"]] == ["red", "a"]
+    assert why["scarlet"][0][1] == pytest.approx(p_red, rel=1e-5)
+    # The mixed rows live under keys no word can have, so two maps never share them.
+    assert row != rows[1] and "scarlet" in d.index and all("\x00" in k for k in d.words[-3:])
+
+
+def _spec(**tower):
+    return ModelSpec(arch="micro-vit", image_size=(32, 16), context_length=12, embed_dim=16,
+                     text_tower={"source": "random", "hidden": 8, "dim": 8, **tower})
+
+
+def test_model_reads_unseen_word_as_its_neighbour_and_known_queries_are_unchanged(tmp_path, monkeypatch):
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model = create_model(_spec(oov_k=1), load_pretrained=False).eval()
+    tok = get_tokenizer(model.spec)
+    training = ["a man in a red coat with a black bag", "a woman in blue jeans", "a girl with a white hat"]
+    model.prepare_vocabulary(training)
+    vocab = model.spec.text_tower["vocabulary"]
+    assert vocab == sorted({w for c in training for w in c.split()})  # recorded in the spec
+    # Naive nearest training word of "scarlet" by cosine over the frozen vectors.
+    d = tok.dictionary
+    row = d.ids(["scarlet"])[0]  # (encoded now: the table grows, so index it afterwards)
+    v = d.vectors[row]
+    nearest = max(vocab, key=lambda w: float(torch.cosine_similarity(v, d.vectors[d.index[w]], dim=0)))
+    with torch.no_grad():
+        unseen = model.encode_text(tok(["a man in a scarlet coat"]))
+        replaced = model.encode_text(tok([f"a man in a {nearest} coat"]))
+        assert torch.equal(unseen, replaced)
+        off_spec = _spec(oov="encode")
+        off_spec.text_tower["vocabulary"] = vocab
+        off = get_tokenizer(off_spec)
+        assert not torch.equal(model.encode_text(off(["a man in a scarlet coat"])), unseen)
+        # Known words only: the same ids, bit-for-bit the same features with the map on or off.
+        known = ["a woman in a red coat with a white hat", "a man in blue jeans"]
+        assert torch.equal(tok(known), off(known))
+        assert torch.equal(model.encode_text(tok(known)), model.encode_text(off(known)))
+        drop_spec = _spec(oov="drop")
+        drop_spec.text_tower["vocabulary"] = vocab
+        drop = get_tokenizer(drop_spec)  # oov: drop reads the query without its unseen words
+        assert torch.equal(drop(["a man in a scarlet coat"]), tok(["a man in a coat"]))
+    assert tok.explain("A scarlet coat")["scarlet"] == [(nearest, pytest.approx(1.0))]
+    assert drop.explain("a scarlet coat") == {"scarlet": []}
+    assert off.explain("a scarlet coat") == {}  # oov: encode shows nothing
+
+
+def test_vocabulary_travels_in_the_checkpoint(tmp_path, monkeypatch, capsys):
+    from tbps.models.checkpoint import load_model, save_checkpoint
+
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
+    model = create_model(_spec(oov_k=3), load_pretrained=False).eval()
+    model.prepare_vocabulary(["a red coat", "blue jeans"])
+    save_checkpoint(tmp_path / "m.pt", {"model_spec": model.spec.to_dict(), "model": model.state_dict()})
+    loaded, _ = load_model(tmp_path / "m.pt")
+    assert loaded.spec.text_tower["vocabulary"] == ["a", "blue", "coat", "jeans", "red"]
+    assert {k: loaded.spec.text_tower[k] for k in ("oov", "oov_k")} == {"oov": "nearest", "oov_k": 3}
+    tok_a, tok_b = get_tokenizer(model.spec), get_tokenizer(loaded.spec)
+    assert tok_b.explain("a crimson anorak") == tok_a.explain("a crimson anorak") != {}
+    with torch.no_grad():
+        q = ["a crimson anorak", "a red coat"]
+        assert torch.equal(loaded.encode_text(tok_b(q)), model.encode_text(tok_a(q)))
+    # What `tbps search` shows: the Encoder cleans the query as in training, then explains it.
+    from tbps.cli.search import _print_unknown_words
+    from tbps.retrieval.encoder import Encoder
+
+    why = Encoder.from_checkpoint(tmp_path / "m.pt").unknown_words("A Crimson coat!")
+    assert list(why) == ["crimson"] and why == tok_a.explain("a crimson coat")
+    _print_unknown_words(why)
+    (w1, p1), (w2, p2), (w3, p3) = why["crimson"]
+    assert capsys.readouterr().err == (f'tbps: "crimson" (not in the training vocabulary) -> {w1} ({p1:.2f}), '
+                                       f"{w2} ({p2:.2f}), {w3} ({p3:.2f})\n")
+    # Without a recorded vocabulary (checkpoints from before) nothing is mapped.
+    assert WordTokenizer(tok_a.dictionary, 8, _spec()).explain("a crimson anorak") == {}
+
+
+@pytest.mark.parametrize("bad", [{"oov": "guess"}, {"oov": None}, {"oov_k": 0}, {"oov_k": 1.5}, {"oov_temperature": 0},
+                                 {"oov_temperature": "hot"}, {"vocabulary": "red coat"}, {"vocabulary": [1, 2]}])
+def test_bad_oov_settings_are_named(bad):
+    with pytest.raises(TextStreamError, match=next(iter(bad))):
+        text_tower_config(_spec(**bad))
