@@ -419,7 +419,7 @@ def print_comparison(runs: list[tuple[str, dict]]) -> None:
     for label in labels:
         mine = [r for lab, r in runs if lab == label]
         if len(mine) > 1:
-            rows.append((f"{label} (median)", *(_median([r[c] for r in mine]) for c in cols), ""))
+            rows.append((f"{label} (median)", *(round(_median([r[c] for r in mine]), 2) for c in cols), ""))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     for row in (head, *rows):
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))

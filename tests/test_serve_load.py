@@ -277,3 +277,28 @@ def test_host_verdicts_are_remembered_but_bounded(colour_index):
             check = check.app
         assert len(check._known) == 64 and check._known["evil3.example"] is False
         assert "gallery.lan:8000" not in check._known  # seen after the table filled: checked each time
+
+
+def test_serve_keeps_what_it_loaded_out_of_full_collections(micro_encoder, tmp_path, monkeypatch, capsys):
+    """`tbps serve` freezes the objects it loaded before serving: a full collection of the
+    model's heap stopped every request for ~300 ms every few seconds under load."""
+    import gc
+
+    import uvicorn
+
+    from tbps.cli.main import main
+    from tbps.index import build_index
+    from tests.test_serve import make_gallery
+
+    images, meta = make_gallery(tmp_path)
+    build_index(tmp_path / "index", micro_encoder, images, metadata_csv=meta, progress=False,
+                checkpoint=micro_encoder.checkpoint)
+    frozen = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: frozen.append(gc.get_freeze_count()))
+    gc.unfreeze()
+    try:
+        code = main(["serve", str(tmp_path / "index"), "--port", "0"])
+    finally:
+        gc.unfreeze()  # the test process collects as usual
+    assert code == 0, capsys.readouterr().err
+    assert frozen and frozen[0] > 10_000  # the model's and the app's objects, at least
