@@ -3,12 +3,18 @@
     python bench/load_test.py                      # 32 clients, 30 s, 200-image synthetic gallery
     python bench/load_test.py --clients 8 --duration 10 --checkpoint runs/x/best.pt
     python bench/load_test.py --soak               # 32 clients, 5 minutes, image uploads mixed in
+    python bench/load_test.py --compare main --rounds 2   # main's server and this tree's, side by side
 
 It builds a small real index in a temporary folder (synthetic pedestrians from
 ``tbps.synth`` and, unless --checkpoint is given, an untrained tiny-vit checkpoint),
 starts ``tbps serve`` as a subprocess on 127.0.0.1, waits for /health, runs the clients
-(asyncio + httpx, one connection each) with varied queries, k and filters, and prints
-requests/s, latency percentiles and the error count. Exit status 1 if any request failed.
+(asyncio, one keep-alive connection each: ``RawHTTP``, a lean HTTP/1.1 client, or httpx with
+``--client httpx``) with varied queries, k and filters, and prints requests/s, latency
+percentiles, the error count and the CPU time per request of the server and of the load
+generator (they share the cores). Exit status 1 if any request failed.
+
+``--compare REV`` serves the same index from git revision REV's ``src/`` (exported to a
+temporary folder) and from this tree in turn, ``--rounds`` times, and prints them side by side.
 
 Soak mode (``--soak``: 32 clients for 300 s unless told otherwise) mixes image uploads into
 the text queries (``--upload-share``, default 1 in 8): gallery crops, a 10000x10000 JPEG
@@ -214,18 +220,27 @@ class RawHTTP:
             body, ctype = _multipart(files, data or {})
         else:
             body, ctype = json_mod.dumps(json).encode(), "application/json"
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\n" + self.head
-                          + f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        try:
-            return await self._read()
-        except (OSError, asyncio.IncompleteReadError, ValueError) as e:
-            await self.aclose()
-            raise RawError(f"{type(e).__name__}: {e}") from None
+        request = (b"POST " + path.encode() + b" HTTP/1.1\r\n" + self.head
+                   + f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        for attempt in (1, 2):  # a kept-alive connection the server closed meanwhile: once more, on a new one
+            reused = self.writer is not None
+            try:
+                if not reused:
+                    self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+                self.writer.write(request)
+                return await self._read()
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, RawError) as e:
+                await self.aclose()
+                if isinstance(e, RawError) and reused and attempt == 1:
+                    continue
+                raise RawError(f"{type(e).__name__}: {e}") from None
+        raise AssertionError("unreachable")
 
     async def _read(self) -> "RawResponse":
-        status = int((await self.reader.readline()).split(b" ", 2)[1])
+        line = await self.reader.readline()
+        if not line:
+            raise RawError("the server closed the connection")
+        status = int(line.split(b" ", 2)[1])
         length, chunked, close = None, False, False
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.partition(b":")
