@@ -302,3 +302,4 @@ def test_serve_keeps_what_it_loaded_out_of_full_collections(micro_encoder, tmp_p
         gc.unfreeze()  # the test process collects as usual
     assert code == 0, capsys.readouterr().err
     assert frozen and frozen[0] > 10_000  # the model's and the app's objects, at least
+    assert gc.get_freeze_count() == 0  # and let go once the server returns
