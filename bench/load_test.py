@@ -3,12 +3,18 @@
     python bench/load_test.py                      # 32 clients, 30 s, 200-image synthetic gallery
     python bench/load_test.py --clients 8 --duration 10 --checkpoint runs/x/best.pt
     python bench/load_test.py --soak               # 32 clients, 5 minutes, image uploads mixed in
+    python bench/load_test.py --compare main --rounds 2   # main's server and this tree's, side by side
 
 It builds a small real index in a temporary folder (synthetic pedestrians from
 ``tbps.synth`` and, unless --checkpoint is given, an untrained tiny-vit checkpoint),
 starts ``tbps serve`` as a subprocess on 127.0.0.1, waits for /health, runs the clients
-(asyncio + httpx, one connection each) with varied queries, k and filters, and prints
-requests/s, latency percentiles and the error count. Exit status 1 if any request failed.
+(asyncio, one keep-alive connection each: ``RawHTTP``, a lean HTTP/1.1 client, or httpx with
+``--client httpx``) with varied queries, k and filters, and prints requests/s, latency
+percentiles, the error count and the CPU time per request of the server and of the load
+generator (they share the cores). Exit status 1 if any request failed.
+
+``--compare REV`` serves the same index from git revision REV's ``src/`` (exported to a
+temporary folder) and from this tree in turn, ``--rounds`` times, and prints them side by side.
 
 Soak mode (``--soak``: 32 clients for 300 s unless told otherwise) mixes image uploads into
 the text queries (``--upload-share``, default 1 in 8): gallery crops, a 10000x10000 JPEG
@@ -24,6 +30,7 @@ import argparse
 import asyncio
 import csv
 import json
+import json as json_mod  # RawHTTP.post's argument is called json, as httpx's
 import os
 import random
 import re
@@ -101,12 +108,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index: Path, port: int, threads: int | None, log: Path, max_batch: int = 32) -> subprocess.Popen:
+def start_server(index: Path, port: int, threads: int | None, log: Path, max_batch: int = 32,
+                 src: Path | None = None) -> subprocess.Popen:
+    """``tbps serve`` on 127.0.0.1:``port``, run from the source tree ``src`` (default: the tbps
+    this bench imports)."""
+    import tbps
+
     cmd = [sys.executable, "-m", "tbps.cli.main", "serve", str(index), "--host", "127.0.0.1",
            "--port", str(port), "--log-level", "warning", "--max-batch", str(max_batch)]
     if threads:
         cmd += ["--threads", str(threads)]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = dict(os.environ, PYTHONPATH=str(src or Path(tbps.__file__).resolve().parents[1]))
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def export_tree(rev: str, dest: Path) -> Path:
+    """The ``src`` folder of git revision ``rev`` of this repository, written under ``dest``."""
+    repo = Path(__file__).resolve().parents[1]
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "src"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "src"
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -171,6 +193,106 @@ async def _one_request(client, rng: random.Random, uploads: list, upload_share: 
     return "text", ok, None if ok else f"{r.status_code}: {r.text[:200]}"
 
 
+class RawHTTP:
+    """A lean HTTP/1.1 keep-alive client on asyncio streams: one connection, one request at a
+    time. The load generator shares the server's cores, and httpx spends about as much CPU on a
+    request as the server does; this one a fraction, so the cores measure the server."""
+
+    def __init__(self, base_url: str):
+        host, port = base_url.removeprefix("http://").rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.head = f"Host: {host}:{port}\r\nUser-Agent: tbps-load-test\r\nAccept: */*\r\n".encode()
+        self.reader = self.writer = None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+    async def post(self, path: str, *, json=None, files=None, data=None) -> "RawResponse":
+        if files is not None:
+            body, ctype = _multipart(files, data or {})
+        else:
+            body, ctype = json_mod.dumps(json).encode(), "application/json"
+        request = (b"POST " + path.encode() + b" HTTP/1.1\r\n" + self.head
+                   + f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        for attempt in (1, 2):  # a kept-alive connection the server closed meanwhile: once more, on a new one
+            reused = self.writer is not None
+            try:
+                if not reused:
+                    self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+                self.writer.write(request)
+                return await self._read()
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, RawError) as e:
+                await self.aclose()
+                if isinstance(e, RawError) and reused and attempt == 1:
+                    continue
+                raise RawError(f"{type(e).__name__}: {e}") from None
+        raise AssertionError("unreachable")
+
+    async def _read(self) -> "RawResponse":
+        line = await self.reader.readline()
+        if not line:
+            raise RawError("the server closed the connection")
+        status = int(line.split(b" ", 2)[1])
+        length, chunked, close = None, False, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                close = b"close" in value.lower()
+        if chunked:
+            parts = []
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readline()
+            await self.reader.readline()
+            body = b"".join(parts)
+        else:
+            body = await self.reader.readexactly(length or 0)
+        if close:
+            await self.aclose()
+        return RawResponse(status, body)
+
+
+class RawError(Exception):
+    """A request the lean client could not complete (connection closed, bad answer)."""
+
+
+class RawResponse:
+    def __init__(self, status_code: int, content: bytes):
+        self.status_code, self.content = status_code, content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self):
+        return json_mod.loads(self.content)
+
+
+def _multipart(files: dict, data: dict) -> tuple[bytes, str]:
+    boundary = "tbps-load-" + os.urandom(8).hex()
+    out = []
+    for key, value in data.items():
+        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
+    for key, (name, content) in files.items():
+        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"; filename="{name}"\r\n'
+                   "Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n")
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"".join(out), f"multipart/form-data; boundary={boundary}"
+
+
 def _percentiles(lat: list[float]) -> dict:
     lat = sorted(lat)
 
@@ -181,23 +303,27 @@ def _percentiles(lat: list[float]) -> dict:
 
 
 async def run_clients(url: str, clients: int, duration: float, seed: int, uploads: list | None = None,
-                      upload_share: float = 0.0) -> dict:
+                      upload_share: float = 0.0, client: str = "raw") -> dict:
     """``clients`` workers POST /search (and, ``upload_share`` of the time, /search/image) back
-    to back for ``duration`` seconds."""
+    to back for ``duration`` seconds, each on one keep-alive connection (``client``: "raw",
+    ``RawHTTP``, or "httpx")."""
     import httpx
 
     latencies: dict[str, list[float]] = {"text": [], "upload": []}
     errors: list[str] = []
     stop_at = time.perf_counter() + duration
 
+    def connect():
+        return RawHTTP(url) if client == "raw" else httpx.AsyncClient(base_url=url, timeout=60.0)
+
     async def worker(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
-        async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
+        async with connect() as conn:
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
                 try:
-                    kind, ok, err = await _one_request(client, rng, uploads or [], upload_share)
-                except (httpx.HTTPError, ValueError, KeyError) as e:
+                    kind, ok, err = await _one_request(conn, rng, uploads or [], upload_share)
+                except (httpx.HTTPError, RawError, ValueError, KeyError) as e:
                     errors.append(f"{type(e).__name__}: {e}")
                     continue
                 if not ok:
@@ -210,7 +336,7 @@ async def run_clients(url: str, clients: int, duration: float, seed: int, upload
     wall = time.perf_counter() - t0
     every = latencies["text"] + latencies["upload"]
     res = {
-        "clients": clients, "seconds": round(wall, 2), "requests": len(every) + len(errors),
+        "clients": clients, "client": client, "seconds": round(wall, 2), "requests": len(every) + len(errors),
         "errors": len(errors), "error_samples": errors[:5],
         "requests_per_s": round(len(every) / wall, 1), **_percentiles(every),
     }
@@ -232,6 +358,99 @@ def rss_kib(pid: int) -> dict:
     return out
 
 
+def measure(index: Path, args, log: Path, src: Path | None = None) -> dict:
+    """Start a server (from ``src``), warm it up, run the load, stop it: the figures of one run."""
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(index, port, args.server_threads, log, args.max_batch, src)
+    try:
+        t0 = time.perf_counter()
+        wait_healthy(url, proc)
+        startup_s = time.perf_counter() - t0
+        uploads = soak_uploads(index.parent / "synth") if args.soak else None
+        share = args.upload_share if args.soak else 0.0
+        asyncio.run(run_clients(url, min(4, args.clients), 2.0, args.seed + 1, uploads, share, args.client))  # warm-up
+        batches0 = httpx.get(url + "/stats").json()["text_batches"]
+        mem0, load0 = rss_kib(proc.pid), os.getloadavg()[0]
+        server_cpu0, client_cpu0 = cpu_seconds(proc.pid), time.process_time()
+        res = asyncio.run(run_clients(url, args.clients, args.duration, args.seed, uploads, share, args.client))
+        server_cpu1, client_cpu = cpu_seconds(proc.pid), time.process_time() - client_cpu0
+        mem1 = rss_kib(proc.pid)
+        stats = httpx.get(url + "/stats").json()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    res["server_rss_mib"] = {"after_warmup": round(mem0.get("VmRSS", 0) / 1024, 1),
+                             "end": round(mem1.get("VmRSS", 0) / 1024, 1),
+                             "peak": round(mem1.get("VmHWM", 0) / 1024, 1)}
+    n_req = max(1, res["requests"])
+    # CPU per request, server and load generator: on a small shared machine the two
+    # compete for the same cores, so these say where the time goes better than req/s
+    res["server_cpu_ms_per_request"] = (round((server_cpu1 - server_cpu0) / n_req * 1e3, 2)
+                                        if server_cpu0 is not None and server_cpu1 is not None else None)
+    res["client_cpu_ms_per_request"] = round(client_cpu / n_req * 1e3, 2)
+    tb = stats["text_batches"]
+    res.update(gallery=stats["items"], search_mode=stats["index"].get("search_mode"),
+               arch=stats["model"].get("arch"), server_startup_s=round(startup_s, 1),
+               cpus=os.cpu_count(), max_batch=args.max_batch,
+               load_avg_1m=[round(load0, 1), round(os.getloadavg()[0], 1)],
+               mean_text_batch=round((tb["queries"] - batches0["queries"]) / max(1, tb["batches"] - batches0["batches"]), 2))
+    return res
+
+
+def print_run(res: dict) -> None:
+    print(f"gallery {res['gallery']} images ({res['arch']}, {res['search_mode']} search), "
+          f"{res['clients']} clients ({res['client']}) x {res['seconds']} s on {res['cpus']} CPUs "
+          f"(load average {res['load_avg_1m'][0]} at the start, {res['load_avg_1m'][1]} at the end), "
+          f"max batch {res['max_batch']}")
+    print(f"requests {res['requests']}  ->  {res['requests_per_s']} req/s")
+    print(f"latency p50 {res['p50_ms']} ms  p90 {res['p90_ms']} ms  p99 {res['p99_ms']} ms  max {res['max_ms']} ms")
+    print(f"CPU per request: server {res['server_cpu_ms_per_request']} ms, "
+          f"load generator {res['client_cpu_ms_per_request']} ms")
+    print(f"text queries per encoder call (mean): {res['mean_text_batch']}")
+    if "uploads" in res:
+        u = res["uploads"]
+        print(f"uploads {u['requests']}: p50 {u['p50_ms']} ms  p99 {u['p99_ms']} ms  max {u['max_ms']} ms")
+    m = res["server_rss_mib"]
+    print(f"server memory (RSS): {m['after_warmup']} MiB after warm-up, {m['end']} MiB at the end, "
+          f"peak {m['peak']} MiB")
+    print(f"errors {res['errors']}" + (f"  e.g. {res['error_samples']}" if res["errors"] else ""))
+
+
+def print_comparison(runs: list[tuple[str, dict]]) -> None:
+    """One row per run, then each server's median and the ratio new / old."""
+    cols = ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "errors", "server_cpu_ms_per_request",
+            "client_cpu_ms_per_request", "mean_text_batch")
+    head = ("server", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors", "srv CPU ms/req",
+            "gen CPU ms/req", "queries/call", "load avg")
+    rows = [(label, *(r[c] for c in cols), "{} -> {}".format(*r["load_avg_1m"])) for label, r in runs]
+    labels = list(dict.fromkeys(label for label, _ in runs))
+    for label in labels:
+        mine = [r for lab, r in runs if lab == label]
+        if len(mine) > 1:
+            rows.append((f"{label} (median)", *(round(_median([r[c] for r in mine]), 2) for c in cols), ""))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for row in (head, *rows):
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+    if len(labels) == 2:
+        old, new = ([r for lab, r in runs if lab == label] for label in labels)
+        print(f"{labels[1]} / {labels[0]}: requests/s x{_median([r['requests_per_s'] for r in new]) / _median([r['requests_per_s'] for r in old]):.2f}, "
+              f"p99 x{_median([r['p99_ms'] for r in new]) / _median([r['p99_ms'] for r in old]):.2f}, "
+              f"server CPU per request x{_median([r['server_cpu_ms_per_request'] for r in new]) / _median([r['server_cpu_ms_per_request'] for r in old]):.2f}")
+
+
+def _median(values: list) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else round((values[mid - 1] + values[mid]) / 2, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=32)
@@ -243,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="checkpoint to index with (default: untrained tiny-vit)")
     ap.add_argument("--server-threads", type=int, default=None, help="torch threads in the server")
     ap.add_argument("--max-batch", type=int, default=32, help="server's text batch size (1: no batching)")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="load generator: raw (a lean asyncio HTTP/1.1 client, default) or httpx")
+    ap.add_argument("--compare", metavar="REV",
+                    help="also serve from git revision REV (e.g. main) and print both side by side")
+    ap.add_argument("--rounds", type=int, default=1, help="--compare: alternate the two servers this many times")
     ap.add_argument("--workdir", help="keep the gallery/index here (default: a temporary folder)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -251,72 +475,34 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tbps-load-"))
     root.mkdir(parents=True, exist_ok=True)
-    proc = None
+    rev_dir = Path(tempfile.mkdtemp(prefix="tbps-rev-")) if args.compare else None
     try:
-        t0 = time.perf_counter()
         if (root / "index" / "manifest.json").exists():  # --workdir from an earlier run: reuse
             index = root / "index"
         else:
             index, _ = build_demo_index(root, ids=args.ids, checkpoint=args.checkpoint)
-        build_s = time.perf_counter() - t0
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = start_server(index, port, args.server_threads, root / "server.log", args.max_batch)
-        t0 = time.perf_counter()
-        wait_healthy(url, proc)
-        startup_s = time.perf_counter() - t0
-        uploads = soak_uploads(index.parent / "synth") if args.soak else None
-        share = args.upload_share if args.soak else 0.0
-        asyncio.run(run_clients(url, min(4, args.clients), 2.0, args.seed + 1, uploads, share))  # warm-up
-        mem0 = rss_kib(proc.pid)
-        server_cpu0, client_cpu0 = cpu_seconds(proc.pid), time.process_time()
-        res = asyncio.run(run_clients(url, args.clients, args.duration, args.seed, uploads, share))
-        server_cpu1, client_cpu = cpu_seconds(proc.pid), time.process_time() - client_cpu0
-        mem1 = rss_kib(proc.pid)
-        res["server_rss_mib"] = {"after_warmup": round(mem0.get("VmRSS", 0) / 1024, 1),
-                                 "end": round(mem1.get("VmRSS", 0) / 1024, 1),
-                                 "peak": round(mem1.get("VmHWM", 0) / 1024, 1)}
-        n_req = max(1, res["requests"])
-        # CPU per request, server and load generator: on a small shared machine the two
-        # compete for the same cores, so these say where the time goes better than req/s
-        res["server_cpu_ms_per_request"] = (round((server_cpu1 - server_cpu0) / n_req * 1e3, 2)
-                                            if server_cpu0 is not None and server_cpu1 is not None else None)
-        res["client_cpu_ms_per_request"] = round(client_cpu / n_req * 1e3, 2)
-        import httpx
-
-        stats = httpx.get(url + "/stats").json()
-        res.update(gallery=stats["items"], search_mode=stats["index"].get("search_mode"),
-                   arch=stats["model"].get("arch"), build_s=round(build_s, 1), server_startup_s=round(startup_s, 1),
-                   cpus=os.cpu_count(), max_batch=args.max_batch, load_avg_1m=round(os.getloadavg()[0], 1),
-                   mean_text_batch=round(stats["text_batches"]["queries"] / max(1, stats["text_batches"]["batches"]), 2))
+        trees: list[tuple[str, Path | None]] = [("this tree", None)]
+        if args.compare:
+            trees.insert(0, (args.compare, export_tree(args.compare, rev_dir)))
+        runs = []
+        for _ in range(args.rounds if args.compare else 1):
+            for label, src in trees:
+                runs.append((label, measure(index, args, root / "server.log", src)))
+                if not args.json:
+                    print(f"--- {label}")
+                    print_run(runs[-1][1])
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
+        if rev_dir is not None:
+            shutil.rmtree(rev_dir, ignore_errors=True)
     if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print(f"gallery {res['gallery']} images ({res['arch']}, {res['search_mode']} search), "
-              f"{res['clients']} clients x {res['seconds']} s on {res['cpus']} CPUs "
-              f"(load average {res['load_avg_1m']}), max batch {res['max_batch']}")
-        print(f"requests {res['requests']}  ->  {res['requests_per_s']} req/s")
-        print(f"latency p50 {res['p50_ms']} ms  p90 {res['p90_ms']} ms  p99 {res['p99_ms']} ms  max {res['max_ms']} ms")
-        print(f"CPU per request: server {res['server_cpu_ms_per_request']} ms, "
-              f"load generator {res['client_cpu_ms_per_request']} ms")
-        print(f"text queries per encoder call (mean, incl. warm-up): {res['mean_text_batch']}")
-        if "uploads" in res:
-            u = res["uploads"]
-            print(f"uploads {u['requests']}: p50 {u['p50_ms']} ms  p99 {u['p99_ms']} ms  max {u['max_ms']} ms")
-        m = res["server_rss_mib"]
-        print(f"server memory (RSS): {m['after_warmup']} MiB after warm-up, {m['end']} MiB at the end, "
-              f"peak {m['peak']} MiB")
-        print(f"errors {res['errors']}" + (f"  e.g. {res['error_samples']}" if res["errors"] else ""))
-    return 1 if res["errors"] else 0
+        print(json.dumps([{"server": label, **r} for label, r in runs], indent=2))
+    elif args.compare:
+        print(f"--- side by side: {args.compare} vs this tree, {args.clients} clients ({args.client}) x "
+              f"{args.duration:g} s each, gallery {runs[0][1]['gallery']} images")
+        print_comparison(runs)
+    return 1 if any(r["errors"] for _, r in runs) else 0
 
 
 if __name__ == "__main__":

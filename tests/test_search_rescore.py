@@ -258,15 +258,23 @@ def test_page_offers_rescoring_only_when_the_server_can(laip):
 
 @pytest.fixture()
 def text_passes(monkeypatch):
-    """Queries run through the model's text tower, by entry point: ``encode_text`` (stage 1 alone)
-    and ``text_tokens`` (the token maps, whose pooled output is the stage-1 feature too)."""
+    """Queries run through the model's text tower, by entry point: ``encode_text`` (stage 1 alone,
+    also as ``encode_text_unpadded``, the query encoder's way) and ``text_tokens`` (the token maps,
+    whose pooled output is the stage-1 feature too). A call made inside another counts once."""
     from tbps.models.tbps_model import TBPSModel
 
     counts = {"encode_text": 0, "text_tokens": 0}
-    for name in counts:
-        def counted(self, tokens, _orig=getattr(TBPSModel, name), _name=name):
-            counts[_name] += len(tokens)
-            return _orig(self, tokens)
+    inside: list[str] = []
+    for name, key in (("encode_text", "encode_text"), ("encode_text_unpadded", "encode_text"),
+                      ("text_tokens", "text_tokens")):
+        def counted(self, tokens, _orig=getattr(TBPSModel, name), _key=key):
+            if not inside:
+                counts[_key] += len(tokens)
+            inside.append(_key)
+            try:
+                return _orig(self, tokens)
+            finally:
+                inside.pop()
 
         monkeypatch.setattr(TBPSModel, name, counted)
     return counts

@@ -163,6 +163,44 @@ class TBPSModel(nn.Module):
         feats = self.clip.encode_text(tokens)
         return self.text_head(feats) if self.text_head is not None else feats
 
+    def encode_text_unpadded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``encode_text`` for inference, without the work on padding: CLIP's text transformer is
+        causal and pools the end token's output (the largest id in a row), so the positions after
+        the batch's last end token change nothing and are cut off before it. The same features up
+        to float rounding (about 1e-6), in about half the time for queries of 12-20 tokens out of
+        a context of 48-77. Text towers where this does not hold: ``encode_text``."""
+        keep = self._unpadded_length(tokens)
+        if keep is None:
+            return self.encode_text(tokens)
+        clip, tokens = self.clip, tokens[:, :keep]  # (B, keep)
+        cast = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:keep].to(cast)  # (B, keep, W)
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:keep, :keep]))
+        x = x[torch.arange(len(tokens), device=x.device), tokens.argmax(dim=-1)]  # (B, W) at the end token
+        proj = clip.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Module) else x @ proj
+        return self.text_head(x) if self.text_head is not None else x
+
+    def _unpadded_length(self, tokens: torch.Tensor) -> int | None:
+        """Token positions ``encode_text_unpadded`` keeps; None where cutting does not apply (another
+        text tower, another pooling, no causal mask) or cuts nothing."""
+        clip = self.clip
+        if self.tse is not None or self.text_stream is not None or getattr(clip, "text_pool_type", None) != "argmax":
+            return None
+        if not all(hasattr(clip, n) for n in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
+            return None
+        mask = getattr(clip, "attn_mask", None)
+        if mask is None or tokens.ndim != 2 or mask.shape != (tokens.shape[1], tokens.shape[1]):
+            return None
+        seen = self.__dict__.get("_causal_seen")  # (mask, its version, verdict): the check costs more than a query
+        if seen is None or seen[0] is not mask or seen[1] != mask._version:
+            seen = self.__dict__["_causal_seen"] = (mask, mask._version, _is_causal(mask))
+        if not seen[2]:
+            return None
+        keep = int(tokens.argmax(dim=-1).max()) + 1
+        return keep if keep < tokens.shape[1] else None
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
             "image_features": self.encode_image(images),
@@ -245,3 +283,9 @@ class TBPSModel(nn.Module):
         mask = tokens != 0  # open_clip pads with 0
         return pooled, x, mask
 
+
+
+def _is_causal(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` (L, L) is the additive causal mask: -inf above the diagonal, 0 elsewhere."""
+    above = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    return bool(torch.equal(torch.isneginf(mask), above) and not mask[~above].any())

@@ -75,9 +75,12 @@ def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.encode_image(pixels).float(), dim=-1)
 
 
-def text_features(model, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, L) token ids on the model's device -> (B, D) float32, L2-normalised."""
-    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+def text_features(model, tokens: torch.Tensor, unpadded: bool = False) -> torch.Tensor:
+    """(B, L) token ids on the model's device -> (B, D) float32, L2-normalised. ``unpadded``: skip
+    the work on padding where the model can (``TBPSModel.encode_text_unpadded``: the same
+    features up to float rounding, about half the time for short queries)."""
+    encode = getattr(model, "encode_text_unpadded", model.encode_text) if unpadded else model.encode_text
+    return F.normalize(encode(tokens).float(), dim=-1)
 
 
 @torch.no_grad()
@@ -177,7 +180,7 @@ class Encoder:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Descriptions -> (B, D) float32, L2-normalised (cleaned and truncated as in training)."""
         tokens = tokenize_captions(self.tokenizer, texts, self.max_words, self.cleaning).to(self.device)
-        return text_features(self.model, tokens).cpu().numpy()
+        return text_features(self.model, tokens, unpadded=True).cpu().numpy()
 
 
     def unknown_words(self, text: str) -> dict[str, list[tuple[str, float]]]:

@@ -89,7 +89,9 @@ def create_app(index, encoder, *, token: str | None = None, title: str = "tbps s
     state.live = LiveIndex(index, encoder, reload_interval)
     state.encoder = encoder
     state.lock = threading.Lock()  # one encoder call at a time
-    state.batcher = TextBatcher(encoder.encode_texts, state.lock, max_batch)
+    # queries are searched in the batcher's thread, right after their batch is encoded
+    state.batcher = TextBatcher(encoder.encode_texts, state.lock, max_batch,
+                                finish=lambda jobs: routes.search_batch(state, jobs))
     state.thumbs = ThumbCache(thumb_cache_items)
     state.token = token
     state.started = time.time()

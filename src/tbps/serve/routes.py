@@ -9,6 +9,7 @@ which ``create_app`` puts behind the token when one is set.
 (No ``from __future__ import annotations``: FastAPI reads these annotations at runtime.)
 """
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -42,7 +43,6 @@ from tbps.serve.schemas import (
     MAX_UPLOAD_BYTES,
     MAX_UPLOAD_PIXELS,
     Health,
-    SearchHit,
     SearchRequest,
     SearchResponse,
     Stats,
@@ -126,6 +126,22 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _jsonable_record(meta: dict) -> dict:
+    """``_jsonable(dict(meta))``, at the cost of a copy when every key is a ``str`` and every
+    value a ``str``, ``int``, None or finite float (the metadata as SQLite returns it)."""
+    for key, v in meta.items():
+        t = type(v)
+        if type(key) is not str or not (t is str or t is int or v is None or (t is float and math.isfinite(v))):
+            return _jsonable(dict(meta))
+    return dict(meta)
+
+
+@functools.lru_cache(maxsize=65536)
+def _file_name(path: str) -> str:
+    """The file name of a gallery path (no folder: no server path to the client)."""
+    return Path(path).name
+
+
 def _filter_of(filters: str | dict | None) -> tuple[str | dict | None, str | None]:
     """(what the index filters by, the expression the response shows as ``where``)."""
     if isinstance(filters, dict):  # the index binds the dict's values itself
@@ -176,27 +192,28 @@ def _encode_upload(state, data: bytes, name: str) -> np.ndarray:
         return state.encoder.encode_images(pixels.unsqueeze(0))
 
 
-def _response(request: Request, hits, query: str, k: int, where: str | None, t0: float,
-              bound=None) -> SearchResponse:
+def _response(request: Request, hits, query: str, k: int, where: str | None, t0: float, bound=None) -> dict:
+    """The body of a ``SearchResponse``, as a dict (FastAPI validates it against the model in one
+    call and writes the JSON: the same answer as building the models here, at less cost)."""
     base = request.scope.get("root_path", "").rstrip("/")
     stage1 = bound.stage1[0] if bound is not None and bound.stage1 else {}
     results = []
     for rank, h in enumerate(hits, start=1):
-        cos = stage1.get(int(h.id))
-        results.append(SearchHit(
-            id=int(h.id),
-            rank=rank,
-            score=float(h.score) if math.isfinite(float(h.score)) else -1.0,
-            name=Path(str(h.path)).name,
-            image_url=f"{base}/images/{int(h.id)}",
-            thumb_url=f"{base}/thumbs/{int(h.id)}",
-            metadata=_jsonable(dict(h.metadata or {})),
-            cosine=cos if cos is None or math.isfinite(cos) else None,
-        ))
-    return SearchResponse(
-        query=query, k=k, where=where, results=results, took_ms=round((time.perf_counter() - t0) * 1e3, 3),
-        rescored=bound is not None, rescore_ms=None if bound is None else round(bound.seconds * 1e3, 3),
-    )
+        item, score, cos = int(h.id), float(h.score), stage1.get(int(h.id))
+        results.append({
+            "id": item,
+            "rank": rank,
+            "score": score if math.isfinite(score) else -1.0,
+            "cosine": cos if cos is None or math.isfinite(cos) else None,
+            "name": _file_name(str(h.path)),
+            "image_url": f"{base}/images/{item}",
+            "thumb_url": f"{base}/thumbs/{item}",
+            "metadata": _jsonable_record(h.metadata or {}),
+        })
+    return {
+        "query": query, "k": k, "where": where, "results": results, "took_ms": round((time.perf_counter() - t0) * 1e3, 3),
+        "rescored": bound is not None, "rescore_ms": None if bound is None else round(bound.seconds * 1e3, 3),
+    }
 
 
 def _gallery_item(state, item_id: int) -> tuple[Path, dict, str | None]:
@@ -260,21 +277,67 @@ def stats(request: Request):
               "that cannot re-score (the message says which)."},
     },
 )
-def search(req: SearchRequest, request: Request):
+async def search(req: SearchRequest, request: Request):
+    # A coroutine: the request waits for the batcher without a thread of its own; the batcher's
+    # worker encodes the query with the others waiting and searches the index right after.
     state = request.app.state
     t0 = time.perf_counter()
     if req.rescore and state.rescorer is None:
         raise HTTPException(422, _NO_RESCORER)
-    index = state.live.get()
+    index = await _current_index(state)
     where, shown = _filter_of(req.filters)
     text = req.text.strip()
-    if req.rescore:  # the rescorer's one text pass gives the stage-1 feature too
-        feats, options, bound = _rescored_query(state, text)
-    else:
-        feats, options, bound = state.batcher(text)[None], None, None  # (1, D) float32, L2-normalised
     k = min(req.k, len(index))
-    hits = _search(state, index, feats, k, where, options)
+    if req.rescore:  # the rescorer's one text pass gives the stage-1 feature too
+        from starlette.concurrency import run_in_threadpool
+
+        hits, bound = await run_in_threadpool(_rescored_search, state, index, text, k, where)
+    else:  # encoded with the queries waiting beside it, then searched by search_batch
+        hits, bound = await state.batcher.encode(text, (index, k, where)), None
     return _response(request, hits, text, k, shown, t0, bound)
+
+
+def search_batch(state, jobs: list[tuple[tuple, np.ndarray]]) -> list:
+    """The batcher's finish step: for each ``((index, k, where), feature)`` its hits, or the
+    exception its request raises. Plain queries on an index that has ``search_many`` are
+    searched in one call (the same hits as one by one); filtered ones, and every query when
+    the server re-ranks, one by one."""
+    out: list = [None] * len(jobs)
+    plain: dict[int, list[int]] = {}  # id(index) -> positions of its plain queries
+    for i, ((index, k, where), _) in enumerate(jobs):
+        if where is None and not state.search_options and len(index) and hasattr(index, "search_many"):
+            plain.setdefault(id(index), []).append(i)
+    for group in plain.values():
+        index = jobs[group[0]][0][0]
+        try:
+            found = index.search_many(np.stack([jobs[i][1] for i in group]), [jobs[i][0][1] for i in group])
+        except (FilterError, QueryError) as e:
+            found = [HTTPException(422, f"filters: {e}")] * len(group)
+        except Exception as e:  # noqa: BLE001 - raised by each request of the group
+            found = [e] * len(group)
+        for i, hits in zip(group, found):
+            out[i] = hits
+    for i, ((index, k, where), feat) in enumerate(jobs):
+        if out[i] is None:
+            try:
+                out[i] = _search(state, index, feat[None], k, where)
+            except Exception as e:  # noqa: BLE001 - raised by the request that asked
+                out[i] = e
+    return out
+
+
+async def _current_index(state):
+    """``state.live.get()``, off the event loop when it may open a new generation (disk reads)."""
+    if not state.live.check_due():
+        return state.live.get()
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(state.live.get)
+
+
+def _rescored_search(state, index, text: str, k: int, where):
+    feats, options, bound = _rescored_query(state, text)
+    return _search(state, index, feats, k, where, options), bound
 
 
 @router.post(

@@ -55,34 +55,58 @@ class ThumbCache:
 
 
 class TextBatcher:
-    """Encode concurrent text queries together: ``__call__(text) -> (D,)`` blocks until done.
+    """Encode concurrent text queries together: ``__call__(text) -> (D,)`` blocks until done,
+    ``await encode(text)`` waits on the event loop without holding a thread.
 
     One worker thread takes whatever queries are waiting (up to ``max_batch``) and encodes
     them in one ``encode_texts`` call, so under load the model sees batches, and an idle
     server adds no delay (a lone query is encoded at once). Encoder calls never overlap:
     ``lock`` is shared with the image-search path.
+
+    A query may come with a ``job``: the worker then hands the batch's ``(job, feature)``
+    pairs to ``finish`` right after the encoder call (outside ``lock``), and each caller gets
+    its element of what ``finish`` returns (an exception in that list is raised to that
+    caller alone). The server searches the index there, all the batch's plain queries in one
+    call, so a request costs no thread of its own and no hop from thread to thread.
     """
 
-    def __init__(self, encode_texts: Callable[[list[str]], np.ndarray], lock: threading.Lock, max_batch: int = 32):
+    def __init__(self, encode_texts: Callable[[list[str]], np.ndarray], lock: threading.Lock, max_batch: int = 32,
+                 finish: Callable[[list[tuple[Any, np.ndarray]]], list] | None = None):
         self.encode_texts = encode_texts
         self.lock = lock
         self.max_batch = int(max_batch)
+        self.finish = finish
         self.batches = 0
         self.queries = 0
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    def __call__(self, text: str) -> np.ndarray:
+    def __call__(self, text: str, job: Any = None):
         from concurrent.futures import Future
 
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="tbps-text-batcher", daemon=True)
-                self._thread.start()
         fut: Future = Future()
-        self._queue.put((text, fut))
+        self._submit(text, job, fut)
         return fut.result()
+
+    async def encode(self, text: str, job: Any = None):
+        """The (D,) feature of ``text`` (or, with a ``job``, its result), awaited on the running loop."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._submit(text, job, (loop, fut))
+        return await fut
+
+    def _submit(self, text: str, job: Any, reply) -> None:
+        if job is not None and self.finish is None:
+            raise ValueError("this TextBatcher has no finish step to run jobs")
+        if self._thread is None or not self._thread.is_alive():
+            with self._start_lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._loop, name="tbps-text-batcher", daemon=True)
+                    self._thread.start()
+        self._queue.put((text, job, reply))
 
     @property
     def waiting(self) -> int:
@@ -112,16 +136,56 @@ class TextBatcher:
                     self._queue.put(None)  # stop after this batch
                     break
                 batch.append(nxt)
+            _reply([job[2] for job in batch], self._run(batch))
+
+    def _run(self, batch: list) -> list:
+        """Each query's answer (its feature, its job's result, or the exception to raise)."""
+        try:
+            with self.lock:
+                feats = self.encode_texts([text for text, *_ in batch])  # (B, D)
+        except BaseException as e:  # noqa: BLE001 - handed to every waiting request, which re-raises it
+            return [e] * len(batch)
+        self.batches += 1
+        self.queries += len(batch)
+        out: list = [feats[i] for i in range(len(batch))]
+        jobs = [i for i, (_, job, *_) in enumerate(batch) if job is not None]
+        if jobs:
             try:
-                with self.lock:
-                    feats = self.encode_texts([t for t, _ in batch])  # (B, D)
-                self.batches += 1
-                self.queries += len(batch)
-                for i, (_, fut) in enumerate(batch):
-                    fut.set_result(feats[i])
-            except BaseException as e:  # noqa: BLE001 - handed to every waiting request, which re-raises it
-                for _, fut in batch:
-                    fut.set_exception(e)
+                done = self.finish([(batch[i][1], feats[i]) for i in jobs])
+            except BaseException as e:  # noqa: BLE001 - each job's caller re-raises it
+                done = [e] * len(jobs)
+            for i, result in zip(jobs, done):
+                out[i] = result
+        return out
+
+
+def _reply(replies: list, answers: list) -> None:
+    """Hand each answer (a result, or an exception to raise) to its caller: a
+    ``concurrent.futures.Future``, or a ``(loop, asyncio future)`` pair; the futures of one
+    event loop are settled in one call on that loop (one wake-up per batch, not per query)."""
+    by_loop: dict = {}
+    for reply, answer in zip(replies, answers):
+        if isinstance(reply, tuple):
+            by_loop.setdefault(reply[0], []).append((reply[1], answer))
+        elif isinstance(answer, BaseException):
+            reply.set_exception(answer)
+        else:
+            reply.set_result(answer)
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, pairs)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle(pairs: list) -> None:
+    for fut, answer in pairs:
+        if fut.done():  # cancelled meanwhile: its client left
+            continue
+        if isinstance(answer, BaseException):
+            fut.set_exception(answer)
+        else:
+            fut.set_result(answer)
 
 
 class LiveIndex:
@@ -154,6 +218,10 @@ class LiveIndex:
         except (OSError, AttributeError):
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def check_due(self) -> bool:
+        """Whether the next ``get()`` looks at the manifest on disk (and may open a new generation)."""
+        return self.manifest is not None and time.monotonic() >= self.next_check
 
     def get(self):
         """The current index (one call per request, so a request sees one generation)."""
@@ -322,6 +390,7 @@ class HostCheck:
     def __init__(self, app, allowed):
         self.app = app
         self.allowed = {h.lower().rstrip(".") for h in allowed}
+        self._known: dict[str, bool] = {}  # the verdicts on the first Host values seen (bounded)
 
     def accepts(self, host: str) -> bool:
         import ipaddress
@@ -344,7 +413,12 @@ class HostCheck:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-        if self.accepts(host):
+        ok = self._known.get(host)
+        if ok is None:
+            ok = self.accepts(host)
+            if len(self._known) < 64:  # a client's made-up names must not grow it
+                self._known[host] = ok
+        if ok:
             return await self.app(scope, receive, send)
         shown = host[:100]
         body = json.dumps({"detail": f"this server does not answer to host {shown!r}; start it with "
