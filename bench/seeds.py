@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only print the table of finished runs")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides for every run")
     args = p.parse_intermixed_args(argv)
+    from tbps.engine.runtime import passive_openmp_waits
+
+    passive_openmp_waits()  # as the tbps command does, before torch loads (spawned runs inherit it)
     if any(o.startswith("train.seed=") for o in args.overrides):
         p.error("train.seed is set per run by --seeds")
     out = Path(args.out or Path("runs/seeds") / Path(args.recipe).stem)

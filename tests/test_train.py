@@ -108,11 +108,16 @@ def test_resume_after_a_validation_continues_history_and_best_exactly(tiny_datas
         assert _same_weights(a / "last.pt", run / "last.pt")
 
 
-def test_time_budget_stops_mid_epoch_saves_evaluates_and_resumes_exactly(tiny_dataset, micro_overrides, tmp_path):
+def test_time_budget_stops_mid_epoch_saves_evaluates_and_resumes_exactly(tiny_dataset, micro_overrides, tmp_path,
+                                                                         capsys):
     over = micro_overrides + ["train.budget_schedule=false"]
     train(_job(tiny_dataset, tmp_path / "a", over, epochs=1))
     s = train(_job(tiny_dataset, tmp_path / "b", over, epochs=1, time_budget=1e-6))
     assert s["stopped_by_budget"] and not s["finished"]
+    # the run says how much training the budget bought
+    assert s["global_step"] == 1 and s["epochs_trained"] == round(1 / s["total_steps"], 3)
+    assert f"time budget of 1e-06 min spent after 1 steps (epoch {1 / s['total_steps']:.2f} of 1; the full run " \
+           f"is {s['total_steps']} steps)" in capsys.readouterr().err
     ck = load_checkpoint(tmp_path / "b" / "last.pt")
     assert (ck["epoch"], ck["step_in_epoch"]) == (0, 1)  # stopped after one step
     assert (tmp_path / "b" / "best.pt").exists()  # evaluated on val and saved

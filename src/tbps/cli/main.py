@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tbps.engine.runtime import passive_openmp_waits
+
+    passive_openmp_waits()  # before anything loads torch: OpenMP reads it once (docs/performance.md, section 2)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -94,10 +94,22 @@ def run(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports
     print(json.dumps({k: v for k, v in summary.items() if k != "best_info"}, indent=2))
+    print(steps_line(summary, args.time_budget, args.budget_clock))
     if summary["best_info"]:
         b = summary["best_info"]
         print(f"best.pt: {b['metric']} {b['score']:.2f} at epoch {b['epoch']}")
     return 0
+
+
+def steps_line(summary: dict, budget: float | None, clock: str) -> str:
+    """How much training the run got: under a time budget a machine's load decides it."""
+    from tbps.engine.runtime import format_duration
+
+    got = (f"trained {summary['global_step']} of {summary['total_steps']} steps "
+           f"({summary['epochs_trained']:g} epochs) in {format_duration(summary['elapsed_s'])}")
+    if summary["stopped_by_budget"]:
+        return got + f": the {clock} time budget of {budget:g} min ended it"
+    return got + (f", within the {clock} time budget of {budget:g} min" if budget else "")
 
 
 def _resumed_data_root(run) -> str:

@@ -28,7 +28,7 @@ from tbps.engine.distributed import DistInfo, barrier, init_distributed
 from tbps.engine.epoch import Amp, Loop, train_one_epoch
 from tbps.engine.optim import build_optimizer
 from tbps.engine.runlog import RunLog, say
-from tbps.engine.runtime import Budget, check_device, cpu_threads, seed_everything
+from tbps.engine.runtime import Budget, Eta, check_device, cpu_threads, seed_everything
 from tbps.files import atomic_write
 from tbps.models.checkpoint import CheckpointError, load_checkpoint, set_rng_state
 from tbps.recipes.config import ConfigError, Recipe, recipe_from_dict
@@ -129,6 +129,8 @@ def _train(job: TrainJob, out: Path, dist: DistInfo, device: torch.device, fresh
     seed_everything(tcfg.seed)  # same initial weights on every rank
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(tcfg.cpu_threads, recipe.data.num_workers, dist.world_size))
+        say(f"torch threads: {torch.get_num_threads()}" + ("" if tcfg.cpu_threads else
+            " (the free cores now; checked again every epoch; train.cpu_threads=N fixes it)"), dist)
 
     model, data = _model_and_data(job, recipe, dist, pretrained=resume_ckpt is None)
     loop = _loop(recipe, model, data, device, dist, epochs)
@@ -164,6 +166,8 @@ def _train(job: TrainJob, out: Path, dist: DistInfo, device: torch.device, fresh
         "finished": completed >= epochs,
         "stopped_by_budget": stopped,
         "global_step": loop.global_step,
+        "epochs_trained": round(loop.global_step / loop.steps_per_epoch, 3),
+        "total_steps": epochs * loop.steps_per_epoch,
         "elapsed_s": loop.elapsed(),
         "layout": data.ann.layout,
         "skipped_images": len(data.ann.skipped),
@@ -382,17 +386,44 @@ def _epoch_loader(job: TrainJob, loop: Loop, data: _Data, epoch: int, start_batc
                       pin_memory=loop.device.type == "cuda", persistent_workers=False)
 
 
+def _adapt_threads(loop: Loop) -> None:
+    """On CPU without a fixed train.cpu_threads: follow the cores other work leaves free (a thread
+    on a core another process wants makes each step wait for its slowest slice)."""
+    tcfg, workers = loop.recipe.train, loop.recipe.data.num_workers
+    if loop.device.type != "cpu" or tcfg.cpu_threads:
+        return
+    before = torch.get_num_threads()
+    now = cpu_threads(0, workers, loop.dist.world_size, own_threads=before + workers)
+    if now != before:
+        torch.set_num_threads(now)
+        say(f"torch threads {before} -> {now}: other work {'took' if now < before else 'left'} a core", loop.dist)
+
+
+def _budget_left(loop: Loop) -> float | None:
+    return None if loop.budget.seconds is None else loop.budget.seconds - loop.budget.elapsed()
+
+
 def _run_epochs(job: TrainJob, loop: Loop, log: RunLog, data: _Data, start: _Start) -> tuple[int, bool]:
     """Train from ``start`` to the last epoch, the time budget or ``job.stop_after_epochs``; save
     ``last.pt`` after every epoch and evaluate every ``train.eval_every``. Returns (epochs fully
     trained, whether the budget stopped the run)."""
     tcfg, dist = loop.recipe.train, loop.dist
     completed, done_here, start_batch = start.epoch, 0, start.batch
+    eta = Eta(loop.epochs * loop.steps_per_epoch, first_step=loop.global_step)
+
+    def on_log(step: int, loss: float, lr: float) -> None:
+        log.train_scalars(step, loss, lr)
+        eta.tick(step)
+        if (line := eta.first_report(step, _budget_left(loop))) is not None:
+            say(line, dist)
+
     for epoch in range(start.epoch, loop.epochs):
+        if epoch > start.epoch:
+            _adapt_threads(loop)
         loader = _epoch_loader(job, loop, data, epoch, start_batch)
         loop.train_module.train()
         end = train_one_epoch(loop, loader, epoch=epoch, start_batch=start_batch,
-                              progress=job.progress and dist.is_main, on_log=log.train_scalars)
+                              progress=job.progress and dist.is_main, on_log=on_log)
         start_batch = 0
         # Evaluate, then save last.pt, then the metrics files: last.pt always holds the history and the
         # best-so-far of every evaluation before it, so a run killed at any point resumes them exactly.
@@ -401,14 +432,16 @@ def _run_epochs(job: TrainJob, loop: Loop, log: RunLog, data: _Data, start: _Sta
             log.evaluate(loop, at)
             log.save_last(loop, epoch, end.step_in_epoch)
             log.write_history()
-            say(f"{job.budget_clock} time budget of {job.time_budget:g} min spent at epoch {at:.2f}: saved last.pt",
-                dist)
+            say(f"{job.budget_clock} time budget of {job.time_budget:g} min spent after {loop.global_step} steps "
+                f"(epoch {at:.2f} of {loop.epochs}; the full run is {eta.total} steps): saved last.pt", dist)
             return completed, True
         completed = epoch + 1
         if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == loop.epochs:
             log.evaluate(loop, epoch + 1)
         log.save_last(loop, epoch + 1, 0)
         log.write_history()
+        if epoch + 1 < loop.epochs and (line := eta.line(loop.global_step, _budget_left(loop))) is not None:
+            say(f"epoch {epoch + 1}/{loop.epochs} done: {line}", dist)
         done_here += 1
         if job.stop_after_epochs is not None and done_here >= job.stop_after_epochs:
             break
