@@ -83,6 +83,8 @@ class LAIPObjective(Objective):
 
     def prepare_data(self, dataset) -> None:
         """Parse the training captions' noun phrases once (spaCy), before training starts."""
+        if self._phrase_table is not None:
+            return
         from tbps.data.phrases import cached_noun_phrases
         from tbps.data.text import clean_caption
 

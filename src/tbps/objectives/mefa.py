@@ -114,7 +114,7 @@ class MeFaObjective(Objective):
 
     def prepare_data(self, dataset) -> None:
         """Parse the training captions once (spaCy, cached on disk), before the time budget starts."""
-        if self.cfg["imr_text"]["weight"] <= 0:
+        if self.cfg["imr_text"]["weight"] <= 0 or self._captions:
             return
         from tbps.data.text import clean_caption
 
