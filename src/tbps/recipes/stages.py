@@ -13,7 +13,9 @@ A recipe's ``stages:`` is a list of mappings, each placed in one of two ways (on
 steps_per_epoch``), or under a time budget ``max(that, epochs x elapsed / budget)``, the budget
 clock read before every step. A fraction ``f`` is the position ``f x epochs``. So under an
 8-minute budget a stage that starts at 0.5 starts after 4 minutes (or half the epochs, if they run
-out first), and the stages and the schedule read one clock: they cannot disagree.
+out first), and the stages and the schedule read one clock: they cannot disagree. (With
+``train.budget_schedule: false`` the schedule, and so the stages, follow the epochs alone, and a budget
+may end before a later stage starts.)
 
 A stage is active at positions ``[start, end)``; ``end: 1`` (or no end) runs to the end of the run.
 Active stages' ``losses`` are merged over the recipe's in list order; ``lr_scale`` (default 1)
