@@ -22,8 +22,10 @@ difference from its method's baseline arm.
 
 Fine-tuning settings (every arm, the baselines included): one stage at ``lr_scale`` 0.2 (the
 recipes' method stage: a fifth of the from-scratch peak), warm-up ``--warmup`` epochs, then cosine.
-``--overrides KEY=VALUE ...`` are applied to every run (the base too). A run whose folder already
-holds a result for the same command is not retrained (``--retrain`` forces it).
+``--overrides KEY=VALUE ...`` are applied to every run (a ``losses.X`` one only where the objective has
+loss X; the base takes none of the ``losses.*`` ones).
+A run whose folder already holds a result for the same command is not retrained (``--retrain``
+forces it).
 """
 
 from __future__ import annotations
@@ -125,8 +127,9 @@ def run(name: str, out: Path, cmd_args: list[str], args) -> dict:
 def train_base(key: str, model: dict, args) -> Path:
     """The shared base checkpoint of one backbone (trained once, seed ``--base-seed``)."""
     out = Path(args.out) / f"base-{key}"
+    shared = [o for o in args.overrides if not o.startswith("losses.")]  # the arms' losses are not the base's
     cmd = ["--recipe", BASE_RECIPE, "--epochs", str(args.base_epochs), *COMMON(args), *BASE_OVERRIDES,
-           *args.overrides, f"model={json.dumps(model)}", f"train.seed={args.base_seed}"]
+           *shared, f"model={json.dumps(model)}", f"train.seed={args.base_seed}"]
     if not args.report:
         run(f"base {key}", out, cmd, args)
     return out / "best.pt"
@@ -136,6 +139,15 @@ def COMMON(args) -> list[str]:  # noqa: N802  every run: no DataLoader workers, 
     return ["data.num_workers=0", f"train.cpu_threads={args.threads or len(os.sched_getaffinity(0))}"]
 
 
+def for_recipe(recipe: str, overrides: list[str]) -> list[str]:
+    """The overrides that apply to ``recipe``: a ``losses.X...`` one only if its objective has loss X."""
+    from tbps.objectives import OBJECTIVES
+    from tbps.recipes.config import load_recipe
+
+    known = OBJECTIVES[load_recipe(recipe).objective].defaults
+    return [o for o in overrides if not o.startswith("losses.") or o.split(".")[1].split("=")[0] in known]
+
+
 def arm_runs(args) -> list[tuple[str, str, str, list[str], int]]:
     """(set, arm, run folder name, tbps train arguments, seed) for every arm and seed, base first."""
     runs = []
@@ -143,11 +155,12 @@ def arm_runs(args) -> list[tuple[str, str, str, list[str], int]]:
         for arm, recipe, over in ARMS[s]:
             if args.only and arm not in args.only:
                 continue
-            key, model = backbone(recipe, args.overrides)
+            mine = for_recipe(recipe, args.overrides)
+            key, model = backbone(recipe, mine)
             base = train_base(key, model, args)
             for seed in args.seeds:
                 cmd = ["--recipe", recipe, "--epochs", str(args.epochs), "--init", str(base), *COMMON(args),
-                       *args.overrides, *over, FT_STAGE, f"optim.warmup_epochs={args.warmup}",
+                       *mine, *over, FT_STAGE, f"optim.warmup_epochs={args.warmup}",
                        f"train.seed={seed}"]
                 runs.append((s, arm, f"{arm}/seed-{seed}", cmd, seed))
     return runs
@@ -188,7 +201,7 @@ def main() -> int:
     p.add_argument("--report", action="store_true", help="print the table of finished runs, train nothing")
     p.add_argument("--retrain", action="store_true", help="train again even where a result exists")
     p.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="recipe overrides for every run (the base too)")
+                   help="recipe overrides for every run (the base: all but losses.*)")
     args = p.parse_args()
     results: dict[tuple[str, str], list[dict]] = {}
     for s, arm, folder, cmd, _seed in arm_runs(args):  # strictly one run at a time
