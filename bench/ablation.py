@@ -197,7 +197,8 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=0.2, help="fine-tuning warm-up, epochs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: every core; runs are serial)")
-    p.add_argument("--only", nargs="*", help="arm names to run (default: all of the set)")
+    p.add_argument("--only", nargs="*", help="arm names to run (default: all of the set; a set's baseline for "
+                   "dR1 is then its first arm that ran)")
     p.add_argument("--report", action="store_true", help="print the table of finished runs, train nothing")
     p.add_argument("--retrain", action="store_true", help="train again even where a result exists")
     p.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",

@@ -76,6 +76,10 @@ class LAIPObjective(Objective):
         for key, allowed in (("mode", MODES), ("heads", HEADS)):
             if cfg["bidiratt"][key] not in allowed:
                 raise ConfigError(f"losses.bidiratt.{key}: {cfg['bidiratt'][key]!r} is not one of {allowed}")
+        layers, layer = cfg["fusion"]["layers"], cfg["bidiratt"]["layer"]
+        if cfg["bidiratt"]["weight"] > 0 and not -layers <= layer < layers:
+            raise ConfigError(f"losses.bidiratt.layer: {layer} is not a layer of the {layers}-layer fusion encoder "
+                              f"(losses.fusion.layers)")
         self.cfg = cfg
 
     @property
