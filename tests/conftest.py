@@ -54,7 +54,9 @@ def objective_setup(recipe, root):
     from tbps.models.factory import create_model, get_tokenizer
     from tbps.objectives import build_objective
 
-    epoch = max([s.get("start_epoch", 0) for s in recipe.stages], default=0)
+    from tbps.recipes.stages import stage_starts
+
+    epoch = max(stage_starts(recipe.stages, recipe.train.epochs), default=0)
     torch.manual_seed(0)
     model = create_model(recipe.model)
     records = load_annotations(root).split("train")
@@ -64,8 +66,8 @@ def objective_setup(recipe, root):
     obj = build_objective(recipe.objective, model, recipe.losses_at(0), num_identities=ds.num_identities)
     obj.prepare_data(ds)
     obj.configure(recipe.losses_at(epoch))
-    ds.set_epoch(epoch)
-    obj.on_epoch_start(model, ds, epoch=epoch, device="cpu")
+    ds.set_epoch(int(epoch))
+    obj.on_epoch_start(model, ds, epoch=int(epoch), device="cpu")
     return model, ds, obj, epoch, Collate(get_tokenizer(model.spec), obj.batch_hook(ds))
 
 

@@ -89,12 +89,26 @@ def test_bidir_weights_against_a_hand_computation():
     grad = torch.tensor([[[[5.0, 1.0, -2.0, 3.0]], [[1.0, 3.0, -4.0, 1.0]]]])
     fwd = torch.tensor([0.3, 0.25, 0.25]) / 0.8  # heads averaged, global token skipped
     bwd = torch.tensor([2.0, 0.0, 2.0]) / 4.0  # relu then head mean: [2, 0, 2]
-    both = torch.tensor([0.3 * 2, 0.0, 0.25 * 2]) / 1.1
+    # ALBEF's Grad-CAM: attention x relu(gradient) per head, then the head mean:
+    # head 1 [0.2*1, 0.3*0, 0.4*3] = [0.2, 0, 1.2], head 2 [0.4*3, 0.2*0, 0.1*1] = [1.2, 0, 0.1] -> [0.7, 0, 0.65]
+    gradcam = torch.tensor([0.7, 0.0, 0.65]) / 1.35
+    mean_first = torch.tensor([0.3 * 2, 0.0, 0.25 * 2]) / 1.1  # LAIP's text: head means first, then the product
     torch.testing.assert_close(bidir_weights(attn, None, "forward")[0], fwd)
     torch.testing.assert_close(bidir_weights(attn, grad, "backward")[0], bwd)
-    torch.testing.assert_close(bidir_weights(attn, grad, "both")[0], both)
+    torch.testing.assert_close(bidir_weights(attn, grad, "both")[0], gradcam)
+    torch.testing.assert_close(bidir_weights(attn, grad, "both", heads="mean_first")[0], mean_first)
     # All-zero gradients fall back to uniform weights.
     torch.testing.assert_close(bidir_weights(attn, -grad.abs(), "backward")[0], torch.full((3,), 1 / 3))
+
+
+def test_bidir_weights_are_detached_unless_asked():
+    attn = torch.tensor([[[[0.1, 0.2, 0.3, 0.4]], [[0.3, 0.4, 0.2, 0.1]]]], requires_grad=True)
+    grad = torch.tensor([[[[5.0, 1.0, -2.0, 3.0]], [[1.0, 3.0, -4.0, 1.0]]]])
+    for mode in ("forward", "both"):
+        assert not bidir_weights(attn, grad, mode).requires_grad  # Grad-CAM's map: a constant pooling weight
+        w = bidir_weights(attn, grad, mode, detach=False)
+        (g,) = torch.autograd.grad(w[0, 0], attn)
+        assert g[0, :, 0, 1:].abs().sum() > 0  # the old behaviour: the loss reaches the attention
 
 
 def test_bidiratt_loss_against_naive_reference():

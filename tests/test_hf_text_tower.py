@@ -19,7 +19,7 @@ def test_tbps_train_laip_cpu_with_the_minilm_text_tower(tiny_dataset, micro_over
 
     monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    small = ["model.context_length=16", "losses.fusion.width=32", "losses.fusion.heads=2", "losses.fusion.layers=1",
+    small = ["model.context_length=16", "losses.fusion.width=32", "losses.fusion.heads=2", "losses.fusion.layers=2",
              "losses.itc.queue_size=8", "data.cache_images=false", "data.batch_size=16"]
     rc = main(["train", "--data", str(tiny_dataset), "--recipe", "laip-cpu", "--out", str(out), "--epochs", "1",
                "--no-progress", "model.text_tower={type: hf, path: minilm}", *micro_overrides, *small])

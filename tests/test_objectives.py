@@ -136,3 +136,26 @@ def test_cmmoco_stage_rules_are_checked_on_configure():
         on.configure({"cmmoco": {"queue_size": 16}})
     with pytest.raises(ConfigError, match="queue_size 0"):
         build_objective("textreid", model, {"cmmoco": {"queue_size": 0}}, num_identities=3)
+
+
+def test_bidiratt_trains_patch_and_phrase_features_not_the_attention(tiny_dataset, monkeypatch, tmp_path):
+    """The BidirAtt weights are Grad-CAM's map, a constant pooling weight (losses.bidiratt.detach, default):
+    the loss reaches the encoders (patch and phrase features) but not the fusion encoder; detach=false
+    lets it reach the fusion encoder's attention (the earlier behaviour)."""
+    from tests.conftest import MICRO, objective_setup
+    from tbps.recipes.config import load_recipe
+
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "cache"))
+    c = CASES["laip"]
+    model, ds, obj, epoch, collate = objective_setup(load_recipe(c.recipe, MICRO + c.overrides), tiny_dataset)
+    batch = collate([ds[i] for i in range(0, len(ds), max(1, len(ds) // 12))])
+    fusion, encoders = list(obj.fusion.parameters()), [p for p in model.parameters() if p.requires_grad]
+    reached = {}
+    for detach in (True, False):
+        obj.cfg["bidiratt"]["detach"] = detach
+        loss = obj(model, batch, StepContext(epoch=epoch + 0.5, total_epochs=epoch + 1, step=0))["bidiratt_loss"]
+        grads = torch.autograd.grad(loss, fusion + encoders, allow_unused=True)
+        hit = [g is not None and bool(g.abs().sum() > 0) for g in grads]
+        reached[detach] = (any(hit[:len(fusion)]), any(hit[len(fusion):]))
+    assert reached[True] == (False, True)
+    assert reached[False] == (True, True)

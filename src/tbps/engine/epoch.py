@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tbps.engine import gradcache
 from tbps.engine.distributed import DistInfo, all_agree, average_gradients, broadcast_buffers
-from tbps.engine.optim import lr_at, schedule_position, set_lr
+from tbps.engine.optim import schedule_position, set_lr, staged_lr
 from tbps.engine.runtime import Budget
 from tbps.objectives.base import Objective, StepContext
 from tbps.recipes.config import ConfigError, Recipe
@@ -66,28 +66,41 @@ class Loop:
     schedule_budget: float | None = None  # seconds: run the lr schedule to its end by then (None: by epochs)
     elapsed_before: float = 0.0  # budget-clock seconds spent before a resume
     global_step: int = 0
+    stage: tuple[int, ...] = ()  # the recipe's stages whose losses the objective is configured with
 
     def elapsed(self) -> float:
         """Budget-clock seconds of the whole run, resumes included."""
         return self.elapsed_before + self.budget.elapsed()
+
+    def position(self) -> float:
+        """Where the next step is, in fractional epochs on the schedule's clock (the share of a time
+        budget spent, when that is further): the learning rate and the stages both read it."""
+        return schedule_position(self.global_step / self.steps_per_epoch, self.epochs, self.elapsed(),
+                                 self.schedule_budget)
+
+    def stage_changed(self) -> bool:
+        """Whether the next step falls in other stages than the objective is configured for."""
+        return bool(self.recipe.stages) and self.recipe.stage_at(self.position(), self.epochs) != self.stage
 
 
 @dataclass
 class EpochEnd:
     step_in_epoch: int  # batches of the epoch done (== steps_per_epoch when it ran to its end)
     stopped_by_budget: bool
+    stage_switch: bool = False  # stopped because the next step belongs to another stage (losses change)
 
 
 def train_one_epoch(loop: Loop, loader: Iterable[dict], *, epoch: int, start_batch: int = 0, progress: bool = True,
                     on_log: Callable[[int, float, float], None] | None = None) -> EpochEnd:
     """Train on ``loader``'s batches (epoch ``epoch``, from batch ``start_batch``), stopping early
-    when the time budget is spent. ``on_log(step, loss, lr)`` is called every ``train.log_every``
-    steps and at the end of the epoch."""
+    when the time budget is spent or the next step belongs to another stage of the recipe (the
+    caller then configures the new losses and continues the epoch from ``step_in_epoch``).
+    ``on_log(step, loss, lr)`` is called every ``train.log_every`` steps and at the end of the epoch."""
     tcfg = loop.recipe.train
     bar = tqdm(total=loop.steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{loop.epochs}", unit="step",
                disable=not progress, leave=False, dynamic_ncols=True)
     seen, t0 = 0, time.perf_counter()
-    step_in_epoch, stopped = start_batch, False
+    step_in_epoch, stopped, switch = start_batch, False, False
     for batch in loader:
         outputs, loss, lr = _step(loop, batch, epoch + step_in_epoch / loop.steps_per_epoch)
         loop.global_step += 1
@@ -103,16 +116,20 @@ def train_one_epoch(loop: Loop, loader: Iterable[dict], *, epoch: int, start_bat
         if all_agree(loop.budget.spent(), loop.dist, loop.device):
             stopped = True
             break
+        if loop.recipe.stages and step_in_epoch < loop.steps_per_epoch and all_agree(
+                loop.stage_changed(), loop.dist, loop.device):
+            switch = True
+            break
     bar.close()
-    return EpochEnd(step_in_epoch, stopped)
+    return EpochEnd(step_in_epoch, stopped, switch)
 
 
 def _step(loop: Loop, batch: dict, progress: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
     """One optimiser step at fractional epoch ``progress``; returns the objective's outputs, the
     summed loss and the learning rate used."""
     tcfg, device = loop.recipe.train, loop.device
-    lr = lr_at(schedule_position(progress, loop.epochs, loop.elapsed(), loop.schedule_budget), loop.epochs,
-               loop.recipe.optim)
+    lr = staged_lr(schedule_position(progress, loop.epochs, loop.elapsed(), loop.schedule_budget), loop.epochs,
+                   loop.recipe.optim, loop.recipe.stages)
     set_lr(loop.optimizer, lr)
     batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
     ctx = StepContext(epoch=progress, total_epochs=loop.epochs, step=loop.global_step)

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
+from tbps.recipes import stages as stage_plan
 from tbps.recipes.config import OptimConfig
 
 
@@ -74,6 +75,21 @@ def lr_at(progress_epochs: float, total_epochs: float, cfg: OptimConfig) -> floa
         t = min(max((progress_epochs - cfg.warmup_epochs) / span, 0.0), 1.0)
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
     raise ValueError(f"unknown schedule {cfg.schedule!r}: cosine, step or constant")
+
+
+def staged_lr(position: float, total_epochs: float, cfg: OptimConfig, stages: list[dict] | None = None) -> float:
+    """The learning rate at ``position`` (fractional epochs on the schedule's clock) of a run with
+    ``stages`` (:mod:`tbps.recipes.stages`): with ``cfg.stage_schedule == "restart"`` the schedule
+    (warm-up, decay) runs within the stage segment that holds the position, from its start;
+    with ``continue`` over the whole run. Times the active stage's ``lr_scale``."""
+    stages = stages or []
+    scale = stage_plan.lr_scale(stages, position, total_epochs)
+    if cfg.stage_schedule == "restart" and stages:
+        a, b = stage_plan.segment(stages, position, total_epochs)
+        return scale * lr_at(position - a, b - a, cfg)
+    if cfg.stage_schedule not in ("continue", "restart"):
+        raise ValueError(f"unknown stage_schedule {cfg.stage_schedule!r}: continue or restart")
+    return scale * lr_at(position, total_epochs, cfg)
 
 
 def schedule_position(progress: float, total_epochs: float, elapsed: float, budget_seconds: float | None) -> float:

@@ -147,7 +147,7 @@ def _train(job: TrainJob, out: Path, dist: DistInfo, device: torch.device, fresh
     if resume_ckpt is not None:
         log.write_history()  # the metrics files as last.pt knows them (a kill may have come between the two)
 
-    loop.objective.prepare_data(data.dataset)  # one-off data work (e.g. parsing captions), before the clock starts
+    _prepare_data(loop, data.dataset)  # one-off data work (e.g. parsing captions), before the clock starts
     loop.budget = Budget(job.time_budget, job.budget_clock)
     loop.schedule_budget = loop.budget.seconds if job.time_budget and tcfg.budget_schedule else None
     loop.global_step, loop.elapsed_before = start.global_step, start.elapsed
@@ -295,7 +295,7 @@ def _loop(recipe: Recipe, model: nn.Module, data: _Data, device: torch.device, d
     """The objective, optimiser, DDP wrapper and AMP settings around ``model``."""
     from tbps.objectives import build_objective
 
-    objective = build_objective(recipe.objective, model, recipe.losses_at(0),
+    objective = build_objective(recipe.objective, model, recipe.losses_at(0, epochs),
                                 num_identities=data.dataset.num_identities)
     module = _TrainModule(model, objective).to(device)
     optimizer = build_optimizer({"model": model, "objective": objective}, recipe.optim)
@@ -369,14 +369,35 @@ def _write_config(job: TrainJob, out: Path, data: _Data, epochs: int, dist: Dist
                         **({"init_from": str(job.init_from)} if job.init_from else {})}, f, sort_keys=False)
 
 
+def _prepare_data(loop: Loop, dataset) -> None:
+    """The objective's one-off data work for every losses section the recipe's stages use (each
+    after ``configure`` with it), so a later stage's data work is not done on the time budget."""
+    from tbps.recipes.stages import stage_starts
+
+    recipe, seen = loop.recipe, []
+    for position in [0.0, *stage_starts(recipe.stages, loop.epochs)]:
+        losses = recipe.losses_at(position, loop.epochs)
+        if losses not in seen:
+            seen.append(losses)
+            loop.objective.configure(losses)
+            loop.objective.prepare_data(dataset)
+
+
 def _epoch_loader(job: TrainJob, loop: Loop, data: _Data, epoch: int, start_batch: int):
-    """Set the epoch's losses and data (the objective's per-epoch hooks), then its DataLoader."""
+    """Set the losses in force at the run's position (its stages) and the epoch's data (the
+    objective's per-epoch hooks), then the DataLoader from ``start_batch``."""
     from torch.utils.data import DataLoader
 
     from tbps.data.dataset import Collate
 
-    objective, dataset = loop.objective, data.dataset
-    objective.configure(loop.recipe.losses_at(epoch))
+    objective, dataset, recipe = loop.objective, data.dataset, loop.recipe
+    position = loop.position()
+    stage = recipe.stage_at(position, loop.epochs)
+    if recipe.stages and stage != loop.stage:
+        say(f"stage {'+'.join(str(i + 1) for i in stage) or 'none'} of {len(recipe.stages)} from step "
+            f"{loop.global_step} (run position {position / loop.epochs:.3f})", loop.dist)
+    loop.stage = stage
+    objective.configure(recipe.losses_at(position, loop.epochs))
     dataset.set_epoch(epoch)
     objective.on_epoch_start(loop.model, dataset, epoch=epoch, device=loop.device,
                              progress=job.progress and loop.dist.is_main)
@@ -417,13 +438,17 @@ def _run_epochs(job: TrainJob, loop: Loop, log: RunLog, data: _Data, start: _Sta
         if (line := eta.first_report(step, _budget_left(loop))) is not None:
             say(line, dist)
 
-    for epoch in range(start.epoch, loop.epochs):
-        if epoch > start.epoch:
+    epoch = start.epoch
+    while epoch < loop.epochs:
+        if epoch > start.epoch and start_batch == 0:
             _adapt_threads(loop)
         loader = _epoch_loader(job, loop, data, epoch, start_batch)
         loop.train_module.train()
         end = train_one_epoch(loop, loader, epoch=epoch, start_batch=start_batch,
                               progress=job.progress and dist.is_main, on_log=on_log)
+        if end.stage_switch:  # the next stage's losses from the next batch of this epoch
+            start_batch = end.step_in_epoch
+            continue
         start_batch = 0
         # Evaluate, then save last.pt, then the metrics files: last.pt always holds the history and the
         # best-so-far of every evaluation before it, so a run killed at any point resumes them exactly.
@@ -446,4 +471,5 @@ def _run_epochs(job: TrainJob, loop: Loop, log: RunLog, data: _Data, start: _Sta
         if job.stop_after_epochs is not None and done_here >= job.stop_after_epochs:
             break
         barrier(dist)
+        epoch += 1
     return completed, False

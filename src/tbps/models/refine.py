@@ -4,15 +4,17 @@
 t_1..t_M (global g_t), all in the joint space:
 
     a_ij = exp(cos(v_i, t_j) / T)                       (T = 1: the paper's exp(s))
-    w^v_i = N * sum_j a_ij / sum_ij a_ij,   w^t_j = M * sum_i a_ij / sum_ij a_ij    (eq. 3)
+    w^v_i = sum_j a_ij / sum_ij a_ij,   w^t_j = sum_i a_ij / sum_ij a_ij            (eq. 3)
+    (``token_scale="count"``: times N and M, so that uniform attention leaves a token unchanged)
     v^_i = w^v_i v_i,   t^_j = w^t_j t_j
     u_i = [v^_i ; g_v],  v'_i = u_i * tanh(W_f u_i + b_f)                              (eq. 4)
     u_j = [t^_j ; g_t],  t'_j = u_j * tanh(W_f u_j + b_f)   (same W_f, b_f: eq. 5)     (eq. 5)
     r_v = W_o mean_i v'_i,   r_t = W_o mean_j t'_j     (2D -> D, back to the joint space)
 
-Choices the paper leaves open: the weights are the marginals of one softmax over all
-(patch, word) pairs (eq. 3's double sum), scaled by the token count so that uniform attention
-leaves a token unchanged; g is each modality's own global feature; the refined tokens are
+Eq. 3 as printed normalises by the double sum over all (patch, word) pairs and nothing else, so
+the weights of an image's patches sum to 1 (the default, ``token_scale="none"``); tbps first
+scaled them by the token count (``"count"``), which the paper does not write. Choices the paper
+leaves open: g is each modality's own global feature; the refined tokens are
 mean-pooled and projected by W_o so that N-ITC (eq. 6) compares D-dim vectors. An image is
 refined with its own caption and a caption with its own image (B pairs, not all B^2: the
 all-pairs form costs B^2 N M and does not fit a batch of 80 at 224x224). Inference does not use
@@ -34,9 +36,12 @@ class CrossModalRefiner(nn.Module):
     """Re-weights each modality's tokens by cross-modal affinity, gates them with the global
     feature and pools them into a refined (B, D) feature per modality."""
 
-    def __init__(self, dim: int, temperature: float = 1.0):
+    def __init__(self, dim: int, temperature: float = 1.0, token_scale: str = "none"):
         super().__init__()
+        if token_scale not in ("none", "count"):
+            raise ValueError(f"token_scale {token_scale!r}: none (eq. 3 as printed) or count")
         self.temperature = float(temperature)
+        self.token_scale = token_scale
         self.gate = nn.Linear(2 * dim, 2 * dim)  # W_f, b_f (shared by both modalities)
         self.out = nn.Linear(2 * dim, dim)  # W_o
 
@@ -46,8 +51,9 @@ class CrossModalRefiner(nn.Module):
         s = s.masked_fill(~t_mask[:, None, :], float("-inf"))
         b, n, m = s.shape
         p = s.flatten(1).softmax(dim=1).view(b, n, m)  # one softmax over all (patch, word) pairs
-        w_v = p.sum(dim=2) * n
-        w_t = p.sum(dim=1) * t_mask.sum(dim=1, keepdim=True).to(p.dtype)
+        w_v, w_t = p.sum(dim=2), p.sum(dim=1)  # each sums to 1 over its tokens (eq. 3)
+        if self.token_scale == "count":
+            w_v, w_t = w_v * n, w_t * t_mask.sum(dim=1, keepdim=True).to(p.dtype)
         return w_v, w_t
 
     def refine(self, tokens: torch.Tensor, weights: torch.Tensor, glob: torch.Tensor,

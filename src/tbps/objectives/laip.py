@@ -28,7 +28,7 @@ from torch import nn
 
 from tbps.data.masking import IGNORE, FusionBatchHook, MaskSpec
 from tbps.losses.gather import gather_no_grad
-from tbps.losses.bidiratt import MODES, backward_attention, bidir_weights, bidiratt_loss
+from tbps.losses.bidiratt import HEADS, MODES, backward_attention, bidir_weights, bidiratt_loss
 from tbps.losses.itc_queue import itc_queue_loss
 from tbps.losses.itm import itm_loss, sample_hard_negatives
 from tbps.losses.mlm import masked_token_loss
@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "itc": {"weight": 1.0, "queue_size": 65536, "momentum": 0.995, "alpha": 0.4},
     "itm": {"weight": 1.0},
     "triplet": {"weight": 1.0, "margin": 0.6},
-    "bidiratt": {"weight": 1.0, "mode": "both", "layer": -2},
+    "bidiratt": {"weight": 1.0, "mode": "both", "layer": -2, "heads": "per_head", "detach": True},
     "mpm": {"weight": 1.0},
     "fusion": {"width": 768, "layers": 6, "heads": 12, "mlp_ratio": 4.0},
 }
@@ -71,10 +71,15 @@ class LAIPObjective(Objective):
 
     def configure(self, losses: dict[str, Any]) -> None:
         cfg = merge_losses(self.defaults, losses or {})
-        if cfg["bidiratt"]["mode"] not in MODES:
-            from tbps.recipes.config import ConfigError
+        from tbps.recipes.config import ConfigError
 
-            raise ConfigError(f"losses.bidiratt.mode: {cfg['bidiratt']['mode']!r} is not one of {MODES}")
+        for key, allowed in (("mode", MODES), ("heads", HEADS)):
+            if cfg["bidiratt"][key] not in allowed:
+                raise ConfigError(f"losses.bidiratt.{key}: {cfg['bidiratt'][key]!r} is not one of {allowed}")
+        layers, layer = cfg["fusion"]["layers"], cfg["bidiratt"]["layer"]
+        if cfg["bidiratt"]["weight"] > 0 and not -layers <= layer < layers:
+            raise ConfigError(f"losses.bidiratt.layer: {layer} is not a layer of the {layers}-layer fusion encoder "
+                              f"(losses.fusion.layers)")
         self.cfg = cfg
 
     @property
@@ -83,6 +88,8 @@ class LAIPObjective(Objective):
 
     def prepare_data(self, dataset) -> None:
         """Parse the training captions' noun phrases once (spaCy), before training starts."""
+        if self._phrase_table is not None:
+            return
         from tbps.data.phrases import cached_noun_phrases
         from tbps.data.text import clean_caption
 
@@ -163,7 +170,7 @@ class LAIPObjective(Objective):
                 score = score.index_put((rows.nonzero().flatten(),),
                                         logits.gather(1, labels[chosen][:, None]).squeeze(1))
                 grad = backward_attention(score, attn)
-            weights = bidir_weights(attn, grad, ba["mode"], skip=1)  # (B, N)
+            weights = bidir_weights(attn, grad, ba["mode"], skip=1, heads=ba["heads"], detach=ba["detach"])  # (B, N)
             phrase = model.encode_text(batch["phrase_tokens"])  # (B, D)
             names = batch["phrases"]
             same = torch.tensor([[a == b for b in names] for a in names], device=pid.device)

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "imr": {"margin": 0.2, "gamma": 10.0, "imr_weight": 1.0, "imc_weight": 1.0},
     "imr_text": {"weight": 1.0, "tiers": [1, 2, 3], "mlm": None, "mlm_top_k": 50},
     "imr_image": {"weight": 1.0, "top_k": 10, "refresh_every": 1, "bank_batch_size": 256},
-    "cmr": {"weight": 1.0, "temperature": 1.0},
+    "cmr": {"weight": 1.0, "temperature": 1.0, "token_scale": "none"},
     "dcc": {"weight": 1.0, "skip_top": 3, "words": 4, "skip_bottom": 3},
     "gather": True,
 }
@@ -87,7 +87,8 @@ class MeFaObjective(Objective):
 
         self.configure(losses)
         self.mask_spec = MaskSpec.from_tokenizer(get_tokenizer(model.spec))
-        self.refiner = CrossModalRefiner(model.embed_dim, self.cfg["cmr"]["temperature"])
+        cmr = self.cfg["cmr"]
+        self.refiner = CrossModalRefiner(model.embed_dim, cmr["temperature"], cmr["token_scale"])
         self._text_gen = None
         self._captions: list[str] = []
         self._table: dict[str, list[str | None]] = {}
@@ -97,11 +98,14 @@ class MeFaObjective(Objective):
 
     def configure(self, losses: dict[str, Any]) -> None:
         self.cfg = merge_losses(self.defaults, losses or {})
+        from tbps.recipes.config import ConfigError
+
         bad = set(self.cfg["imr_text"]["tiers"]) - {1, 2, 3}
         if bad:
-            from tbps.recipes.config import ConfigError
-
             raise ConfigError(f"losses.imr_text.tiers: {sorted(bad)} not among the tiers 1, 2, 3")
+        if self.cfg["cmr"]["token_scale"] not in ("none", "count"):
+            raise ConfigError(f"losses.cmr.token_scale: {self.cfg['cmr']['token_scale']!r} is not none (eq. 3 as "
+                              "printed) or count")
 
     # -------------------------------------------------------------- data hooks
     def _generator(self):
@@ -114,7 +118,7 @@ class MeFaObjective(Objective):
 
     def prepare_data(self, dataset) -> None:
         """Parse the training captions once (spaCy, cached on disk), before the time budget starts."""
-        if self.cfg["imr_text"]["weight"] <= 0:
+        if self.cfg["imr_text"]["weight"] <= 0 or self._captions:
             return
         from tbps.data.text import clean_caption
 
@@ -202,6 +206,7 @@ class MeFaObjective(Objective):
             out["imr_v_loss"] = w * imr["imr_weight"] * imr_loss(txt, img, negs, valid, imr["margin"])
             out["imc_v_loss"] = w * imr["imc_weight"] * imc_loss(txt, img, negs, valid, imr["gamma"])
         if cfg["cmr"]["weight"] > 0:
+            self.refiner.token_scale = cfg["cmr"]["token_scale"]  # a stage may change it
             r_v, r_t = self.refiner(patches, img_raw, words, tmask, txt_raw)
             r_v, r_t = F.normalize(r_v, dim=-1), F.normalize(r_t, dim=-1)
             out["cmr_loss"] = cfg["cmr"]["weight"] * nitc_loss(r_v, r_t, gather(r_v), gather(r_t), pid, pid_g, scale,

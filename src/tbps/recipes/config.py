@@ -21,6 +21,7 @@ import yaml
 from tbps.data.text_aug import TextAugmentConfig
 from tbps.data.transforms import AugmentConfig
 from tbps.models.spec import ModelSpec
+from tbps.recipes import stages as _st
 
 RECIPE_DIR = Path(__file__).parent
 DEFAULT_RECIPE = "tbps-clip-cpu"
@@ -61,6 +62,9 @@ class OptimConfig:
     gamma: float = 0.1
     bias_lr_factor: float = 1.0  # != 1: biases take lr x this instead of their lr_factors one (IRRA: 2)
     schedule_unit: str = "step"  # step: the lr moves every step; epoch: held for each epoch (IRRA's scheduler)
+    # At a stage boundary (recipes/stages.py) the schedule continues (one warm-up + decay over the whole
+    # run) or restarts (warm-up + decay again within each stage segment, as a paper's second stage).
+    stage_schedule: str = "continue"
 
 
 @dataclass
@@ -104,16 +108,22 @@ class Recipe:
     losses: dict[str, Any] = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    stages: list[dict[str, Any]] = field(default_factory=list)  # optional: per-epoch-range overrides of `losses`
+    # optional: parts of the run with their own `losses` overrides, placed by fractions of the run or by
+    # epochs (tbps.recipes.stages)
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
-    def losses_at(self, epoch: int) -> dict[str, Any]:
-        """The ``losses`` section in force at ``epoch``: the recipe's, overridden by each stage
-        whose [start_epoch, end_epoch) holds the epoch."""
+    def losses_at(self, position: float, total_epochs: float | None = None) -> dict[str, Any]:
+        """The ``losses`` section in force at ``position`` (fractional epochs, on the schedule's clock:
+        :mod:`tbps.recipes.stages`) of a run of ``total_epochs`` (default ``train.epochs``): the
+        recipe's, overridden by each active stage in list order."""
         losses = self.losses
-        for stage in self.stages:
-            if stage.get("start_epoch", 0) <= epoch < stage.get("end_epoch", math.inf):
-                losses = _deep_merge(losses, stage.get("losses", {}))
+        for i in self.stage_at(position, total_epochs):
+            losses = _deep_merge(losses, self.stages[i].get("losses", {}))
         return losses
+
+    def stage_at(self, position: float, total_epochs: float | None = None) -> tuple[int, ...]:
+        """Indices of the stages active at ``position``: the run switches losses when this changes."""
+        return _st.active(self.stages, position, self.train.epochs if total_epochs is None else total_epochs)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -267,6 +277,7 @@ RANGES = {
 CHOICES = {
     "optim.name": ("adamw", "adam", "sgd", "lamb"),
     "optim.schedule": ("cosine", "step", "constant"),
+    "optim.stage_schedule": ("continue", "restart"),
     "train.select_metric": ("R1", "R5", "R10", "mAP", "mINP"),
 }
 
@@ -384,20 +395,42 @@ def _model_spec(d: Any) -> ModelSpec:
 
 
 def _stages(stages: Any) -> list[dict[str, Any]]:
-    """``stages:``: a list of ``{start_epoch, end_epoch, losses}`` mappings."""
+    """``stages:``: a list of ``{start, end, losses, lr_scale}`` (fractions of the run) or
+    ``{start_epoch, end_epoch, losses, lr_scale}`` (epochs) mappings; one way for all stages."""
     if not isinstance(stages, list):
         raise ConfigError(f"stages: expected a list, got {stages!r}")
     for i, st in enumerate(stages):
         where = f"stages[{i}]"
-        if not isinstance(st, dict) or set(st) - {"start_epoch", "end_epoch", "losses"}:
-            raise ConfigError(f"{where}: expected a mapping of start_epoch, end_epoch and losses, got {st!r}")
-        for k in ("start_epoch", "end_epoch"):
+        if not isinstance(st, dict) or set(st) - set(_st.STAGE_KEYS):
+            raise ConfigError(f"{where}: expected a mapping of start and end (fractions of the run) or start_epoch "
+                              f"and end_epoch, losses and lr_scale, got {st!r}")
+        for k in (*_st.FRACTION_KEYS, *_st.EPOCH_KEYS, "lr_scale"):
             if k in st:
                 st[k] = _typed(st[k], float, f"{where}.{k}")
-                if st[k] < 0:
-                    raise ConfigError(f"{where}.{k}: must be >= 0, got {st[k]!r}")
+        for k in _st.FRACTION_KEYS:
+            if k in st and not 0.0 <= st[k] <= 1.0:
+                raise ConfigError(f"{where}.{k}: a fraction of the run, in [0, 1], got {st[k]!r}")
+        for k in _st.EPOCH_KEYS:
+            if k in st and st[k] < 0:
+                raise ConfigError(f"{where}.{k}: must be >= 0, got {st[k]!r}")
+        if "lr_scale" in st and st["lr_scale"] <= 0:
+            raise ConfigError(f"{where}.lr_scale: must be > 0, got {st['lr_scale']!r}")
+        frac = any(k in st for k in _st.FRACTION_KEYS)
+        if frac and any(k in st for k in _st.EPOCH_KEYS):
+            raise ConfigError(f"{where}: give start/end (fractions of the run) or start_epoch/end_epoch, not both")
+        keys = _st.FRACTION_KEYS if frac else _st.EPOCH_KEYS
+        lo, hi = st.get(keys[0], 0.0), st.get(keys[1], 1.0 if frac else math.inf)
+        if hi <= lo:
+            key = keys[1] if keys[1] in st else keys[0]
+            raise ConfigError(f"{where}.{key}: a stage must end after it starts, got {keys[0]} {lo:g}, "
+                              f"{keys[1]} {hi:g}")
         if not isinstance(st.get("losses", {}), dict):
             raise ConfigError(f"{where}.losses: expected a mapping, got {st['losses']!r}")
+    if _st.by_fraction(stages):
+        mixed = next((i for i, st in enumerate(stages) if any(k in st for k in _st.EPOCH_KEYS)), None)
+        if mixed is not None:
+            raise ConfigError(f"stages[{mixed}]: place every stage by fractions of the run (start, end) or every "
+                              "stage by epochs (start_epoch, end_epoch), not both")
     return stages
 
 

@@ -1,0 +1,139 @@
+"""Training stages placed by fractions of the run (tbps.recipes.stages): which stage is active at a
+position, by step count and under a time budget; the learning rate at a switch (restarted or
+continued); bad stages refused in one line naming the key; and real staged runs whose logged losses
+change at the switch step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tbps.engine.optim import schedule_position, staged_lr
+from tbps.recipes.config import ConfigError, OptimConfig, load_recipe
+
+
+
+def test_fraction_stages_follow_the_run_length_and_epoch_stages_stay_put():
+    r = load_recipe("irra-cpu")  # base stage [0, 0.5), then the recipe's losses
+    for epochs in (30, 4, 1):  # the boundary moves with the run: every length keeps both stages
+        half = 0.5 * epochs
+        assert r.stage_at(0.0, epochs) == (0,) and r.stage_at(math.nextafter(half, 0), epochs) == (0,)
+        assert r.stage_at(half, epochs) == (1,) and r.stage_at(epochs - 1e-9, epochs) == (1,)
+        assert r.losses_at(math.nextafter(half, 0), epochs)["mlm"]["weight"] == 0.0
+        assert r.losses_at(half, epochs)["mlm"]["weight"] == 1.0
+    assert r.stage_at(7.0) == (0,) and r.stage_at(15.0) == (1,)  # default length: train.epochs (30)
+    p = load_recipe("laip")  # the paper recipe: stages in epochs, whatever the run length
+    assert p.stage_at(29.99, 45) == (0,) and p.stage_at(30.0, 45) == (1,) and p.stage_at(30.0, 100) == (1,)
+    assert p.losses_at(29.0, 45)["mpm"]["weight"] == 0.0 and p.losses_at(31.0, 45)["mpm"]["weight"] == 1.0
+
+
+def test_under_a_time_budget_the_fraction_is_the_share_of_the_budget_spent():
+    r = load_recipe("mefa-cpu")
+    # 30 nominal epochs, 8-minute budget: after 1.2 real epochs and 4 of 8 minutes the run is half-way.
+    assert r.stage_at(schedule_position(1.2, 30, elapsed=239.0, budget_seconds=480.0), 30) == (0,)
+    assert r.stage_at(schedule_position(1.2, 30, elapsed=240.0, budget_seconds=480.0), 30) == (1,)
+    # Steps are the tighter limit when the epochs run out first (16 of 30 epochs after 1 minute).
+    assert r.stage_at(schedule_position(16.0, 30, elapsed=60.0, budget_seconds=480.0), 30) == (1,)
+
+
+def test_learning_rate_at_the_switch_restarts_or_continues():
+    stages = [{"start": 0.0, "end": 0.5}, {"start": 0.5, "lr_scale": 0.2}]
+    c = OptimConfig(lr=1e-3, warmup_epochs=1.0, warmup_start_lr=1e-5, min_lr=1e-5, schedule="cosine",
+                    stage_schedule="restart")
+    # 10 epochs: segments [0, 5) and [5, 10); each warms up over 1 epoch, then a cosine to min_lr.
+    assert staged_lr(0.0, 10, c, stages) == pytest.approx(1e-5)
+    assert staged_lr(1.0, 10, c, stages) == pytest.approx(1e-3)
+    assert staged_lr(3.0, 10, c, stages) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # cosine midpoint of 1..5
+    assert staged_lr(5.0 - 1e-9, 10, c, stages) == pytest.approx(1e-5, rel=1e-6)  # the base stage has decayed
+    assert staged_lr(5.0, 10, c, stages) == pytest.approx(0.2 * 1e-5)  # the switch: warm-up again, scaled
+    assert staged_lr(6.0, 10, c, stages) == pytest.approx(0.2 * 1e-3)
+    assert staged_lr(8.0, 10, c, stages) == pytest.approx(0.2 * (1e-5 + 0.5 * (1e-3 - 1e-5)))
+    cont = OptimConfig(lr=1e-3, warmup_epochs=1.0, warmup_start_lr=1e-5, min_lr=1e-5, schedule="cosine")
+    mid = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 4 / 9))  # one cosine over 1..10, at 5
+    assert staged_lr(5.0 - 1e-9, 10, cont, stages) == pytest.approx(mid)
+    assert staged_lr(5.0, 10, cont, stages) == pytest.approx(0.2 * mid)  # continued, only scaled
+    assert staged_lr(5.0, 10, cont, []) == pytest.approx(mid)
+
+
+@pytest.mark.parametrize("stages, key", [
+    ("[{start: 0.5, end: 1.5}]", "stages[0].end"),
+    ("[{start: -0.1}]", "stages[0].start"),
+    ("[{start: 0.6, end: 0.4}]", "stages[0].end"),
+    ("[{start: 1.0}]", "stages[0].start"),
+    ("[{start: 0.0, end: 0.5}, {start_epoch: 3}]", "stages[1]"),
+    ("[{start: 0.2, start_epoch: 3}]", "stages[0]"),
+    ("[{start: 0.5, lr_scale: 0}]", "stages[0].lr_scale"),
+    ("[{start: 0.5, lr_scale: nan}]", "stages[0].lr_scale"),
+    ("[{begin: 0.5}]", "stages[0]"),
+])
+def test_bad_stages_are_one_line_naming_the_key(stages, key):
+    with pytest.raises(ConfigError) as e:
+        load_recipe("irra-cpu", [f"stages={stages}"])
+    msg = str(e.value)
+    assert msg.startswith(key) and "\n" not in msg
+    with pytest.raises(ConfigError, match="optim.stage_schedule"):
+        load_recipe("irra-cpu", ["optim.stage_schedule=sometimes"])
+
+
+class _Rows(list):
+    per_epoch = None
+
+    def __init__(self):
+        super().__init__()
+        self.per_epoch = [0]
+
+
+def _spy_steps(monkeypatch):
+    """Record (step, the *_loss keys the objective returned, lr) for every optimiser step, and the
+    run's steps per epoch (``rows.per_epoch[0]``)."""
+    import tbps.engine.epoch as epoch_mod
+
+    rows, step = _Rows(), epoch_mod._step
+    per_epoch = rows.per_epoch
+
+    def spy(loop, batch, progress):
+        out, loss, lr = step(loop, batch, progress)
+        rows.append((loop.global_step, sorted(k for k in out if k.endswith("_loss")), lr))
+        per_epoch[0] = loop.steps_per_epoch
+        return out, loss, lr
+
+    monkeypatch.setattr(epoch_mod, "_step", spy)
+    return rows
+
+
+def test_staged_run_switches_losses_mid_epoch_at_the_fraction(tiny_dataset, micro_overrides, tmp_path, monkeypatch,
+                                                               capsys):
+    from tbps.engine.train import TrainJob, train
+
+    rows = _spy_steps(monkeypatch)
+    r = load_recipe("irra-cpu", micro_overrides + ["losses.fusion.width=32", "losses.fusion.heads=2",
+                                                   "optim.warmup_epochs=0.5", "data.batch_size=16"])
+    res = train(TrainJob(str(tiny_dataset), r, str(tmp_path / "run"), epochs=1, progress=False))
+    total = res["global_step"]
+    # One epoch's batches exactly once: the loader rebuilt at the switch continues where it stopped.
+    assert res["finished"] and total >= 4 and len(rows) == total == rows.per_epoch[0]
+    switch = math.ceil(0.5 * total)  # the first step whose position is >= half the run
+    assert [s for s, _, _ in rows] == list(range(total))
+    assert all(keys == ["id_loss", "sdm_loss"] for s, keys, _ in rows if s < switch)
+    assert all(keys == ["id_loss", "mlm_loss", "sdm_loss"] for s, keys, _ in rows if s >= switch)
+    # The schedule restarts at the switch: its warm-up start, scaled by the stage's lr_scale.
+    assert rows[switch][2] == pytest.approx(0.2 * r.optim.warmup_start_lr)
+    assert rows[switch - 1][2] > rows[switch][2]
+    assert f"stage 2 of 2 from step {switch}" in capsys.readouterr().err
+
+
+def test_under_a_budget_the_switch_follows_the_budget_clock(tiny_dataset, micro_overrides, tmp_path, monkeypatch):
+    """A run of 2 epochs under a 1-minute budget whose clock reads 10 s per step: half the budget
+    is spent after step 3, before half the steps; the losses switch there."""
+    from tbps.engine.epoch import Loop
+    from tbps.engine.train import TrainJob, train
+
+    monkeypatch.setattr(Loop, "elapsed", lambda self: 10.0 * self.global_step)
+    rows = _spy_steps(monkeypatch)
+    r = load_recipe("tbps-clip-cpu", micro_overrides + ["data.batch_size=16",
+        "stages=[{start: 0.0, end: 0.5, losses: {citc: {weight: 0.0}}}, {start: 0.5}]"])
+    res = train(TrainJob(str(tiny_dataset), r, str(tmp_path / "run"), epochs=2, time_budget=1.0, progress=False))
+    assert res["global_step"] >= 8  # half the steps lies after step 3
+    assert [keys for _, keys, _ in rows[:3]] == [["nitc_loss", "ritc_loss"]] * 3
+    assert all(keys == ["citc_loss", "nitc_loss", "ritc_loss"] for _, keys, _ in rows[3:])
