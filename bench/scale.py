@@ -20,7 +20,8 @@ peak RSS (``ru_maxrss``), and after the build the RSS split into anonymous memor
 engine's structures) and file pages (the memory-mapped features the re-scoring touched).
 
     python bench/scale.py --sizes 20000,100000,1000000     # Qdrant only up to --qdrant-max (20000)
-    nohup python bench/scale.py --sizes 10000000 --engines ivfpq --workdir /tmp/scale > scale.log &
+    nice -n 19 python bench/scale.py --sizes 10000000 --engines ivfpq --workdir /w/scale --keep --build-only
+    python bench/scale.py --sizes 10000000 --engines ivfpq --workdir /w/scale --keep --nprobe 16,32,64
 """
 
 from __future__ import annotations
