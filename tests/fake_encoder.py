@@ -52,6 +52,9 @@ class FakeEncoder:
         f = x @ self._proj  # (B, D)
         return (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
+    def unknown_words(self, text: str) -> dict:
+        return {}  # a word-hashing encoder knows every word
+
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
         for i, t in enumerate(texts):

@@ -79,6 +79,23 @@ def test_topk_equals_exact_search(store):
     assert len(store) == N and store.info()["count"] == N and store.info()["dim"] == D
 
 
+def test_search_many_is_search_one_query_at_a_time(store):
+    """The server's batched path: each query with its own k, the same hits as ``search`` alone."""
+    from tbps.index.errors import QueryError
+
+    qs = np.random.default_rng(2).standard_normal((4, D)).astype(np.float32)
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    ks = [1, 7, 3, 1000]
+    many = store.search_many(qs, ks)
+    alone = [store.search(q, k=k)[0] for q, k in zip(qs, ks)]
+    assert [[(h.id, h.path, h.metadata) for h in hits] for hits in many] == \
+        [[(h.id, h.path, h.metadata) for h in hits] for hits in alone]
+    assert [len(hits) for hits in many] == [1, 7, 3, N]
+    for bad in ([3, 0, 1, 1], [3, 3]):
+        with pytest.raises(QueryError):
+            store.search_many(qs, bad)
+
+
 def test_reranker_sees_the_candidates(store):
     """The re-rank hook gets the top rerank_depth candidates with their stored features (what
     tbps.retrieval.rerank.index_reranker reads: index.ids, index.features) and re-orders them."""

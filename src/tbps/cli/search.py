@@ -105,7 +105,7 @@ def run(args) -> int:
             feats, options = bound.query_features, {"reranker": bound, "rerank_depth": args.rescore}
         else:
             feats = encoder.encode_texts([args.query.strip()])
-        if args.image is None and hasattr(encoder, "unknown_words"):  # tbps checkpoints (not every encoder kind)
+        if args.image is None:
             _print_unknown_words(encoder.unknown_words(args.query.strip()))
         if args.nprobe is not None and ix.search_mode in ("ivf", "ivfpq"):
             ix.search_params["nprobe"] = args.nprobe

@@ -83,11 +83,10 @@ class Eta:
         left = self.seconds_left(step)
         if left is None:
             return None
-        if limit is not None and limit < left:
-            return (f"step {step}/{self.total}, {(self.clock() - self.t0) / (step - self.s0):.2f} s/step: the time "
-                    f"budget ends the run in {format_duration(max(limit, 0))}, about step "
-                    f"{step + int(max(limit, 0) / left * (self.total - step))}")
         per = (self.clock() - self.t0) / (step - self.s0)
+        if limit is not None and limit < left:
+            return (f"step {step}/{self.total}, {per:.2f} s/step: the time budget ends the run in "
+                    f"{format_duration(max(limit, 0))}, about step {step + int(max(limit, 0) / left * (self.total - step))}")
         return f"step {step}/{self.total}, {per:.2f} s/step, about {format_duration(left)} left"
 
 

@@ -40,7 +40,7 @@ from tbps.index.errors import (
 from tbps.index.filter_tree import parse_filter
 from tbps.index.local_store import check_features, check_records, column_type
 from tbps.index.qdrant_filter import qdrant_filter
-from tbps.index.store import BUILTIN_COLUMNS, Hit, _sort_rows, check_queries, fingerprint_diff
+from tbps.index.store import BUILTIN_COLUMNS, Hit, _sort_rows, check_k, check_many, check_queries, fingerprint_diff
 from tbps.index.storespec import StoreSpec
 
 FORMAT = "tbps-qdrant-store"
@@ -334,9 +334,7 @@ class QdrantStore:
                exact: bool = False) -> list[list[Hit]]:
         """As ``GalleryIndex.search``; scores are the engine's dot products of the stored vectors."""
         _, models = _qdrant()
-        q = check_queries(queries, self.dim)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise QueryError(f"k must be a positive integer, got {k!r}")
+        q, k = check_queries(queries, self.dim), check_k(k)
         flt = self._filter(where) if where is not None else None
         depth = int(k) if reranker is None else max(int(k), int(rerank_depth) if rerank_depth else 100)
         params = models.SearchParams(exact=True) if exact else None
@@ -348,6 +346,11 @@ class QdrantStore:
         if reranker is not None:
             per = self._rerank(reranker, q, per)
         return [[self._hit(p.payload, float(p.score)) for p in pts[: int(k)]] for pts in per]
+
+    def search_many(self, queries, ks) -> list[list[Hit]]:
+        """As ``GalleryIndex.search_many``: each query ranked alone with its own k."""
+        q, ks = check_many(queries, ks, self.dim)
+        return [self.search(q[i], k)[0] for i, k in enumerate(ks)]
 
     def _rerank(self, reranker, q: np.ndarray, per: list) -> list:
         width = max((len(p) for p in per), default=0)

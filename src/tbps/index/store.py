@@ -395,7 +395,7 @@ class GalleryIndex:
         Returns one list of ``Hit`` per query.
         """
         q = check_queries(queries, self.dim)
-        k = _check_k(k)
+        k = check_k(k)
         allowed = self.filter_ids(where) if where is not None else None
         n_avail = len(self) if allowed is None else len(allowed)
         if n_avail == 0:
@@ -411,28 +411,26 @@ class GalleryIndex:
                 raise QueryError(f"reranker returned scores of shape {new.shape}, expected {cand_scores.shape}")
             cand_scores = new
             cand_ids, cand_scores = _sort_rows(cand_ids, cand_scores)
-        cand_ids, cand_scores = cand_ids[:, :k], cand_scores[:, :k]
-        recs = self._fetch(np.unique(cand_ids[cand_ids >= 0]))
-        return [
-            [_hit(recs[int(i)], float(s)) for i, s in zip(ids_row, sc_row) if i >= 0]
-            for ids_row, sc_row in zip(cand_ids, cand_scores)
-        ]
+        return self._hits(zip(cand_ids[:, :k], cand_scores[:, :k]))
 
     def search_many(self, queries: np.ndarray, ks: Sequence[int]) -> list[list[Hit]]:
         """``[search(queries[i], k=ks[i])[0] for i in ...]``: the same hits, each query ranked
         alone as ``search`` ranks it, at less cost per query (one BLAS thread limit and one
         metadata read for all). No filter, no reranker: a server's batch of plain text queries."""
-        q = check_queries(queries, self.dim)
-        ks = [_check_k(k) for k in ks]
-        if len(ks) != len(q):
-            raise QueryError(f"{len(ks)} values of k for {len(q)} queries")
+        q, ks = check_many(queries, ks, self.dim)
         if len(self) == 0:
             return [[] for _ in ks]
         with _blas_threads(1):
             cands = [self._candidates(q[i : i + 1], min(k, len(self)), None, False) for i, k in enumerate(ks)]
-        every = np.concatenate([ids.ravel() for ids, _ in cands])
+        return self._hits((ids[0], sc[0]) for ids, sc in cands)
+
+    def _hits(self, ranked) -> list[list[Hit]]:
+        """One list of ``Hit`` per ``(ids (K,), scores (K,))`` row of ``ranked`` (-1 ids pad),
+        with one metadata read for all rows."""
+        ranked = list(ranked)
+        every = np.concatenate([np.ravel(ids) for ids, _ in ranked]) if ranked else np.zeros(0, np.int64)
         recs = self._fetch(np.unique(every[every >= 0]))
-        return [[_hit(recs[int(i)], float(s)) for i, s in zip(ids[0], sc[0]) if i >= 0] for ids, sc in cands]
+        return [[_hit(recs[int(i)], float(s)) for i, s in zip(ids, sc) if i >= 0] for ids, sc in ranked]
 
     def _candidates(self, q: np.ndarray, depth: int, allowed: np.ndarray | None,
                     exact: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -481,10 +479,20 @@ def check_queries(queries, dim: int) -> np.ndarray:
     return q
 
 
-def _check_k(k) -> int:
+def check_k(k) -> int:
+    """``k`` as an int, or ``QueryError`` unless it is a positive integer."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise QueryError(f"k must be a positive integer, got {k!r}")
     return int(k)
+
+
+def check_many(queries, ks: Sequence[int], dim: int) -> tuple[np.ndarray, list[int]]:
+    """``search_many``'s arguments checked: (Q, D) queries and one positive k per query."""
+    q = check_queries(queries, dim)
+    ks = [check_k(k) for k in ks]
+    if len(ks) != len(q):
+        raise QueryError(f"{len(ks)} values of k for {len(q)} queries")
+    return q, ks
 
 
 def exact_topk(features: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int,

@@ -70,6 +70,10 @@ class VectorStore(Protocol):
         """Top-``k`` items per query (rows of (Q, D) or one (D,)), best first, ties by id;
         ``where``: a filter expression or ``{column: value}`` dict (``tbps.index.filters``)."""
 
+    def search_many(self, queries: np.ndarray, ks: Sequence[int]) -> list[list[Hit]]:
+        """``[search(queries[i], k=ks[i])[0] for i ...]`` (no filter, no reranker), at less cost
+        per query where the backend can: a server's batch of plain text queries."""
+
     def filter_ids(self, where: str | dict) -> np.ndarray:
         """Sorted int64 ids of the items matching ``where``."""
 

@@ -32,13 +32,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+TOKEN_SCALES = ("none", "count")  # eq. 3 as printed; times the token counts (tbps before the check)
+
+
 class CrossModalRefiner(nn.Module):
     """Re-weights each modality's tokens by cross-modal affinity, gates them with the global
     feature and pools them into a refined (B, D) feature per modality."""
 
     def __init__(self, dim: int, temperature: float = 1.0, token_scale: str = "none"):
         super().__init__()
-        if token_scale not in ("none", "count"):
+        if token_scale not in TOKEN_SCALES:
             raise ValueError(f"token_scale {token_scale!r}: none (eq. 3 as printed) or count")
         self.temperature = float(temperature)
         self.token_scale = token_scale

@@ -98,12 +98,13 @@ class MeFaObjective(Objective):
 
     def configure(self, losses: dict[str, Any]) -> None:
         self.cfg = merge_losses(self.defaults, losses or {})
+        from tbps.models.refine import TOKEN_SCALES
         from tbps.recipes.config import ConfigError
 
         bad = set(self.cfg["imr_text"]["tiers"]) - {1, 2, 3}
         if bad:
             raise ConfigError(f"losses.imr_text.tiers: {sorted(bad)} not among the tiers 1, 2, 3")
-        if self.cfg["cmr"]["token_scale"] not in ("none", "count"):
+        if self.cfg["cmr"]["token_scale"] not in TOKEN_SCALES:
             raise ConfigError(f"losses.cmr.token_scale: {self.cfg['cmr']['token_scale']!r} is not none (eq. 3 as "
                               "printed) or count")
 

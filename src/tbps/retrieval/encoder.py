@@ -79,7 +79,7 @@ def text_features(model, tokens: torch.Tensor, unpadded: bool = False) -> torch.
     """(B, L) token ids on the model's device -> (B, D) float32, L2-normalised. ``unpadded``: skip
     the work on padding where the model can (``TBPSModel.encode_text_unpadded``: the same
     features up to float rounding, about half the time for short queries)."""
-    encode = getattr(model, "encode_text_unpadded", model.encode_text) if unpadded else model.encode_text
+    encode = model.encode_text_unpadded if unpadded else model.encode_text
     return F.normalize(encode(tokens).float(), dim=-1)
 
 

@@ -299,13 +299,12 @@ async def search(req: SearchRequest, request: Request):
 
 def search_batch(state, jobs: list[tuple[tuple, np.ndarray]]) -> list:
     """The batcher's finish step: for each ``((index, k, where), feature)`` its hits, or the
-    exception its request raises. Plain queries on an index that has ``search_many`` are
-    searched in one call (the same hits as one by one); filtered ones, and every query when
+    exception its request raises. Plain queries are searched with one ``search_many`` call (the same hits as one by one); filtered ones, and every query when
     the server re-ranks, one by one."""
     out: list = [None] * len(jobs)
     plain: dict[int, list[int]] = {}  # id(index) -> positions of its plain queries
     for i, ((index, k, where), _) in enumerate(jobs):
-        if where is None and not state.search_options and len(index) and hasattr(index, "search_many"):
+        if where is None and not state.search_options and len(index):
             plain.setdefault(id(index), []).append(i)
     for group in plain.values():
         index = jobs[group[0]][0][0]

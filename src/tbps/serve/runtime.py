@@ -225,7 +225,7 @@ class LiveIndex:
 
     def get(self):
         """The current index (one call per request, so a request sees one generation)."""
-        if self.manifest is None or time.monotonic() < self.next_check:
+        if not self.check_due():
             return self.index
         with self._lock:
             now = time.monotonic()
