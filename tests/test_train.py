@@ -215,3 +215,21 @@ def test_init_fine_tunes_from_another_runs_weights(trained_run, tiny_dataset, tm
     assert "differ in shape" in capsys.readouterr().err and not (tmp_path / "bad" / "last.pt").exists()
     assert main(["train", "--data", str(tiny_dataset), "--init", str(tmp_path / "none.pt")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_init_also_resets_the_momentum_copies(trained_run, tiny_dataset, tmp_path):
+    """--init into an objective with a momentum encoder (LAIP's ALBEF-style ITC queue): the momentum
+    copy starts equal to the loaded weights, not to the random model the objective was built from
+    (with lr 0 the EMA then keeps it equal)."""
+    from tests.conftest import MICRO
+
+    run, _ = trained_run
+    frozen = ["optim.lr=0", "optim.warmup_start_lr=0", "optim.min_lr=0", "losses.fusion.width=32",
+              "losses.fusion.heads=2", "losses.itc.queue_size=16"]
+    train(TrainJob(data_root=str(tiny_dataset), recipe=load_recipe("laip-cpu", MICRO + frozen),
+                   out_dir=str(tmp_path / "ft"), epochs=1, init_from=str(run / "best.pt"), progress=False))
+    src, ft = load_checkpoint(run / "best.pt"), load_checkpoint(tmp_path / "ft" / "last.pt")
+    copy = {k.removeprefix("momentum.module."): v for k, v in ft["objective"].items()
+            if k.startswith("momentum.module.")}
+    assert copy and set(copy) == set(src["model"])
+    assert all(torch.allclose(copy[k].float(), src["model"][k].float()) for k in copy)

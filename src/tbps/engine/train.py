@@ -137,6 +137,7 @@ def _train(job: TrainJob, out: Path, dist: DistInfo, device: torch.device, fresh
     start = _restore(loop, resume_ckpt, job, out) if resume_ckpt is not None else _Start()
     if resume_ckpt is None and job.init_from:
         say(_init_weights({"model": model, "objective": loop.objective}, job.init_from), dist)
+        loop.objective.after_init(model)
     if fresh:
         fresh.wrote = True
     _write_config(job, out, data, epochs, dist)

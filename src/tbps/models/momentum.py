@@ -58,6 +58,10 @@ class MomentumEncoder(nn.Module):
         self.module.train(mode and self.train_mode)
         return self
 
+    def copy_from(self, online: nn.Module) -> None:
+        """Make this copy equal to ``online`` again (after its weights were replaced, e.g. by ``--init``)."""
+        self.module.load_state_dict(online.state_dict())
+
     def update(self, online: nn.Module) -> None:
         """One EMA step towards ``online`` (the trained module this copy was made from)."""
         ema_update(self.module, online, self.momentum)

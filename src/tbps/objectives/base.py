@@ -28,6 +28,7 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
+from tbps.models.momentum import MomentumEncoder
 from tbps.objectives.cached import CachedModel, Embedding, embed
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
@@ -80,6 +81,16 @@ class Objective(nn.Module):
 
     def after_step(self, model: nn.Module) -> None:
         """Run after each optimiser step (EMA updates, queues)."""
+
+    def after_init(self, model: nn.Module) -> None:
+        """Run once ``tbps train --init`` has loaded ``model``'s weights (fine-tuning). The objective was
+        built before, from the random model: every momentum copy it owns (they copy the whole model)
+        is made equal to the loaded model again, so the keys start from the same weights as the
+        queries, as MoCo and ALBEF start, not from the random initialisation they would take
+        hundreds of EMA steps to forget. An objective with other copies of the model overrides this."""
+        for module in self.modules():
+            if isinstance(module, MomentumEncoder):
+                module.copy_from(model)
 
     # ------------------------------------------------------------------ gradient caching
     def embeddings(self) -> list[Embedding]:
