@@ -48,6 +48,18 @@ def _mefa_only(*on: str) -> list[str]:
     return [v for k, v in _MEFA_OFF.items() if k not in on]
 
 
+# TBPS-CLIP's components over N-ITC: off as in the -cpu recipe, on at the paper's weights (tbps-clip.yaml).
+_TC_OFF = {"ritc": ["losses.ritc.weight=0"], "citc": ["losses.citc.weight=0"], "ss": ["losses.ss.weight=0"],
+           "mvs": ["losses.mvs.enabled=false"]}
+_TC_ON = {"ritc": ["losses.ritc.weight=1"], "citc": ["losses.citc.weight=0.1"],
+          "ss": ["losses.ss.weight=0.4", "data.augment.ss_views=true"],
+          "mvs": ["losses.mvs.enabled=true", "data.augment.mvs=true"]}
+
+
+def _tbpsclip_only(*on: str) -> list[str]:
+    return [o for k in _TC_OFF for o in (_TC_ON[k] if k in on else _TC_OFF[k])]
+
+
 ARMS: dict[str, list[tuple[str, str, list[str]]]] = {
     # (arm, recipe, overrides); the first arm of a set is its baseline
     "mefa": [
@@ -65,6 +77,21 @@ ARMS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("laip-both", "laip-cpu", _LAIP_OFF + ["losses.bidiratt.weight=1", "losses.bidiratt.mode=both"]),
         ("laip-mpm", "laip-cpu", _LAIP_OFF + ["losses.mpm.weight=1"]),
         ("laip-all", "laip-cpu", []),
+    ],
+    "tbpsclip": [
+        ("tbpsclip-nitc", "tbps-clip-cpu", _tbpsclip_only()),
+        ("tbpsclip-ritc", "tbps-clip-cpu", _tbpsclip_only("ritc")),
+        ("tbpsclip-citc", "tbps-clip-cpu", _tbpsclip_only("citc")),
+        ("tbpsclip-ss", "tbps-clip-cpu", _tbpsclip_only("ss")),
+        ("tbpsclip-mvs", "tbps-clip-cpu", _tbpsclip_only("mvs")),
+        ("tbpsclip-all", "tbps-clip-cpu", _tbpsclip_only("ritc", "citc", "ss", "mvs")),
+    ],
+    # TextReID's backbone has its own base (the frozen MiniLM words + BiGRU text stream). The -cpu
+    # recipe trains without the alignment loss (from scratch it stalls); from a trained base it is an arm.
+    "textreid": [
+        ("textreid-id", "textreid-cpu", ["losses.cmmoco.weight=0"]),
+        ("textreid-cmmoco", "textreid-cpu", []),
+        ("textreid-cmmoco-align", "textreid-cpu", ["losses.align.weight=1"]),
     ],
     "irra": [
         ("irra-sdm", "irra-cpu", ["losses.id.weight=0", "losses.mlm.weight=0"]),
@@ -88,7 +115,9 @@ def backbone(recipe: str, overrides: list[str]) -> tuple[str, dict]:
 
     model = load_recipe(recipe, overrides).to_dict()["model"]
     h, w = model["image_size"]
-    return f"{model['arch']}-{h}x{w}-c{model['context_length']}", model
+    tower = model.get("text_tower") or {}
+    text = f"-{tower['type']}-{tower.get('source', '')}".rstrip("-") if tower else ""
+    return f"{model['arch']}-{h}x{w}-c{model['context_length']}{text}", model
 
 
 def run(name: str, out: Path, cmd_args: list[str], args) -> dict:
