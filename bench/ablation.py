@@ -9,7 +9,7 @@ table prints them). Arms run strictly **one at a time** (one process, all the co
 trainings sharing them), for each of ``--seeds`` (``train.seed``: batch order, augmentation and
 the new heads' initialisation change; the base and the data do not). best.pt is chosen on val; the
 table is the test split, text-to-image, mean ± sample std (n-1) over the seeds, and each arm's R1
-difference from its method's baseline arm.
+difference from its method's baseline arm paired by seed (mean ± std of the per-seed differences).
 
     tbps synth data/abl --ids 1000                       # the demo's data
     python bench/ablation.py --set mefa laip irra --data data/abl --out runs/abl \\
@@ -77,6 +77,11 @@ ARMS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("laip-both", "laip-cpu", _LAIP_OFF + ["losses.bidiratt.weight=1", "losses.bidiratt.mode=both"]),
         ("laip-mpm", "laip-cpu", _LAIP_OFF + ["losses.mpm.weight=1"]),
         ("laip-all", "laip-cpu", []),
+        # the two issue-13 changes to BidirAtt undone one at a time (docs/laip-irra.md, "Checked against the papers")
+        ("laip-both-undetached", "laip-cpu", _LAIP_OFF + ["losses.bidiratt.weight=1", "losses.bidiratt.mode=both",
+                                                         "losses.bidiratt.detach=false"]),
+        ("laip-both-mean-first", "laip-cpu", _LAIP_OFF + ["losses.bidiratt.weight=1", "losses.bidiratt.mode=both",
+                                                         "losses.bidiratt.heads=mean_first"]),
     ],
     "tbpsclip": [
         ("tbpsclip-nitc", "tbps-clip-cpu", _tbpsclip_only()),
@@ -200,17 +205,22 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
-def table(results: dict[tuple[str, str], list[dict]]) -> str:
-    """One row per arm: steps, seeds, test t2i metrics mean ± std, R1 difference from the set's baseline."""
-    rows = ["| arm | steps per seed | seeds | R1 | dR1 vs base | R5 | R10 | mAP | mINP |",
+def table(results: dict[tuple[str, str], dict[int, dict]]) -> str:
+    """One row per arm: steps, seeds, test t2i metrics mean ± std, and the R1 difference from the set's
+    baseline arm paired by seed (the same seed gives both runs the same batch order and augmentation, so
+    the paired spread is the one that says whether a component moved R1)."""
+    rows = ["| arm | steps per seed | seeds | R1 | dR1 vs base, paired by seed | R5 | R10 | mAP | mINP |",
             "|---|---|---|---|---|---|---|---|---|"]
-    base_r1: dict[str, float] = {}
-    for (s, arm), rs in results.items():
+    base: dict[str, dict[int, dict]] = {}
+    for (s, arm), by_seed in results.items():
+        base.setdefault(s, by_seed)
+        rs = list(by_seed.values())
         stats = {m: mean_std([r["test"][m] for r in rs]) for m in METRICS}
-        base_r1.setdefault(s, stats["R1"][0])
         steps = "/".join(sorted({str(r["steps"]) for r in rs}))
         cell = {m: f"{a:.2f} ± {b:.2f}" for m, (a, b) in stats.items()}
-        rows.append(f"| {arm} | {steps} | {len(rs)} | {cell['R1']} | {stats['R1'][0] - base_r1[s]:+.2f} | "
+        both = sorted(set(by_seed) & set(base[s]))
+        d, sd = mean_std([by_seed[k]["test"]["R1"] - base[s][k]["test"]["R1"] for k in both]) if both else (0, 0)
+        rows.append(f"| {arm} | {steps} | {len(rs)} | {cell['R1']} | {d:+.2f} ± {sd:.2f} | "
                     f"{cell['R5']} | {cell['R10']} | {cell['mAP']} | {cell['mINP']} |")
     return "\n".join(rows)
 
@@ -233,15 +243,15 @@ def main() -> int:
     p.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="recipe overrides for every run (the base: all but losses.*)")
     args = p.parse_args()
-    results: dict[tuple[str, str], list[dict]] = {}
-    for s, arm, folder, cmd, _seed in arm_runs(args):  # strictly one run at a time
+    results: dict[tuple[str, str], dict[int, dict]] = {}
+    for s, arm, folder, cmd, seed in arm_runs(args):  # strictly one run at a time
         out = Path(args.out) / folder
         if args.report:
             f = out / "result.json"
             if f.exists():
-                results.setdefault((s, arm), []).append(json.loads(f.read_text()))
+                results.setdefault((s, arm), {})[seed] = json.loads(f.read_text())
             continue
-        results.setdefault((s, arm), []).append(run(f"{arm} seed {_seed}", out, cmd, args))
+        results.setdefault((s, arm), {})[seed] = run(f"{arm} seed {seed}", out, cmd, args)
     print(f"\n{' + '.join(args.set)}: each arm fine-tuned {args.epochs} epoch(s) from the shared base "
           f"({args.base_epochs} epochs of N-ITC + R-ITC), seeds {args.seeds}; test split, text-to-image")
     print(table(results))
