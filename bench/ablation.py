@@ -48,6 +48,11 @@ def _mefa_only(*on: str) -> list[str]:
     return [v for k, v in _MEFA_OFF.items() if k not in on]
 
 
+def _bidiratt(mode: str, *more: str) -> list[str]:
+    """LAIP's baseline (ITC + ITM) plus BidirAtt in ``mode``, with ``more`` overrides."""
+    return _LAIP_OFF + ["losses.bidiratt.weight=1", f"losses.bidiratt.mode={mode}", *more]
+
+
 # TBPS-CLIP's components over N-ITC: off as in the -cpu recipe, on at the paper's weights (tbps-clip.yaml).
 _TC_OFF = {"ritc": ["losses.ritc.weight=0"], "citc": ["losses.citc.weight=0"], "ss": ["losses.ss.weight=0"],
            "mvs": ["losses.mvs.enabled=false"]}
@@ -72,16 +77,14 @@ ARMS: dict[str, list[tuple[str, str, list[str]]]] = {
     ],
     "laip": [
         ("laip-base", "laip-cpu", _LAIP_OFF),
-        ("laip-fwd", "laip-cpu", _LAIP_OFF + ["losses.bidiratt.weight=1", "losses.bidiratt.mode=forward"]),
-        ("laip-bwd", "laip-cpu", _LAIP_OFF + ["losses.bidiratt.weight=1", "losses.bidiratt.mode=backward"]),
-        ("laip-both", "laip-cpu", _LAIP_OFF + ["losses.bidiratt.weight=1", "losses.bidiratt.mode=both"]),
+        ("laip-fwd", "laip-cpu", _bidiratt("forward")),
+        ("laip-bwd", "laip-cpu", _bidiratt("backward")),
+        ("laip-both", "laip-cpu", _bidiratt("both")),
         ("laip-mpm", "laip-cpu", _LAIP_OFF + ["losses.mpm.weight=1"]),
         ("laip-all", "laip-cpu", []),
         # the two issue-13 changes to BidirAtt undone one at a time (docs/laip-irra.md, "Checked against the papers")
-        ("laip-both-undetached", "laip-cpu", _LAIP_OFF + ["losses.bidiratt.weight=1", "losses.bidiratt.mode=both",
-                                                         "losses.bidiratt.detach=false"]),
-        ("laip-both-mean-first", "laip-cpu", _LAIP_OFF + ["losses.bidiratt.weight=1", "losses.bidiratt.mode=both",
-                                                         "losses.bidiratt.heads=mean_first"]),
+        ("laip-both-undetached", "laip-cpu", _bidiratt("both", "losses.bidiratt.detach=false")),
+        ("laip-both-mean-first", "laip-cpu", _bidiratt("both", "losses.bidiratt.heads=mean_first")),
     ],
     "tbpsclip": [
         ("tbpsclip-nitc", "tbps-clip-cpu", _tbpsclip_only()),
