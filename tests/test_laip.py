@@ -141,7 +141,7 @@ def test_laip_with_a_bert_text_tower_from_a_local_folder():
     torch.manual_seed(0)
     m = create_model(r.model)
     tok = get_tokenizer(m.spec)
-    obj = build_objective("laip", m, r.losses_at(0.5 * r.train.epochs), num_identities=2)
+    obj = build_objective("laip", m, r.losses, num_identities=2)  # the last stage: every loss on
     assert obj.mask_spec.mask_id == 103 and obj.fusion.config["vocab_size"] == 30522  # BERT's [MASK] and vocabulary
     caps = ["a man in a red shirt", "a woman with a blue bag"]
     obj._phrase_table = {caps[0]: ["red shirt"], caps[1]: ["blue bag"]}

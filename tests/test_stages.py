@@ -14,8 +14,14 @@ from tbps.recipes.config import ConfigError, OptimConfig, load_recipe
 
 
 
+# A base stage for the first half, then the recipe's losses (MLM on) at a fifth of the lr, restarted:
+# the mechanism under test, whatever split and schedule irra-cpu ships with.
+HALF = ["stages=[{start: 0.0, end: 0.5, losses: {mlm: {weight: 0.0}}}, {start: 0.5, lr_scale: 0.2}]",
+        "optim.stage_schedule=restart"]
+
+
 def test_fraction_stages_follow_the_run_length_and_epoch_stages_stay_put():
-    r = load_recipe("irra-cpu")  # base stage [0, 0.5), then the recipe's losses
+    r = load_recipe("irra-cpu", HALF)  # base stage [0, 0.5), then the recipe's losses
     for epochs in (30, 4, 1):  # the boundary moves with the run: every length keeps both stages
         half = 0.5 * epochs
         assert r.stage_at(0.0, epochs) == (0,) and r.stage_at(math.nextafter(half, 0), epochs) == (0,)
@@ -29,7 +35,7 @@ def test_fraction_stages_follow_the_run_length_and_epoch_stages_stay_put():
 
 
 def test_under_a_time_budget_the_fraction_is_the_share_of_the_budget_spent():
-    r = load_recipe("mefa-cpu")
+    r = load_recipe("mefa-cpu", ["stages=[{start: 0.0, end: 0.5}, {start: 0.5}]"])
     # 30 nominal epochs, 8-minute budget: after 1.2 real epochs and 4 of 8 minutes the run is half-way.
     assert r.stage_at(schedule_position(1.2, 30, elapsed=239.0, budget_seconds=480.0), 30) == (0,)
     assert r.stage_at(schedule_position(1.2, 30, elapsed=240.0, budget_seconds=480.0), 30) == (1,)
@@ -107,8 +113,8 @@ def test_staged_run_switches_losses_mid_epoch_at_the_fraction(tiny_dataset, micr
     from tbps.engine.train import TrainJob, train
 
     rows = _spy_steps(monkeypatch)
-    r = load_recipe("irra-cpu", micro_overrides + ["losses.fusion.width=32", "losses.fusion.heads=2",
-                                                   "optim.warmup_epochs=0.5", "data.batch_size=16"])
+    r = load_recipe("irra-cpu", micro_overrides + HALF + ["losses.fusion.width=32", "losses.fusion.heads=2",
+                                                          "optim.warmup_epochs=0.5", "data.batch_size=16"])
     res = train(TrainJob(str(tiny_dataset), r, str(tmp_path / "run"), epochs=1, progress=False))
     total = res["global_step"]
     # One epoch's batches exactly once: the loader rebuilt at the switch continues where it stopped.
@@ -137,3 +143,42 @@ def test_under_a_budget_the_switch_follows_the_budget_clock(tiny_dataset, micro_
     assert res["global_step"] >= 8  # half the steps lies after step 3
     assert [keys for _, keys, _ in rows[:3]] == [["nitc_loss", "ritc_loss"]] * 3
     assert all(keys == ["citc_loss", "nitc_loss", "ritc_loss"] for _, keys, _ in rows[3:])
+
+
+@pytest.mark.parametrize("split", [0.5, 0.25])
+def test_fresh_optimizer_clears_the_moments_once_at_the_switch_across_a_resume(
+        tiny_dataset, micro_overrides, tmp_path, capsys, split):
+    """``fresh_optimizer: true``: AdamW's state starts again when the run enters the stage, once. A run
+    stopped after epoch 1 of 2 and resumed either still has the switch ahead (split 0.5: the resumed
+    process clears) or behind it (0.25: the resumed process must not clear again)."""
+    from tbps.engine.train import TrainJob, train
+    from tbps.models.checkpoint import load_checkpoint
+
+    r = load_recipe("irra-cpu", micro_overrides + [
+        "losses.fusion.width=32", "losses.fusion.heads=2", "data.batch_size=16",
+        f"stages=[{{start: 0.0, end: {split}, losses: {{mlm: {{weight: 0.0}}}}}}, "
+        f"{{start: {split}, fresh_optimizer: true}}]"])
+    out = tmp_path / "run"
+
+    def job(**kw):
+        return TrainJob(str(tiny_dataset), r, str(out), epochs=2, progress=False, **kw)
+
+    first = train(job(stop_after_epochs=1))
+    res = train(job(resume=True))
+    total = res["global_step"]
+    assert res["finished"] and total == 2 * first["global_step"]
+    switch = math.ceil(split * total)
+    err = capsys.readouterr().err
+    assert err.count("optimiser state cleared") == 1 and f"stage 2 of 2 from step {switch}" in err
+    state = load_checkpoint(out / "last.pt")["optimizer"]["state"]
+    steps = {int(s["step"]) for s in state.values()}
+    # the visual trunk and the SDM terms train at every step: their moments count from the switch
+    assert total - switch in steps and max(steps) == total - switch
+    # without the key the moments run through the switch
+    r = load_recipe("irra-cpu", micro_overrides + ["losses.fusion.width=32", "losses.fusion.heads=2",
+                                                   "data.batch_size=16", *HALF])
+    train(TrainJob(str(tiny_dataset), r, str(tmp_path / "plain"), epochs=2, progress=False))
+    state = load_checkpoint(tmp_path / "plain" / "last.pt")["optimizer"]["state"]
+    assert max(int(s["step"]) for s in state.values()) == total
+    with pytest.raises(ConfigError, match=r"^stages\[1\]\.fresh_optimizer: true or false"):
+        load_recipe("irra-cpu", ["stages=[{start: 0.0, end: 0.5}, {start: 0.5, fresh_optimizer: 2}]"])

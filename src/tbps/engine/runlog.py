@@ -22,7 +22,7 @@ from tbps.files import atomic_write
 from tbps.models.checkpoint import load_checkpoint, rng_state, save_checkpoint
 
 # Keys of last.pt that only resuming needs: best.pt (for use) leaves them out.
-RESUME_ONLY = ("optimizer", "scaler", "rng", "path", "format", "version")
+RESUME_ONLY = ("optimizer", "scaler", "rng", "stage", "path", "format", "version")
 
 
 def say(msg: str, dist: DistInfo) -> None:
@@ -59,7 +59,7 @@ class RunLog:
              "best": self.best, **self.meta}
         if full:
             s.update(optimizer=loop.optimizer.state_dict(), scaler=loop.scaler.state_dict(), rng=rng_state(),
-                     elapsed=loop.elapsed())
+                     elapsed=loop.elapsed(), stage=list(loop.stage))
         return s
 
     def save_last(self, loop: Loop, epoch: int, step_in_epoch: int) -> None:

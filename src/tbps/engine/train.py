@@ -321,6 +321,7 @@ def _restore(loop: Loop, ckpt: dict, job: TrainJob, out: Path) -> _Start:
     start = _Start(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["history"], ckpt["best"],
                    ckpt.get("elapsed", 0.0))
     set_rng_state(ckpt["rng"])
+    loop.stage = tuple(ckpt.get("stage", ()))  # the stages the optimiser state was built in
     say(f"resuming {out} at epoch {start.epoch + 1}, batch {start.batch}", loop.dist)
     return start
 
@@ -390,13 +391,18 @@ def _epoch_loader(job: TrainJob, loop: Loop, data: _Data, epoch: int, start_batc
     from torch.utils.data import DataLoader
 
     from tbps.data.dataset import Collate
+    from tbps.recipes.stages import fresh_optimizer
 
     objective, dataset, recipe = loop.objective, data.dataset, loop.recipe
     position = loop.position()
     stage = recipe.stage_at(position, loop.epochs)
     if recipe.stages and stage != loop.stage:
+        fresh = fresh_optimizer(recipe.stages, loop.stage, stage)
+        if fresh:
+            loop.optimizer.state.clear()  # every moment estimate starts again at the next step
         say(f"stage {'+'.join(str(i + 1) for i in stage) or 'none'} of {len(recipe.stages)} from step "
-            f"{loop.global_step} (run position {position / loop.epochs:.3f})", loop.dist)
+            f"{loop.global_step} (run position {position / loop.epochs:.3f})"
+            f"{', optimiser state cleared' if fresh else ''}", loop.dist)
     loop.stage = stage
     objective.configure(recipe.losses_at(position, loop.epochs))
     dataset.set_epoch(epoch)

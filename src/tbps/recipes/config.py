@@ -395,15 +395,15 @@ def _model_spec(d: Any) -> ModelSpec:
 
 
 def _stages(stages: Any) -> list[dict[str, Any]]:
-    """``stages:``: a list of ``{start, end, losses, lr_scale}`` (fractions of the run) or
-    ``{start_epoch, end_epoch, losses, lr_scale}`` (epochs) mappings; one way for all stages."""
+    """``stages:``: a list of ``{start, end, losses, lr_scale, fresh_optimizer}`` (fractions of the run) or
+    ``{start_epoch, end_epoch, losses, lr_scale, fresh_optimizer}`` (epochs) mappings; one way for all stages."""
     if not isinstance(stages, list):
         raise ConfigError(f"stages: expected a list, got {stages!r}")
     for i, st in enumerate(stages):
         where = f"stages[{i}]"
         if not isinstance(st, dict) or set(st) - set(_st.STAGE_KEYS):
             raise ConfigError(f"{where}: expected a mapping of start and end (fractions of the run) or start_epoch "
-                              f"and end_epoch, losses and lr_scale, got {st!r}")
+                              f"and end_epoch, losses, lr_scale and fresh_optimizer, got {st!r}")
         for k in (*_st.FRACTION_KEYS, *_st.EPOCH_KEYS, "lr_scale"):
             if k in st:
                 st[k] = _typed(st[k], float, f"{where}.{k}")
@@ -415,6 +415,8 @@ def _stages(stages: Any) -> list[dict[str, Any]]:
                 raise ConfigError(f"{where}.{k}: must be >= 0, got {st[k]!r}")
         if "lr_scale" in st and st["lr_scale"] <= 0:
             raise ConfigError(f"{where}.lr_scale: must be > 0, got {st['lr_scale']!r}")
+        if not isinstance(st.get("fresh_optimizer", False), bool):
+            raise ConfigError(f"{where}.fresh_optimizer: true or false, got {st['fresh_optimizer']!r}")
         frac = any(k in st for k in _st.FRACTION_KEYS)
         if frac and any(k in st for k in _st.EPOCH_KEYS):
             raise ConfigError(f"{where}: give start/end (fractions of the run) or start_epoch/end_epoch, not both")

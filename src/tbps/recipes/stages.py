@@ -22,6 +22,14 @@ Active stages' ``losses`` are merged over the recipe's in list order; ``lr_scale
 is the last active stage's. The boundaries of all stages cut the run into **segments**; with
 ``optim.stage_schedule: restart`` the learning-rate schedule (warm-up, then decay) starts again in
 each segment, as a paper's second stage or a fine-tuning run starts its own schedule.
+
+**A fresh optimiser.** ``fresh_optimizer: true`` clears the optimiser's state (AdamW's moment
+estimates) when the run enters the stage, as a fine-tuning run starts from a checkpoint with fresh
+moments. Without it, a loss switched on mid-run whose gradients are much larger than the ones the
+second moments were estimated on is divided by the old, small estimates: AdamW's steps are then many
+times their usual size for hundreds of steps (beta2 0.999), until the estimates catch up. The state is
+cleared once, when the run crosses the stage's start (a resumed run remembers which stages its
+optimiser state belongs to).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from typing import Any
 
 FRACTION_KEYS = ("start", "end")
 EPOCH_KEYS = ("start_epoch", "end_epoch")
-STAGE_KEYS = (*FRACTION_KEYS, *EPOCH_KEYS, "losses", "lr_scale")
+STAGE_KEYS = (*FRACTION_KEYS, *EPOCH_KEYS, "losses", "lr_scale", "fresh_optimizer")
 
 
 def by_fraction(stages: list[dict[str, Any]]) -> bool:
@@ -75,6 +83,12 @@ def lr_scale(stages: list[dict[str, Any]], position: float, total_epochs: float)
     for i in active(stages, position, total_epochs):
         scale = stages[i].get("lr_scale", scale)
     return scale
+
+
+def fresh_optimizer(stages: list[dict[str, Any]], before: tuple[int, ...], now: tuple[int, ...]) -> bool:
+    """Whether moving from the stages ``before`` to ``now`` enters a stage that asks for a fresh
+    optimiser. ``before`` empty (a run's start) enters nothing: a run starts fresh anyway."""
+    return bool(before) and any(stages[i].get("fresh_optimizer", False) for i in set(now) - set(before))
 
 
 def stage_starts(stages: list[dict[str, Any]], total_epochs: float) -> list[float]:

@@ -35,7 +35,7 @@ from tbps.retrieval.encoder import resize_settings
 OPSET = 17
 IMAGE_GRAPH, TEXT_GRAPH, SETTINGS = "image_encoder.onnx", "text_encoder.onnx", "preprocess.json"
 # Keys of a checkpoint that only resuming training needs (left out of an exported copy).
-RESUME_ONLY = ("optimizer", "scaler", "rng", "elapsed", "path")
+RESUME_ONLY = ("optimizer", "scaler", "rng", "elapsed", "stage", "path")
 
 
 class ExportError(ValueError):
