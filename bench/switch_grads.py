@@ -1,0 +1,103 @@
+"""How big each loss's gradient is at a stage switch, against the optimiser state the run carries there.
+
+A staged recipe switches losses on mid-run. AdamW divides each gradient by the square root of its
+second-moment estimate, which (beta2 0.999) follows the gradients of the last ~1,000 steps: a loss
+whose gradients are k times the earlier ones is stepped about k times too far until the estimate
+catches up. This bench loads a run's ``last.pt`` (weights, objective state and AdamW moments: a base
+stage's run is the state a switch meets), puts every loss of RECIPE on, and prints for each loss over a
+few training batches: its value, the norm of its gradient on the model's parameters, and the norm of
+that gradient divided elementwise by sqrt(v_hat) + eps (the step AdamW would take per unit of lr
+before its moments adapt) over the parameter entries the moments already know (v > 0); entries the
+base stage never trained (v = 0: a word only a new loss uses) are counted apart, since AdamW's first
+step there is lr-sized whatever the gradient.
+
+    python bench/switch_grads.py runs/p3/laip-cpu-w0-base/seed-1/last.pt laip-cpu --data data/abl
+    python bench/switch_grads.py RUN/last.pt irra-cpu --data data/abl --batches 4 data.num_workers=0
+
+Compare each new loss's normalised norm with the base losses': a ratio far above 1 is what
+``fresh_optimizer: true`` on the stage is for (tbps/recipes/stages.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a run's last.pt (it holds the AdamW moments)")
+    p.add_argument("recipe", help="the recipe whose losses (its `losses:` section, every stage's loss on) to measure")
+    p.add_argument("--data", required=True, help="the dataset the run trained on")
+    p.add_argument("--batches", type=int, default=4, help="training batches to average over (default 4)")
+    p.add_argument("overrides", nargs="*", help="recipe KEY=VALUE overrides (as the run had them)")
+    a = p.parse_intermixed_args(argv)
+
+    import torch
+
+    from tbps.data.dataset import Collate, TrainPairs
+    from tbps.data.layouts import load_annotations
+    from tbps.data.text import clean_caption
+    from tbps.engine.optim import build_optimizer
+    from tbps.models.checkpoint import load_checkpoint
+    from tbps.models.factory import create_model, get_tokenizer
+    from tbps.objectives import StepContext, build_objective
+    from tbps.recipes.config import load_recipe
+
+    ckpt = load_checkpoint(a.checkpoint)
+    if "optimizer" not in ckpt:
+        print(f"{a.checkpoint}: no optimiser state (a best.pt or an export): give the run's last.pt", file=sys.stderr)
+        return 2
+    recipe = load_recipe(a.recipe, [*a.overrides, "stages=[]"])  # the recipe's losses section: all on
+    torch.manual_seed(0)
+    model = create_model(recipe.model)
+    records = load_annotations(a.data).split("train")
+    ds = TrainPairs(records, model.image_size, mean=model.spec.mean, std=model.spec.std, augment=recipe.data.augment,
+                    text_augment=None, max_words=recipe.data.max_words)
+    model.prepare_vocabulary([clean_caption(c, 10**6) for r in records for c in r.captions])
+    objective = build_objective(recipe.objective, model, recipe.losses, num_identities=ds.num_identities)
+    objective.prepare_data(ds)
+    model.load_state_dict(ckpt["model"])
+    objective.load_state_dict(ckpt["objective"])
+    optimizer = build_optimizer({"model": model, "objective": objective}, recipe.optim)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    objective.on_epoch_start(model, ds, epoch=int(ckpt["epoch"]), device="cpu")
+    collate = Collate(get_tokenizer(model.spec), objective.batch_hook(ds))
+    params = [p for p in model.parameters() if p.requires_grad]
+    betas = optimizer.param_groups[0].get("betas", (0.9, 0.999))
+
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    bs = recipe.data.batch_size
+    rows: dict[str, list[tuple[float, float, float, float]]] = {}
+    for b in range(a.batches):
+        batch = collate([ds[int(i)] for i in order[b * bs:(b + 1) * bs]])
+        out = objective(model, batch, StepContext(float(ckpt["epoch"]), 1, 0))
+        for name, value in out.items():
+            if not name.endswith("_loss"):
+                continue
+            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+            raw = known = fresh = 0.0
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                raw += float(g.pow(2).sum())
+                st = optimizer.state.get(p)
+                if not st:
+                    fresh += float(g.pow(2).sum())
+                    continue
+                v = st["exp_avg_sq"] / (1 - betas[1] ** float(st["step"]))
+                seen = v > 0
+                known += float((g[seen] / (v[seen].sqrt() + 1e-8)).pow(2).sum())
+                fresh += float(g[~seen].pow(2).sum())
+            rows.setdefault(name, []).append((float(value.detach()), raw ** 0.5, known ** 0.5, fresh ** 0.5))
+    print(f"{a.checkpoint} (step {ckpt['global_step']}), {a.recipe}, {a.batches} batches of {bs}, means:")
+    print(f"{'loss':16s} {'value':>8s} {'|g|':>9s} {'|g/sqrt(v)|':>12s} {'|g| where v=0':>14s}")
+    for name, r in rows.items():
+        m = [sum(x[i] for x in r) / len(r) for i in range(4)]
+        print(f"{name:16s} {m[0]:8.3f} {m[1]:9.3f} {m[2]:12.1f} {m[3]:14.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
