@@ -20,8 +20,8 @@ difference from its method's baseline arm paired by seed (mean ± std of the per
         --overrides model.arch=micro-vit model.image_size=[32,16] model.context_length=32 data.batch_size=8 \\
         losses.fusion.width=32 losses.fusion.heads=2
 
-Fine-tuning settings (every arm, the baselines included): one stage at ``lr_scale`` 0.2 (the
-recipes' method stage: a fifth of the from-scratch peak), warm-up ``--warmup`` epochs, then cosine.
+Fine-tuning settings (every arm, the baselines included): one stage at ``lr_scale`` 0.2 (a
+fine-tuning lr: a fifth of the -cpu recipes' from-scratch peak), warm-up ``--warmup`` epochs, then cosine.
 ``--overrides KEY=VALUE ...`` are applied to every run (a ``losses.X`` one only where the objective has
 loss X; the base takes none of the ``losses.*`` ones).
 A run whose folder already holds a result for the same command is not retrained (``--retrain``

@@ -45,11 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     from tbps.objectives import StepContext, build_objective
     from tbps.recipes.config import load_recipe
 
-    ckpt = load_checkpoint(a.checkpoint)
+    from tbps.models.checkpoint import CheckpointError
+    from tbps.recipes.config import ConfigError
+
+    try:
+        ckpt = load_checkpoint(a.checkpoint)
+        recipe = load_recipe(a.recipe, [*a.overrides, "stages=[]"])  # the recipe's losses section: all on
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if "optimizer" not in ckpt:
         print(f"{a.checkpoint}: no optimiser state (a best.pt or an export): give the run's last.pt", file=sys.stderr)
         return 2
-    recipe = load_recipe(a.recipe, [*a.overrides, "stages=[]"])  # the recipe's losses section: all on
     torch.manual_seed(0)
     model = create_model(recipe.model)
     records = load_annotations(a.data).split("train")
