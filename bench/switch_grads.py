@@ -38,15 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from tbps.data.dataset import Collate, TrainPairs
     from tbps.data.layouts import load_annotations
-    from tbps.data.text import clean_caption
+    from tbps.engine.distributed import DistInfo
     from tbps.engine.optim import build_optimizer
-    from tbps.models.checkpoint import load_checkpoint
+    from tbps.engine.train import _prepare_vocabulary
+    from tbps.models.checkpoint import CheckpointError, load_checkpoint
     from tbps.models.factory import create_model, get_tokenizer
     from tbps.objectives import StepContext, build_objective
-    from tbps.recipes.config import load_recipe
-
-    from tbps.models.checkpoint import CheckpointError
-    from tbps.recipes.config import ConfigError
+    from tbps.recipes.config import ConfigError, load_recipe
 
     try:
         ckpt = load_checkpoint(a.checkpoint)
@@ -62,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     records = load_annotations(a.data).split("train")
     ds = TrainPairs(records, model.image_size, mean=model.spec.mean, std=model.spec.std, augment=recipe.data.augment,
                     text_augment=None, max_words=recipe.data.max_words)
-    model.prepare_vocabulary([clean_caption(c, 10**6) for r in records for c in r.captions])
+    _prepare_vocabulary(model, records, DistInfo())  # the trainer's own step (back-translations included)
     objective = build_objective(recipe.objective, model, recipe.losses, num_identities=ds.num_identities)
     objective.prepare_data(ds)
     model.load_state_dict(ckpt["model"])
