@@ -166,3 +166,52 @@ def test_bidiratt_layer_outside_the_fusion_encoder_is_a_config_error():
     with pytest.raises(ConfigError, match=r"^losses.bidiratt.layer: -2 is not a layer of the 1-layer"):
         build_objective("laip", create_model(r.model), r.losses, num_identities=2)
     build_objective("laip", create_model(r.model), r.losses_at(0), num_identities=2)  # BidirAtt off: no check
+
+
+def test_phrase_stream_cuts_the_padding_with_the_same_losses_and_gradients(monkeypatch):
+    """The phrase passes run on the phrases' own length (a few tokens of the 16-token context), with the
+    losses and gradients of the full-context passes: CLIP's text transformer is causal and the fusion
+    encoder masks the padding."""
+    import copy
+
+    from tbps.models import create_model
+    from tbps.models.factory import get_tokenizer
+    from tbps.models.tbps_model import TBPSModel
+    from tbps.objectives import StepContext, build_objective
+    from tbps.recipes.config import load_recipe
+
+    r = load_recipe("laip-cpu", ["model.arch=micro-vit", "model.image_size=[32, 16]", "model.context_length=16",
+                                 "losses.fusion.width=32", "losses.fusion.heads=2", "losses.itc.queue_size=8"])
+    torch.manual_seed(0)
+    m = create_model(r.model)
+    tok = get_tokenizer(m.spec)
+    obj = build_objective("laip", m, r.losses, num_identities=3)  # every loss on
+    caps = ["a man in a red shirt and black shoes", "a woman with a blue bag", "a man in a long green coat"]
+    obj._phrase_table = {caps[0]: ["red shirt"], caps[1]: ["blue bag"], caps[2]: ["long green coat"]}
+    torch.manual_seed(1)
+    batch = {"image": torch.randn(3, 3, 32, 16), "tokens": tok(caps), "pid": torch.tensor([0, 1, 2]), "captions": caps}
+    batch = obj.batch_hook(None)(batch, tok)
+
+    def run(full: bool):
+        model, o = copy.deepcopy(m), copy.deepcopy(obj)
+        seen = []
+        with monkeypatch.context() as mp:
+            if full:
+                mp.setattr(TBPSModel, "text_length", lambda self, t: t.shape[1])
+            real = TBPSModel.text_tokens
+            mp.setattr(TBPSModel, "text_tokens", lambda self, t: seen.append(t.shape[1]) or real(self, t))
+            torch.manual_seed(2)
+            out = o(model, batch, StepContext(0.0, 1, 0))
+        losses = {k: v for k, v in out.items() if k.endswith("_loss")}
+        sum(losses.values()).backward()
+        return losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, seen
+
+    cut, cut_grads, cut_lengths = run(False)
+    full, full_grads, full_lengths = run(True)
+    assert cut_lengths[-1] == 5 and full_lengths[-1] == 16  # [SOT] long green coat [EOT] | the context
+    assert set(cut) == set(full) >= {"bidiratt_loss", "mpm_loss", "itm_loss"}
+    for k in full:
+        assert torch.allclose(cut[k], full[k], atol=1e-5), k
+    assert cut_grads.keys() == full_grads.keys()
+    for n in full_grads:
+        assert torch.allclose(cut_grads[n], full_grads[n], atol=1e-5), n

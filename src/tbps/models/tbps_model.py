@@ -160,30 +160,28 @@ class TBPSModel(nn.Module):
             return self.tse.encode_text(self.clip, tokens)
         if self.text_stream is not None:
             return self.text_stream(tokens)
+        if self._cut_clip(tokens):
+            return self.text_tokens(tokens)[0]
         feats = self.clip.encode_text(tokens)
         return self.text_head(feats) if self.text_head is not None else feats
 
     def encode_text_unpadded(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``encode_text`` for inference, without the work on padding: CLIP's text transformer is
-        causal and pools the end token's output (the largest id in a row), so the positions after
-        the batch's last end token change nothing and are cut off before it. The same features up
-        to float rounding (about 1e-6), in about half the time for queries of 12-20 tokens out of
-        a context of 48-77. Text towers where this does not hold: ``encode_text``."""
+        """``encode_text`` without the work on padding: the columns after the batch's last real
+        token are cut off first (:meth:`text_length`). The same features up to float rounding (about
+        1e-6), in about half the time for queries of 12-20 tokens out of a context of 48-77."""
+        return self.encode_text(tokens[:, :self.text_length(tokens)])
+
+    def text_length(self, tokens: torch.Tensor) -> int:
+        """How many leading columns of (B, L) ``tokens`` the text tower needs: through the batch's last
+        non-padding token where the tower is CLIP's causal transformer pooled at the end token (a later
+        column changes no output at an earlier position, and padding is masked out downstream), else
+        all L. ``encode_text`` and ``text_tokens`` take the cut tokens; training passes over short
+        texts cut them (LAIP's phrases: a few tokens in a 48-token context)."""
         keep = self._unpadded_length(tokens)
-        if keep is None:
-            return self.encode_text(tokens)
-        clip, tokens = self.clip, tokens[:, :keep]  # (B, keep)
-        cast = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:keep].to(cast)  # (B, keep, W)
-        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:keep, :keep]))
-        x = x[torch.arange(len(tokens), device=x.device), tokens.argmax(dim=-1)]  # (B, W) at the end token
-        proj = clip.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, nn.Module) else x @ proj
-        return self.text_head(x) if self.text_head is not None else x
+        return tokens.shape[1] if keep is None else keep
 
     def _unpadded_length(self, tokens: torch.Tensor) -> int | None:
-        """Token positions ``encode_text_unpadded`` keeps; None where cutting does not apply (another
+        """Token positions :meth:`text_length` keeps; None where cutting does not apply (another
         text tower, another pooling, no causal mask) or cuts nothing."""
         clip = self.clip
         if self.tse is not None or self.text_stream is not None or getattr(clip, "text_pool_type", None) != "argmax":
@@ -198,8 +196,18 @@ class TBPSModel(nn.Module):
             seen = self.__dict__["_causal_seen"] = (mask, mask._version, _is_causal(mask))
         if not seen[2]:
             return None
-        keep = int(tokens.argmax(dim=-1).max()) + 1
+        # Through the last non-padding token (open_clip pads with 0): the end token for plain captions,
+        # and also for masked copies, whose [MASK] id may exceed the end token's.
+        real = (tokens != 0).any(dim=0).nonzero()
+        keep = int(real[-1]) + 1 if len(real) else 1
         return keep if keep < tokens.shape[1] else None
+
+    def _cut_clip(self, tokens: torch.Tensor) -> bool:
+        """Whether ``tokens`` is shorter than CLIP's context (cut by :meth:`text_length`), so the
+        positional embedding and the causal mask are cut to match; open_clip's own ``encode_text``
+        takes the full context only."""
+        return self.tse is None and self.text_stream is None and hasattr(self.clip, "token_embedding") \
+            and tokens.shape[1] < self.clip.positional_embedding.shape[0]
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
@@ -258,9 +266,10 @@ class TBPSModel(nn.Module):
 
         clip = self.clip
         if hasattr(clip, "token_embedding"):  # CLIP: text tower inlined in the model
-            cast = clip.transformer.get_cast_dtype()
-            x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding.to(cast)
-            x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))  # (B, L, W)
+            cast, n = clip.transformer.get_cast_dtype(), tokens.shape[1]  # n < the context: cut by text_length
+            x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:n].to(cast)
+            causal = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
+            x = clip.ln_final(clip.transformer(x, attn_mask=causal))  # (B, L, W)
             pooled = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
             proj = clip.text_projection
         else:  # CustomTextCLIP with an open_clip TextTransformer

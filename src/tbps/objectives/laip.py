@@ -150,9 +150,12 @@ class LAIPObjective(Objective):
             raise ValueError("losses.bidiratt/mpm have weight > 0 but the batch has no phrases (Collate without "
                              "the objective's batch_hook)")
         cfg = self.cfg
-        _, pw, pmask = model.text_tokens(batch["mpm_tokens"])  # (B, Lp, D)
+        # A phrase is a few tokens of the context: the padding after the batch's longest is cut off
+        # (the same outputs, text_length), which makes this stream's text passes several times cheaper.
+        keep = model.text_length(torch.cat([batch["phrase_tokens"], batch["mpm_tokens"]]))
+        phrase_tokens, mpm_tokens, labels = (batch[k][:, :keep] for k in ("phrase_tokens", "mpm_tokens", "mpm_labels"))
+        _, pw, pmask = model.text_tokens(mpm_tokens)  # (B, Lp, D)
         fused = self.fusion(pw, pmask, memory)
-        labels = batch["mpm_labels"]
         chosen = labels != IGNORE  # one position per phrase
         logits = self.fusion.mlm_logits(fused, chosen)  # (M, V)
         out = {}
@@ -171,7 +174,7 @@ class LAIPObjective(Objective):
                                         logits.gather(1, labels[chosen][:, None]).squeeze(1))
                 grad = backward_attention(score, attn)
             weights = bidir_weights(attn, grad, ba["mode"], skip=1, heads=ba["heads"], detach=ba["detach"])  # (B, N)
-            phrase = model.encode_text(batch["phrase_tokens"])  # (B, D)
+            phrase = model.encode_text(phrase_tokens)  # (B, D)
             names = batch["phrases"]
             same = torch.tensor([[a == b for b in names] for a in names], device=pid.device)
             targets = ((pid[:, None] == pid[None, :]) | same).float()
