@@ -7,12 +7,14 @@ This bench builds the recipe's model and objective once per segment of the run (
 between two stage boundaries), takes the same few training batches for all, and times full training
 steps (objective forward, backward, AdamW step) segment after segment in rounds, so that every
 segment is measured under the same load. The batches are built once, untimed; the data pipeline's
-cost per batch (dataset + collate, with each segment's batch hook) is timed apart.
+cost per batch (dataset + collate, with each segment's batch hook) is timed apart, and so is the
+objective's work at an epoch's start (MeFa's image-bank refresh), spread over the epoch's steps.
 
 Prints each segment's median step time, its ratio to the first segment's, and the share of the base
 stage's steps that a time budget gives the staged run: sum over segments of (its fraction of the run)
-x (first segment's step time / its step time), with the data time added to the step's where the recipe
-loads in the training process (``data.num_workers: 0``; workers overlap it).
+x (first segment's step time / its step time), with the epoch-start work and, where the recipe loads in
+the training process (``data.num_workers: 0``; workers overlap it), the data time added to the step's.
+The validation passes a run makes are the same in every segment and are left out.
 
     python bench/stage_cost.py laip-cpu --data data/abl
     python bench/stage_cost.py irra-cpu --data data/abl --steps 12 losses.mlm.prob=0.3
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         losses = recipe.losses_at(lo, total)
         objective = build_objective(recipe.objective, model, losses, num_identities=ds.num_identities)
         objective.prepare_data(ds)
-        objective.on_epoch_start(model, ds, epoch=int(lo), device="cpu")
+        t0 = time.perf_counter()
+        objective.on_epoch_start(model, ds, epoch=int(lo), device="cpu")  # e.g. MeFa's image bank refresh
+        epoch_s = time.perf_counter() - t0
         optimizer = build_optimizer({"model": model, "objective": objective}, recipe.optim)
         collate = Collate(get_tokenizer(model.spec), objective.batch_hook(ds))
         bs = recipe.data.batch_size
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         merged = merge_losses(objective.defaults, losses)
         on = sorted(k for k, v in merged.items() if isinstance(v, dict) and v.get("weight", 0) > 0)
         arms.append({"span": (lo / total, hi / total), "losses": on, "model": model, "objective": objective,
-                     "optimizer": optimizer, "batches": batches, "data_s": data_s, "times": []})
+                     "optimizer": optimizer, "batches": batches, "data_s": data_s,
+                     "epoch_s": epoch_s / max(1, len(ds) // bs), "times": []})
 
     for r in range(a.steps + 2):
         for arm in arms:
@@ -109,17 +114,22 @@ def main(argv: list[str] | None = None) -> int:
                 arm["times"].append(time.perf_counter() - t)
 
     serial = recipe.data.num_workers == 0  # the batch is made between the steps, not beside them
-    first = statistics.median(arms[0]["times"]) + serial * arms[0]["data_s"]
+
+    def cost(arm: dict, step: float) -> float:
+        return step + serial * arm["data_s"] + arm["epoch_s"]
+
+    first = cost(arms[0], statistics.median(arms[0]["times"]))
     share = 0.0
     print(f"{a.recipe}: {len(segments)} segments, batch {recipe.data.batch_size}, {a.steps} timed steps each, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'segment':>12s} {'step ms':>8s} {'data ms':>8s} {'x first':>8s}  losses on")
+    print(f"{'segment':>12s} {'step ms':>8s} {'data ms':>8s} {'epoch ms':>8s} {'x first':>8s}  losses on")
     for arm in arms:
         step = statistics.median(arm["times"])
-        ratio = (step + serial * arm["data_s"]) / first
+        ratio = cost(arm, step) / first
         lo, hi = arm["span"]
         share += (hi - lo) / ratio
-        print(f"{lo:5.2f}-{hi:<5.2f} {step * 1000:8.1f} {arm['data_s'] * 1000:8.1f} {ratio:8.2f}  {', '.join(arm['losses'])}")
+        print(f"{lo:5.2f}-{hi:<5.2f} {step * 1000:8.1f} {arm['data_s'] * 1000:8.1f} {arm['epoch_s'] * 1000:8.1f} "
+              f"{ratio:8.2f}  {', '.join(arm['losses'])}")
     print(f"a time budget gives the staged run {share:.3f} of the steps its first segment alone would get")
     return 0
 
