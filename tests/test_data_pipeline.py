@@ -120,6 +120,36 @@ def test_pairs_remap_ids_and_collate_tokenises(tiny_dataset):
     assert batch["pid"].dtype == torch.long
 
 
+def test_collate_token_cache_gives_the_same_tokens_and_tokenises_each_caption_once(monkeypatch):
+    import tbps.data.dataset as dataset_mod
+    from tbps.models import ModelSpec, get_tokenizer
+
+    tok = get_tokenizer(ModelSpec(arch="micro-vit"))
+    seen = []
+
+    def counting(captions):
+        seen.extend(captions)
+        return tok(captions)
+
+    items = [{"caption": c, "pid": i % 2} for i, c in
+             enumerate(["a man in red", "a woman with a bag", "a man in red", "grey coat, black shoes"])]
+    cache = {}
+    cached = Collate(counting, cache=cache)
+    first = cached(items)
+    assert seen == ["a man in red", "a woman with a bag", "grey coat, black shoes"]  # a repeat within a batch too
+    again = cached(items[::-1] + [{"caption": "a child in blue", "pid": 0}])
+    assert seen[3:] == ["a child in blue"]  # the next epoch tokenises only what it has not seen
+    plain = Collate(tok)
+    assert torch.equal(first["tokens"], plain(items)["tokens"])
+    assert torch.equal(again["tokens"], plain(items[::-1] + [{"caption": "a child in blue", "pid": 0}])["tokens"])
+    again["tokens"][0, 1] = 7  # a hook may edit the batch in place: the cached rows stay as they were
+    assert torch.equal(cached(items)["tokens"], first["tokens"])
+    monkeypatch.setattr(dataset_mod, "TOKEN_CACHE_LIMIT", len(cache))  # full: new captions pass through, uncached
+    full = cached([{"caption": "a tall man", "pid": 1}] + items)
+    assert "a tall man" not in cache and len(cache) == 4
+    assert torch.equal(full["tokens"], plain([{"caption": "a tall man", "pid": 1}] + items)["tokens"])
+
+
 def test_unreadable_image_is_reported_once_and_replaced(tmp_path, capsys):
     from PIL import Image
 

@@ -16,7 +16,7 @@ the loop.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ class _Data:
     dataset: Any  # tbps.data.dataset.TrainPairs
     sampler: Any  # tbps.data.sampler.GlobalBatchSampler
     tokenizer: Any
+    token_cache: dict = field(default_factory=dict)  # caption -> token row, across epochs (tbps.data.dataset.Collate)
 
 
 @dataclass
@@ -410,7 +411,9 @@ def _epoch_loader(job: TrainJob, loop: Loop, data: _Data, epoch: int, start_batc
                              progress=job.progress and loop.dist.is_main)
     data.sampler.set_epoch(epoch, start_batch)
     return DataLoader(dataset, batch_sampler=data.sampler, num_workers=loop.recipe.data.num_workers,
-                      collate_fn=Collate(data.tokenizer, objective.batch_hook(dataset)),
+                      collate_fn=Collate(data.tokenizer, objective.batch_hook(dataset),
+                                         # in-process only: a worker would get (and drop) a copy each epoch
+                                         data.token_cache if loop.recipe.data.num_workers == 0 else None),
                       pin_memory=loop.device.type == "cuda", persistent_workers=False)
 
 
