@@ -233,3 +233,14 @@ def test_init_also_resets_the_momentum_copies(trained_run, tiny_dataset, tmp_pat
             if k.startswith("momentum.module.")}
     assert copy and set(copy) == set(src["model"])
     assert all(torch.allclose(copy[k].float(), src["model"][k].float()) for k in copy)
+
+
+def test_a_dataloader_worker_trains_exactly_as_the_main_process(tiny_dataset, micro_overrides, tmp_path):
+    """Moving the data pipeline into a DataLoader worker (data.num_workers) changes where batches are
+    made, not what is learnt: each sample's augmentation is seeded by (seed, epoch, index) and the main
+    process's RNG is left as it was either way, so the weights equal an in-process run's bit for bit.
+    Dropout on, so that a data path that touched the main RNG would show."""
+    over = [*micro_overrides, "model.text_attn_dropout=0.2", "data.augment.num_ops=3"]
+    for workers in (0, 1):
+        train(_job(tiny_dataset, tmp_path / f"w{workers}", [*over, f"data.num_workers={workers}"], epochs=2))
+    assert _same_weights(tmp_path / "w0" / "last.pt", tmp_path / "w1" / "last.pt")
