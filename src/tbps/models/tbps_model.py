@@ -184,9 +184,9 @@ class TBPSModel(nn.Module):
         """Token positions :meth:`text_length` keeps; None where cutting does not apply (another
         text tower, another pooling, no causal mask) or cuts nothing."""
         clip = self.clip
-        if self.tse is not None or self.text_stream is not None or getattr(clip, "text_pool_type", None) != "argmax":
+        if not self._clip_text_tower() or getattr(clip, "text_pool_type", None) != "argmax":
             return None
-        if not all(hasattr(clip, n) for n in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
+        if not all(hasattr(clip, n) for n in ("positional_embedding", "transformer", "ln_final")):
             return None
         mask = getattr(clip, "attn_mask", None)
         if mask is None or tokens.ndim != 2 or mask.shape != (tokens.shape[1], tokens.shape[1]):
@@ -206,8 +206,12 @@ class TBPSModel(nn.Module):
         """Whether ``tokens`` is shorter than CLIP's context (cut by :meth:`text_length`), so the
         positional embedding and the causal mask are cut to match; open_clip's own ``encode_text``
         takes the full context only."""
-        return self.tse is None and self.text_stream is None and hasattr(self.clip, "token_embedding") \
-            and tokens.shape[1] < self.clip.positional_embedding.shape[0]
+        return self._clip_text_tower() and tokens.shape[1] < self.clip.positional_embedding.shape[0]
+
+    def _clip_text_tower(self) -> bool:
+        """Whether text goes through CLIP's own text transformer (no TSE, no text stream, and an
+        open_clip CLIP rather than a tower with its own embedding such as a Hugging Face one)."""
+        return self.tse is None and self.text_stream is None and hasattr(self.clip, "token_embedding")
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
