@@ -41,14 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_intermixed_args(argv)
 
     import torch
+    from _parts import training_parts
 
-    from tbps.data.dataset import Collate, TrainPairs
     from tbps.data.layouts import load_annotations
-    from tbps.engine.distributed import DistInfo
     from tbps.engine.optim import build_optimizer
-    from tbps.engine.train import _prepare_vocabulary
-    from tbps.models.factory import create_model, get_tokenizer
-    from tbps.objectives import StepContext, build_objective
+    from tbps.objectives import StepContext
     from tbps.objectives.base import merge_losses
     from tbps.recipes.config import ConfigError, load_recipe
     from tbps.recipes.stages import segment
@@ -72,19 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     records = load_annotations(a.data).split("train")
     arms = []
     for lo, hi in segments:
-        torch.manual_seed(0)
-        model = create_model(recipe.model)
-        ds = TrainPairs(records, model.image_size, mean=model.spec.mean, std=model.spec.std,
-                        augment=recipe.data.augment, text_augment=None, max_words=recipe.data.max_words)
-        _prepare_vocabulary(model, records, DistInfo())
         losses = recipe.losses_at(lo, total)
-        objective = build_objective(recipe.objective, model, losses, num_identities=ds.num_identities)
-        objective.prepare_data(ds)
+        parts = training_parts(recipe, records, losses)
+        model, ds, objective, collate = parts.model, parts.dataset, parts.objective, parts.collate
         t0 = time.perf_counter()
         objective.on_epoch_start(model, ds, epoch=int(lo), device="cpu")  # e.g. MeFa's image bank refresh
         epoch_s = time.perf_counter() - t0
         optimizer = build_optimizer({"model": model, "objective": objective}, recipe.optim)
-        collate = Collate(get_tokenizer(model.spec), objective.batch_hook(ds))
         bs = recipe.data.batch_size
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
         if len(order) < bs * a.batches:

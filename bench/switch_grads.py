@@ -35,15 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_intermixed_args(argv)
 
     import torch
+    from _parts import training_parts
 
-    from tbps.data.dataset import Collate, TrainPairs
     from tbps.data.layouts import load_annotations
-    from tbps.engine.distributed import DistInfo
     from tbps.engine.optim import build_optimizer
-    from tbps.engine.train import _prepare_vocabulary
     from tbps.models.checkpoint import CheckpointError, load_checkpoint
-    from tbps.models.factory import create_model, get_tokenizer
-    from tbps.objectives import StepContext, build_objective
+    from tbps.objectives import StepContext
     from tbps.recipes.config import ConfigError, load_recipe
 
     try:
@@ -55,20 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     if "optimizer" not in ckpt:
         print(f"{a.checkpoint}: no optimiser state (a best.pt or an export): give the run's last.pt", file=sys.stderr)
         return 2
-    torch.manual_seed(0)
-    model = create_model(recipe.model)
     records = load_annotations(a.data).split("train")
-    ds = TrainPairs(records, model.image_size, mean=model.spec.mean, std=model.spec.std, augment=recipe.data.augment,
-                    text_augment=None, max_words=recipe.data.max_words)
-    _prepare_vocabulary(model, records, DistInfo())  # the trainer's own step (back-translations included)
-    objective = build_objective(recipe.objective, model, recipe.losses, num_identities=ds.num_identities)
-    objective.prepare_data(ds)
+    parts = training_parts(recipe, records, recipe.losses)
+    model, ds, objective, collate = parts.model, parts.dataset, parts.objective, parts.collate
     model.load_state_dict(ckpt["model"])
     objective.load_state_dict(ckpt["objective"])
     optimizer = build_optimizer({"model": model, "objective": objective}, recipe.optim)
     optimizer.load_state_dict(ckpt["optimizer"])
     objective.on_epoch_start(model, ds, epoch=int(ckpt["epoch"]), device="cpu")
-    collate = Collate(get_tokenizer(model.spec), objective.batch_hook(ds))
     params = [p for p in model.parameters() if p.requires_grad]
     betas = optimizer.param_groups[0].get("betas", (0.9, 0.999))
 
