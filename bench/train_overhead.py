@@ -50,19 +50,17 @@ def run_side_by_side(data: Path, recipe, out: Path, epochs: int, bare) -> list[t
     rows: list[tuple] = []
 
     def interleaved(loader, epoch: int):
-        it, start = iter(loader), None
-        for i in range(len(bare.batches) + 1):
-            if start is not None and epoch > 0:  # the tbps step that began at `start` ends here
-                rows.append((*bare_times, time.perf_counter() - start[0], time.process_time() - start[1]))
-            if i == len(bare.batches):
-                break
-            bare_times = bare.step(epoch, i)
-            start = (time.perf_counter(), time.process_time())
+        it = iter(loader)
+        for i in range(len(bare.batches)):
+            bare_wall, bare_cpu = bare.step(epoch, i)
+            t, c = time.perf_counter(), time.process_time()
             try:
                 batch = next(it)
             except StopIteration:
-                break
-            yield batch
+                return
+            yield batch  # resumed when the trainer asks for the next batch: its step ends here
+            if epoch > 0:
+                rows.append((bare_wall, bare_cpu, time.perf_counter() - t, time.process_time() - c))
 
     def paired(loop, loader, **kw):
         return inner(loop, interleaved(loader, kw["epoch"]), **kw)
@@ -115,7 +113,7 @@ def data_ms_per_step(data: Path, recipe, epochs: int = 3) -> float:
 
 
 class BareLoop:
-    """The plain loop: model, AdamW, the loss written out; ``epoch(e)`` runs one pass over the batches."""
+    """The plain loop: model, AdamW, the loss written out; ``step(e, i)`` runs one step on batch ``i``."""
 
     def __init__(self, recipe, batches: list[dict]):
         import torch
@@ -178,7 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="recipe overrides (key=value), applied to both sides")
     args = p.parse_args(argv)
 
-    from tbps.engine.runtime import passive_openmp_waits
+    from tbps.engine.runtime import passive_openmp_waits, usable_cores
 
     passive_openmp_waits()  # as the tbps command does, before torch loads: both loops run under it
     import torch
@@ -186,7 +184,7 @@ def main(argv=None) -> int:
     from tbps.recipes.config import load_recipe
     from tbps.synth import synthesize
 
-    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    threads = args.threads or usable_cores()
     recipe = load_recipe(args.recipe, [f"train.cpu_threads={threads}", *args.overrides])
     check_recipe(recipe)
     work = Path(tempfile.mkdtemp(prefix="tbps-bench-"))
