@@ -1,4 +1,5 @@
-"""Every tiny architecture runs forward and backward; token outputs agree with the global ones."""
+"""Every tiny architecture runs forward and backward; token outputs agree with the global ones; the CLIP
+tokenizer's word memo gives open_clip's own token tensors."""
 
 import pytest
 import torch
@@ -101,3 +102,143 @@ def test_text_tower_registry_dispatches_by_type(tmp_path, monkeypatch):
     assert isinstance(model.text_stream, FrozenWordStream) and isinstance(get_tokenizer(model.spec), WordTokenizer)
     clip = create_model(ModelSpec(arch="micro-vit"))
     assert clip.text_stream is None and clip.prepare_vocabulary(["a man in a red coat"]) is None
+
+
+# --- CLIP's tokenizer, its words memoised (models/clip_bpe.py): the same tensors as open_clip's ---
+
+EDGE_CAPTIONS = [
+    "", "   ", "a", "A MAN IN A RED COAT, Black Shoes", "café au lait, naïve résumé, Ærø",
+    "cafÃ© crÃ¨me, Ã©tÃ©",  # mojibake: ftfy repairs it before the BPE
+    "行人穿着红色外套和黑色裤子", "👩‍🚀 with a 🎒 and 👟👟 🇫🇷", "&amp;amp; &lt;b&gt; fish &amp; chips &#39;x&#39;",
+    "<b>bold</b> & <i>it</i>", "he's here, they'll go; we're off, I'd, you've, I'm, don't, HE'S, THEY'LL",
+    "born 1999, 3.5 m tall, 42nd street, 0.007", "  spaced\t\tout \n new\r\nline  ", "<start_of_text> x <end_of_text>",
+    "ﬁne ﬂuffy", "ｆｕｌｌｗｉｄｔｈ ＡＢＣ", "curly “quotes” ‘and’ ’tis", "\x00ctrl\x1b[31mred\x1b[0m",
+    "\u00a0nbsp\u2028sep\u200bzero", "Straße İstanbul ΣΊΣΥΦΟΣ", "a-b_c/d\\e|f~g`h^i", "!!!??? ... ---",
+]
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizers():
+    """(tbps's CLIP tokenizer, open_clip's own) at context length 24."""
+    import open_clip
+
+    tok = get_tokenizer(ModelSpec(arch="micro-vit", context_length=24))
+    return tok, open_clip.get_tokenizer("micro-vit", context_length=24)
+
+
+def _synthetic_captions(n_ids: int = 40) -> list[str]:
+    """Synthetic captions as ``tbps synth`` writes them, raw and as training feeds them (augmented, cleaned)."""
+    import random
+
+    import numpy as np
+
+    from tbps.data.text import clean_caption
+    from tbps.data.text_aug import augment_caption
+    from tbps.synth.attributes import sample_identities
+    from tbps.synth.captions import make_caption
+
+    attrs, _ = sample_identities(n_ids, seed=3)
+    nrng, rng = np.random.default_rng(3), random.Random(3)
+    raw = [make_caption(a, nrng) for a in attrs for _ in range(2)]
+    augmented = [augment_caption(c, c.upper(), rng, backtranslation_prob=0.2, deletion_prob=0.3) for c in raw]
+    return raw + augmented + [clean_caption(c, 60) for c in augmented]
+
+
+def test_clip_tokenizer_is_memoised_and_matches_open_clip_on_synthetic_captions(clip_tokenizers):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from tbps.models.clip_bpe import MemoTokenizer
+
+    tok, ref = clip_tokenizers
+    assert type(tok) is MemoTokenizer and isinstance(tok, SimpleTokenizer)  # export's check still holds
+    captions = _synthetic_captions()
+    ours = tok(captions)
+    assert ours.dtype == torch.long and ours.shape == (len(captions), 24)
+    assert torch.equal(ours, ref(captions))
+    for length in (77, 6):  # no truncation at all; nearly every caption cut
+        assert torch.equal(tok(captions, context_length=length), ref(captions, context_length=length))
+    assert tok.word_ids  # the words went through the memo
+    assert tok.encode(captions[0]) == ref.encode(captions[0])
+
+
+def test_clip_tokenizer_memo_matches_open_clip_on_edge_cases(clip_tokenizers):
+    tok, ref = clip_tokenizers
+    long = " ".join(["a tall man in a dark-blue coat"] * 12)  # > 24 tokens: cut, the last id eot
+    captions = EDGE_CAPTIONS + [long]
+    assert torch.equal(tok(captions), ref(captions))
+    for c in captions:
+        assert torch.equal(tok(c), ref(c)), c
+    row = tok(long)[0]
+    assert row[-1] == ref.eot_token_id and row[-2] != ref.eot_token_id and (row != 0).all()
+    assert tok("")[0, :3].tolist() == [ref.sot_token_id, ref.eot_token_id, 0]
+    assert tok([]).shape == ref([]).shape == (0, 24)
+
+
+def test_clip_tokenizer_memo_hit_gives_the_same_row(clip_tokenizers):
+    tok, ref = clip_tokenizers
+    captions = ["a woman in a grey hoodie and jeans", "she's carrying a red handbag", "a woman in a grey hoodie and jeans"]
+    first = tok(captions)
+    size = len(tok.word_ids)
+    again = tok(captions[::-1])
+    assert len(tok.word_ids) == size  # every word came from the memo
+    assert torch.equal(again, first.flip(0)) and torch.equal(first[0], first[2])
+    assert torch.equal(again, ref(captions[::-1]))
+
+
+def test_clip_tokenizer_memo_is_bounded_and_words_past_it_are_still_right():
+    import open_clip
+
+    from tbps.models.clip_bpe import memoize
+
+    tok = memoize(open_clip.get_tokenizer("micro-vit", context_length=32))
+    ref = open_clip.get_tokenizer("micro-vit", context_length=32)
+    tok.word_limit = 5
+    captions = _synthetic_captions(8) + EDGE_CAPTIONS
+    assert torch.equal(tok(captions), ref(captions))
+    assert len(tok.word_ids) == 5
+    kept = dict(tok.word_ids)
+    assert torch.equal(tok(captions[::-1]), ref(captions[::-1])) and tok.word_ids == kept
+
+
+def test_clip_tokenizer_memo_pickles_with_the_tokenizer_attributes(clip_tokenizers):
+    import pickle
+
+    from tbps.data.dataset import Collate
+    from tbps.data.masking import MaskSpec
+
+    tok, ref = clip_tokenizers
+    tok(["a man in a red coat"])
+    collate = pickle.loads(pickle.dumps(Collate(tok)))  # as a DataLoader worker receives it
+    copy = collate.tokenizer
+    assert type(copy) is type(tok) and copy.word_ids == tok.word_ids
+    assert (copy.vocab_size, copy.sot_token_id, copy.eot_token_id, copy.context_length) == (49408, 49406, 49407, 24)
+    assert copy.encoder == ref.encoder and MaskSpec.from_tokenizer(copy) == MaskSpec.from_tokenizer(ref)
+    assert copy.decode(ref.encode("a man in a red coat")) == ref.decode(ref.encode("a man in a red coat"))
+    captions = _synthetic_captions(4)
+    assert torch.equal(collate.tokens(captions), ref(captions))
+
+
+def test_clip_tokenizer_memo_leaves_other_tokenizers_and_reductions_to_open_clip():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from tbps.models.clip_bpe import MemoTokenizer, memoize
+
+    class Own(SimpleTokenizer):
+        pass
+
+    words = get_tokenizer(ModelSpec(arch="micro-vit", text_tower={"type": "frozen-words", "source": "random", "dim": 7}))
+    assert memoize(words) is words
+    own = Own.__new__(Own)
+    assert memoize(own) is own  # not exactly open_clip's class: left as it is
+    reduced = memoize(SimpleTokenizer(context_length=8, reduction_mask="random"))
+    ref = SimpleTokenizer(context_length=8, reduction_mask="random")
+    assert type(reduced) is MemoTokenizer
+    captions = _synthetic_captions(4)
+
+    def draw(tokenizer):
+        torch.manual_seed(0)  # random_mask_tokenize draws from torch's generator
+        return tokenizer(captions)
+
+    ours = draw(reduced)
+    assert torch.equal(ours, draw(ref))
+    assert not torch.equal(ours, SimpleTokenizer(context_length=8)(captions))  # reduced, not cut

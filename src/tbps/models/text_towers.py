@@ -4,7 +4,7 @@ Each entry knows how to build its tower for a :class:`ModelSpec`, which tokenize
 captions into its ids, and what it does with the training vocabulary before training:
 
 - ``text_tower: null``: CLIP's own text transformer (inside the open_clip model, so nothing
-  is built here), open_clip's BPE tokenizer, no vocabulary step;
+  is built here), open_clip's BPE tokenizer (its words memoised: ``clip_bpe.py``), no vocabulary step;
 - ``frozen-words`` (the default type): TextReID's frozen word dictionary + BiGRU
   (``text_stream.py``), its word tokenizer, and the vocabulary encoded once into the dictionary
   and recorded in the spec (unseen query words are then read through it: ``word_map.py``);
@@ -48,10 +48,13 @@ class TextTower:
 
 
 def _clip_tokenizer(spec: ModelSpec):
+    """open_clip's tokenizer of the architecture, its BPE words memoised (the same ids: ``clip_bpe.py``)."""
     import open_clip
 
+    from tbps.models.clip_bpe import memoize
+
     register_spec_config(spec)
-    return open_clip.get_tokenizer(spec.arch, context_length=spec.context_length)
+    return memoize(open_clip.get_tokenizer(spec.arch, context_length=spec.context_length))
 
 
 def _prepare_frozen_words(spec: ModelSpec, stream: FrozenWordStream, words: set[str]) -> dict[str, Any]:
