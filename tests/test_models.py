@@ -242,3 +242,32 @@ def test_clip_tokenizer_memo_leaves_other_tokenizers_and_reductions_to_open_clip
     ours = draw(reduced)
     assert torch.equal(ours, draw(ref))
     assert not torch.equal(ours, SimpleTokenizer(context_length=8)(captions))  # reduced, not cut
+
+
+def test_clip_tokenizer_clean_skips_ftfy_only_where_ftfy_changes_nothing(clip_tokenizers, monkeypatch):
+    import pickle
+    import random
+    import string
+
+    import ftfy
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from tbps.models.clip_bpe import memoize
+
+    tok, ref = clip_tokenizers
+    rng = random.Random(0)
+    alphabet = list(string.printable) + ["&amp;", "&lt;", "&#39;", "&", " ", "A", "\x0b", "\x1b[0m", "\x7f", "\x00",
+                                         "é", "Ã©", "©", "\x85", "\u2028", "ﬁ", "“", "ｗ", "\u00a0", "İ"]
+    texts = ["".join(rng.choices(alphabet, k=rng.randrange(30))) for _ in range(3000)] + _synthetic_captions(10)
+    assert [tok.clean(t) for t in texts] == [ref.clean_fn(t) for t in texts]
+    canon, canon_ref = memoize(SimpleTokenizer(clean="canonicalize")), SimpleTokenizer(clean="canonicalize")
+    assert [canon.clean(t) for t in texts[:300]] == [canon_ref.clean_fn(t) for t in texts[:300]]
+    assert torch.equal(canon(texts[:300]), canon_ref(texts[:300]))
+
+    fixed = []
+    real = ftfy.fix_text
+    monkeypatch.setattr(ftfy, "fix_text", lambda text: fixed.append(text) or real(text))
+    for t in (tok, pickle.loads(pickle.dumps(tok))):
+        assert t.clean("  A Man, in RED (42)!  ") == "a man, in red (42)!" and not fixed  # skipped
+        assert t.clean("fish &amp; chips") == "fish & chips" and t.clean("café") == "café" and len(fixed) == 2
+        fixed.clear()

@@ -10,16 +10,25 @@ caption costs its cleaning, one ``split(" ")`` and a dict lookup per word. Words
 the key: no alternative of CLIP's pattern matches a space and it has no look-around, so a caption's pieces are
 its words' pieces in order, and a word key skips the regex as well. The memo is bounded
 (:data:`WORD_MEMO_LIMIT`); past it, new words are encoded as open_clip does, without being kept.
+Printable ASCII captions (``&`` aside) skip ftfy, which leaves them as they are (:meth:`MemoTokenizer.clean`).
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+from open_clip.tokenizer import SimpleTokenizer, get_clean_fn
 
 # Words a memo keeps at most (~100 bytes each with their ids: ~30 MB when full; a caption set's
 # vocabulary is a few thousand words).
 WORD_MEMO_LIMIT = 1 << 18
+
+_LOWER = get_clean_fn("lower")  # open_clip's default cleaning: ftfy, HTML unescape twice, whitespace, lower case
+# Printable ASCII without "&": text that cleaning only collapses and lower-cases. ftfy returns ASCII text
+# unchanged by its encoding repair and its other fixes act on control characters, non-ASCII characters and
+# HTML entities (which start with "&", as html.unescape's do); its ~40 us a caption is most of what is left.
+_PLAIN_ASCII = re.compile(r"[ -%'-~]*")
 
 
 class MemoTokenizer(SimpleTokenizer):
@@ -35,7 +44,7 @@ class MemoTokenizer(SimpleTokenizer):
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
         memo = self.word_ids
-        for word in self.clean_fn(text).split(" "):
+        for word in self.clean(text).split(" "):
             got = memo.get(word)
             if got is None:
                 got = self.encode_word(word)
@@ -43,6 +52,12 @@ class MemoTokenizer(SimpleTokenizer):
                     memo[word] = got
             ids.extend(got)
         return ids
+
+    def clean(self, text: str) -> str:
+        """``clean_fn(text)``, without ftfy for printable ASCII under the default cleaning."""
+        if self.clean_fn is _LOWER and _PLAIN_ASCII.fullmatch(text):
+            return " ".join(text.split()).lower()
+        return self.clean_fn(text)
 
     def encode_word(self, word: str) -> tuple[int, ...]:
         """The ids of one cleaned, space-free word, as open_clip's ``encode`` computes them."""
