@@ -10,7 +10,7 @@ from tbps.data.layouts import load_annotations
 from tbps.data.records import Record
 from tbps.data.sampler import GlobalBatchSampler
 from tbps.data.text_aug import TextAugmentConfig, augment_caption, random_deletion
-from tbps.data.transforms import AugmentConfig
+from tbps.data.transforms import AUGMENT_POOL, AugmentConfig, PoolAugment
 
 
 def test_identity_balanced_batches_hold_p_ids_times_k():
@@ -78,6 +78,69 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tiny_dataset):
     assert torch.equal(torch.rand(1), expected)
 
 
+def _one_at_a_time(pool: PoolAugment, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """The reference: torchvision's transforms called on one image, as a torchvision pipeline
+    would (erasing after normalisation)."""
+    from torchvision.transforms.functional import normalize
+
+    erase = []
+    for name in rng.choices(list(pool.config.pool), k=pool.config.num_ops):
+        if name == "erasing":
+            erase.append(pool.ops[name])
+        else:
+            x = pool.ops[name](x)
+    x = normalize(x, pool.mean, pool.std)
+    for op in erase:
+        x = op(x)
+    return x
+
+
+def test_batched_augmentation_is_torchvision_one_image_at_a_time():
+    """A batch's plans drawn one image at a time and applied together give torchvision's pixels
+    bit for bit, and leave torch's generator where torchvision leaves it. (96, 48): no random crop
+    box fits, the drawing shortcut; (40, 40): random boxes of several sizes in one batch."""
+    for size in ((96, 48), (40, 40)):
+        pool = PoolAugment(size, AugmentConfig(num_ops=3), (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
+        images = torch.rand(120, 3, *size, generator=torch.Generator().manual_seed(0))
+        refs, plans = [], []
+        for k, x in enumerate(images):
+            torch.default_generator.manual_seed(100 + k)
+            refs.append(_one_at_a_time(pool, x, random.Random(k)))
+            after = torch.get_rng_state()
+            torch.default_generator.manual_seed(100 + k)
+            plans.append(pool.plan(random.Random(k)))
+            assert torch.equal(torch.get_rng_state(), after), (size, k, plans[-1])
+        drawn = Counter(name for p in plans for name, params in p if params is not None)
+        assert set(drawn) == set(AUGMENT_POOL) and min(drawn.values()) >= 3, drawn  # grayscale: p 0.1
+        boxes = {params for p in plans for name, params in p if name == "resized_crop"}
+        assert boxes == {(16, 0, 64, 48)} if size == (96, 48) else len(boxes) > 5, boxes
+        out = pool.apply(images.clone(), plans)
+        for k, ref in enumerate(refs):
+            assert torch.equal(out[k], ref), (size, k, plans[k])
+        assert torch.equal(pool(images[7], _seeded(random.Random(7), 107)), refs[7])  # one image
+
+
+def _seeded(rng, seed):
+    torch.default_generator.manual_seed(seed)
+    return rng
+
+
+def test_batch_items_equal_the_items_fetched_one_by_one(tiny_dataset):
+    """``__getitems__`` (what the DataLoader calls) gives each item what fetching it alone gives:
+    the plans line up with their images, the negative and the second view included."""
+    ds = _pairs(tiny_dataset, augment=AugmentConfig(mvs=True, ss_views=True), text_augment=TextAugmentConfig())
+    ds.negatives = torch.tensor([[(ri + 1) % len(ds.records), (ri + 2) % len(ds.records)] for ri in range(len(ds.records))])
+    ds.set_epoch(3)
+    indices = [5, 0, 9, 2, 5, len(ds) - 1]
+    batch = ds.__getitems__(indices)
+    for index, item in zip(indices, batch):
+        alone = ds[index]
+        assert item.keys() == alone.keys() >= {"image", "neg_image", "image_view2", "ss_view1", "ss_view2"}
+        for key, value in alone.items():
+            assert torch.equal(item[key], value) if torch.is_tensor(value) else item[key] == value, (index, key)
+    assert not torch.equal(batch[0]["image"], batch[0]["image_view2"])
+
+
 def test_augmentation_seeds_only_the_cpu_generator(tiny_dataset, monkeypatch):
     """Each item's augmentation is the one torch.manual_seed(seed) would give, without calling
     it (it also seeds, or queues with a stack trace, every accelerator's RNG: 8 ms a sample)."""
@@ -91,7 +154,7 @@ def test_augmentation_seeds_only_the_cpu_generator(tiny_dataset, monkeypatch):
     for i in (1, 4):
         rng = _random.Random(_sample_seed(ds.seed, ds.epoch, i))
         torch.manual_seed(rng.getrandbits(63))
-        refs.append(ds.pool(ds._load(i)[2], rng))
+        refs.append(_one_at_a_time(ds.pool, ds._load(i)[2], rng))
 
     def refuse(_seed):
         raise AssertionError("torch.manual_seed called per sample")

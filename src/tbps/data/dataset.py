@@ -135,45 +135,56 @@ class TrainPairs(Dataset):
         raise RuntimeError("no readable image in the training set")
 
     def __getitem__(self, index: int) -> dict:
-        ri, ci, img = self._load(index)
-        rec = self.records[ri]
-        rng = random.Random(_sample_seed(self.seed, self.epoch, index))
-        caption = rec.captions[ci]
-        if self.text_augment:
-            bt = rec.captions_bt[ci] if rec.captions_bt else None
-            caption = augment_caption(
-                caption,
-                bt,
-                rng,
-                backtranslation_prob=self.text_augment.backtranslation_prob,
-                deletion_prob=self.text_augment.deletion_prob,
-            )
-        item = {"caption": clean_caption(caption, self.max_words), "pid": self.pid_index[rec.pid]}
-        neg = None
-        if self.negatives is not None:
-            row = self.negatives[ri].tolist()
-            neg = self.record_image(row[rng.randrange(len(row))])
-        if self.pool is None:
-            item["image"] = normalize(img, self.mean, self.std)
-            if neg is not None:
-                item["neg_image"] = normalize(neg, self.mean, self.std)
-            return item
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        """The items at ``indices`` (what a DataLoader asks for a batch at a time): each item's
+        randomness is drawn on its own, as a function of (seed, epoch, index), and the images of
+        the whole batch are then augmented together (``PoolAugment.apply``)."""
         # torchvision draws from torch's global CPU RNG: seed it per sample. In a worker process
         # that RNG is the worker's own; in the main process, fork it so dropout is undisturbed.
         # Only the CPU generator: torch.manual_seed would also seed (or, before CUDA starts, queue
         # with a captured stack trace) every accelerator's, 8 ms a sample, a quarter of a CPU step.
         in_worker = torch.utils.data.get_worker_info() is not None
-        with contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(rng.getrandbits(63))
-            item["image"] = self.pool(img, rng)
-            if neg is not None:
-                item["neg_image"] = self.pool(neg, rng)
-            if self.augment.mvs:
-                item["image_view2"] = self.pool(img, rng)
-            if self.strong is not None:
-                item["ss_view1"] = self.strong(img)
-                item["ss_view2"] = self.strong(img)
-        return item
+        items, images, plans, slots = [], [], [], []
+        with contextlib.nullcontext() if in_worker or self.pool is None else torch.random.fork_rng(devices=[]):
+            for index in indices:
+                ri, ci, img = self._load(index)
+                rec = self.records[ri]
+                rng = random.Random(_sample_seed(self.seed, self.epoch, index))
+                caption = rec.captions[ci]
+                if self.text_augment:
+                    bt = rec.captions_bt[ci] if rec.captions_bt else None
+                    caption = augment_caption(
+                        caption,
+                        bt,
+                        rng,
+                        backtranslation_prob=self.text_augment.backtranslation_prob,
+                        deletion_prob=self.text_augment.deletion_prob,
+                    )
+                item = {"caption": clean_caption(caption, self.max_words), "pid": self.pid_index[rec.pid]}
+                items.append(item)
+                views = {"image": img}
+                if self.negatives is not None:
+                    row = self.negatives[ri].tolist()
+                    views["neg_image"] = self.record_image(row[rng.randrange(len(row))])
+                if self.pool is None:
+                    item.update((key, normalize(x, self.mean, self.std)) for key, x in views.items())
+                    continue
+                if self.augment.mvs:
+                    views["image_view2"] = img
+                torch.default_generator.manual_seed(rng.getrandbits(63))
+                for key, x in views.items():  # image, neg_image, image_view2: the order they draw in
+                    images.append(x)
+                    plans.append(self.pool.plan(rng))
+                    slots.append((item, key))
+                if self.strong is not None:
+                    item["ss_view1"] = self.strong(img)
+                    item["ss_view2"] = self.strong(img)
+        if images:
+            for (item, key), x in zip(slots, self.pool.apply(torch.stack(images), plans)):
+                item[key] = x
+        return items
 
 
 # Captions a token cache holds at most (a row of context_length ids each: 80 MB at 131,072 x 77).
