@@ -22,6 +22,22 @@ from tbps.data.text_aug import TextAugmentConfig, augment_caption
 from tbps.data.transforms import AugmentConfig, PoolAugment, StrongViews, eval_transform, load_image
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one thread meanwhile (in the main process; a DataLoader worker has one already).
+
+    A batch's augmentation is many ops on a few MB: split over the training's threads, each op pays
+    more to wake them than it gains, and with OpenMP's passive waits (the ``tbps`` command's) much more."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     # A fixed mix of the three numbers, so a sample's randomness ignores worker and resume order.
     return (seed * 1_000_003 + epoch) * 2_147_483_647 + index
@@ -146,8 +162,12 @@ class TrainPairs(Dataset):
         # Only the CPU generator: torch.manual_seed would also seed (or, before CUDA starts, queue
         # with a captured stack trace) every accelerator's, 8 ms a sample, a quarter of a CPU step.
         in_worker = torch.utils.data.get_worker_info() is not None
+        with contextlib.nullcontext() if in_worker else _one_thread():
+            return self._items(indices, fork=not in_worker and self.pool is not None)
+
+    def _items(self, indices: Sequence[int], fork: bool) -> list[dict]:
         items, images, plans, slots = [], [], [], []
-        with contextlib.nullcontext() if in_worker or self.pool is None else torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]) if fork else contextlib.nullcontext():
             for index in indices:
                 ri, ci, img = self._load(index)
                 rec = self.records[ri]
