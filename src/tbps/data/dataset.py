@@ -220,8 +220,9 @@ class Collate:
     # for a fusion encoder, tbps.data.masking.FusionBatchHook); runs in the workers.
     hook: object = None
     # Optional caption -> token row dict, kept by the caller across epochs: captions come back every
-    # epoch, and tokenising 64 of them was 8 ms of a CPU step's 60-80 ms of data work. Every tokenizer
-    # here pads each caption to the context length on its own, so a cached row equals a fresh one.
+    # epoch (unless text augmentation rewrites them; CLIP's tokenizer then reuses its words' ids:
+    # tbps.models.clip_bpe). Every tokenizer here pads each caption to the context length on its own,
+    # so a cached row equals a fresh one.
     cache: dict | None = None
 
     def tokens(self, captions: list[str]) -> torch.Tensor:
