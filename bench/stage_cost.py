@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         t0 = time.perf_counter()
-        batches = [collate([ds[i] for i in order[b * bs:(b + 1) * bs]]) for b in range(a.batches)]
+        batches = [collate(ds.__getitems__(order[b * bs:(b + 1) * bs])) for b in range(a.batches)]  # as a DataLoader asks
         data_s = (time.perf_counter() - t0) / a.batches
         merged = merge_losses(objective.defaults, losses)
         on = sorted(k for k, v in merged.items() if isinstance(v, dict) and v.get("weight", 0) > 0)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     bs = recipe.data.batch_size
     rows: dict[str, list[tuple[float, float, float, float]]] = {}
     for b in range(a.batches):
-        batch = collate([ds[int(i)] for i in order[b * bs:(b + 1) * bs]])
+        batch = collate(ds.__getitems__([int(i) for i in order[b * bs:(b + 1) * bs]]))  # as a DataLoader asks
         out = objective(model, batch, StepContext(float(ckpt["epoch"]), 1, 0))
         for name, value in out.items():
             if not name.endswith("_loss"):
