@@ -81,7 +81,7 @@ ARMS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("laip-bwd", "laip-cpu", _bidiratt("backward")),
         ("laip-both", "laip-cpu", _bidiratt("both")),
         ("laip-mpm", "laip-cpu", _LAIP_OFF + ["losses.mpm.weight=1"]),
-        ("laip-all", "laip-cpu", []),
+        ("laip-all", "laip-cpu", ["losses.bidiratt.weight=1"]),  # the paper's weights (laip-cpu ships 0.1)
         # the two issue-13 changes to BidirAtt undone one at a time (docs/laip-irra.md, "Checked against the papers")
         ("laip-both-undetached", "laip-cpu", _bidiratt("both", "losses.bidiratt.detach=false")),
         ("laip-both-mean-first", "laip-cpu", _bidiratt("both", "losses.bidiratt.heads=mean_first")),
