@@ -117,6 +117,13 @@ class PoolAugment:
                  std: Sequence[float]):
         self.size, self.config, self.mean, self.std = tuple(size), config, mean, std
         self.ops = {name: _op(name, self.size) for name in config.pool}
+        if "rotation" in self.ops:
+            from torchvision.transforms import InterpolationMode
+
+            op = self.ops["rotation"]
+            fill = [op.fill] if isinstance(op.fill, (int, float)) else op.fill
+            if op.center is not None or op.expand or op.interpolation != InterpolationMode.NEAREST or any(fill):
+                raise ValueError("batched rotation supports torchvision's defaults only: nearest, no centre or expand, fill 0")
         self._shape = torch.empty((3, *self.size), device="meta")  # an image's shape, for get_params
         self._grid = None  # the rotation's base grid, (1, H * W, 3), built once
         self._fallback = None  # the resized crop's box when no random box can fit (see _crop_box)
@@ -218,8 +225,6 @@ class PoolAugment:
         boxes: dict[tuple, list[int]] = {}
         for k, box in enumerate(params):
             boxes.setdefault(tuple(box), []).append(k)
-        if len(boxes) == 1:
-            return resized_crop(x, *params[0], list(self.size), InterpolationMode(op.interpolation), antialias=op.antialias)
         out = torch.empty_like(x)
         for box, ks in boxes.items():
             idx = torch.tensor(ks)
@@ -231,12 +236,7 @@ class PoolAugment:
         # torchvision's F.rotate: the inverse rotation about the centre as an affine grid, nearest
         # neighbour, zero fill (its fill mask only rewrites zeros with zeros when the fill is 0).
         from torch.nn.functional import grid_sample
-        from torchvision.transforms import InterpolationMode
 
-        op = self.ops["rotation"]
-        fill = [op.fill] if isinstance(op.fill, (int, float)) else op.fill
-        if op.center is not None or op.expand or op.interpolation != InterpolationMode.NEAREST or any(fill):
-            raise ValueError("batched rotation supports torchvision's defaults only: nearest, no centre or expand, fill 0")
         h, w = self.size
         if self._grid is None:
             base = torch.empty(1, h, w, 3)
