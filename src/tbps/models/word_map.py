@@ -3,10 +3,14 @@
 A frozen word dictionary gives any word a vector, but the BiGRU over it has only ever read
 the vectors of the training vocabulary: an unseen word ("scarlet") is a point of the frozen
 space where the GRU has never been, and what it makes of it is arbitrary (bench/open_vocab.py
-measured test R@1 falling several-fold on synonym-rewritten queries). With ``oov: nearest``
-the word tokenizer instead feeds such a word as the softmax-weighted mix of its ``k`` nearest
-training words (cosine in the frozen encoder's space, weights ``softmax(cos / temperature)``):
-a point the GRU knows, chosen by the pretrained encoder, not by a hand-written synonym list.
+measured test R@1 falling several-fold on synonym-rewritten queries). :class:`NearestWords`
+instead feeds such a word as the softmax-weighted mix of its ``k`` nearest training words
+(cosine in the frozen encoder's space, weights ``softmax(cos / temperature)``): a point the GRU
+knows. With ``oov: nearest`` all training words are candidates; the encoder alone, though, puts
+many colour words nearest the wrong colour ("scarlet" -> pink, "navy" -> baseball). With
+``oov: wordnet`` the candidates are first the training words WordNet relates to the word
+(:meth:`tbps.models.wordnet.WordNet.related`: its synonyms, what it is a kind of, its own kinds),
+the encoder choosing among them; a word WordNet relates to no training word falls back to all.
 
 The training vocabulary is recorded in the model spec by training (``text_tower.vocabulary``,
 so it travels in the checkpoint and eval, index, search and serve map words the same way); a
@@ -22,6 +26,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from tbps.models.wordnet import POS, WordNet
+
 
 class NearestWords:
     """Unseen words -> rows of ``dictionary`` holding the mix of their k nearest training words.
@@ -31,13 +37,16 @@ class NearestWords:
     have (``word\\x00tag``), so the model's forward reads them like any other row.
     """
 
-    def __init__(self, dictionary, vocabulary: Sequence[str], k: int = 3, temperature: float = 0.05):
+    def __init__(self, dictionary, vocabulary: Sequence[str], k: int = 3, temperature: float = 0.05,
+                 lexicon: WordNet | None = None):
         self.dictionary = dictionary
         self.vocabulary = sorted(set(vocabulary))
         self.known = frozenset(self.vocabulary)
         self.k, self.temperature = max(1, int(k)), float(temperature)
+        self.lexicon = lexicon  # candidates first from WordNet's relations (None: every training word)
+        self._lemmas: dict[tuple[str, str], list[int]] | None = None  # (lemma, pos) -> training words' indices
         h = hashlib.sha256("\n".join(self.vocabulary).encode()).hexdigest()[:12]
-        self.tag = f"{h}-k{self.k}-t{self.temperature:g}"
+        self.tag = f"{h}-k{self.k}-t{self.temperature:g}" + ("-wordnet" if lexicon is not None else "")
         self._vectors: torch.Tensor | None = None  # (V, E) training words' frozen vectors
         self._unit: torch.Tensor | None = None  # the same, L2-normalised
         self._mapped: dict[str, tuple[int, list[tuple[str, float]]]] = {}  # word -> (row, [(neighbour, weight)])
@@ -69,14 +78,39 @@ class NearestWords:
             vectors, unit = self._training_vectors()
             words = sorted(raw_rows)
             query = F.normalize(self.dictionary.vectors[[raw_rows[w] for w in words]].float(), dim=1)  # (N, E)
-            cos, top = (query @ unit.t()).topk(min(self.k, unit.shape[0]), dim=1)  # (N, k)
-            weights = torch.softmax(cos / self.temperature, dim=1)
+            cos = query @ unit.t()  # (N, V)
+            if self.lexicon is not None:  # only WordNet's nearest relations compete, where it has any
+                for n, w in enumerate(words):
+                    allowed = self._related(w)
+                    if allowed:
+                        outside = torch.ones(cos.shape[1], dtype=torch.bool)
+                        outside[allowed] = False
+                        cos[n, outside] = float("-inf")
+            cos, top = cos.topk(min(self.k, unit.shape[0]), dim=1)  # (N, k)
+            weights = torch.softmax(cos / self.temperature, dim=1)  # excluded candidates weigh exactly 0
             mixed = torch.einsum("nk,nke->ne", weights, vectors[top])  # (N, E)
             keys = [f"{w}\x00{self.tag}" for w in words]
             rows = self.dictionary.add(keys, mixed)
             for n, w in enumerate(words):
-                why = [(self.vocabulary[int(j)], float(p)) for j, p in zip(top[n], weights[n])]
+                why = [(self.vocabulary[int(j)], float(p)) for j, p in zip(top[n], weights[n]) if p > 0]
                 self._mapped[w] = (rows[n], why)
+
+    def _related(self, word: str) -> list[int]:
+        """Indices of the training words WordNet relates most closely to ``word`` (fewest steps); [] for none."""
+        assert self.lexicon is not None
+        if self._lemmas is None:
+            lemmas: dict[tuple[str, str], list[int]] = {}
+            for j, v in enumerate(self.vocabulary):
+                for pos in POS:
+                    for base in self.lexicon.base_forms(v, pos):
+                        lemmas.setdefault((base, pos), []).append(j)
+            self._lemmas = lemmas
+        steps: dict[int, int] = {}
+        for lemma, n in self.lexicon.related(word).items():
+            for j in self._lemmas.get(lemma, ()):
+                steps[j] = min(n, steps.get(j, n))
+        fewest = min(steps.values(), default=None)
+        return sorted(j for j, n in steps.items() if n == fewest)
 
     def explain(self, words: Sequence[str]) -> dict[str, list[tuple[str, float]]]:
         """For each unseen word among ``words`` (first occurrence order): [(training word, weight)]."""
