@@ -6,8 +6,9 @@ first checks, on the data, that no target word occurs in any training caption (n
 checkpoint's recorded vocabulary). Each checkpoint is evaluated against the same gallery with
 its unseen-word handling switched: ``encode`` (the unseen word's own frozen vector, the old
 behaviour), ``drop`` (the word left out), ``nearest-1`` (its nearest training word),
-``nearest-3`` (softmax(cos / 0.05) mix of the 3 nearest), ``recipe`` (the checkpoint's own setting)
-and any ``--mode NAME=K,T`` given. Original queries must come out
+``nearest-3`` (softmax(cos / 0.05) mix of the 3 nearest), ``wordnet-1`` and ``wordnet-3`` (the same
+among the training words WordNet relates to it, where it relates any), ``recipe`` (the checkpoint's
+own setting, as it records it) and any ``--mode NAME=K,T`` or ``NAME=wordnet,K,T`` given. Original queries must come out
 bit-for-bit the same in every mode (checked). Prints a table; --json writes everything.
 
     python bench/open_vocab.py --data /tmp/ov/data400 s0=/tmp/ov/runs/s0/last.pt s1=/tmp/ov/runs/s1/last.pt
@@ -41,7 +42,8 @@ REWRITES["reserved"] = {
     "handbag": "tote", "purse": "tote", "sweater": "cardigan", "jumper": "cardigan", "pullover": "cardigan",
     "hat": "fedora",
 }
-MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05), "recipe": "recipe"}
+MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05),
+         "wordnet-1": ("wordnet", 1, 1.0), "wordnet-3": ("wordnet", 3, 0.05), "recipe": "recipe"}
 
 
 def rewriter(word_map: dict[str, str]):
@@ -69,9 +71,8 @@ def spec_with(spec, mode):
     if mode is None or mode == "drop":
         s.text_tower["oov"] = mode or "encode"
     elif mode != "recipe":
-        s.text_tower.update(oov="nearest", oov_k=int(mode[0]), oov_temperature=float(mode[1]))
-    else:
-        s.text_tower["oov"] = "nearest"
+        oov, k, t = mode if len(mode) == 3 else ("nearest", *mode)
+        s.text_tower.update(oov=oov, oov_k=int(k), oov_temperature=float(t))
     return s
 
 
@@ -131,8 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoints", nargs="+", help="NAME=PATH pairs")
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", default="test")
-    ap.add_argument("--mode", action="append", default=[], metavar="NAME=K,T",
-                    help="an extra unseen-word mode: the softmax(cos/T) mix of the K nearest training words")
+    ap.add_argument("--mode", action="append", default=[], metavar="NAME=[wordnet,]K,T",
+                    help="an extra unseen-word mode: the softmax(cos/T) mix of the K nearest training words "
+                         "(with wordnet: among those WordNet relates to the word, where it relates any)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -151,9 +153,9 @@ def main(argv=None) -> int:
     train_words = {w for r in ann.split("train") for c in r.captions for w in split_words(clean_caption(c, 10**6))}
     modes = dict(MODES)
     for m in args.mode:
-        name, kt = m.split("=", 1)
-        k, t = kt.split(",")
-        modes[name] = (int(k), float(t))
+        name, value = m.split("=", 1)
+        *oov, k, t = value.split(",")
+        modes[name] = (*oov, int(k), float(t))
     paths, image_ids, captions, caption_ids = eval_split(ann.split(args.split))
     rewritten = {name: [rewriter(m)(c) for c in captions] for name, m in REWRITES.items()}
     summary = {"queries": len(captions), "train_words": len(train_words), "rewrites": REWRITES,

@@ -1,4 +1,5 @@
-"""Unseen query words read through the training vocabulary (models/word_map.py, oov: nearest)."""
+"""Unseen query words read through the training vocabulary (models/word_map.py, oov: nearest; oov: wordnet
+with a WordNet database is tested in test_wordnet.py)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def _spec(**tower):
 def test_model_reads_unseen_word_as_its_neighbour_and_known_queries_are_unchanged(tmp_path, monkeypatch):
     monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
     torch.manual_seed(0)
-    model = create_model(_spec(oov_k=1), load_pretrained=False).eval()
+    model = create_model(_spec(oov="nearest", oov_k=1), load_pretrained=False).eval()
     tok = get_tokenizer(model.spec)
     training = ["a man in a red coat with a black bag", "a woman in blue jeans", "a girl with a white hat"]
     model.prepare_vocabulary(training)
@@ -94,7 +95,7 @@ def test_vocabulary_travels_in_the_checkpoint(tmp_path, monkeypatch, capsys):
     from tbps.models.checkpoint import load_model, save_checkpoint
 
     monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
-    model = create_model(_spec(oov_k=3), load_pretrained=False).eval()
+    model = create_model(_spec(oov="nearest", oov_k=3), load_pretrained=False).eval()
     model.prepare_vocabulary(["a red coat", "blue jeans"])
     save_checkpoint(tmp_path / "m.pt", {"model_spec": model.spec.to_dict(), "model": model.state_dict()})
     loaded, _ = load_model(tmp_path / "m.pt")
@@ -124,3 +125,25 @@ def test_vocabulary_travels_in_the_checkpoint(tmp_path, monkeypatch, capsys):
 def test_bad_oov_settings_are_named(bad):
     with pytest.raises(TextStreamError, match=next(iter(bad))):
         text_tower_config(_spec(**bad))
+
+
+def test_wordnet_is_the_default_and_without_one_the_encoder_reads_alone(tmp_path, monkeypatch):
+    from tests.test_wordnet import write_wordnet
+    import tbps.models.text_stream as ts
+
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model = create_model(_spec(), load_pretrained=False).eval()
+    model.prepare_vocabulary(["a man in a red coat", "a woman in a blue jacket"])
+    assert (model.spec.text_tower["oov"], model.spec.text_tower["oov_k"]) == ("wordnet", 3)  # recorded
+    monkeypatch.setenv("TBPS_WORDNET", str(write_wordnet(tmp_path / "wn")))
+    assert get_tokenizer(model.spec).explain("a scarlet anorak") == {"scarlet": [("red", pytest.approx(1.0))],
+                                                                     "anorak": [("jacket", pytest.approx(1.0))]}
+    nearest_spec = _spec(oov="nearest")
+    nearest_spec.text_tower["vocabulary"] = model.spec.text_tower["vocabulary"]
+    expected = get_tokenizer(nearest_spec).explain("a scarlet anorak")
+    monkeypatch.delenv("TBPS_WORDNET")
+    monkeypatch.setattr(ts, "load_wordnet", lambda: None)
+    monkeypatch.setattr(ts, "_WARNED_NO_WORDNET", False)
+    with pytest.warns(UserWarning, match="no WordNet is installed .*apt install wordnet-base"):
+        assert get_tokenizer(model.spec).explain("a scarlet anorak") == expected

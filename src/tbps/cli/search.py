@@ -32,10 +32,11 @@ trained with a fusion encoder and an ITM head (recipe laip, laip-cpu) and a text
 past the top K keep their cosine order below, with score cosine - top cosine - 1 (<= -1).
 
 unknown words: with a frozen word-dictionary text tower (textreid recipes), a query word that no
-training caption used is read as the mix of its nearest training words in the frozen encoder's
-space (model.text_tower.oov: nearest); each such word is shown on stderr, e.g.
-  tbps: "rucksack" (not in the training vocabulary) -> bag (1.00)
-(the nearest training word; with model.text_tower.oov_k > 1, the k nearest and their weights)
+training caption used is read as its nearest training word in the frozen encoder's space, among
+the training words WordNet relates to it where it relates any (model.text_tower.oov: wordnet;
+WordNet from Debian's wordnet-base or $TBPS_WORDNET); each such word is shown on stderr, e.g.
+  tbps: "rucksack" (not in the training vocabulary) -> backpack (1.00)
+(with model.text_tower.oov_k > 1, the k nearest and their weights)
 
 filters (--where): column = 'text' | column > 3 | column IN ('c1', 'c2') | column LIKE 'c%'
 | column BETWEEN 1 AND 5 | column IS NULL, combined with AND, OR, NOT and parentheses.

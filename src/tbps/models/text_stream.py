@@ -27,6 +27,7 @@ import hashlib
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,18 +39,22 @@ from torch import nn
 from tbps.files import cache_dir
 from tbps.models.spec import ModelSpec, arch_config
 from tbps.models.word_map import NearestWords
+from tbps.models.wordnet import ENV as WORDNET_ENV
+from tbps.models.wordnet import WordNet, load_wordnet
 
 PAD = "<pad>"
 TEXT_TOWER_DEFAULTS: dict[str, Any] = {
     "type": "frozen-words", "source": "minilm", "hidden": 512, "dim": 64,
     # Words outside the training vocabulary (word_map.py): "nearest" feeds the softmax(cos / oov_temperature)
-    # mix of the oov_k nearest training words; "encode" feeds the unseen word's own frozen vector; "drop"
-    # leaves the word out.
-    # k=1 by default: the best of k 1/3/5 on bench/open_vocab.py's rewrites (docs/performance.md, section 5).
-    "oov": "nearest", "oov_k": 1, "oov_temperature": 0.05,
+    # mix of the oov_k nearest training words; "wordnet" the same among the training words WordNet relates
+    # to it, where it relates any (wordnet.py; "nearest" where no WordNet is installed); "encode" feeds the
+    # unseen word's own frozen vector; "drop" leaves the word out.
+    # wordnet, k 3 by default: the best on bench/open_vocab.py's rewrites of two synthetic datasets' val splits
+    # (docs/performance.md, section 5); "nearest" alone did best with k 1.
+    "oov": "wordnet", "oov_k": 3, "oov_temperature": 0.05,
     "vocabulary": None,  # the training vocabulary, recorded by training (prepare_vocabulary)
 }
-OOV_MODES = ("nearest", "encode", "drop")
+OOV_MODES = ("wordnet", "nearest", "encode", "drop")
 _WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")  # "t-shirt", "man's", "3" ; commas and slashes split
 
 
@@ -323,12 +328,27 @@ def get_dictionary(spec: ModelSpec) -> WordDictionary:
     return d
 
 
+_WARNED_NO_WORDNET = False
+
+
+def _wordnet() -> WordNet | None:
+    """The installed WordNet; None (and one warning per process) when there is none."""
+    global _WARNED_NO_WORDNET
+    lexicon = load_wordnet()
+    if lexicon is None and not _WARNED_NO_WORDNET:
+        _WARNED_NO_WORDNET = True
+        warnings.warn("model.text_tower.oov: wordnet, but no WordNet is installed (apt install wordnet-base, or "
+                      f"${WORDNET_ENV}=a WordNet dict folder): unseen query words are read through the word "
+                      "encoder alone (oov: nearest)", stacklevel=3)
+    return lexicon
+
+
 class WordTokenizer:
     """Texts -> (B, L) dictionary rows, 0-padded to ``context_length`` (like open_clip's).
 
     Words beyond ``context_length`` are dropped; an unseen word is encoded on the fly, and with
-    ``spec.text_tower.oov: nearest`` and a recorded training vocabulary, a word outside that
-    vocabulary is fed as the mix of its nearest training words (:class:`NearestWords`).
+    ``spec.text_tower.oov: wordnet`` or ``nearest`` and a recorded training vocabulary, a word outside
+    that vocabulary is fed as the mix of its nearest training words (:class:`NearestWords`).
     """
 
     def __init__(self, dictionary: WordDictionary, context_length: int, spec: ModelSpec | None = None):
@@ -347,7 +367,8 @@ class WordTokenizer:
             return None
         key = (cfg["oov"], id(vocab), len(vocab), cfg["oov_k"], cfg["oov_temperature"])
         if self._map[0] != key:
-            self._map = (key, NearestWords(self.dictionary, vocab, cfg["oov_k"], cfg["oov_temperature"]))
+            lexicon = _wordnet() if cfg["oov"] == "wordnet" else None
+            self._map = (key, NearestWords(self.dictionary, vocab, cfg["oov_k"], cfg["oov_temperature"], lexicon))
         return self._map[1]
 
     def explain(self, text: str) -> dict[str, list[tuple[str, float]]]:
