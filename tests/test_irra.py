@@ -96,3 +96,75 @@ def test_irra_trains_end_to_end_and_refuses_to_rescore(tiny_dataset, micro_overr
     # IRRA never trains the ITM head: re-scoring with it is refused with a user error.
     assert main(["eval", res["last"], "--data", str(tiny_dataset), "--rescore", "4", "--json"]) == 2
     assert "ITM head is untrained" in capsys.readouterr().err
+
+
+def test_mlm_over_the_training_vocabulary_is_the_full_softmax_restricted_to_it():
+    """``mlm.vocabulary: training``: the support is exactly the training captions' word tokens, the
+    logits are the full head's columns for them, and the loss is the cross-entropy of the full logits
+    renormalised over those columns."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from tbps.data.text import clean_caption
+    from tbps.models import get_tokenizer
+    from tbps.models.fusion import FusionOutput
+    from tbps.recipes.config import ConfigError, load_recipe
+    from tbps.models import create_model
+    from tbps.objectives import build_objective
+
+    r = load_recipe("irra-cpu", ["model.arch=micro-vit", "model.image_size=[32, 16]", "model.context_length=32",
+                                 "losses.fusion.width=32", "losses.fusion.heads=2", "losses.mlm.vocabulary=training"])
+    torch.manual_seed(0)
+    m = create_model(r.model)
+    obj = build_objective("irra", m, r.losses, num_identities=3)
+    labels = torch.tensor([320, 1929, 320])
+    with pytest.raises(ValueError, match="needs the training captions first"):
+        obj._mlm_targets(labels)
+    captions = ["A man in a RED coat.", "a woman with a black backpack", "a man in a red coat"]
+    obj.prepare_data(SimpleNamespace(records=[SimpleNamespace(captions=captions[:2]), SimpleNamespace(captions=captions[2:])],
+                                     max_words=60))
+    tok = get_tokenizer(m.spec)
+    words = tok([clean_caption(c, 60) for c in captions])
+    expected = sorted({int(t) for t in words.flatten()} - {0, 49405, 49406, 49407})
+    assert obj._support.tolist() == expected
+    hidden = torch.randn(2, 6, 32)
+    positions = torch.zeros(2, 6, dtype=torch.bool)
+    positions[0, 1] = positions[1, 2] = positions[1, 4] = True
+    out = FusionOutput(hidden, [])
+    full = obj.fusion.mlm_logits(out, positions)  # (3, 49408)
+    chosen_ids = torch.tensor([expected[0], expected[-1], 49000])  # the last is no training caption's token
+    support, remapped = obj._mlm_targets(chosen_ids)
+    assert remapped.tolist() == [0, len(expected) - 1, -100]
+    part = obj.fusion.mlm_logits(out, positions, support)
+    assert torch.allclose(part, full[:, support], atol=1e-5)
+    ce = torch.nn.functional.cross_entropy(part[:2], remapped[:2])
+    ref = -torch.log_softmax(full[:2, support], dim=1)[torch.arange(2), remapped[:2]].mean()
+    assert abs(ce.item() - ref.item()) < 1e-5
+    with pytest.raises(ConfigError, match="losses.mlm.vocabulary 'some': all or training"):
+        obj.configure({"mlm": {"vocabulary": "some"}})
+
+
+def test_irra_with_the_training_vocabulary_trains_end_to_end(tiny_dataset, micro_overrides, tmp_path, monkeypatch):
+    """The trainer calls prepare_data before the first step (else the MLM loss refuses to run), and every
+    step's MLM loss is over the training captions' tokens: below log(S), far below log(49,408)."""
+    from tbps.engine.train import TrainJob, train
+    from tbps.objectives.irra import IRRAObjective
+    from tbps.recipes.config import load_recipe
+
+    seen = []
+    forward = IRRAObjective.forward
+
+    def spy(self, model, batch, ctx):
+        out = forward(self, model, batch, ctx)
+        seen.append((len(self._support), float(out["mlm_loss"])))
+        return out
+
+    monkeypatch.setattr(IRRAObjective, "forward", spy)
+    r = load_recipe("irra-cpu", micro_overrides + ["losses.fusion.width=32", "losses.fusion.heads=2", "stages=[]",
+                                                   "losses.mlm.vocabulary=training"])
+    res = train(TrainJob(str(tiny_dataset), r, str(tmp_path / "run"), epochs=1, progress=False))
+    assert res["finished"] and len(seen) == res["global_step"] > 0
+    support = seen[0][0]
+    assert 10 < support < 1000 and all(n == support for n, _ in seen)
+    assert all(0 < loss < math.log(support) + 1.0 for _, loss in seen), seen

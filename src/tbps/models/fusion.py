@@ -117,9 +117,17 @@ class FusionEncoder(nn.Module):
         """(B,) probability that the pair matches."""
         return self.itm_logits(out).softmax(dim=-1)[:, 1]
 
-    def mlm_logits(self, out: FusionOutput, positions: torch.Tensor) -> torch.Tensor:
-        """positions (B, L) bool -> (M, V) vocabulary logits of the M selected tokens (row-major order)."""
-        return self.mlm_head(out.hidden[positions])
+    def mlm_logits(self, out: FusionOutput, positions: torch.Tensor,
+                   support: torch.Tensor | None = None) -> torch.Tensor:
+        """positions (B, L) bool -> (M, V) vocabulary logits of the M selected tokens (row-major order).
+
+        ``support`` (S,) token ids: only those rows of the output layer are computed, (M, S), in that
+        order: a softmax over the S tokens instead of all V (the head's last layer costs M x W x V)."""
+        hidden = out.hidden[positions]
+        if support is None:
+            return self.mlm_head(hidden)
+        last = self.mlm_head[-1]
+        return F.linear(self.mlm_head[:-1](hidden), last.weight[support], last.bias[support])
 
 
 def image_memory(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

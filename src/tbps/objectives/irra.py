@@ -7,6 +7,11 @@
 * MLM: caption tokens masked in the data pipeline (15%, 80/10/10; ``mlm_tokens`` /
   ``mlm_labels`` from :class:`tbps.data.masking.FusionBatchHook`), their word tokens
   cross-attend to the image tokens in the fusion encoder, a vocabulary head predicts them.
+  ``mlm.vocabulary``: ``all`` (IRRA: a softmax over the tokenizer's whole vocabulary, 49,408
+  for CLIP) or ``training`` (over the tokens of the training captions only, found once by
+  :meth:`prepare_data`; a masked token outside them, possible only with text augmentation that
+  adds words, is left out of the loss). The head's last layer costs M x W x V a step: on CPU,
+  at the tiny recipes' sizes, most of what MLM adds to a step (docs/laip-irra.md).
 
 The fusion encoder is the objective's (saved under ``objective.fusion.*``); IRRA uses it
 only for training, but it can also re-score at inference (``tbps eval --rescore``) once
@@ -34,7 +39,7 @@ FUSION_DEFAULTS = {"width": 512, "layers": 4, "heads": 8, "mlp_ratio": 4.0}
 DEFAULTS: dict[str, Any] = {
     "sdm": {"weight": 1.0, "logit_scale": 50.0},
     "id": {"weight": 1.0, "label_smoothing": 0.0},
-    "mlm": {"weight": 1.0, "prob": 0.15},
+    "mlm": {"weight": 1.0, "prob": 0.15, "vocabulary": "all"},
     "fusion": dict(FUSION_DEFAULTS),
     "gather": True,
 }
@@ -49,6 +54,9 @@ class IRRAObjective(Objective):
         self.configure(losses)
         from tbps.models.factory import get_tokenizer
 
+        self._spec = model.spec
+        self._support: torch.Tensor | None = None  # mlm.vocabulary: training -> (S,) token ids, see prepare_data
+        self._remap: torch.Tensor | None = None  # (V,) token id -> its index in _support (-100 outside)
         self.mask_spec = MaskSpec.from_tokenizer(get_tokenizer(model.spec))
         self.classifier = nn.Linear(model.embed_dim, num_identities)
         nn.init.normal_(self.classifier.weight, std=0.001)  # IRRA's init
@@ -61,6 +69,37 @@ class IRRAObjective(Objective):
 
     def configure(self, losses: dict[str, Any]) -> None:
         self.cfg = merge_losses(self.defaults, losses or {})
+        if self.cfg["mlm"]["vocabulary"] not in ("all", "training"):
+            from tbps.recipes.config import ConfigError
+
+            raise ConfigError(f"losses.mlm.vocabulary {self.cfg['mlm']['vocabulary']!r}: all or training")
+
+    def prepare_data(self, dataset) -> None:
+        """With ``mlm.vocabulary: training``: the token ids of every training caption, cleaned and
+        tokenised as the data pipeline does (the MLM softmax's support)."""
+        if self.cfg["mlm"]["vocabulary"] != "training" or self._support is not None:
+            return
+        from tbps.data.text import clean_caption
+        from tbps.models.factory import get_tokenizer
+
+        tokenizer = get_tokenizer(self._spec)
+        caps = sorted({clean_caption(c, dataset.max_words) for r in dataset.records for c in r.captions})
+        ids = torch.unique(torch.cat([tokenizer(caps[i : i + 1024]).flatten() for i in range(0, len(caps), 1024)]))
+        ids = ids[~torch.isin(ids, torch.tensor(self.mask_spec.special_ids + (self.mask_spec.mask_id,)))]
+        self._support = ids
+        self._remap = torch.full((self.fusion.config["vocab_size"],), -100, dtype=torch.long)
+        self._remap[ids] = torch.arange(len(ids))
+
+    def _mlm_targets(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the head's support or None for all, the labels of the chosen positions in its order)."""
+        if self.cfg["mlm"]["vocabulary"] == "all":
+            return None, labels
+        if self._support is None:
+            raise ValueError("losses.mlm.vocabulary: training needs the training captions first "
+                             "(the trainer calls prepare_data(dataset) before the first step)")
+        if self._support.device != labels.device:
+            self._support, self._remap = self._support.to(labels.device), self._remap.to(labels.device)
+        return self._support, self._remap[labels]
 
     # SDM and ID are functions of the global features; MLM of the image tokens and the masked captions'
     # word tokens, all cached per sample (the fusion encoder and the heads run on the whole batch).
@@ -102,9 +141,11 @@ class IRRAObjective(Objective):
                                  "objective's batch_hook)")
             _, words, mask = model.text_tokens(batch["mlm_tokens"])  # (B, L, D), (B, L)
             fused = self.fusion(words, mask, memory)
-            labels = batch["mlm_labels"]
-            chosen = labels != -100
-            logits = self.fusion.mlm_logits(fused, chosen)  # (M, V)
-            out["mlm_loss"] = cfg["mlm"]["weight"] * masked_token_loss(logits, labels[chosen])
-            out["mlm_acc"] = (logits.detach().argmax(-1) == labels[chosen]).float().mean()
+            chosen = batch["mlm_labels"] != -100
+            support, labels = self._mlm_targets(batch["mlm_labels"][chosen])
+            logits = self.fusion.mlm_logits(fused, chosen, support)  # (M, V) or (M, S)
+            if support is not None:  # tokens outside the training captions' (none without text augmentation)
+                logits, labels = logits[labels != -100], labels[labels != -100]
+            out["mlm_loss"] = cfg["mlm"]["weight"] * masked_token_loss(logits, labels)
+            out["mlm_acc"] = (logits.detach().argmax(-1) == labels).float().mean()
         return out
