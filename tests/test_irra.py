@@ -127,6 +127,8 @@ def test_mlm_over_the_training_vocabulary_is_the_full_softmax_restricted_to_it()
     tok = get_tokenizer(m.spec)
     words = tok([clean_caption(c, 60) for c in captions])
     expected = sorted({int(t) for t in words.flatten()} - {0, 49405, 49406, 49407})
+    assert obj._support is None  # found when first needed
+    obj._mlm_targets(labels)
     assert obj._support.tolist() == expected
     hidden = torch.randn(2, 6, 32)
     positions = torch.zeros(2, 6, dtype=torch.bool)

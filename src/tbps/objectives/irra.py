@@ -8,8 +8,8 @@
   ``mlm_labels`` from :class:`tbps.data.masking.FusionBatchHook`), their word tokens
   cross-attend to the image tokens in the fusion encoder, a vocabulary head predicts them.
   ``mlm.vocabulary``: ``all`` (IRRA: a softmax over the tokenizer's whole vocabulary, 49,408
-  for CLIP) or ``training`` (over the tokens of the training captions only, found once by
-  :meth:`prepare_data`; a masked token outside them, possible only with text augmentation that
+  for CLIP) or ``training`` (over the tokens of the training captions only, found once from the
+  set :meth:`prepare_data` keeps; a masked token outside them, possible only with text augmentation that
   adds words, is left out of the loss). The head's last layer costs M x W x V a step: on CPU,
   at the tiny recipes' sizes, most of what MLM adds to a step (docs/laip-irra.md).
 
@@ -55,7 +55,8 @@ class IRRAObjective(Objective):
         from tbps.models.factory import get_tokenizer
 
         self._spec = model.spec
-        self._support: torch.Tensor | None = None  # mlm.vocabulary: training -> (S,) token ids, see prepare_data
+        self._dataset = None  # the training set (prepare_data)
+        self._support: torch.Tensor | None = None  # mlm.vocabulary: training -> (S,) token ids (_find_support)
         self._remap: torch.Tensor | None = None  # (V,) token id -> its index in _support (-100 outside)
         self.mask_spec = MaskSpec.from_tokenizer(get_tokenizer(model.spec))
         self.classifier = nn.Linear(model.embed_dim, num_identities)
@@ -75,15 +76,20 @@ class IRRAObjective(Objective):
             raise ConfigError(f"losses.mlm.vocabulary {self.cfg['mlm']['vocabulary']!r}: all or training")
 
     def prepare_data(self, dataset) -> None:
-        """With ``mlm.vocabulary: training``: the token ids of every training caption, cleaned and
-        tokenised as the data pipeline does (the MLM softmax's support)."""
-        if self.cfg["mlm"]["vocabulary"] != "training" or self._support is not None:
-            return
+        """Keep the training set: with ``mlm.vocabulary: training`` (from the start or from a later stage)
+        its captions' token ids become the MLM softmax's support at the first step that needs them."""
+        self._dataset = dataset
+
+    def _find_support(self) -> None:
+        """The token ids of every training caption, cleaned and tokenised as the data pipeline does."""
+        if self._dataset is None:
+            raise ValueError("losses.mlm.vocabulary: training needs the training captions first "
+                             "(the trainer calls prepare_data(dataset) before the first step)")
         from tbps.data.text import clean_caption
         from tbps.models.factory import get_tokenizer
 
-        tokenizer = get_tokenizer(self._spec)
-        caps = sorted({clean_caption(c, dataset.max_words) for r in dataset.records for c in r.captions})
+        tokenizer, d = get_tokenizer(self._spec), self._dataset
+        caps = sorted({clean_caption(c, d.max_words) for r in d.records for c in r.captions})
         ids = torch.unique(torch.cat([tokenizer(caps[i : i + 1024]).flatten() for i in range(0, len(caps), 1024)]))
         ids = ids[~torch.isin(ids, torch.tensor(self.mask_spec.special_ids + (self.mask_spec.mask_id,)))]
         self._support = ids
@@ -95,8 +101,7 @@ class IRRAObjective(Objective):
         if self.cfg["mlm"]["vocabulary"] == "all":
             return None, labels
         if self._support is None:
-            raise ValueError("losses.mlm.vocabulary: training needs the training captions first "
-                             "(the trainer calls prepare_data(dataset) before the first step)")
+            self._find_support()
         if self._support.device != labels.device:
             self._support, self._remap = self._support.to(labels.device), self._remap.to(labels.device)
         return self._support, self._remap[labels]
