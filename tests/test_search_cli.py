@@ -161,3 +161,15 @@ def test_ivf_index_through_the_cli(tmp_path, fake_models, capsys):
     assert [r["id"] for r in json.loads(approx)["results"]] == [r["id"] for r in json.loads(exact)["results"]]
     rc, _, err = run_cli(capsys, "search", tmp_path / "idx", "red bag", "--nprobe", "0")
     assert rc == 2 and "--nprobe must be a positive integer" in err
+
+
+def test_search_shows_unseen_words_on_stderr_and_in_json(built, capsys, monkeypatch):
+    idx, _ = built
+    monkeypatch.setattr(FakeEncoder, "unknown_words",
+                        lambda self, text: {"rucksack": [("backpack", 0.7), ("bag", 0.3)]} if "rucksack" in text else {})
+    rc, out, err = run_cli(capsys, "search", idx, "a man with a rucksack", "-k", "2", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["unknown_words"] == {"rucksack": {"backpack": 0.7, "bag": 0.3}}
+    assert 'tbps: "rucksack" (not in the training vocabulary) -> backpack (0.70), bag (0.30)' in err
+    rc, out, err = run_cli(capsys, "search", idx, "a man with a backpack", "-k", "2", "--json")
+    assert json.loads(out)["unknown_words"] == {} and "not in the training vocabulary" not in err

@@ -714,3 +714,23 @@ def test_a_reranker_reorders_the_candidates(index, encoder):
     worst = naive_ranking(encoder, index, "red")[::-1]
     got = [(h["id"], -h["score"]) for h in r.json()["results"]]
     assert_same_ranking(got, worst)
+
+
+class SynonymEncoder(ColourEncoder):
+    """Reads "scarlet" as red, and says so, as a frozen word-dictionary checkpoint does."""
+
+    def encode_texts(self, texts):
+        return super().encode_texts([t.replace("scarlet", "red") for t in texts])
+
+    def unknown_words(self, text):
+        return {"scarlet": [("red", 1.0)]} if "scarlet" in text else {}
+
+
+def test_search_shows_how_unseen_words_were_read(client, index):
+    with TestClient(create_app(index, SynonymEncoder())) as c:
+        body = c.post("/search", json={"text": "a man in a scarlet coat", "k": 4}).json()
+        plain = c.post("/search", json={"text": "a man in a red coat", "k": 4}).json()
+    assert body["unknown_words"] == {"scarlet": {"red": 1.0}} and plain["unknown_words"] == {}
+    assert [h["id"] for h in body["results"]] == [h["id"] for h in plain["results"]]
+    # An encoder without the method (this module's ColourEncoder) answers {}.
+    assert client.post("/search", json={"text": "a man in a scarlet coat", "k": 4}).json()["unknown_words"] == {}

@@ -106,15 +106,15 @@ def run(args) -> int:
             feats, options = bound.query_features, {"reranker": bound, "rerank_depth": args.rescore}
         else:
             feats = encoder.encode_texts([args.query.strip()])
-        if args.image is None:
-            _print_unknown_words(encoder.unknown_words(args.query.strip()))
+        unknown = encoder.unknown_words(args.query.strip()) if args.image is None else {}
+        _print_unknown_words(unknown)  # stderr: beside the table, and beside --json's stdout too
         if args.nprobe is not None and ix.search_mode in ("ivf", "ivfpq"):
             ix.search_params["nprobe"] = args.nprobe
         hits = ix.search(feats, args.k, where=args.where, exact=args.exact, **options)[0]
         mode = "exact" if args.exact else ix.search_mode
         n = len(ix)
     try:
-        _print_hits(args, hits, mode, n, rescore, rescorer, bound if rescorer is not None else None)
+        _print_hits(args, hits, mode, n, rescore, rescorer, bound if rescorer is not None else None, unknown)
         sys.stdout.flush()
     except BrokenPipeError:
         return quiet_broken_pipe()
@@ -128,7 +128,7 @@ def _print_unknown_words(unknown: dict) -> None:
         print(f'tbps: "{word}" (not in the training vocabulary) -> {read}', file=sys.stderr)
 
 
-def _print_hits(args, hits, mode: str, n: int, rescore, rescorer, bound) -> None:
+def _print_hits(args, hits, mode: str, n: int, rescore, rescorer, bound, unknown: dict) -> None:
     if args.json:
         out = {
             "query": args.query.strip() if args.image is None else None,
@@ -140,6 +140,7 @@ def _print_hits(args, hits, mode: str, n: int, rescore, rescorer, bound) -> None
             "rescored": rescorer is not None,
             "rescore": None,
             "results": [{"rank": r + 1, **h.to_dict()} for r, h in enumerate(hits)],
+            "unknown_words": {w: dict(near) for w, near in unknown.items()},
         }
         if rescorer is not None:
             out["rescore"] = {"k": args.rescore, "mode": rescore["mode"],

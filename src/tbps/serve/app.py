@@ -88,6 +88,8 @@ def create_app(index, encoder, *, token: str | None = None, title: str = "tbps s
     state = app.state  # what the routes read
     state.live = LiveIndex(index, encoder, reload_interval)
     state.encoder = encoder
+    # Optional on an encoder (tbps.retrieval.encoder.Encoder has it): how a query's unseen words were read.
+    state.unknown_words = getattr(encoder, "unknown_words", None) or (lambda text: {})
     state.lock = threading.Lock()  # one encoder call at a time
     # queries are searched in the batcher's thread, right after their batch is encoded
     state.batcher = TextBatcher(encoder.encode_texts, state.lock, max_batch,

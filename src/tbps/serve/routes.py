@@ -192,7 +192,8 @@ def _encode_upload(state, data: bytes, name: str) -> np.ndarray:
         return state.encoder.encode_images(pixels.unsqueeze(0))
 
 
-def _response(request: Request, hits, query: str, k: int, where: str | None, t0: float, bound=None) -> dict:
+def _response(request: Request, hits, query: str, k: int, where: str | None, t0: float, bound=None,
+              unknown: dict | None = None) -> dict:
     """The body of a ``SearchResponse``, as a dict (FastAPI validates it against the model in one
     call and writes the JSON: the same answer as building the models here, at less cost)."""
     base = request.scope.get("root_path", "").rstrip("/")
@@ -213,6 +214,7 @@ def _response(request: Request, hits, query: str, k: int, where: str | None, t0:
     return {
         "query": query, "k": k, "where": where, "results": results, "took_ms": round((time.perf_counter() - t0) * 1e3, 3),
         "rescored": bound is not None, "rescore_ms": None if bound is None else round(bound.seconds * 1e3, 3),
+        "unknown_words": {w: {n: round(p, 4) for n, p in near} for w, near in (unknown or {}).items()},
     }
 
 
@@ -294,7 +296,8 @@ async def search(req: SearchRequest, request: Request):
         hits, bound = await run_in_threadpool(_rescored_search, state, index, text, k, where)
     else:  # encoded with the queries waiting beside it, then searched by search_batch
         hits, bound = await state.batcher.encode(text, (index, k, where)), None
-    return _response(request, hits, text, k, shown, t0, bound)
+    # After encoding, which has mapped every unseen word: a look-up, no encoder call.
+    return _response(request, hits, text, k, shown, t0, bound, state.unknown_words(text))
 
 
 def search_batch(state, jobs: list[tuple[tuple, np.ndarray]]) -> list:

@@ -103,6 +103,11 @@ class SearchResponse(BaseModel):
     took_ms: float = Field(..., description="Server time spent on this search.")
     rescored: bool = Field(False, description="Whether the top candidates were re-scored (`rescore: true`).")
     rescore_ms: float | None = Field(None, description="Time spent re-scoring (within took_ms), when rescored.")
+    unknown_words: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Query words no training caption used, each with the training words it was read as and "
+                    "their weights, e.g. {\"scarlet\": {\"red\": 1.0}} ({} for a word left out; only for "
+                    "checkpoints with a frozen word dictionary, {} otherwise).")
 
 
 class ErrorItem(BaseModel):

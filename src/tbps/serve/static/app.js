@@ -124,7 +124,12 @@ function render(data) {
   const n = current.length;
   const where = data.where ? ` · filter: ${data.where}` : "";
   const rescored = data.rescored ? ` · re-scored (${data.rescore_ms.toFixed(1)} ms)` : "";
-  els.status.textContent = `${n} result${n === 1 ? "" : "s"} for “${data.query}” · ${data.took_ms.toFixed(1)} ms${rescored}${where}`;
+  const read = Object.entries(data.unknown_words || {}).map(([word, near]) => {
+    const as = Object.keys(near);
+    return as.length ? `“${word}” read as ${as.join(" / ")}` : `“${word}” left out`;
+  });
+  const unknown = read.length ? ` · ${read.join(", ")} (not in the training captions)` : "";
+  els.status.textContent = `${n} result${n === 1 ? "" : "s"} for “${data.query}” · ${data.took_ms.toFixed(1)} ms${rescored}${where}${unknown}`;
   const top = n ? current[0].score : 1, bottom = n ? current[n - 1].score : 0;
   current.forEach((hit, i) => {
     const card = document.createElement("button");
