@@ -102,10 +102,12 @@ def test_mlm_over_the_training_vocabulary_is_the_full_softmax_restricted_to_it()
     """``mlm.vocabulary: training``: the support is exactly the training captions' word tokens, the
     logits are the full head's columns for them, and the loss is the cross-entropy of the full logits
     renormalised over those columns."""
-    from types import SimpleNamespace
+    from pathlib import Path
 
     import pytest
 
+    from tbps.data.dataset import TrainPairs
+    from tbps.data.records import Record
     from tbps.data.text import clean_caption
     from tbps.models import get_tokenizer
     from tbps.models.fusion import FusionOutput
@@ -122,8 +124,8 @@ def test_mlm_over_the_training_vocabulary_is_the_full_softmax_restricted_to_it()
     with pytest.raises(ValueError, match="needs the training captions first"):
         obj._mlm_targets(labels)
     captions = ["A man in a RED coat.", "a woman with a black backpack", "a man in a red coat"]
-    obj.prepare_data(SimpleNamespace(records=[SimpleNamespace(captions=captions[:2]), SimpleNamespace(captions=captions[2:])],
-                                     max_words=60))
+    records = [Record(Path(f"/none/{i}.jpg"), tuple(cs), i, "train") for i, cs in enumerate((captions[:2], captions[2:]))]
+    obj.prepare_data(TrainPairs(records, (32, 16), mean=(0.5,) * 3, std=(0.5,) * 3, max_words=60))
     tok = get_tokenizer(m.spec)
     words = tok([clean_caption(c, 60) for c in captions])
     expected = sorted({int(t) for t in words.flatten()} - {0, 49405, 49406, 49407})

@@ -19,10 +19,12 @@ VECTORS = {  # a constructed 3-d space: "scarlet" is nearest "red", then "blue";
 
 
 class TableEncoder(WordEncoder):
-    key, dim = "table-3", 3
+    """Word vectors from a table (``vectors``), for constructed spaces."""
+
+    key, dim, vectors = "table-3", 3, VECTORS
 
     def encode(self, words):
-        return torch.tensor([VECTORS[w] for w in words])
+        return torch.tensor([self.vectors[w] for w in words])
 
 
 def test_unseen_word_becomes_its_nearest_training_words(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from tbps.models.text_stream import WordDictionary, WordEncoder
 from tbps.models.word_map import NearestWords
 from tbps.models.wordnet import WordNet, WordNetError, find_wordnet
+from tests.test_open_vocab import TableEncoder
 
 HEADER = "  1 This software and database is being provided to you, the LICENSEE, by\n  2 Princeton University\n"
 # name: (pos, synset type, lemmas, [(pointer symbol, target name)])
@@ -133,15 +134,12 @@ VECTORS = {  # a 3-d space where the encoder alone gets colours wrong: "scarlet"
 }
 
 
-class TableEncoder(WordEncoder):
-    key, dim = "table-wn-3", 3
-
-    def encode(self, words):
-        return torch.tensor([VECTORS[w] for w in words])
+class WordNetTable(TableEncoder):
+    key, vectors = "table-wn-3", VECTORS
 
 
 def test_wordnet_candidates_come_first_and_the_encoder_decides_among_them(wordnet):
-    d = WordDictionary(TableEncoder(), cache=False)
+    d = WordDictionary(WordNetTable(), cache=False)
     vocab = ["a", "blue", "clothing", "red", "shoe"]
     plain = NearestWords(d, vocab, k=1)
     lexical = NearestWords(d, vocab, k=1, lexicon=wordnet)

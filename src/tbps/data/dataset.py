@@ -106,6 +106,11 @@ class TrainPairs(Dataset):
             self.items = [(ri, ci) for ri, ci in self.items if ri in keep]
         self.cache = cache
 
+    def cleaned_captions(self) -> list[str]:
+        """The distinct training captions, cleaned and truncated as items carry them, sorted: what an
+        objective prepares once before training (LAIP's noun phrases, MeFa's rewrites, IRRA's MLM support)."""
+        return sorted({clean_caption(c, self.max_words) for r in self.records for c in r.captions})
+
     @property
     def num_identities(self) -> int:
         return len(self.pid_index)

@@ -85,11 +85,9 @@ class IRRAObjective(Objective):
         if self._dataset is None:
             raise ValueError("losses.mlm.vocabulary: training needs the training captions first "
                              "(the trainer calls prepare_data(dataset) before the first step)")
-        from tbps.data.text import clean_caption
         from tbps.models.factory import get_tokenizer
 
-        tokenizer, d = get_tokenizer(self._spec), self._dataset
-        caps = sorted({clean_caption(c, d.max_words) for r in d.records for c in r.captions})
+        tokenizer, caps = get_tokenizer(self._spec), self._dataset.cleaned_captions()
         ids = torch.unique(torch.cat([tokenizer(caps[i : i + 1024]).flatten() for i in range(0, len(caps), 1024)]))
         ids = ids[~torch.isin(ids, torch.tensor(self.mask_spec.special_ids + (self.mask_spec.mask_id,)))]
         self._support = ids

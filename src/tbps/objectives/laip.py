@@ -91,9 +91,8 @@ class LAIPObjective(Objective):
         if self._phrase_table is not None:
             return
         from tbps.data.phrases import cached_noun_phrases
-        from tbps.data.text import clean_caption
 
-        caps = sorted({clean_caption(c, dataset.max_words) for r in dataset.records for c in r.captions})
+        caps = dataset.cleaned_captions()
         self._phrase_table = dict(zip(caps, cached_noun_phrases(caps)))
 
     def batch_hook(self, dataset=None) -> FusionBatchHook | None:

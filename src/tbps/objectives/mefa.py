@@ -121,9 +121,7 @@ class MeFaObjective(Objective):
         """Parse the training captions once (spaCy, cached on disk), before the time budget starts."""
         if self.cfg["imr_text"]["weight"] <= 0 or self._captions:
             return
-        from tbps.data.text import clean_caption
-
-        self._captions = sorted({clean_caption(c, dataset.max_words) for r in dataset.records for c in r.captions})
+        self._captions = dataset.cleaned_captions()
         self._generator().prepare(self._captions)
 
     def on_epoch_start(self, model: nn.Module, dataset, *, epoch: int, device, progress: bool = False) -> None:
