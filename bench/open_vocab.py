@@ -42,6 +42,33 @@ REWRITES["reserved"] = {
     "handbag": "tote", "purse": "tote", "sweater": "cardigan", "jumper": "cardigan", "pullover": "cardigan",
     "hat": "fedora",
 }
+# Written after the compound reading (WordNet.compounds) had been designed on the maps above, and
+# before any figure of its own was seen: a check that what was built on those maps' failures
+# carries to words nobody looked at. All four classes at once, like "all".
+REWRITES["heldout"] = {
+    "red": "cherry", "blue": "azure", "green": "emerald", "yellow": "lemon", "orange": "amber", "pink": "salmon",
+    "purple": "lilac", "white": "cream", "black": "jet", "grey": "slate", "gray": "slate", "brown": "chocolate",
+    "jacket": "blazer", "coat": "raincoat", "overcoat": "raincoat", "trousers": "slacks", "pants": "slacks",
+    "jeans": "dungarees", "shirt": "tunic", "sweater": "jersey", "jumper": "jersey", "pullover": "jersey",
+    "dress": "frock", "shorts": "cutoffs", "shoes": "loafers", "sneakers": "loafers", "trainers": "loafers",
+    "hat": "trilby", "backpack": "knapsack", "handbag": "clutch", "purse": "clutch", "bag": "holdall",
+    "man": "gent", "guy": "chap", "male": "gent", "woman": "dame", "lady": "dame", "female": "dame",
+    "boy": "youngster", "girl": "maiden",
+}
+# Written after "heldout"'s readings had been seen (they showed training words matched in rare
+# senses: "jet" as the slang for ketamine that "green" shares, "skirt" for a woman) and before
+# the rules drawn from them (WordNet.common_senses, compound heads) were measured.
+REWRITES["heldout2"] = {
+    "red": "ruby", "blue": "cobalt", "green": "jade", "yellow": "canary", "orange": "apricot", "pink": "rose",
+    "purple": "plum", "white": "pearl", "black": "sable", "grey": "ash", "gray": "ash", "brown": "coffee",
+    "jacket": "windbreaker", "coat": "greatcoat", "overcoat": "greatcoat", "trousers": "corduroys",
+    "pants": "corduroys", "jeans": "levis", "shirt": "polo", "sweater": "turtleneck", "jumper": "turtleneck",
+    "pullover": "turtleneck", "dress": "sundress", "shorts": "trunks", "shoes": "brogues", "sneakers": "brogues",
+    "trainers": "brogues", "hat": "stetson", "backpack": "haversack", "handbag": "pocketbook",
+    "purse": "pocketbook", "bag": "carryall", "man": "fella", "guy": "geezer", "male": "fella", "woman": "damsel",
+    "lady": "gentlewoman", "female": "damsel", "boy": "laddie", "girl": "lassie",
+}
+KEPT = ("all", "heldout", "heldout2")  # the rewrites whose share of R@1 kept the table prints
 MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05),
          "wordnet-1": ("wordnet", 1, 1.0), "wordnet-3": ("wordnet", 3, 0.05), "recipe": "recipe"}
 
@@ -104,27 +131,33 @@ def evaluate_checkpoint(path: str, captions, rewritten: dict, qids, gids, paths,
             if name == "all":  # the text side alone: is a rewritten query nearest its own original caption?
                 tt = feats @ orig.t()
                 res["all_text_self_R1"] = 100.0 * float((tt.argmax(1) == torch.arange(len(caps))).float().mean())
-        res["examples"] = {w: tok.explain(w).get(w) for w in ("scarlet", "anorak", "chinos", "rucksack", "lass")}
+        res["examples"] = {w: tok.explain(w).get(w) for w in ("scarlet", "olive", "mustard", "magenta", "anorak",
+                                                              "bermudas", "rucksack", "lass", "jet", "cutoffs")}
         out["modes"][mode_name] = res
     return out
 
 
 def print_table(results: dict, names: list[str]) -> None:
     cols = ["original"] + names
-    print(f"{'checkpoint':<10} {'mode':<12} " + " ".join(f"{c:>9}" for c in cols) + "   R@1 kept (all)")
+    kept_cols = [c for c in KEPT if c in names]
+    print(f"{'checkpoint':<10} {'mode':<12} " + " ".join(f"{c:>9}" for c in cols)
+          + "".join(f"   kept ({c})" for c in kept_cols))
     for ck, r in results.items():
         for mode, res in r["modes"].items():
-            kept = res["all"]["R1"] / max(res["original"]["R1"], 1e-9)
-            print(f"{ck:<10} {mode:<12} " + " ".join(f"{res[c]['R1']:9.2f}" for c in cols) + f"   {100 * kept:6.1f} %")
+            kept = [res[c]["R1"] / max(res["original"]["R1"], 1e-9) for c in kept_cols]
+            print(f"{ck:<10} {mode:<12} " + " ".join(f"{res[c]['R1']:9.2f}" for c in cols)
+                  + "".join(f"   {100 * k:6.1f} %" for k in kept))
     if len(results) > 1:
-        print("mean over checkpoints (R@1):")
+        print("mean over checkpoints (R@1), and R@1 kept: mean ± std over checkpoints (each checkpoint's):")
         for mode in next(iter(results.values()))["modes"]:
             means = [statistics.mean(r["modes"][mode][c]["R1"] for r in results.values()) for c in cols]
-            kept = [r["modes"][mode]["all"]["R1"] / max(r["modes"][mode]["original"]["R1"], 1e-9)
-                    for r in results.values()]
-            print(f"{'mean':<10} {mode:<12} " + " ".join(f"{m:9.2f}" for m in means)
-                  + f"   {100 * statistics.mean(kept):6.1f} % (per seed: "
-                  + ", ".join(f"{100 * k:.1f}" for k in kept) + ")")
+            line = f"{'mean':<10} {mode:<12} " + " ".join(f"{m:9.2f}" for m in means)
+            for c in kept_cols:
+                kept = [100 * r["modes"][mode][c]["R1"] / max(r["modes"][mode]["original"]["R1"], 1e-9)
+                        for r in results.values()]
+                line += (f"   {c}: {statistics.mean(kept):.1f} ± {statistics.stdev(kept):.1f} % ("
+                         + ", ".join(f"{k:.1f}" for k in kept) + ")")
+            print(line)
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,9 @@ knows. With ``oov: nearest`` all training words are candidates; the encoder alon
 many colour words nearest the wrong colour ("scarlet" -> pink, "navy" -> baseball). With
 ``oov: wordnet`` the candidates are first the training words WordNet relates to the word
 (:meth:`tbps.models.wordnet.WordNet.related`: its synonyms, what it is a kind of, its own kinds),
-the encoder choosing among them; a word WordNet relates to no training word falls back to all.
+the encoder choosing among them. A word WordNet relates to no training word is read through the
+compounds it begins (:meth:`~tbps.models.wordnet.WordNet.compounds`: "olive" through olive_green,
+a kind of green; "bermudas" through bermuda_shorts), one step further; failing those, all compete.
 
 The training vocabulary is recorded in the model spec by training (``text_tower.vocabulary``,
 so it travels in the checkpoint and eval, index, search and serve map words the same way); a
@@ -105,12 +107,22 @@ class NearestWords:
                     for base in self.lexicon.base_forms(v, pos):
                         lemmas.setdefault((base, pos), []).append(j)
             self._lemmas = lemmas
-        steps: dict[int, int] = {}
-        for lemma, n in self.lexicon.related(word).items():
-            for j in self._lemmas.get(lemma, ()):
-                steps[j] = min(n, steps.get(j, n))
+        steps = self._steps(self.lexicon.related(word))
+        if not steps:  # known only as a compound's first part ("olive" green, "bermuda" shorts): one step more
+            for compound in self.lexicon.compounds(word):
+                for j, n in self._steps(self.lexicon.related(compound)).items():
+                    steps[j] = min(n + 1, steps.get(j, n + 1))
         fewest = min(steps.values(), default=None)
         return sorted(j for j, n in steps.items() if n == fewest)
+
+    def _steps(self, related: dict[tuple[str, str], int]) -> dict[int, int]:
+        """{training word's index: fewest steps} for WordNet's ``related`` lemmas that are training words."""
+        assert self._lemmas is not None
+        steps: dict[int, int] = {}
+        for lemma, n in related.items():
+            for j in self._lemmas.get(lemma, ()):
+                steps[j] = min(n, steps.get(j, n))
+        return steps
 
     def explain(self, words: Sequence[str]) -> dict[str, list[tuple[str, float]]]:
         """For each unseen word among ``words`` (first occurrence order): [(training word, weight)]."""

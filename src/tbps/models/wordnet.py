@@ -15,6 +15,7 @@ malformed one is a :class:`WordNetError` naming it.
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 from collections import deque
@@ -73,6 +74,7 @@ class WordNet:
         self.root = Path(root)
         self._files: dict[str, bytes] = {}  # pos -> data.<pos>
         self._by_lemma: dict[str, dict[str, str]] = {}  # index file -> {lemma: its line}
+        self._sorted: dict[str, list[str]] = {}  # index file -> its lemmas, sorted (for prefix look-ups)
         self._index: dict[tuple[str, str], tuple[int, ...]] = {}  # (lemma, pos) -> synset offsets, most frequent first
         self._exceptions: dict[tuple[str, str], list[str]] = {}  # (inflected, pos) -> base forms ("geese" -> goose)
         self._synsets: dict[Synset, tuple[str, list[str], list[tuple[str, Synset]]]] = {}
@@ -146,6 +148,26 @@ class WordNet:
     def senses(self, word: str) -> list[Synset]:
         """Every synset of every base form of ``word``, nouns first, each part of speech's most frequent first."""
         return [(pos, off) for pos in POS for base in self.base_forms(word, pos) for off in self._offsets(base, pos)]
+
+    def compounds(self, word: str) -> list[str]:
+        """The noun and adjective lemmas that begin with a base form of ``word`` and a joint: "olive" ->
+        olive_green, olive-drab, olive_tree, ...; "bermudas" -> bermuda_shorts, bermuda_grass, ..."""
+        found: dict[str, None] = {}
+        for pos in ("n", "a"):
+            name = f"index.{POS[pos]}"
+            lemmas = self._sorted.get(name)
+            if lemmas is None:
+                lemmas = sorted(self._lines(name))
+                with self._lock:
+                    self._sorted[name] = lemmas
+            for base in self.base_forms(word, pos) or [word.lower()]:
+                for joint in ("_", "-"):
+                    prefix = base + joint
+                    i = bisect.bisect_left(lemmas, prefix)
+                    while i < len(lemmas) and lemmas[i].startswith(prefix):
+                        found.setdefault(lemmas[i])
+                        i += 1
+        return list(found)
 
     def synset(self, key: Synset) -> tuple[str, list[str], list[tuple[str, Synset]]]:
         """(synset type: n, v, a, s for an adjective satellite, r; lemmas; [(pointer symbol, target)])."""
