@@ -1,13 +1,14 @@
 """Open-vocabulary check: R@1 on test queries as written and rewritten into unseen synonyms.
 
 Each test caption is rewritten by word maps of its own (colours, garments, bags, people words,
-all at once, and the older ``reserved`` map of ``tbps.synth.RESERVED_SYNONYMS``); the bench
+all at once, the older ``reserved`` map of ``tbps.synth.RESERVED_SYNONYMS``, and two held-out
+maps written after the mapping was designed, ``heldout`` and ``heldout2``); the bench
 first checks, on the data, that no target word occurs in any training caption (nor in the
 checkpoint's recorded vocabulary). Each checkpoint is evaluated against the same gallery with
 its unseen-word handling switched: ``encode`` (the unseen word's own frozen vector, the old
 behaviour), ``drop`` (the word left out), ``nearest-1`` (its nearest training word),
 ``nearest-3`` (softmax(cos / 0.05) mix of the 3 nearest), ``wordnet-1`` and ``wordnet-3`` (the same
-among the training words WordNet relates to it, where it relates any), ``recipe`` (the checkpoint's
+among the training words WordNet relates to it or to the compounds it begins, where it relates any), ``recipe`` (the checkpoint's
 own setting, as it records it) and any ``--mode NAME=K,T`` or ``NAME=wordnet,K,T`` given. Original queries must come out
 bit-for-bit the same in every mode (checked). Prints a table; --json writes everything.
 

@@ -31,6 +31,13 @@ SYNSETS = {
     "reddish": ("a", "s", ["reddish", "ruddy"], [("&", "chromatic")]),
     "olive": ("a", "s", ["olive"], [("&", "chromatic")]),
     "wear_v": ("v", "v", ["wear"], []),
+    # "olive" (the satellite above) relates to no colour word; a compound it begins does (olive_green is a
+    # kind of green), another does not. "scarlet" begins one too.
+    "green": ("n", "n", ["green"], [("@", "color")]),
+    "gray": ("n", "n", ["gray", "grey"], [("@", "color")]),
+    "olive_green": ("n", "n", ["olive_green", "olive-green"], [("@", "green")]),
+    "olive-gray": ("a", "s", ["olive-gray"], [("&", "chromatic")]),
+    "scarlet_fever": ("n", "n", ["scarlet_fever", "fever"], []),
 }
 EXCEPTIONS = {"noun.exc": "geese goose\n", "verb.exc": "wore wear\n"}
 
@@ -101,6 +108,15 @@ def test_related_goes_up_or_down_never_to_siblings(wordnet):
     assert wordnet.related("unknownword") == {}
 
 
+def test_compounds_are_the_lemmas_a_word_begins(wordnet):
+    assert wordnet.compounds("olive") == ["olive_green", "olive-green", "olive-gray"]
+    assert wordnet.compounds("olive-grays") == []  # no base form that begins one
+    assert wordnet.compounds("Olive") == wordnet.compounds("olive")
+    assert wordnet.compounds("scarlet") == ["scarlet_fever"]
+    assert wordnet.compounds("green") == [] and wordnet.compounds("zebra") == []
+    assert wordnet.compounds("oliv") == []  # a prefix of a word is not a compound of it
+
+
 def test_find_wordnet_follows_the_environment(tmp_path, monkeypatch):
     root = write_wordnet(tmp_path / "wn")
     monkeypatch.setenv("TBPS_WORDNET", str(root))
@@ -130,7 +146,8 @@ def test_damaged_databases_are_named(tmp_path):
 VECTORS = {  # a 3-d space where the encoder alone gets colours wrong: "scarlet" is nearest "blue"
     "red": (1.0, 0.0, 0.0), "blue": (0.0, 1.0, 0.0), "shoe": (0.0, 0.0, 1.0), "clothing": (0.3, 0.3, 0.6),
     "a": (0.5, 0.5, 0.5), "scarlet": (0.2, 0.9, 0.1), "footwear": (0.3, 0.3, 0.7), "zebra": (0.9, 0.1, 0.0),
-    "goose": (0.1, 0.9, 0.2),
+    "goose": (0.1, 0.9, 0.2), "olive": (0.0, 0.0, 1.0), "green": (0.0, 0.7, 0.7), "gray": (0.6, 0.0, 0.8),
+    "fever": (0.9, 0.0, 0.1),
 }
 
 
@@ -158,6 +175,19 @@ def test_wordnet_candidates_come_first_and_the_encoder_decides_among_them(wordne
     assert lexical.tag != plain.tag  # their mixed rows never share a key
 
 
+def test_a_word_known_only_in_compounds_is_read_through_them(wordnet):
+    d = WordDictionary(WordNetTable(), cache=False)
+    vocab = ["a", "blue", "fever", "gray", "green", "red", "shoe"]
+    # olive relates to no training word; olive_green, which it begins, is a kind of green. The encoder
+    # alone reads it as shoe, and would prefer gray to green; olive-gray relates to no training word.
+    assert NearestWords(d, vocab, k=1).explain(["olive"])["olive"] == [("shoe", pytest.approx(1.0))]
+    m = NearestWords(d, vocab, k=3, temperature=0.1, lexicon=wordnet)
+    assert m.explain(["olive"])["olive"] == [("green", pytest.approx(1.0))]
+    # a word WordNet relates to a training word (scarlet: red, one step) is not read through its compounds
+    # (scarlet_fever is a synonym of fever, also one step further)
+    assert m.explain(["scarlet"])["scarlet"] == [("red", pytest.approx(1.0))]
+
+
 @pytest.mark.skipif(find_wordnet() is None, reason="no WordNet installed (apt install wordnet-base)")
 def test_the_installed_wordnet_reads_colour_and_garment_synonyms():
     from tbps.models.wordnet import load_wordnet
@@ -167,10 +197,12 @@ def test_the_installed_wordnet_reads_colour_and_garment_synonyms():
                                                      "encode": lambda self, ws: torch.ones(len(ws), 2)})(),
                        cache=False)
     vocab = ["a", "red", "blue", "green", "black", "white", "jacket", "trousers", "backpack", "bag", "shoes",
-             "wearing", "girl", "man", "with", "in"]
+             "wearing", "girl", "man", "with", "in", "shorts"]
     m = NearestWords(d, vocab, k=5, lexicon=wn)  # equal vectors: the weights are WordNet's candidates alone
     read = {w: {n for n, _ in m.explain([w])[w]} for w in
-            ("scarlet", "navy", "ebony", "ivory", "anorak", "chinos", "rucksack", "footwear", "lass", "fellow")}
+            ("scarlet", "navy", "ebony", "ivory", "anorak", "chinos", "rucksack", "footwear", "lass", "fellow",
+             "olive", "bermudas")}
     assert read == {"scarlet": {"red"}, "navy": {"blue"}, "ebony": {"black"}, "ivory": {"white"},
                     "anorak": {"jacket"}, "chinos": {"trousers"}, "rucksack": {"backpack"},
-                    "footwear": {"shoes"}, "lass": {"girl"}, "fellow": {"man"}}
+                    "footwear": {"shoes"}, "lass": {"girl"}, "fellow": {"man"},
+                    "olive": {"green"}, "bermudas": {"shorts"}}  # through olive_green, bermuda_shorts

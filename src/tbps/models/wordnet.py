@@ -5,7 +5,8 @@ encoder alone reads many of them wrongly (all-MiniLM-L6-v2 puts "scarlet" neares
 "navy" nearest "baseball"; docs/performance.md, section 5). WordNet, the lexical database of
 English, knows them: "scarlet" is a kind of "red", an "anorak" a kind of "jacket", "rucksack"
 and "backpack" are one synset. :class:`tbps.models.word_map.NearestWords` asks :meth:`WordNet.related`
-first and falls back to the encoder for words WordNet does not relate to any training word.
+first, then for the compounds the word begins (:meth:`WordNet.compounds`: "olive" -> olive_green),
+and falls back to the encoder for words neither relates to any training word.
 
 No Python package is needed: the database is the one Debian ships (``apt install wordnet-base``:
 ``/usr/share/wordnet``) or any WordNet 3.x ``dict`` folder (NLTK's ``corpora/wordnet`` too),
