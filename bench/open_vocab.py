@@ -57,8 +57,8 @@ REWRITES["heldout"] = {
     "boy": "youngster", "girl": "maiden",
 }
 # Written after "heldout"'s readings had been seen (they showed training words matched in rare
-# senses: "jet" as the slang for ketamine that "green" shares, "skirt" for a woman) and before
-# the rules drawn from them (WordNet.common_senses, compound heads) were measured.
+# senses: "jet" as the slang for ketamine that "green" shares, "skirt" for a woman) and before any
+# rule drawn from them was measured (reading compounds' heads too: measured here, not kept).
 REWRITES["heldout2"] = {
     "red": "ruby", "blue": "cobalt", "green": "jade", "yellow": "canary", "orange": "apricot", "pink": "rose",
     "purple": "plum", "white": "pearl", "black": "sable", "grey": "ash", "gray": "ash", "brown": "coffee",
