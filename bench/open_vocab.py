@@ -69,7 +69,18 @@ REWRITES["heldout2"] = {
     "purse": "pocketbook", "bag": "carryall", "man": "fella", "guy": "geezer", "male": "fella", "woman": "damsel",
     "lady": "gentlewoman", "female": "damsel", "boy": "laddie", "girl": "lassie",
 }
-KEPT = ("all", "heldout", "heldout2")  # the rewrites whose share of R@1 kept the table prints
+# Written before keeping only the senses SemCor tagged (for training words that have tagged senses)
+# was measured, after heldout and heldout2 had been seen.
+REWRITES["heldout3"] = {
+    "red": "burgundy", "blue": "indigo", "green": "lime", "yellow": "golden", "orange": "peach", "pink": "fuchsia",
+    "purple": "mauve", "white": "snowy", "black": "inky", "grey": "silver", "gray": "silver", "brown": "tawny",
+    "jacket": "windcheater", "coat": "topcoat", "overcoat": "topcoat", "trousers": "breeches", "pants": "breeches",
+    "shirt": "shirtwaist", "sweater": "guernsey", "jumper": "guernsey", "pullover": "guernsey", "dress": "pinafore",
+    "shorts": "culottes", "shoes": "oxfords", "sneakers": "oxfords", "trainers": "oxfords", "hat": "bowler",
+    "backpack": "kitbag", "handbag": "reticule", "purse": "reticule", "bag": "sack", "boy": "schoolboy",
+    "girl": "schoolgirl", "woman": "matron", "lady": "matron",
+}
+KEPT = ("all", "heldout", "heldout2", "heldout3")  # the rewrites whose share of R@1 kept the table prints
 MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05),
          "wordnet-1": ("wordnet", 1, 1.0), "wordnet-3": ("wordnet", 3, 0.05), "recipe": "recipe"}
 
