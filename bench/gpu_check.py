@@ -97,7 +97,8 @@ def run_one(name: str, data: Path, out: Path, steps: int, warmup: int, device: s
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return {
         "recipe": name, "arch": recipe.model.arch, "batch": recipe.data.batch_size, "world": world,
-        "amp": f"{recipe.train.amp_dtype}" if cuda else "off (cpu)", "steps": len(times),
+        "amp": str(epoch_mod.Amp.choose(True, torch.device(device), recipe.train.amp_dtype).dtype).removeprefix("torch.")
+        if cuda and recipe.train.amp else "off", "steps": len(times),
         "images_per_s": round(sum(n) * world / max(sum(timed), 1e-9), 1),
         "s_per_step": round(sum(timed) / max(len(timed), 1), 3),
         "peak_gpu_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
