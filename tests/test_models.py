@@ -271,3 +271,29 @@ def test_clip_tokenizer_clean_skips_ftfy_only_where_ftfy_changes_nothing(clip_to
         assert t.clean("  A Man, in RED (42)!  ") == "a man, in red (42)!" and not fixed  # skipped
         assert t.clean("fish &amp; chips") == "fish & chips" and t.clean("café") == "café" and len(fixed) == 2
         fixed.clear()
+
+
+def test_compile_towers_keeps_the_weights_and_the_features():
+    """Compiled towers (train.compile) give the uncompiled model's features and gradients up to float
+    rounding, through both encoding paths, and leave the state-dict keys alone (checkpoints load into an
+    uncompiled model)."""
+    import copy
+
+    torch.manual_seed(0)
+    m = create_model(ModelSpec(arch="micro-vit", image_size=(32, 16), context_length=16))
+    ref = copy.deepcopy(m)
+    assert m.compile_towers() == ["clip.visual.transformer", "clip.transformer"]
+    assert m.clip.visual.transformer._compiled_call_impl is not None
+    assert list(m.state_dict()) == list(ref.state_dict())
+    images = torch.randn(3, 3, 32, 16)
+    tokens = get_tokenizer(m.spec)(["a man in a red shirt", "a woman", "black shoes and a blue bag"])
+    paths = (lambda x: x.encode_image(images), lambda x: x.encode_text(tokens), lambda x: x.image_tokens(images)[1])
+    for model in (m, ref):
+        sum(fn(model).sum() for fn in paths).backward()
+    for fn in paths:
+        torch.testing.assert_close(fn(m), fn(ref), rtol=1e-4, atol=1e-5)
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert len(grads) > 10
+    for n, p in m.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-3, atol=1e-5, msg=n)

@@ -244,3 +244,25 @@ def test_a_dataloader_worker_trains_exactly_as_the_main_process(tiny_dataset, mi
     for workers in (0, 1):
         train(_job(tiny_dataset, tmp_path / f"w{workers}", [*over, f"data.num_workers={workers}"], epochs=2))
     assert _same_weights(tmp_path / "w0" / "last.pt", tmp_path / "w1" / "last.pt")
+
+
+def test_train_compile_trains_like_the_uncompiled_run(tiny_dataset, micro_overrides, tmp_path, capsys):
+    """train.compile=true: after an epoch (its val evaluation running the compiled towers in eval mode)
+    the same weights as the uncompiled run up to float rounding, under the same state-dict keys."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        runs[compiled] = train(_job(tiny_dataset, out, micro_overrides + [f"train.compile={str(compiled).lower()}"],
+                                    epochs=1))
+    assert "compiling clip.visual.transformer, clip.transformer at the first step" in capsys.readouterr().err
+    a, b = load_checkpoint(runs[False]["last"])["model"], load_checkpoint(runs[True]["last"])["model"]
+    assert list(a) == list(b)
+    for k in a:
+        if k.endswith("attn.in_proj_bias"):
+            # The key bias's gradient is zero in exact arithmetic (a bias shared by every key leaves the
+            # softmax unchanged): Adam turns each run's rounding noise there into lr-sized steps. So
+            # compare the query and value biases only.
+            q, _, v = a[k].chunk(3)
+            qc, _, vc = b[k].chunk(3)
+            a[k], b[k] = torch.cat([q, v]), torch.cat([qc, vc])
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -300,6 +300,8 @@ def _loop(recipe: Recipe, model: nn.Module, data: _Data, device: torch.device, d
     objective = build_objective(recipe.objective, model, recipe.losses_at(0, epochs),
                                 num_identities=data.dataset.num_identities)
     module = _TrainModule(model, objective).to(device)
+    if recipe.train.compile:
+        say(f"compiling {', '.join(model.compile_towers())} at the first step (train.compile)", dist)
     optimizer = build_optimizer({"model": model, "objective": objective}, recipe.optim)
     train_module: nn.Module = module
     if dist.enabled:

@@ -146,6 +146,25 @@ class TBPSModel(nn.Module):
         else:
             raise ValueError(f"{type(visual).__name__} has no patch embedding to freeze")
 
+    def compile_towers(self) -> list[str]:
+        """Compile in place with ``torch.compile`` (``nn.Module.compile``: the same parameters,
+        state-dict keys and results up to float rounding) the image tower's transformer (the whole
+        tower where it has none, e.g. a ResNet or timm trunk) and the text tower's transformer (or the
+        text stream). Returns the names of the compiled modules. Compilation happens at the first
+        call; a new input shape or grad mode compiles again."""
+        visual = self.clip.visual
+        image = "clip.visual.transformer" if hasattr(visual, "transformer") else "clip.visual"
+        if self.text_stream is not None:
+            text = "text_stream"
+        elif self._clip_text_tower():
+            text = "clip.transformer" if hasattr(self.clip, "transformer") else "clip.text.transformer"
+        else:
+            text = None
+        names = [n for n in (image, text) if n is not None]
+        for name in names:
+            self.get_submodule(name).compile()
+        return names
+
     # ------------------------------------------------------------------- encoders
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D) projected global image features."""

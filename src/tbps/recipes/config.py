@@ -92,6 +92,10 @@ class TrainConfig:
     # loss and gradients of the whole batch (tbps.engine.gradcache); 0: off. For a global batch larger
     # than fits: data.batch_size = global batch / GPUs, grad_cache_chunk = what one GPU holds.
     grad_cache_chunk: int = 0
+    # torch.compile the towers' transformers for training (TBPSModel.compile_towers): fused kernels, a few
+    # seconds of compiling at the first step and at the first evaluation; on CPU it needs a C compiler. On
+    # 2 CPU cores with tiny-vit it bought no steps (docs/performance.md, section 2); not yet timed on a GPU.
+    compile: bool = False
 
     def __post_init__(self):
         if self.grad_cache_chunk < 0:
