@@ -121,9 +121,12 @@ class TBPSModel(nn.Module):
             return int(self.clip.context_length)
         return int(self.clip.text.context_length)
 
+    def _text_transformer_name(self) -> str:
+        """Where CLIP's text transformer lives: on the CLIP itself, or on its text tower (CustomTextCLIP)."""
+        return "clip.transformer" if hasattr(self.clip, "transformer") else "clip.text.transformer"
+
     def _text_blocks(self):
-        transformer = self.clip.transformer if hasattr(self.clip, "transformer") else self.clip.text.transformer
-        return transformer.resblocks
+        return self.get_submodule(self._text_transformer_name()).resblocks
 
     # ------------------------------------------------------------------- settings
     def set_text_attention_dropout(self, p: float) -> None:
@@ -157,7 +160,7 @@ class TBPSModel(nn.Module):
         if self.text_stream is not None:
             text = "text_stream"
         elif self._clip_text_tower():
-            text = "clip.transformer" if hasattr(self.clip, "transformer") else "clip.text.transformer"
+            text = self._text_transformer_name()
         else:
             text = None
         names = [n for n in (image, text) if n is not None]
