@@ -1,5 +1,6 @@
 """What keeps a CPU training step fast beside other work: threads, the OpenMP wait policy, inter-op
-threads; and whether bfloat16 autocast or torch.compile speeds it up on this CPU.
+threads; and whether bfloat16 autocast, torch.compile, a fused AdamW or the math attention backend
+speeds it up on this CPU.
 
 Times the tiny-vit training step of ``tbps-clip-cpu`` (batch 64 at 96x48, 48 tokens: image and text
 forward, the symmetric contrastive loss, backward, AdamW) in a fresh process per setting, because
@@ -17,6 +18,7 @@ Run it under the bench lock: it measures what competition does, so unplanned com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -27,7 +29,9 @@ import time
 # name -> (torch threads, inter-op threads or 0 for torch's default, OMP_WAIT_POLICY or None for unset,
 #          variant: 0 as trained, 1 bfloat16 autocast, 2 no update of the 49,408 x 128 token embedding (what a
 #          vocabulary of the training captions' few hundred words would save per step, at most), 3 both towers
-#          through torch.compile (the first step, which compiles, is reported as first_s), 4 both 1 and 3)
+#          through torch.compile (the first step, which compiles, is reported as first_s), 4 both 1 and 3,
+#          5 AdamW fused (on a CPU torch's AdamW otherwise loops over the parameters one by one), 6 attention
+#          through the math backend instead of CPU flash attention, 7 both 5 and 6)
 SETTINGS = {
     "1 thread": (1, 0, None, 0),
     "2 threads": (2, 0, None, 0),
@@ -40,11 +44,19 @@ SETTINGS = {
     "2 threads, bf16 autocast": (2, 0, None, 1),
     "2 threads, torch.compile": (2, 0, None, 3),
     "2 threads, torch.compile + bf16": (2, 0, None, 4),
+    "2 threads, fused AdamW": (2, 0, None, 5),
+    "2 threads, math attention": (2, 0, None, 6),
+    "2 threads, math attention + fused AdamW": (2, 0, None, 7),
 }
 
 
 def child(threads: int, interop: int, variant: int, steps: int, warmup: int) -> dict:
     """Time ``steps`` training steps after ``warmup`` (in this process)."""
+    with contextlib.ExitStack() as stack:
+        return _timed_steps(stack, threads, interop, variant, steps, warmup)
+
+
+def _timed_steps(stack, threads: int, interop: int, variant: int, steps: int, warmup: int) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -62,7 +74,12 @@ def child(threads: int, interop: int, variant: int, steps: int, warmup: int) -> 
     encode_image, encode_text = model.encode_image, model.encode_text
     if variant in (3, 4):
         encode_image, encode_text = torch.compile(encode_image), torch.compile(encode_text)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True if variant in (5, 7) else None)
+    if variant in (6, 7):  # for every step timed here
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
     g = torch.Generator().manual_seed(1)
     images, tokens = torch.randn(64, 3, 96, 48, generator=g), torch.randint(1, 4000, (64, 48), generator=g)
     target = torch.arange(64)
