@@ -1,23 +1,19 @@
 """Two processes (gloo, CPU) with gathered features == one process on the same global batch."""
 
 import os
-import socket
+import pathlib
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tbps.engine.distributed import leave_distributed
 from tbps.recipes.config import load_recipe
+from tests.torchrun import free_port, join
 
 WORLD = 2
 OVERRIDES = ["model.arch=micro-vit", "model.pretrained=null", "model.image_size=[32, 16]",
              "model.context_length=32", "model.text_attn_dropout=0.0"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_batch():
@@ -54,20 +50,19 @@ def _loss_and_grads(rank: int, world: int):
 
 def _worker(rank: int, port: int, out_dir: str):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    info = join(rank, WORLD, port)
     loss, grads = _loss_and_grads(rank, WORLD)
     # What DDP does: average gradients (and here the loss) over ranks.
     torch.distributed.all_reduce(grads)
     torch.distributed.all_reduce(loss)
     if rank == 0:
         torch.save({"loss": loss / WORLD, "grads": grads / WORLD}, os.path.join(out_dir, "dist.pt"))
-    torch.distributed.destroy_process_group()
+    leave_distributed(info)
 
 
 @pytest.mark.slow
 def test_gathered_two_process_loss_and_gradients_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     dist = torch.load(tmp_path / "dist.pt")
     loss, grads = _loss_and_grads(0, 1)
     assert torch.allclose(dist["loss"], loss, rtol=1e-5, atol=1e-6)
@@ -80,3 +75,48 @@ def test_without_gathering_the_two_process_result_differs():
     full, _ = _loss_and_grads(0, 1)
     halves = [_loss_and_grads(r, 2)[0] for r in range(2)]  # no process group: keys are local only
     assert not torch.allclose(full, sum(halves) / 2, rtol=1e-3)
+
+
+def _gloo_threads() -> list[str]:
+    tasks = pathlib.Path("/proc/self/task")
+    return [n for t in tasks.iterdir() if "gloo" in (n := (t / "comm").read_text().strip())]
+
+
+def _leave_worker(rank: int, port: int, out_dir: str):
+    info = join(rank, WORLD, port)
+    during = _gloo_threads()
+    import open_clip  # noqa: F401  (imports torch.distributed.nn, as every tbps model load does)
+
+    from tbps.losses.gather import gather_with_grad
+
+    x = torch.ones(2, 3, requires_grad=True)
+    gather_with_grad(x).sum().backward()
+    leave_distributed(info)
+    pathlib.Path(out_dir, f"rank{rank}.txt").write_text(f"{len(during)} {len(_gloo_threads())}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").is_dir(), reason="reads thread names from Linux's /proc")
+def test_leaving_ends_the_group_so_no_gloo_thread_outlives_it(tmp_path):
+    """A group kept alive past the end (open_clip's import of torch.distributed.nn binds it) is torn
+    down at interpreter exit in a race with the other rank, which aborts a process now and then."""
+    mp.spawn(_leave_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        during, after = map(int, (tmp_path / f"rank{rank}.txt").read_text().split())
+        assert during > 0 and after == 0, (rank, during, after)
+
+
+def test_a_group_the_caller_made_is_left_to_the_caller(tmp_path, monkeypatch):
+    from tbps.engine.distributed import init_distributed
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as if launched by torchrun, but the group already exists
+        monkeypatch.setenv("RANK", "0")
+        info = init_distributed("cpu")
+        assert not info.owned
+        leave_distributed(info)
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -209,12 +208,6 @@ def _setup_weights(overrides):
 
 
 # ----------------------------------------------------------------------------------- torchrun
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_step(rank: int, world: int):
     """The engine's cached step (``epoch._cached_forward_backward``) on this rank's rows."""
     from tbps.engine.distributed import DistInfo
@@ -234,20 +227,24 @@ def _rank_step(rank: int, world: int):
 
 
 def _worker(rank: int, port: int, out_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    from tbps.engine.distributed import leave_distributed
+    from tests.torchrun import join
+
+    info = join(rank, 2, port)
     loss, grads = _rank_step(rank, 2)
     torch.distributed.all_reduce(loss)
     if rank == 0:
         torch.save({"loss": loss / 2, "grads": grads}, os.path.join(out_dir, "dist.pt"))
-    torch.distributed.destroy_process_group()
+    leave_distributed(info)
 
 
 @pytest.mark.slow
 def test_two_processes_with_grad_cache_equal_one_process_on_the_global_batch(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    from tests.torchrun import free_port
+
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     dist = torch.load(tmp_path / "dist.pt")
     model, objective, batch = _setup("tbps-clip", dropout=0.0)
     out = objective(model, batch, CTX)

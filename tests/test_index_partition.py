@@ -9,7 +9,6 @@ import io
 import json
 import os
 import pathlib
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from tbps.index.errors import IndexInputError
 from tbps.index.partition import build_index_partitioned, read_file_list, scan_for_partitions
 from tbps.index.store import read_manifest
 from tests.fake_encoder import FakeEncoder
+from tests.torchrun import free_port, torchrun_env
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_index import write_images  # noqa: E402
@@ -71,16 +71,9 @@ def test_partitioned_build_equals_the_one_pass_build(tmp_path, gallery):
         build_parts(tmp_path / "p.idx", gallery)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli_worker(rank: int, world: int, port: int, argv: list[str], out: str) -> None:
     """One torchrun-like process: the environment torchrun sets, then `tbps index build` in-process."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    torchrun_env(rank, world, port)
     import tbps.cli.common as common
 
     common.load_encoder = _fake_load_encoder  # a spawned process of its own: nothing to restore
@@ -112,7 +105,7 @@ def test_two_gloo_processes_build_exactly_what_one_process_builds(tmp_path, gall
     with pytest.MonkeyPatch.context() as m:  # one plain process, in this one: restore the loader after
         m.setattr(common, "load_encoder", _fake_load_encoder)
         _cli_build(argv(tmp_path / "one.idx"), str(tmp_path / "one"))
-    mp.spawn(_cli_worker, args=(2, _free_port(), argv(tmp_path / "two.idx"), str(tmp_path / "two")), nprocs=2,
+    mp.spawn(_cli_worker, args=(2, free_port(), argv(tmp_path / "two.idx"), str(tmp_path / "two")), nprocs=2,
              join=True)
     r0 = json.loads((tmp_path / "two" / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "two" / "rank1.json").read_text())

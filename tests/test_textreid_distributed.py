@@ -2,20 +2,15 @@
 keys and ids are gathered before they are queued, and same-id exclusion uses the global batch."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.torchrun import free_port, join
+
 WORLD = 2
 CAPS = ["red coat", "blue jeans", "a black bag", "a hat", "grey shoes", "long hair", "a skirt", "a cap"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(rank: int, world: int, cache: str):
@@ -51,20 +46,21 @@ def _run(rank: int, world: int, cache: str):
 
 
 def _worker(rank: int, port: int, out_dir: str):
+    from tbps.engine.distributed import leave_distributed
+
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    info = join(rank, WORLD, port)
     loss, grads, feats, ids, moco = _run(rank, WORLD, out_dir)
     for t in (loss, grads, moco):  # what DDP does: average over ranks
         torch.distributed.all_reduce(t)
     torch.save({"loss": loss / WORLD, "grads": grads / WORLD, "moco": moco / WORLD, "feats": feats, "ids": ids},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    leave_distributed(info)
 
 
 @pytest.mark.slow
 def test_cmmoco_two_processes_equal_one(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     loss, grads, feats, ids, moco = _run(0, 1, str(tmp_path))
     # Every rank holds the same queue as one process would (keys gathered before enqueueing).

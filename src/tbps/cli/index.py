@@ -184,7 +184,7 @@ def _world() -> int:
 def _build_partitioned(args) -> dict | None:
     """`index build` in partitions; under torchrun each rank embeds its share and rank 0 publishes."""
     from tbps.cli.common import UserError, load_encoder
-    from tbps.engine.distributed import barrier, init_distributed
+    from tbps.engine.distributed import barrier, init_distributed, leave_distributed
     from tbps.index.partition import DEFAULT_PARTITION_SIZE, build_index_partitioned, read_file_list, scan_for_partitions
 
     if args.partition_size is not None and args.partition_size <= 0:
@@ -210,10 +210,7 @@ def _build_partitioned(args) -> dict | None:
             keep_parts=args.keep_parts, overwrite=args.overwrite)
         barrier(info)  # the others wait for rank 0's publish, so that all exit after the index exists
     finally:
-        if info.enabled:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        leave_distributed(info)
     return stats if info.is_main else None
 
 

@@ -14,6 +14,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owned: bool = False  # this process group was joined by init_distributed: leave_distributed ends it
 
     @property
     def is_main(self) -> bool:
@@ -30,13 +31,30 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if world <= 1:
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
+        # torch.distributed.nn.functional binds the default group into its functions' default
+        # arguments when first imported (open_clip imports it). Imported after the group exists,
+        # it keeps the group alive past destroy_process_group; imported first, it binds None.
+        import torch.distributed.nn  # noqa: F401
+
         use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)
-    return DistInfo(rank, world, local_rank)
+    return DistInfo(rank, world, local_rank, owned)
+
+
+def leave_distributed(info: DistInfo) -> None:
+    """End the process group that :func:`init_distributed` joined (one a caller made is left alone).
+
+    Explicitly, before the process exits: a gloo group still alive at interpreter exit is torn
+    down in a race with the other ranks' exits, which now and then aborts a process after its
+    work is done ("terminate called without an active exception"), and torchrun then reports
+    the whole run as failed."""
+    if info.owned and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_agree(flag: bool, info: DistInfo, device: torch.device) -> bool:

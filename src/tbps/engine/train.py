@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from tbps.engine import gradcache
-from tbps.engine.distributed import DistInfo, barrier, init_distributed
+from tbps.engine.distributed import DistInfo, barrier, init_distributed, leave_distributed
 from tbps.engine.epoch import Amp, Loop, train_one_epoch
 from tbps.engine.optim import build_optimizer
 from tbps.engine.runlog import RunLog, say
@@ -120,6 +120,8 @@ def train(job: TrainJob) -> dict[str, Any]:
         if fresh and fresh.wrote and dist.is_main and not (out / "last.pt").exists():
             _remove_run_files(out, remove_dir=not fresh.existed)
         raise
+    finally:
+        leave_distributed(dist)
 
 
 def _train(job: TrainJob, out: Path, dist: DistInfo, device: torch.device, fresh: "_Fresh | None") -> dict[str, Any]:
