@@ -8,6 +8,7 @@ progress bar; and a time-budget check that every rank agrees on, so all stop at 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -134,13 +135,14 @@ def _step(loop: Loop, batch: dict, progress: float) -> tuple[dict[str, torch.Ten
     batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
     ctx = StepContext(epoch=progress, total_epochs=loop.epochs, step=loop.global_step)
     loop.optimizer.zero_grad(set_to_none=True)
-    if tcfg.grad_cache_chunk > 0:
-        outputs, loss = _cached_forward_backward(loop, batch, ctx)
-    else:
-        with torch.autocast(device.type, dtype=loop.amp.dtype, enabled=loop.amp.enabled):
-            outputs = loop.train_module(batch, ctx)
-        loss = sum(v for k, v in outputs.items() if k.endswith("_loss"))
-        loop.scaler.scale(loss).backward()
+    with _attention_kernel(tcfg.attention):
+        if tcfg.grad_cache_chunk > 0:
+            outputs, loss = _cached_forward_backward(loop, batch, ctx)
+        else:
+            with torch.autocast(device.type, dtype=loop.amp.dtype, enabled=loop.amp.enabled):
+                outputs = loop.train_module(batch, ctx)
+            loss = sum(v for k, v in outputs.items() if k.endswith("_loss"))
+            loop.scaler.scale(loss).backward()
     if tcfg.grad_clip > 0:
         loop.scaler.unscale_(loop.optimizer)
         torch.nn.utils.clip_grad_norm_(loop.module.parameters(), tcfg.grad_clip)
@@ -151,6 +153,16 @@ def _step(loop: Loop, batch: dict, progress: float) -> tuple[dict[str, torch.Ten
             loop.model.logit_scale.clamp_(0, math.log(tcfg.logit_scale_max))
     loop.objective.after_step(loop.model)
     return outputs, loss, lr
+
+
+def _attention_kernel(choice: str) -> contextlib.AbstractContextManager:
+    """``train.attention``: auto leaves torch's choice; math holds the math backend (a fresh context
+    per step: sdpa_kernel's is single-use)."""
+    if choice == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def _cached_forward_backward(loop: Loop, batch: dict, ctx: StepContext) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -42,12 +42,15 @@ def build_optimizer(modules: dict[str, nn.Module], cfg: OptimConfig) -> torch.op
     """The recipe's optimiser over :func:`param_groups` (trainable parameters only)."""
     groups = param_groups(modules, cfg)
     name = cfg.name.lower()
+    fused = True if cfg.fused else None  # None: torch's default implementation for the device
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
+    if cfg.fused:
+        raise ValueError(f"optim.fused: {cfg.name!r} has no fused implementation (adamw, adam and sgd have)")
     if name == "lamb":  # layer-wise adaptive moments (You et al.), as EVA-CLIP trains; timm's, which open_clip needs
         from timm.optim import Lamb
 

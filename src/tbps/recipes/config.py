@@ -48,6 +48,9 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | adam | sgd | lamb
+    # adamw, adam, sgd: torch's fused implementation, one kernel per parameter group (on a CPU torch
+    # otherwise loops over the parameters one by one). Same update, other rounding.
+    fused: bool = False
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
@@ -96,10 +99,15 @@ class TrainConfig:
     # seconds of compiling at the first step and at the first evaluation; on CPU it needs a C compiler. On
     # 2 CPU cores with tiny-vit it bought no steps (docs/performance.md, section 2); not yet timed on a GPU.
     compile: bool = False
+    # The scaled-dot-product attention kernel of the training steps: auto (torch picks: flash attention
+    # on CPU) or math (the plain matmul-softmax-matmul). Same attention, other rounding.
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.grad_cache_chunk < 0:
             raise ValueError(f"grad_cache_chunk is 0 (off) or a chunk size in pairs, got {self.grad_cache_chunk}")
+        if self.attention not in ("auto", "math"):
+            raise ValueError(f"train.attention is auto or math, got {self.attention!r}")
 
 
 @dataclass
