@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from tbps.engine import gradcache
+from tbps.engine.distributed import leave_distributed
 from tbps.objectives import StepContext, build_objective
 from tbps.recipes.config import ConfigError, load_recipe
+from tests.torchrun import free_port, join
 
 MICRO = ["model.arch=micro-vit", "model.pretrained=null", "model.image_size=[32, 16]", "model.context_length=32",
          "model.text_attn_dropout=0.0"]
@@ -227,9 +229,6 @@ def _rank_step(rank: int, world: int):
 
 
 def _worker(rank: int, port: int, out_dir: str):
-    from tbps.engine.distributed import leave_distributed
-    from tests.torchrun import join
-
     info = join(rank, 2, port)
     loss, grads = _rank_step(rank, 2)
     torch.distributed.all_reduce(loss)
@@ -241,8 +240,6 @@ def _worker(rank: int, port: int, out_dir: str):
 @pytest.mark.slow
 def test_two_processes_with_grad_cache_equal_one_process_on_the_global_batch(tmp_path):
     import torch.multiprocessing as mp
-
-    from tests.torchrun import free_port
 
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     dist = torch.load(tmp_path / "dist.pt")

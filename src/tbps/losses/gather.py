@@ -24,7 +24,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()  # (W*B, ...); all_reduce works in place
+        grad = grad.clone(memory_format=torch.contiguous_format)  # (W*B, ...); all_reduce works in place
         dist.all_reduce(grad)  # a reduce-scatter, spelled so that gloo can run it too
         start = dist.get_rank() * ctx.rows
         return grad[start:start + ctx.rows]
