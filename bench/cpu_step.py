@@ -18,7 +18,6 @@ Run it under the bench lock: it measures what competition does, so unplanned com
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -56,6 +55,7 @@ def child(threads: int, interop: int, variant: int, steps: int, warmup: int) -> 
     import torch
     import torch.nn.functional as F
 
+    from tbps.engine.epoch import attention_kernel
     from tbps.engine.runtime import seed_everything
     from tbps.models.factory import create_model
     from tbps.recipes.config import load_recipe
@@ -72,11 +72,9 @@ def child(threads: int, interop: int, variant: int, steps: int, warmup: int) -> 
         encode_image, encode_text = torch.compile(encode_image), torch.compile(encode_text)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True if variant in (5, 7) else None)
-    attention = contextlib.nullcontext  # a fresh context each step (sdpa_kernel's is single-use)
-    if variant in (6, 7):  # the forward picks the backend; its backward follows
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        attention = functools.partial(sdpa_kernel, SDPBackend.MATH)
+    # the trainer's train.attention context, fresh each step (sdpa_kernel's is single-use); the forward
+    # picks the backend and its backward follows
+    attention = functools.partial(attention_kernel, "math" if variant in (6, 7) else "auto")
     g = torch.Generator().manual_seed(1)
     images, tokens = torch.randn(64, 3, 96, 48, generator=g), torch.randint(1, 4000, (64, 48), generator=g)
     target = torch.arange(64)

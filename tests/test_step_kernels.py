@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from tbps.engine.epoch import _attention_kernel
+from tbps.engine.epoch import attention_kernel
 from tbps.engine.optim import build_optimizer
 from tbps.recipes.config import ConfigError, OptimConfig, load_recipe
 
@@ -42,7 +42,7 @@ def test_fused_is_refused_where_torch_has_none():
 def _attention_ops(choice: str) -> set[str]:
     q = torch.randn(2, 4, 8, 16, requires_grad=True)
     with profile() as prof:
-        with _attention_kernel(choice):
+        with attention_kernel(choice):
             out = F.scaled_dot_product_attention(q, q, q)
         out.sum().backward()
     return {e.name for e in prof.events() if "dot_product" in e.name}

@@ -135,7 +135,7 @@ def _step(loop: Loop, batch: dict, progress: float) -> tuple[dict[str, torch.Ten
     batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
     ctx = StepContext(epoch=progress, total_epochs=loop.epochs, step=loop.global_step)
     loop.optimizer.zero_grad(set_to_none=True)
-    with _attention_kernel(tcfg.attention):
+    with attention_kernel(tcfg.attention):
         if tcfg.grad_cache_chunk > 0:
             outputs, loss = _cached_forward_backward(loop, batch, ctx)
         else:
@@ -155,7 +155,7 @@ def _step(loop: Loop, batch: dict, progress: float) -> tuple[dict[str, torch.Ten
     return outputs, loss, lr
 
 
-def _attention_kernel(choice: str) -> contextlib.AbstractContextManager:
+def attention_kernel(choice: str) -> contextlib.AbstractContextManager:
     """``train.attention``: auto leaves torch's choice; math holds the math backend (a fresh context
     per step: sdpa_kernel's is single-use)."""
     if choice == "math":
