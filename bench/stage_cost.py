@@ -18,6 +18,7 @@ The validation passes a run makes are the same in every segment and are left out
 
     python bench/stage_cost.py laip-cpu --data data/abl
     python bench/stage_cost.py irra-cpu --data data/abl --steps 12 losses.mlm.prob=0.3
+    python bench/stage_cost.py mefa-cpu --data data/abl optim.fused=true train.attention=math
 
 Run it on an otherwise idle machine: it is a timing.
 """
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from _parts import training_parts
 
     from tbps.data.layouts import load_annotations
+    from tbps.engine.epoch import attention_kernel
     from tbps.engine.optim import build_optimizer
     from tbps.objectives import StepContext
     from tbps.objectives.base import merge_losses
@@ -96,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
             model, objective, optimizer = arm["model"], arm["objective"], arm["optimizer"]
             batch = arm["batches"][r % a.batches]
             t = time.perf_counter()
-            out = objective(model, batch, StepContext(arm["span"][0] * total, 1, r))
-            loss = sum(v for k, v in out.items() if k.endswith("_loss"))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with attention_kernel(recipe.train.attention):  # as the trainer runs a step
+                out = objective(model, batch, StepContext(arm["span"][0] * total, 1, r))
+                loss = sum(v for k, v in out.items() if k.endswith("_loss"))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
             if r >= 2:
                 arm["times"].append(time.perf_counter() - t)
