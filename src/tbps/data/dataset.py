@@ -20,22 +20,7 @@ from tbps.data.records import Record
 from tbps.data.text import clean_caption
 from tbps.data.text_aug import TextAugmentConfig, augment_caption
 from tbps.data.transforms import AugmentConfig, PoolAugment, StrongViews, eval_transform, load_image
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """torch on one thread meanwhile (in the main process; a DataLoader worker has one already).
-
-    A batch's augmentation is many ops on a few MB: split over the training's threads, each op pays
-    more to wake them than it gains, and with OpenMP's passive waits (the ``tbps`` command's) much more."""
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
+from tbps.threads import torch_threads
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -166,8 +151,11 @@ class TrainPairs(Dataset):
         # that RNG is the worker's own; in the main process, fork it so dropout is undisturbed.
         # Only the CPU generator: torch.manual_seed would also seed (or, before CUDA starts, queue
         # with a captured stack trace) every accelerator's, 8 ms a sample, a quarter of a CPU step.
+        # On one torch thread (a DataLoader worker has one already): a batch's augmentation is many ops
+        # on a few MB; split over the training's threads, each op pays more to wake them than it gains,
+        # and with OpenMP's passive waits (the ``tbps`` command's) much more.
         in_worker = torch.utils.data.get_worker_info() is not None
-        with contextlib.nullcontext() if in_worker else _one_thread():
+        with torch_threads(1):
             return self._items(indices, fork=not in_worker and self.pool is not None)
 
     def _items(self, indices: Sequence[int], fork: bool) -> list[dict]:

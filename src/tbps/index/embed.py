@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from tbps.index.errors import IndexInputError
+from tbps.threads import torch_threads
 
 
 @dataclass
@@ -152,13 +153,11 @@ def _model_threads(device, workers: int):
     than cores: two threads beside a busy worker on 2 cores wait on each other)."""
     import torch
 
-    before = torch.get_num_threads()
+    n = torch.get_num_threads()
     if workers > 0 and str(device).split(":")[0] == "cpu":
-        torch.set_num_threads(max(1, min(before, _cores() - workers)))
-    try:
+        n = min(n, _cores() - workers)
+    with torch_threads(n):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def embed_files(paths: Sequence[str], encoder, *, batch_size: int = 64, workers: int | None = None,

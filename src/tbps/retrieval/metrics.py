@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from tbps.retrieval.positions import Scratch, chunk_positions
+from tbps.threads import torch_threads
 
 # Bytes of working memory per (query, gallery) element of one chunk: float32 bin
 # coordinates, int32 bins, a bool candidate flag, the int64 histogram and its cumsum
@@ -280,14 +281,9 @@ def _run_chunks(job, starts, threads: int) -> None:
         for a in starts:
             job(a)
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            for _ in pool.map(job, starts):  # in order: the first failing chunk raises
-                pass
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(1), ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(job, starts):  # in order: the first failing chunk raises
+            pass
 
 
 def _per_query(positions, n_rel, ptr, n_g):
