@@ -25,6 +25,7 @@ from tbps.engine import gradcache
 from tbps.engine.distributed import leave_distributed
 from tbps.objectives import StepContext, build_objective
 from tbps.recipes.config import ConfigError, load_recipe
+from tbps.threads import torch_threads
 from tests.torchrun import free_port, join
 
 MICRO = ["model.arch=micro-vit", "model.pretrained=null", "model.image_size=[32, 16]", "model.context_length=32",
@@ -44,10 +45,8 @@ SETUPS = {
 @pytest.fixture(autouse=True)
 def _one_thread(tmp_path, monkeypatch):
     monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "cache"))  # TextReID's word dictionary
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def _setup(name: str, dropout: float, n: int = 8):

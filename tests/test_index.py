@@ -22,6 +22,7 @@ from tbps.index import (
     remove_from_index,
 )
 from tbps.index import store as store_mod
+from tbps.threads import torch_threads
 from tests.fake_encoder import FakeEncoder
 
 
@@ -402,22 +403,16 @@ class _ThreadsSeen(FakeEncoder):
 def test_decoding_threads_and_workers_give_the_reference_batches(tmp_path, enc):
     """The CPU default (a pool of threads per batch) and worker processes (one stacked tensor
     per batch) yield the same batches as features computed one image at a time."""
-    import torch
-
     from tbps.index.embed import embed_files
 
     paths = write_images(tmp_path / "imgs", 11)
     bad = tmp_path / "imgs" / "zz.jpg"
     bad.write_bytes(b"\xff\xd8 truncated")
     files = [str(p) for p in paths[:6]] + [str(bad)] + [str(p) for p in paths[6:]]
-    before = torch.get_num_threads()
     runs = {}
-    try:
-        for threads, w in ((1, 0), (2, 0), (2, 1)):  # decoding ahead on a spare core, between passes, workers
-            torch.set_num_threads(threads)
+    for threads, w in ((1, 0), (2, 0), (2, 1)):  # decoding ahead on a spare core, between passes, workers
+        with torch_threads(threads):
             runs[threads, w] = list(embed_files(files, enc, batch_size=4, workers=w, progress=False))
-    finally:
-        torch.set_num_threads(before)
     ref = reference_features(enc, paths)
     for w, batches in runs.items():
         assert [b.indices for b in batches] == [[0, 1, 2, 3], [4, 5, 7], [8, 9, 10, 11]], w
@@ -448,20 +443,14 @@ class _Logged(FakeEncoder):
 def test_spare_cores_decode_the_next_batch_during_the_forward_pass(tmp_path, threads):
     """One model thread on 2+ cores: the next batch is decoded while this one is embedded.
     As many threads as cores: decoding only between forward passes, never beside them."""
-    import torch
-
     from tbps.index.embed import _cores, embed_files
 
     if threads == 1 and _cores() < 2:
         pytest.skip("needs a spare core")
     paths = [str(p) for p in write_images(tmp_path / "imgs", 4)]
     log: list[str] = []
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads if threads == 1 else _cores())
-    try:
+    with torch_threads(threads if threads == 1 else _cores()):
         list(embed_files(paths, _Logged(log), batch_size=2, workers=0, progress=False))
-    finally:
-        torch.set_num_threads(before)
     first = log.index("forward")
     during = log[first + 1:log.index("forward done")]
     assert during == (["decode", "decode"] if threads == 1 else [])
@@ -484,9 +473,7 @@ def test_workers_leave_the_model_the_other_cores_then_restore(tmp_path):
 
     paths = [str(p) for p in write_images(tmp_path / "imgs", 6)]
     spy = _ThreadsSeen()
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(2, before))
-    try:
+    with torch_threads(max(2, torch.get_num_threads())):
         n = torch.get_num_threads()
         list(embed_files(paths, spy, batch_size=2, workers=1, progress=False))
         assert spy.threads == [max(1, min(n, _cores() - 1))] * 3 and torch.get_num_threads() == n
@@ -494,8 +481,6 @@ def test_workers_leave_the_model_the_other_cores_then_restore(tmp_path):
         for _ in embed_files(paths, spy, batch_size=2, workers=0, progress=False):
             break  # abandoned after one batch: closing the generator restores the count
         assert spy.threads == [n] and torch.get_num_threads() == n
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_every_write_publishes_with_one_manifest_write(tmp_path, enc, monkeypatch):
