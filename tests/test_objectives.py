@@ -159,3 +159,28 @@ def test_bidiratt_trains_patch_and_phrase_features_not_the_attention(tiny_datase
         reached[detach] = (any(hit[:len(fusion)]), any(hit[len(fusion):]))
     assert reached[True] == (False, True)
     assert reached[False] == (True, True)
+
+
+def test_cmr_detach_trains_the_refiner_alone(tiny_dataset, monkeypatch, tmp_path):
+    """losses.cmr.detach (a stage that warms MeFa's refiner before its gradient reaches the encoders):
+    the CMR loss reaches the refiner and nothing else; without it, the refiner, the encoders and the
+    logit scale. The loss's value does not depend on the switch."""
+    from tests.conftest import MICRO, objective_setup
+    from tbps.recipes.config import load_recipe
+
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "cache"))
+    c = CASES["mefa"]
+    model, ds, obj, epoch, collate = objective_setup(load_recipe(c.recipe, MICRO + c.overrides), tiny_dataset)
+    batch = collate([ds[i] for i in range(0, len(ds), max(1, len(ds) // 12))])
+    refiner, encoders = list(obj.refiner.parameters()), [p for p in model.parameters() if p.requires_grad]
+    reached, values = {}, {}
+    for detach in (True, False):
+        obj.cfg["cmr"]["detach"] = detach
+        loss = obj(model, batch, StepContext(epoch=epoch + 0.5, total_epochs=epoch + 1, step=0))["cmr_loss"]
+        grads = torch.autograd.grad(loss, refiner + encoders + [model.logit_scale], allow_unused=True)
+        hit = [g is not None and bool(g.abs().sum() > 0) for g in grads]
+        reached[detach] = (all(hit[:len(refiner)]), any(hit[len(refiner):-1]), hit[-1])
+        values[detach] = loss.detach()
+    assert reached[True] == (True, False, False)
+    assert reached[False] == (True, True, True)
+    assert torch.equal(values[True], values[False])

@@ -14,7 +14,11 @@ the EVA-CLIP TBPS baseline trains. Three paths on top, each switched by its weig
   L_imr and L_imc are weighted by ``imr.imr_weight`` / ``imr.imc_weight`` inside each path.
 * **CMR, cross-modal refinement** ``cmr`` -- patch and word tokens re-weighted by cross-modal
   affinity and gated with the global feature (eqs. 3-5, :mod:`tbps.models.refine`), then N-ITC
-  (eq. 6) on the refined features.
+  (eq. 6) on the refined features. ``cmr.detach: true`` cuts the refiner's inputs (and the logit
+  scale) from the graph, so the loss trains the refiner alone: a stage before the one that trains
+  CMR for real can warm the new module on the encoders' features without moving them (linear
+  probing before fine-tuning), so its first gradients into the encoders do not come from random
+  weights. Not in the paper: its refiner starts with the pretrained encoders, at the same step.
 * **DCC, discriminative clue correction** ``dcc`` -- the secondary-similarity words of each
   caption (not the top ``skip_top``, not the bottom ``skip_bottom``) pooled into a clue feature
   and contrasted with the images by D-ITC (eq. 7, :mod:`tbps.losses.ditc`).
@@ -42,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "imr": {"margin": 0.2, "gamma": 10.0, "imr_weight": 1.0, "imc_weight": 1.0},
     "imr_text": {"weight": 1.0, "tiers": [1, 2, 3], "mlm": None, "mlm_top_k": 50},
     "imr_image": {"weight": 1.0, "top_k": 10, "refresh_every": 1, "bank_batch_size": 256},
-    "cmr": {"weight": 1.0, "temperature": 1.0, "token_scale": "none"},
+    "cmr": {"weight": 1.0, "temperature": 1.0, "token_scale": "none", "detach": False},
     "dcc": {"weight": 1.0, "skip_top": 3, "words": 4, "skip_bottom": 3},
     "gather": True,
 }
@@ -206,10 +210,14 @@ class MeFaObjective(Objective):
             out["imc_v_loss"] = w * imr["imc_weight"] * imc_loss(txt, img, negs, valid, imr["gamma"])
         if cfg["cmr"]["weight"] > 0:
             self.refiner.token_scale = cfg["cmr"]["token_scale"]  # a stage may change it
-            r_v, r_t = self.refiner(patches, img_raw, words, tmask, txt_raw)
+            feats = (patches, img_raw, words, tmask, txt_raw)
+            if cfg["cmr"]["detach"]:  # the refiner alone learns: nothing reaches the encoders or the scale
+                feats = tuple(f.detach() for f in feats)
+            r_v, r_t = self.refiner(*feats)
             r_v, r_t = F.normalize(r_v, dim=-1), F.normalize(r_t, dim=-1)
-            out["cmr_loss"] = cfg["cmr"]["weight"] * nitc_loss(r_v, r_t, gather(r_v), gather(r_t), pid, pid_g, scale,
-                                                               n["alpha"] * ramp)
+            cmr_scale = scale.detach() if cfg["cmr"]["detach"] else scale
+            out["cmr_loss"] = cfg["cmr"]["weight"] * nitc_loss(r_v, r_t, gather(r_v), gather(r_t), pid, pid_g,
+                                                               cmr_scale, n["alpha"] * ramp)
         d = cfg["dcc"]
         if d["weight"] > 0:
             from tbps.models.refine import select_clue_words
