@@ -57,10 +57,10 @@ def test_every_registered_objective_has_a_case():
     assert {c.objective for c in CASES.values()} == set(OBJECTIVES), "add the new objective to CASES"
 
 
-def _one_step(case: Case, tiny_dataset):
+def _built(case: Case, tiny_dataset):
     """Build the case's model, data set and objective and run the trainer's hooks in its order
-    (prepare_data, configure, on_epoch_start, batch_hook), then one forward and backward pass
-    on ~12 pairs of many identities. Returns the model, the objective, the batch and the outputs."""
+    (prepare_data, configure, on_epoch_start, batch_hook) on ~12 pairs of many identities.
+    Returns the model, the objective, the batch and a step context mid-epoch."""
     from tests.conftest import MICRO, objective_setup
     from tbps.recipes.config import load_recipe
 
@@ -68,9 +68,22 @@ def _one_step(case: Case, tiny_dataset):
     assert recipe.objective == case.objective
     model, ds, obj, epoch, collate = objective_setup(recipe, tiny_dataset)
     batch = collate([ds[i] for i in range(0, len(ds), max(1, len(ds) // 12))])
-    out = obj(model, batch, StepContext(epoch=epoch + 0.5, total_epochs=epoch + 1, step=0))
+    return model, obj, batch, StepContext(epoch=epoch + 0.5, total_epochs=epoch + 1, step=0)
+
+
+def _one_step(case: Case, tiny_dataset):
+    """:func:`_built`, then one forward and backward pass. Returns the model, the objective, the
+    batch and the outputs."""
+    model, obj, batch, ctx = _built(case, tiny_dataset)
+    out = obj(model, batch, ctx)
     sum(v for k, v in out.items() if k.endswith("_loss")).backward()
     return model, obj, batch, out
+
+
+def _reached(loss: torch.Tensor, params: list) -> list[bool]:
+    """Per parameter: whether ``loss`` gives it a non-zero gradient."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [g is not None and bool(g.abs().sum() > 0) for g in grads]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -142,20 +155,13 @@ def test_bidiratt_trains_patch_and_phrase_features_not_the_attention(tiny_datase
     """The BidirAtt weights are Grad-CAM's map, a constant pooling weight (losses.bidiratt.detach, default):
     the loss reaches the encoders (patch and phrase features) but not the fusion encoder; detach=false
     lets it reach the fusion encoder's attention (the earlier behaviour)."""
-    from tests.conftest import MICRO, objective_setup
-    from tbps.recipes.config import load_recipe
-
     monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "cache"))
-    c = CASES["laip"]
-    model, ds, obj, epoch, collate = objective_setup(load_recipe(c.recipe, MICRO + c.overrides), tiny_dataset)
-    batch = collate([ds[i] for i in range(0, len(ds), max(1, len(ds) // 12))])
+    model, obj, batch, ctx = _built(CASES["laip"], tiny_dataset)
     fusion, encoders = list(obj.fusion.parameters()), [p for p in model.parameters() if p.requires_grad]
     reached = {}
     for detach in (True, False):
         obj.cfg["bidiratt"]["detach"] = detach
-        loss = obj(model, batch, StepContext(epoch=epoch + 0.5, total_epochs=epoch + 1, step=0))["bidiratt_loss"]
-        grads = torch.autograd.grad(loss, fusion + encoders, allow_unused=True)
-        hit = [g is not None and bool(g.abs().sum() > 0) for g in grads]
+        hit = _reached(obj(model, batch, ctx)["bidiratt_loss"], fusion + encoders)
         reached[detach] = (any(hit[:len(fusion)]), any(hit[len(fusion):]))
     assert reached[True] == (False, True)
     assert reached[False] == (True, True)
@@ -165,20 +171,14 @@ def test_cmr_detach_trains_the_refiner_alone(tiny_dataset, monkeypatch, tmp_path
     """losses.cmr.detach (a stage that warms MeFa's refiner before its gradient reaches the encoders):
     the CMR loss reaches the refiner and nothing else; without it, the refiner, the encoders and the
     logit scale. The loss's value does not depend on the switch."""
-    from tests.conftest import MICRO, objective_setup
-    from tbps.recipes.config import load_recipe
-
     monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "cache"))
-    c = CASES["mefa"]
-    model, ds, obj, epoch, collate = objective_setup(load_recipe(c.recipe, MICRO + c.overrides), tiny_dataset)
-    batch = collate([ds[i] for i in range(0, len(ds), max(1, len(ds) // 12))])
+    model, obj, batch, ctx = _built(CASES["mefa"], tiny_dataset)
     refiner, encoders = list(obj.refiner.parameters()), [p for p in model.parameters() if p.requires_grad]
     reached, values = {}, {}
     for detach in (True, False):
         obj.cfg["cmr"]["detach"] = detach
-        loss = obj(model, batch, StepContext(epoch=epoch + 0.5, total_epochs=epoch + 1, step=0))["cmr_loss"]
-        grads = torch.autograd.grad(loss, refiner + encoders + [model.logit_scale], allow_unused=True)
-        hit = [g is not None and bool(g.abs().sum() > 0) for g in grads]
+        loss = obj(model, batch, ctx)["cmr_loss"]
+        hit = _reached(loss, refiner + encoders + [model.logit_scale])
         reached[detach] = (all(hit[:len(refiner)]), any(hit[len(refiner):-1]), hit[-1])
         values[detach] = loss.detach()
     assert reached[True] == (True, False, False)

@@ -209,16 +209,16 @@ class MeFaObjective(Objective):
             w = cfg["imr_image"]["weight"]
             out["imr_v_loss"] = w * imr["imr_weight"] * imr_loss(txt, img, negs, valid, imr["margin"])
             out["imc_v_loss"] = w * imr["imc_weight"] * imc_loss(txt, img, negs, valid, imr["gamma"])
-        if cfg["cmr"]["weight"] > 0:
-            self.refiner.token_scale = cfg["cmr"]["token_scale"]  # a stage may change it
-            feats = (patches, img_raw, words, tmask, txt_raw)
-            if cfg["cmr"]["detach"]:  # the refiner alone learns: nothing reaches the encoders or the scale
-                feats = tuple(f.detach() for f in feats)
+        c = cfg["cmr"]
+        if c["weight"] > 0:
+            self.refiner.token_scale = c["token_scale"]  # a stage may change it
+            feats, cmr_scale = (patches, img_raw, words, tmask, txt_raw), scale
+            if c["detach"]:  # the refiner alone learns: nothing reaches the encoders or the scale
+                feats, cmr_scale = tuple(f.detach() for f in feats), scale.detach()
             r_v, r_t = self.refiner(*feats)
             r_v, r_t = F.normalize(r_v, dim=-1), F.normalize(r_t, dim=-1)
-            cmr_scale = scale.detach() if cfg["cmr"]["detach"] else scale
-            out["cmr_loss"] = cfg["cmr"]["weight"] * nitc_loss(r_v, r_t, gather(r_v), gather(r_t), pid, pid_g,
-                                                               cmr_scale, n["alpha"] * ramp)
+            out["cmr_loss"] = c["weight"] * nitc_loss(r_v, r_t, gather(r_v), gather(r_t), pid, pid_g, cmr_scale,
+                                                      n["alpha"] * ramp)
         d = cfg["dcc"]
         if d["weight"] > 0:
             from tbps.models.refine import select_clue_words
