@@ -12,6 +12,7 @@ import pytest
 
 from tbps.cli.main import main
 from tbps.index import GalleryIndex
+from tbps.threads import torch_threads
 from tests.fake_encoder import FakeEncoder
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -124,27 +125,27 @@ def test_add_and_remove_cli(built, capsys, tmp_path):
 
 def test_end_to_end_with_real_encoder(tmp_path, capsys):
     """`create_untrained_checkpoint` + the real `Encoder`, through the CLI."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     inference = pytest.importorskip("tbps.retrieval.encoder")
-    torch.set_num_threads(1)
-    ckpt = inference.create_untrained_checkpoint(tmp_path / "ckpt" / "best.pt")
-    paths = write_images(tmp_path / "imgs", 12)
-    rc, out, err = run_cli(capsys, "index", "build", tmp_path / "idx", "--checkpoint", ckpt, "--images",
-                           tmp_path / "imgs", "--workers", "0", "--no-progress", "--json")
-    assert rc == 0, err
-    assert json.loads(out)["count"] == 12
-    rc, out, err = run_cli(capsys, "search", tmp_path / "idx", "a woman with a red bag", "-k", "5", "--json")
-    assert rc == 0, err
-    res = json.loads(out)["results"]
-    assert len(res) == 5 and all(-1.0001 <= r["score"] <= 1.0001 for r in res)
-    enc = inference.Encoder.from_checkpoint(ckpt)
-    GalleryIndex.open(tmp_path / "idx").check_encoder(enc)
-    rc, out, _ = run_cli(capsys, "search", tmp_path / "idx", "--image", paths[2], "-k", "1", "--json")
-    assert json.loads(out)["results"][0]["path"] == str(paths[2].resolve())
-    # A different checkpoint (other random weights) is refused.
-    other = inference.create_untrained_checkpoint(tmp_path / "other" / "best.pt", seed=1)
-    rc, _, err = run_cli(capsys, "search", tmp_path / "idx", "x", "--checkpoint", other)
-    assert rc == 2 and "does not match" in err
+    with torch_threads(1):  # restored after, for the tests that follow
+        ckpt = inference.create_untrained_checkpoint(tmp_path / "ckpt" / "best.pt")
+        paths = write_images(tmp_path / "imgs", 12)
+        rc, out, err = run_cli(capsys, "index", "build", tmp_path / "idx", "--checkpoint", ckpt, "--images",
+                               tmp_path / "imgs", "--workers", "0", "--no-progress", "--json")
+        assert rc == 0, err
+        assert json.loads(out)["count"] == 12
+        rc, out, err = run_cli(capsys, "search", tmp_path / "idx", "a woman with a red bag", "-k", "5", "--json")
+        assert rc == 0, err
+        res = json.loads(out)["results"]
+        assert len(res) == 5 and all(-1.0001 <= r["score"] <= 1.0001 for r in res)
+        enc = inference.Encoder.from_checkpoint(ckpt)
+        GalleryIndex.open(tmp_path / "idx").check_encoder(enc)
+        rc, out, _ = run_cli(capsys, "search", tmp_path / "idx", "--image", paths[2], "-k", "1", "--json")
+        assert json.loads(out)["results"][0]["path"] == str(paths[2].resolve())
+        # A different checkpoint (other random weights) is refused.
+        other = inference.create_untrained_checkpoint(tmp_path / "other" / "best.pt", seed=1)
+        rc, _, err = run_cli(capsys, "search", tmp_path / "idx", "x", "--checkpoint", other)
+        assert rc == 2 and "does not match" in err
 
 
 def test_ivf_index_through_the_cli(tmp_path, fake_models, capsys):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tbps.cli.main import main
+from tbps.threads import torch_threads
 from tests.conftest import MICRO
 
 TEXTS = ["a man in a red shirt and black trousers", "a woman with a blue bag", "a person in white shoes"]
@@ -45,28 +46,28 @@ def laip(tiny_dataset, tmp_path_factory):
     from tbps.models import create_model
     from tbps.objectives import build_objective
 
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("rescore")
-    images = tmp / "gallery"
-    images.mkdir()
-    for i, rec in enumerate(load_annotations(tiny_dataset, progress=False).split("test")):
-        shutil.copy(rec.image, images / f"{i:03d}.jpg")
-    r = load_recipe("laip-cpu", MICRO + ["losses.fusion.width=32", "losses.fusion.heads=2",
-                                         "losses.itc.queue_size=32"])
-    torch.manual_seed(0)
-    model = create_model(r.model)
-    objective = build_objective("laip", model, r.losses, num_identities=4)
-    recipe = r.to_dict()
-    ckpt = _save(tmp / "laip.pt", model, objective.state_dict(), recipe)
-    # The same weights under IRRA (fusion trained for MLM only) and with no fusion encoder at all.
-    irra = _save(tmp / "irra.pt", model, objective.state_dict(), {**recipe, "objective": "irra"})
-    clip = _save(tmp / "clip.pt", model, {}, {**recipe, "objective": "tbps-clip", "losses": {"itc": {}}})
-    few = tmp / "few"
-    few.mkdir()
-    for p in sorted(images.iterdir())[:3]:
-        shutil.copy(p, few / p.name)
-    return (_build(tmp, "idx", ckpt, images), ckpt, _build(tmp, "irra-idx", irra, few),
-            _build(tmp, "clip-idx", clip, few), sorted(few.iterdir())[0])
+    with torch_threads(1):  # restored after, for the tests that follow
+        tmp = tmp_path_factory.mktemp("rescore")
+        images = tmp / "gallery"
+        images.mkdir()
+        for i, rec in enumerate(load_annotations(tiny_dataset, progress=False).split("test")):
+            shutil.copy(rec.image, images / f"{i:03d}.jpg")
+        r = load_recipe("laip-cpu", MICRO + ["losses.fusion.width=32", "losses.fusion.heads=2",
+                                             "losses.itc.queue_size=32"])
+        torch.manual_seed(0)
+        model = create_model(r.model)
+        objective = build_objective("laip", model, r.losses, num_identities=4)
+        recipe = r.to_dict()
+        ckpt = _save(tmp / "laip.pt", model, objective.state_dict(), recipe)
+        # The same weights under IRRA (fusion trained for MLM only) and with no fusion encoder at all.
+        irra = _save(tmp / "irra.pt", model, objective.state_dict(), {**recipe, "objective": "irra"})
+        clip = _save(tmp / "clip.pt", model, {}, {**recipe, "objective": "tbps-clip", "losses": {"itc": {}}})
+        few = tmp / "few"
+        few.mkdir()
+        for p in sorted(images.iterdir())[:3]:
+            shutil.copy(p, few / p.name)
+        yield (_build(tmp, "idx", ckpt, images), ckpt, _build(tmp, "irra-idx", irra, few),
+               _build(tmp, "clip-idx", clip, few), sorted(few.iterdir())[0])
 
 
 def _search(capsys, *argv):

@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 
 from tbps.serve import MAX_K, MAX_QUERY_CHARS, ThumbCache, create_app
 from tbps.serve.runtime import THUMB_BOX
+from tbps.threads import torch_threads
 
 PALETTE = {  # name -> RGB; the embedding has one dimension per name
     "red": (220, 30, 30),
@@ -454,13 +455,13 @@ def real_gallery(tmp_path_factory):
     from tbps.index import build_index
     from tbps.retrieval.encoder import Encoder, create_untrained_checkpoint
 
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("real")
-    ckpt = create_untrained_checkpoint(root / "ckpt" / "best.pt", seed=0)
-    encoder = Encoder.from_checkpoint(ckpt)
-    images, meta = make_gallery(root)
-    build_index(root / "index", encoder, images, metadata_csv=meta, progress=False, checkpoint=ckpt)
-    return root / "index", ckpt, encoder
+    with torch_threads(1):  # restored after, for the tests that follow
+        root = tmp_path_factory.mktemp("real")
+        ckpt = create_untrained_checkpoint(root / "ckpt" / "best.pt", seed=0)
+        encoder = Encoder.from_checkpoint(ckpt)
+        images, meta = make_gallery(root)
+        build_index(root / "index", encoder, images, metadata_csv=meta, progress=False, checkpoint=ckpt)
+        yield root / "index", ckpt, encoder
 
 
 def test_serve_refuses_a_missing_or_corrupt_index(tmp_path, capsys):
