@@ -1,9 +1,12 @@
 """Recipes: YAML files parsed into small dataclasses at one boundary.
 
 A recipe names its objective (which losses), the model, the data pipeline, the
-optimiser and the schedule. ``base: NAME`` inherits another recipe and overrides keys.
+optimiser and the schedule. ``base: NAME`` inherits another recipe and overrides keys;
+``base: [NAME, PART, ...]`` merges several, left to right, before the file's own keys.
 ``key.sub=value`` overrides from the command line are applied on the merged dict.
-Recipes shipped with tbps live in ``tbps/recipes/NAME.yaml``; any path works too.
+Recipes shipped with tbps live in ``tbps/recipes/NAME.yaml``; any path works too. A shipped
+file named ``_PART.yaml`` is a part of other recipes (settings they share, named in their
+``base:``), not a recipe: it is not listed and does not load on its own.
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ def _plain(x):
 
 
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _recipe_path(name_or_path: str) -> Path:
@@ -187,9 +190,16 @@ def load_recipe_dict(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a recipe is a YAML mapping")
+    if not _seen and path.parent == RECIPE_DIR and path.stem.startswith("_"):
+        raise ConfigError(f"{path.stem} is a part of other recipes (named in their base:), not a recipe")
     base = d.pop("base", None)
-    if base:
-        d = _deep_merge(load_recipe_dict(base, _seen + (path,)), d)
+    bases = base if isinstance(base, list) else [base] if base else []
+    if not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: base is a recipe name or a list of them, got {base!r}")
+    merged: dict[str, Any] = {}
+    for b in bases:
+        merged = _deep_merge(merged, load_recipe_dict(b, _seen + (path,)))
+    d = _deep_merge(merged, d)
     d.setdefault("name", path.stem)
     if not _seen:
         d["name"] = path.stem
