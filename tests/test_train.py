@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tbps.cli.main import main
-from tbps.recipes.config import load_recipe
+from tbps.recipes.config import list_recipes, load_recipe
 from tbps.models.checkpoint import load_checkpoint
 from tbps.engine.train import TrainJob, train
 
@@ -169,6 +169,13 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "cannot be read as a checkpoint" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path), "--recipe", "nope"]) == 2
     assert "no recipe 'nope'" in capsys.readouterr().err
+
+
+def test_list_recipes_shows_each_with_its_description_and_no_parts(capsys):
+    assert main(["train", "--list-recipes"]) == 0
+    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert set(rows) == set(list_recipes()) and "_cpu-settings" not in rows
+    assert rows["irra-cpu"] == load_recipe("irra-cpu").description == "IRRA (SDM + ID + MLM) on a tiny ViT for CPU"
 
 
 def test_cpu_budget_counts_compute_not_waiting():

@@ -44,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--strict", action="store_true", help="a missing or corrupt image is an error, not a skip")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
+    p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes, each with its description, and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="recipe overrides, e.g. optim.lr=3e-4 data.batch_size=32")
     p.set_defaults(func=run)
@@ -56,11 +56,14 @@ def run(args) -> int:
     from pathlib import Path
 
     from tbps.cli.common import UserError, check_device
-    from tbps.recipes.config import DEFAULT_RECIPE, list_recipes, load_recipe
+    from tbps.recipes.config import DEFAULT_RECIPE, list_recipes, load_recipe, load_recipe_dict
     from tbps.engine.train import TrainJob, train
 
     if args.list_recipes:
-        print("\n".join(list_recipes()))
+        names = list_recipes()
+        width = max(map(len, names))
+        for name in names:
+            print(f"{name:<{width}}  {load_recipe_dict(name).get('description', '')}".rstrip())
         return 0
     check_device(args.device, None)
     overrides = list(args.overrides)
