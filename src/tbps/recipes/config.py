@@ -155,8 +155,13 @@ def _plain(x):
     return x
 
 
+def _is_part(path: Path) -> bool:
+    """A shipped ``_PART.yaml``: settings other recipes name in their ``base:``, not a recipe."""
+    return path.parent == RECIPE_DIR and path.stem.startswith("_")
+
+
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if not _is_part(p))
 
 
 def _recipe_path(name_or_path: str) -> Path:
@@ -190,7 +195,7 @@ def load_recipe_dict(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a recipe is a YAML mapping")
-    if not _seen and path.parent == RECIPE_DIR and path.stem.startswith("_"):
+    if not _seen and _is_part(path):
         raise ConfigError(f"{path.stem} is a part of other recipes (named in their base:), not a recipe")
     base = d.pop("base", None)
     bases = base if isinstance(base, list) else [base] if base else []
