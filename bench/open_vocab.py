@@ -8,8 +8,10 @@ checkpoint's recorded vocabulary). Each checkpoint is evaluated against the same
 its unseen-word handling switched: ``encode`` (the unseen word's own frozen vector, the old
 behaviour), ``drop`` (the word left out), ``nearest-1`` (its nearest training word),
 ``nearest-3`` (softmax(cos / 0.05) mix of the 3 nearest), ``wordnet-1`` and ``wordnet-3`` (the same
-among the training words WordNet relates to it or to the compounds it begins, where it relates any), ``recipe`` (the checkpoint's
-own setting, as it records it) and any ``--mode NAME=K,T`` or ``NAME=wordnet,K,T`` given. Original queries must come out
+among the training words WordNet relates to it or to the compounds it begins, where it relates any),
+``definitions`` (``wordnet-3``, then the training words WordNet's definitions of the word name),
+``recipe`` (the checkpoint's own setting, as it records it) and any ``--mode NAME=K,T`` or
+``NAME=wordnet,K,T`` given. Original queries must come out
 bit-for-bit the same in every mode (checked). Prints a table; --json writes everything.
 
     python bench/open_vocab.py --data /tmp/ov/data400 s0=/tmp/ov/runs/s0/last.pt s1=/tmp/ov/runs/s1/last.pt
@@ -96,7 +98,8 @@ REWRITES["heldout4"] = {
 }
 KEPT = ("all", "heldout", "heldout2", "heldout3", "heldout4")  # the rewrites whose share of R@1 kept the table prints
 MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05),
-         "wordnet-1": ("wordnet", 1, 1.0), "wordnet-3": ("wordnet", 3, 0.05), "recipe": "recipe"}
+         "wordnet-1": ("wordnet", 1, 1.0), "wordnet-3": ("wordnet", 3, 0.05),
+         "definitions": ("wordnet", 3, 0.05, True), "recipe": "recipe"}
 
 
 def rewriter(word_map: dict[str, str]):
@@ -124,8 +127,8 @@ def spec_with(spec, mode):
     if mode is None or mode == "drop":
         s.text_tower["oov"] = mode or "encode"
     elif mode != "recipe":
-        oov, k, t = mode if len(mode) == 3 else ("nearest", *mode)
-        s.text_tower.update(oov=oov, oov_k=int(k), oov_temperature=float(t))
+        oov, k, t, *definitions = mode if len(mode) >= 3 else ("nearest", *mode)
+        s.text_tower.update(oov=oov, oov_k=int(k), oov_temperature=float(t), oov_definitions=bool(definitions))
     return s
 
 

@@ -38,7 +38,11 @@ SYNSETS = {
     "olive_green": ("n", "n", ["olive_green", "olive-green"], [("@", "green")]),
     "olive-gray": ("a", "s", ["olive-gray"], [("&", "chromatic")]),
     "scarlet_fever": ("n", "n", ["scarlet_fever", "fever"], []),
+    # a satellite with no head: WordNet relates it to nothing, its definition names two colours
+    "tawny": ("a", "s", ["tawny"], []),
 }
+# Definitions (the rest: "a gloss"); quoted examples follow a definition after "; ".
+GLOSSES = {"tawny": 'of a light red to blue colour; "a tawny shoe"', "goose": "web-footed bird; any of various geese"}
 EXCEPTIONS = {"noun.exc": "geese goose\n", "verb.exc": "wore wear\n"}
 
 
@@ -52,7 +56,8 @@ def write_wordnet(root, synsets=SYNSETS):
         words = " ".join(f"{w} 0" for w in lemmas)
         pointers = " ".join(f"{s} {offsets.get(t, 0):08d} {synsets[t][0] if synsets[t][1] != 's' else 's'} 0000"
                             for s, t in ptrs)
-        return f"{offsets.get(key, 0):08d} 00 {kind} {len(lemmas):02x} {words} {len(ptrs):03d} {pointers} | a gloss\n"
+        gloss = GLOSSES.get(key, "a gloss")
+        return f"{offsets.get(key, 0):08d} 00 {kind} {len(lemmas):02x} {words} {len(ptrs):03d} {pointers} | {gloss}\n"
 
     offsets = {}
     for pos in names:  # every field has a fixed width, so a line's length does not depend on the offsets
@@ -147,7 +152,7 @@ VECTORS = {  # a 3-d space where the encoder alone gets colours wrong: "scarlet"
     "red": (1.0, 0.0, 0.0), "blue": (0.0, 1.0, 0.0), "shoe": (0.0, 0.0, 1.0), "clothing": (0.3, 0.3, 0.6),
     "a": (0.5, 0.5, 0.5), "scarlet": (0.2, 0.9, 0.1), "footwear": (0.3, 0.3, 0.7), "zebra": (0.9, 0.1, 0.0),
     "goose": (0.1, 0.9, 0.2), "olive": (0.0, 0.0, 1.0), "green": (0.0, 0.7, 0.7), "gray": (0.6, 0.0, 0.8),
-    "fever": (0.9, 0.0, 0.1),
+    "fever": (0.9, 0.0, 0.1), "tawny": (0.0, 0.1, 1.0),
 }
 
 
@@ -186,6 +191,30 @@ def test_a_word_known_only_in_compounds_is_read_through_them(wordnet):
     # a word WordNet relates to a training word (scarlet: red, one step) is not read through its compounds
     # (scarlet_fever is a synonym of fever, also one step further)
     assert m.explain(["scarlet"])["scarlet"] == [("red", pytest.approx(1.0))]
+
+
+def test_definitions_are_read_without_their_examples(wordnet):
+    assert wordnet.definitions("tawny") == ["of a light red to blue colour"]
+    assert wordnet.definitions("geese") == ["web-footed bird", "any of various geese"]
+    assert wordnet.definitions("zebra") == []
+
+
+def test_a_word_related_to_none_is_read_through_the_words_its_definitions_name(wordnet):
+    d = WordDictionary(WordNetTable(), cache=False)
+    vocab = ["a", "blue", "gray", "red", "shoe"]
+    off = NearestWords(d, vocab, k=3, temperature=0.1, lexicon=wordnet)
+    on = NearestWords(d, vocab, k=3, temperature=0.1, lexicon=wordnet, definitions=True)
+    assert off.explain(["tawny"])["tawny"][0][0] == "shoe"  # related to none: the encoder alone, wrong
+    # the colours its definition names, the encoder weighing them; not "a" (a word of one letter), not
+    # the "shoe" of its quoted example
+    read = on.explain(["tawny"])["tawny"]
+    assert [w for w, _ in read] == ["blue", "red"] and sum(p for _, p in read) == pytest.approx(1.0)
+    assert on.tag != off.tag
+    # words WordNet relates to a training word are read as before; a definition naming none leaves the encoder
+    assert on.explain(["scarlet"])["scarlet"] == [("red", pytest.approx(1.0))]
+    assert on.explain(["goose"]) == off.explain(["goose"])
+    # with no lexicon the switch does nothing
+    assert NearestWords(d, vocab, k=1, definitions=True).tag == NearestWords(d, vocab, k=1).tag
 
 
 @pytest.mark.skipif(find_wordnet() is None, reason="no WordNet installed (apt install wordnet-base)")

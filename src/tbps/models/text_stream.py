@@ -52,9 +52,12 @@ TEXT_TOWER_DEFAULTS: dict[str, Any] = {
     # wordnet, k 3 by default: the best on bench/open_vocab.py's rewrites of two synthetic datasets' val splits
     # (docs/performance.md, section 5); "nearest" alone did best with k 1.
     "oov": "wordnet", "oov_k": 3, "oov_temperature": 0.05,
+    # with "wordnet": a word WordNet relates to no training word is read through those its definitions name
+    "oov_definitions": False,
     "vocabulary": None,  # the training vocabulary, recorded by training (prepare_vocabulary)
 }
 OOV_MODES = ("wordnet", "nearest", "encode", "drop")
+OOV_KEYS = ("oov", "oov_k", "oov_temperature", "oov_definitions")  # recorded by training with the vocabulary
 _WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")  # "t-shirt", "man's", "3" ; commas and slashes split
 
 
@@ -171,6 +174,8 @@ def text_tower_config(spec: ModelSpec) -> dict[str, Any]:
     t = cfg["oov_temperature"]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or t == float("inf"):
         raise TextStreamError(f"model.text_tower.oov_temperature {t!r}: a number > 0")
+    if not isinstance(cfg["oov_definitions"], bool):
+        raise TextStreamError(f"model.text_tower.oov_definitions {cfg['oov_definitions']!r}: true or false")
     vocab = cfg["vocabulary"]
     if vocab is not None and (not isinstance(vocab, list) or not all(isinstance(w, str) for w in vocab)):
         raise TextStreamError("model.text_tower.vocabulary: a list of words (recorded by training)")
@@ -181,7 +186,7 @@ def record_vocabulary(spec: ModelSpec, words: set[str]) -> None:
     """Keep the training vocabulary in the spec (so in every checkpoint): unseen query words are
     then known as such wherever the model is loaded (see ``oov``)."""
     cfg = text_tower_config(spec)  # the unseen-word settings in force are recorded too, not left to defaults
-    spec.text_tower = {**(spec.text_tower or {}), **{k: cfg[k] for k in ("oov", "oov_k", "oov_temperature")},
+    spec.text_tower = {**(spec.text_tower or {}), **{k: cfg[k] for k in OOV_KEYS},
                        "vocabulary": sorted(set(words) - {PAD})}
 
 
@@ -365,10 +370,11 @@ class WordTokenizer:
         vocab = cfg.get("vocabulary")
         if cfg["oov"] == "encode" or not vocab:
             return None
-        key = (cfg["oov"], id(vocab), len(vocab), cfg["oov_k"], cfg["oov_temperature"])
+        key = (*(cfg[k] for k in OOV_KEYS), id(vocab), len(vocab))  # the mode first (read below)
         if self._map[0] != key:
             lexicon = _wordnet() if cfg["oov"] == "wordnet" else None
-            self._map = (key, NearestWords(self.dictionary, vocab, cfg["oov_k"], cfg["oov_temperature"], lexicon))
+            self._map = (key, NearestWords(self.dictionary, vocab, cfg["oov_k"], cfg["oov_temperature"], lexicon,
+                                           definitions=cfg["oov_definitions"]))
         return self._map[1]
 
     def explain(self, text: str) -> dict[str, list[tuple[str, float]]]:

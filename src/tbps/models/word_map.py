@@ -12,7 +12,10 @@ many colour words nearest the wrong colour ("scarlet" -> pink, "navy" -> basebal
 (:meth:`tbps.models.wordnet.WordNet.related`: its synonyms, what it is a kind of, its own kinds),
 the encoder choosing among them. A word WordNet relates to no training word is read through the
 compounds it begins (:meth:`~tbps.models.wordnet.WordNet.compounds`: "olive" through olive_green,
-a kind of green; "bermudas" through bermuda_shorts), one step further; failing those, all compete.
+a kind of green; "bermudas" through bermuda_shorts), one step further. With ``definitions`` on, a
+word WordNet knows but relates to no training word either way is read through the training words its
+definitions name (:meth:`~tbps.models.wordnet.WordNet.definitions`: "tawny", "of a light brown to
+brownish orange color", -> brown, orange). Failing those, all training words compete.
 
 The training vocabulary is recorded in the model spec by training (``text_tower.vocabulary``,
 so it travels in the checkpoint and eval, index, search and serve map words the same way); a
@@ -22,6 +25,7 @@ word in it is never touched, so in-vocabulary queries give bit-for-bit the same 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Sequence
 
@@ -29,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from tbps.models.wordnet import POS, WordNet
+
+_DEFINITION_WORD = re.compile(r"[a-z]{3,}")  # "a", "an", "of", "or" left out: WordNet has some as nouns (vitamin A)
 
 
 class NearestWords:
@@ -40,15 +46,17 @@ class NearestWords:
     """
 
     def __init__(self, dictionary, vocabulary: Sequence[str], k: int = 3, temperature: float = 0.05,
-                 lexicon: WordNet | None = None):
+                 lexicon: WordNet | None = None, definitions: bool = False):
         self.dictionary = dictionary
         self.vocabulary = sorted(set(vocabulary))
         self.known = frozenset(self.vocabulary)
         self.k, self.temperature = max(1, int(k)), float(temperature)
         self.lexicon = lexicon  # candidates first from WordNet's relations (None: every training word)
+        self.definitions = bool(definitions) and lexicon is not None  # then from the words its definitions name
         self._lemmas: dict[tuple[str, str], list[int]] | None = None  # (lemma, pos) -> training words' indices
         h = hashlib.sha256("\n".join(self.vocabulary).encode()).hexdigest()[:12]
-        self.tag = f"{h}-k{self.k}-t{self.temperature:g}" + ("-wordnet" if lexicon is not None else "")
+        self.tag = f"{h}-k{self.k}-t{self.temperature:g}" + ("-wordnet" if lexicon is not None else "") + (
+            "-definitions" if self.definitions else "")
         self._vectors: torch.Tensor | None = None  # (V, E) training words' frozen vectors
         self._unit: torch.Tensor | None = None  # the same, L2-normalised
         self._mapped: dict[str, tuple[int, list[tuple[str, float]]]] = {}  # word -> (row, [(neighbour, weight)])
@@ -112,6 +120,13 @@ class NearestWords:
             for compound in self.lexicon.compounds(word):
                 for j, n in self._steps(self.lexicon.related(compound)).items():
                     steps[j] = min(n + 1, steps.get(j, n + 1))
+        if not steps and self.definitions:  # nor as a compound's: the training words its definitions name
+            for text in self.lexicon.definitions(word):
+                for token in _DEFINITION_WORD.findall(text.lower()):
+                    for pos in ("n", "a"):  # what a colour, a garment or a person is defined by
+                        for base in self.lexicon.base_forms(token, pos):
+                            for j in self._lemmas.get((base, pos), ()):
+                                steps[j] = 0  # all alike: the encoder chooses among them
         fewest = min(steps.values(), default=None)
         return sorted(j for j, n in steps.items() if n == fewest)
 

@@ -170,6 +170,18 @@ class WordNet:
                         i += 1
         return list(found)
 
+    def definitions(self, word: str) -> list[str]:
+        """The definitions of every sense of ``word`` in :meth:`senses` order, without their quoted
+        examples: "tawny" -> ["of a light brown to brownish orange color", "the color of tanned leather"]."""
+        found: list[str] = []
+        for pos, offset in self.senses(word):
+            self.synset((pos, offset))  # the line is checked to be a synset there
+            data = self._data(pos)
+            end = data.find(b"\n", offset)
+            _, _, gloss = data[offset : end if end >= 0 else len(data)].decode("latin-1").partition("|")
+            found += [part.strip() for part in gloss.split(";") if part.strip() and not part.strip().startswith('"')]
+        return found
+
     def synset(self, key: Synset) -> tuple[str, list[str], list[tuple[str, Synset]]]:
         """(synset type: n, v, a, s for an adjective satellite, r; lemmas; [(pointer symbol, target)])."""
         got = self._synsets.get(key)
