@@ -123,7 +123,8 @@ def test_vocabulary_travels_in_the_checkpoint(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("bad", [{"oov": "guess"}, {"oov": None}, {"oov_k": 0}, {"oov_k": 1.5}, {"oov_temperature": 0},
-                                 {"oov_temperature": "hot"}, {"vocabulary": "red coat"}, {"vocabulary": [1, 2]}])
+                                 {"oov_temperature": "hot"}, {"oov_definitions": "yes"}, {"vocabulary": "red coat"},
+                                 {"vocabulary": [1, 2]}])
 def test_bad_oov_settings_are_named(bad):
     with pytest.raises(TextStreamError, match=next(iter(bad))):
         text_tower_config(_spec(**bad))
@@ -137,10 +138,13 @@ def test_wordnet_is_the_default_and_without_one_the_encoder_reads_alone(tmp_path
     torch.manual_seed(0)
     model = create_model(_spec(), load_pretrained=False).eval()
     model.prepare_vocabulary(["a man in a red coat", "a woman in a blue jacket"])
-    assert (model.spec.text_tower["oov"], model.spec.text_tower["oov_k"]) == ("wordnet", 3)  # recorded
+    recorded = {k: model.spec.text_tower[k] for k in ("oov", "oov_k", "oov_definitions")}
+    assert recorded == {"oov": "wordnet", "oov_k": 3, "oov_definitions": True}
     monkeypatch.setenv("TBPS_WORDNET", str(write_wordnet(tmp_path / "wn")))
     assert get_tokenizer(model.spec).explain("a scarlet anorak") == {"scarlet": [("red", pytest.approx(1.0))],
                                                                      "anorak": [("jacket", pytest.approx(1.0))]}
+    # tawny: related to no training word, its definition in the test database names red and blue
+    assert sorted(w for w, _ in get_tokenizer(model.spec).explain("tawny")["tawny"]) == ["blue", "red"]
     nearest_spec = _spec(oov="nearest")
     nearest_spec.text_tower["vocabulary"] = model.spec.text_tower["vocabulary"]
     expected = get_tokenizer(nearest_spec).explain("a scarlet anorak")

@@ -33,8 +33,9 @@ past the top K keep their cosine order below, with score cosine - top cosine - 1
 
 unknown words: with a frozen word-dictionary text tower (textreid recipes), a query word that no
 training caption used is read as its nearest training word in the frozen encoder's space, among
-the training words WordNet relates to it where it relates any (model.text_tower.oov: wordnet;
-WordNet from Debian's wordnet-base or $TBPS_WORDNET); each such word is shown on stderr, e.g.
+the training words WordNet relates to it where it relates any, else among those its WordNet
+definitions name (model.text_tower.oov: wordnet, oov_definitions: true; WordNet from Debian's
+wordnet-base or $TBPS_WORDNET); each such word is shown on stderr, e.g.
   tbps: "rucksack" (not in the training vocabulary) -> backpack (1.00)
 (with model.text_tower.oov_k > 1, the k nearest and their weights)
 
