@@ -9,10 +9,10 @@ its unseen-word handling switched: ``encode`` (the unseen word's own frozen vect
 behaviour), ``drop`` (the word left out), ``nearest-1`` (its nearest training word),
 ``nearest-3`` (softmax(cos / 0.05) mix of the 3 nearest), ``wordnet-1`` and ``wordnet-3`` (the same
 among the training words WordNet relates to it or to the compounds it begins, where it relates any),
-``definitions`` (``wordnet-3``, then the training words WordNet's definitions of the word name),
-``recipe`` (the checkpoint's own setting, as it records it) and any ``--mode NAME=K,T`` or
-``NAME=wordnet,K,T`` given. Original queries must come out
-bit-for-bit the same in every mode (checked). Prints a table; --json writes everything.
+``definitions`` (``wordnet-3``, and where WordNet relates no training word, the training words
+its definitions name: the default since 5 Dec 2026), ``recipe`` (the checkpoint's own setting, as it
+records it) and any ``--mode NAME=K,T`` or ``NAME=wordnet,K,T`` given. Original queries must come
+out bit-for-bit the same in every mode (checked). Prints a table; --json writes everything.
 
     python bench/open_vocab.py --data /tmp/ov/data400 s0=/tmp/ov/runs/s0/last.pt s1=/tmp/ov/runs/s1/last.pt
 """
