@@ -120,13 +120,12 @@ class NearestWords:
             for compound in self.lexicon.compounds(word):
                 for j, n in self._steps(self.lexicon.related(compound)).items():
                     steps[j] = min(n + 1, steps.get(j, n + 1))
-        if not steps and self.definitions:  # nor as a compound's: the training words its definitions name
-            for text in self.lexicon.definitions(word):
-                for token in _DEFINITION_WORD.findall(text.lower()):
-                    for pos in ("n", "a"):  # what a colour, a garment or a person is defined by
-                        for base in self.lexicon.base_forms(token, pos):
-                            for j in self._lemmas.get((base, pos), ()):
-                                steps[j] = 0  # all alike: the encoder chooses among them
+        if not steps and self.definitions:  # nor as a compound's: the training words its definitions name,
+            named = {(base, pos): 0 for text in self.lexicon.definitions(word)  # all alike: the encoder chooses
+                     for token in _DEFINITION_WORD.findall(text.lower())
+                     for pos in ("n", "a")  # what a colour, a garment or a person is defined by
+                     for base in self.lexicon.base_forms(token, pos)}
+            steps = self._steps(named)
         fewest = min(steps.values(), default=None)
         return sorted(j for j, n in steps.items() if n == fewest)
 
