@@ -1,8 +1,8 @@
 """Open-vocabulary check: R@1 on test queries as written and rewritten into unseen synonyms.
 
 Each test caption is rewritten by word maps of its own (colours, garments, bags, people words,
-all at once, the older ``reserved`` map of ``tbps.synth.RESERVED_SYNONYMS``, and four held-out
-maps, each written before the rule it checks was measured: ``heldout`` to ``heldout4``); the bench
+all at once, the older ``reserved`` map of ``tbps.synth.RESERVED_SYNONYMS``, and five held-out
+maps, each written before the rule it checks was measured: ``heldout`` to ``heldout5``); the bench
 first checks, on the data, that no target word occurs in any training caption (nor in the
 checkpoint's recorded vocabulary). Each checkpoint is evaluated against the same gallery with
 its unseen-word handling switched: ``encode`` (the unseen word's own frozen vector, the old
@@ -96,7 +96,20 @@ REWRITES["heldout4"] = {
     "purse": "pouch", "bag": "duffel", "man": "hombre", "male": "hombre", "guy": "bro", "woman": "miss",
     "female": "miss", "lady": "madame", "boy": "youth", "girl": "missy",
 }
-KEPT = ("all", "heldout", "heldout2", "heldout3", "heldout4")  # the rewrites whose share of R@1 kept the table prints
+# Written on 6 Dec 2026 at the start of a session, before the query-context reading was probed or built,
+# chosen without looking any target up in WordNet or in the frozen encoder (only the training captions,
+# to keep every target unseen: hoodie, beanie, gentleman and sweatshirt are training words, so were not used).
+REWRITES["heldout5"] = {
+    "red": "carmine", "blue": "cerulean", "green": "sage", "yellow": "primrose", "orange": "pumpkin",
+    "pink": "blush", "purple": "amethyst", "white": "eggshell", "black": "raven", "grey": "pewter",
+    "gray": "pewter", "brown": "caramel", "jacket": "bomber", "coat": "trenchcoat", "overcoat": "trenchcoat",
+    "trousers": "joggers", "pants": "joggers", "jeans": "jeggings", "shirt": "henley", "sweater": "crewneck",
+    "jumper": "crewneck", "pullover": "crewneck", "dress": "smock", "shorts": "boardshorts",
+    "shoes": "moccasins", "sneakers": "moccasins", "trainers": "moccasins", "hat": "sunhat", "backpack": "daypack",
+    "handbag": "wallet", "purse": "wallet", "bag": "valise", "man": "mister", "male": "mister", "guy": "buddy",
+    "woman": "femme", "female": "femme", "lady": "missus", "boy": "kid", "girl": "teen",
+}
+KEPT = ("all", "heldout", "heldout2", "heldout3", "heldout4", "heldout5")  # the rewrites whose share of R@1 kept the table prints
 MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05),
          "wordnet-1": ("wordnet", 1, 1.0), "wordnet-3": ("wordnet", 3, 0.05),
          "definitions": ("wordnet", 3, 0.05, True), "recipe": "recipe"}
