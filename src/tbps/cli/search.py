@@ -35,7 +35,9 @@ unknown words: with a frozen word-dictionary text tower (textreid recipes), a qu
 training caption used is read as its nearest training word in the frozen encoder's space, among
 the training words WordNet relates to it where it relates any, else among those its WordNet
 definitions name (model.text_tower.oov: wordnet, oov_definitions: true; WordNet from Debian's
-wordnet-base or $TBPS_WORDNET); each such word is shown on stderr, e.g.
+wordnet-base or $TBPS_WORDNET); a colour name ("navy", "mint") is first read as the training
+word of the nearest colour in the xkcd colour survey's names (oov_colours: true; matplotlib);
+each such word is shown on stderr, e.g.
   tbps: "rucksack" (not in the training vocabulary) -> backpack (1.00)
 (with model.text_tower.oov_k > 1, the k nearest and their weights)
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from tbps.files import cache_dir
 from tbps.models.spec import ModelSpec, arch_config
+from tbps.models.colour_names import ColourNames, load_colour_names
 from tbps.models.word_map import NearestWords
 from tbps.models.wordnet import ENV as WORDNET_ENV
 from tbps.models.wordnet import WordNet, load_wordnet
@@ -56,10 +57,15 @@ TEXT_TOWER_DEFAULTS: dict[str, Any] = {
     # words its definitions name. On by default: on a map of synonyms written before it was built it kept more
     # R@1 on both synthetic datasets, without lowering the other maps' mean (docs/performance.md, section 5).
     "oov_definitions": True,
+    # with "wordnet" (also where no WordNet is installed): a word that is a colour name (the xkcd colour survey's, installed with matplotlib)
+    # is read as the training word whose colour names lie nearest in colour ("navy" -> blue; colour_names.py),
+    # before WordNet is asked. On by default: on a map of synonyms written before it was built it kept more R@1 on
+    # both synthetic datasets, and the older maps' mean rose (docs/performance.md, section 5).
+    "oov_colours": True,
     "vocabulary": None,  # the training vocabulary, recorded by training (prepare_vocabulary)
 }
 OOV_MODES = ("wordnet", "nearest", "encode", "drop")
-OOV_KEYS = ("oov", "oov_k", "oov_temperature", "oov_definitions")  # recorded by training with the vocabulary
+OOV_KEYS = ("oov", "oov_k", "oov_temperature", "oov_definitions", "oov_colours")  # recorded by training with the vocabulary
 _WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")  # "t-shirt", "man's", "3" ; commas and slashes split
 
 
@@ -178,6 +184,8 @@ def text_tower_config(spec: ModelSpec) -> dict[str, Any]:
         raise TextStreamError(f"model.text_tower.oov_temperature {t!r}: a number > 0")
     if not isinstance(cfg["oov_definitions"], bool):
         raise TextStreamError(f"model.text_tower.oov_definitions {cfg['oov_definitions']!r}: true or false")
+    if not isinstance(cfg["oov_colours"], bool):
+        raise TextStreamError(f"model.text_tower.oov_colours {cfg['oov_colours']!r}: true or false")
     vocab = cfg["vocabulary"]
     if vocab is not None and (not isinstance(vocab, list) or not all(isinstance(w, str) for w in vocab)):
         raise TextStreamError("model.text_tower.vocabulary: a list of words (recorded by training)")
@@ -350,6 +358,20 @@ def _wordnet() -> WordNet | None:
     return lexicon
 
 
+_WARNED_NO_COLOURS = False
+
+
+def _colour_names() -> ColourNames | None:
+    """The installed colour-name table; None (and one warning per process) when there is none."""
+    global _WARNED_NO_COLOURS
+    table = load_colour_names()
+    if table is None and not _WARNED_NO_COLOURS:
+        _WARNED_NO_COLOURS = True
+        warnings.warn("model.text_tower.oov_colours: true, but matplotlib (whose xkcd colour names it reads) is not "
+                      "installed (pip install 'tbps[nlp]'): unseen colour words are read without it", stacklevel=3)
+    return table
+
+
 class WordTokenizer:
     """Texts -> (B, L) dictionary rows, 0-padded to ``context_length`` (like open_clip's).
 
@@ -375,8 +397,9 @@ class WordTokenizer:
         key = (*(cfg[k] for k in OOV_KEYS), id(vocab), len(vocab))  # the mode first (read below)
         if self._map[0] != key:
             lexicon = _wordnet() if cfg["oov"] == "wordnet" else None
+            colours = _colour_names() if cfg["oov"] == "wordnet" and cfg["oov_colours"] else None
             self._map = (key, NearestWords(self.dictionary, vocab, cfg["oov_k"], cfg["oov_temperature"], lexicon,
-                                           definitions=cfg["oov_definitions"]))
+                                           definitions=cfg["oov_definitions"], colours=colours))
         return self._map[1]
 
     def explain(self, text: str) -> dict[str, list[tuple[str, float]]]:

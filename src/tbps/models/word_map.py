@@ -15,7 +15,9 @@ compounds it begins (:meth:`~tbps.models.wordnet.WordNet.compounds`: "olive" thr
 a kind of green; "bermudas" through bermuda_shorts), one step further. With ``definitions`` on, a
 word WordNet knows but relates to no training word either way is read through the training words its
 definitions name (:meth:`~tbps.models.wordnet.WordNet.definitions`: "tawny", "of a light brown to
-brownish orange color", -> brown, orange). Failing those, all training words compete.
+brownish orange color", -> brown, orange). Failing those, all training words compete. With a colour-name
+table (:class:`tbps.models.colour_names.ColourNames`), a word that is a colour name in it is read as the
+training colour word nearest in colour ("navy" -> blue), before WordNet is asked.
 
 The training vocabulary is recorded in the model spec by training (``text_tower.vocabulary``,
 so it travels in the checkpoint and eval, index, search and serve map words the same way); a
@@ -32,6 +34,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from tbps.models.colour_names import ColourNames
 from tbps.models.wordnet import POS, WordNet
 
 _DEFINITION_WORD = re.compile(r"[a-z]{3,}")  # "a", "an", "of", "or" left out: WordNet has some as nouns (vitamin A)
@@ -46,17 +49,19 @@ class NearestWords:
     """
 
     def __init__(self, dictionary, vocabulary: Sequence[str], k: int = 3, temperature: float = 0.05,
-                 lexicon: WordNet | None = None, definitions: bool = False):
+                 lexicon: WordNet | None = None, definitions: bool = False, colours: ColourNames | None = None):
         self.dictionary = dictionary
         self.vocabulary = sorted(set(vocabulary))
         self.known = frozenset(self.vocabulary)
         self.k, self.temperature = max(1, int(k)), float(temperature)
         self.lexicon = lexicon  # candidates first from WordNet's relations (None: every training word)
         self.definitions = bool(definitions) and lexicon is not None  # then from the words its definitions name
+        self.colours = colours  # a colour name first read as the training word of the nearest colour
+        self._index = {w: j for j, w in enumerate(self.vocabulary)}
         self._lemmas: dict[tuple[str, str], list[int]] | None = None  # (lemma, pos) -> training words' indices
         h = hashlib.sha256("\n".join(self.vocabulary).encode()).hexdigest()[:12]
         self.tag = f"{h}-k{self.k}-t{self.temperature:g}" + ("-wordnet" if lexicon is not None else "") + (
-            "-definitions" if self.definitions else "")
+            "-definitions" if self.definitions else "") + ("-colours" if colours is not None else "")
         self._vectors: torch.Tensor | None = None  # (V, E) training words' frozen vectors
         self._unit: torch.Tensor | None = None  # the same, L2-normalised
         self._mapped: dict[str, tuple[int, list[tuple[str, float]]]] = {}  # word -> (row, [(neighbour, weight)])
@@ -89,9 +94,9 @@ class NearestWords:
             words = sorted(raw_rows)
             query = F.normalize(self.dictionary.vectors[[raw_rows[w] for w in words]].float(), dim=1)  # (N, E)
             cos = query @ unit.t()  # (N, V)
-            if self.lexicon is not None:  # only WordNet's nearest relations compete, where it has any
+            if self.lexicon is not None or self.colours is not None:  # only these compete, where there are any
                 for n, w in enumerate(words):
-                    allowed = self._related(w)
+                    allowed = self._allowed(w)
                     if allowed:
                         outside = torch.ones(cos.shape[1], dtype=torch.bool)
                         outside[allowed] = False
@@ -104,6 +109,14 @@ class NearestWords:
             for n, w in enumerate(words):
                 why = [(self.vocabulary[int(j)], float(p)) for j, p in zip(top[n], weights[n]) if p > 0]
                 self._mapped[w] = (rows[n], why)
+
+    def _allowed(self, word: str) -> list[int]:
+        """Indices of the training words that may read ``word``: the colour table's, else WordNet's; [] for none."""
+        if self.colours is not None:
+            colour = self.colours.nearest(word, self.known)
+            if colour is not None:
+                return [self._index[colour]]
+        return self._related(word) if self.lexicon is not None else []
 
     def _related(self, word: str) -> list[int]:
         """Indices of the training words WordNet relates most closely to ``word`` (fewest steps); [] for none."""
