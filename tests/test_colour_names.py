@@ -9,10 +9,12 @@ from tbps.models import ModelSpec, create_model, get_tokenizer
 from tbps.models.colour_names import ColourNames, load_colour_names, srgb_to_lab
 from tbps.models.text_stream import TextStreamError, WordDictionary, text_tower_config
 from tbps.models.word_map import NearestWords
+from tbps.models.wordnet import WordNet
 from tests.test_open_vocab import TableEncoder
+from tests.test_wordnet import write_wordnet
 
-# A constructed table: "scarlet" lies nearest "dark red" in colour, "navy" nearest "blue" (its own entry left out),
-# "teal" is equally a "blue green" and nothing ends in "teal".
+# A constructed table: "scarlet" lies nearest "dark red" in colour, "navy" nearest "navy blue" (its own entry left
+# out), "teal" nearest "blue green", and no other name ends in "teal".
 TABLE = {"red": "#e50000", "dark red": "#840000", "blue": "#0343df", "navy blue": "#001146", "green": "#15b01a",
          "blue green": "#137e6d", "scarlet": "#be0119", "navy": "#01153e", "teal": "#029386", "denim": "#3b638c"}
 
@@ -39,16 +41,20 @@ def test_a_colour_name_is_read_as_the_last_word_of_the_nearest_name_ending_in_a_
     assert table.nearest("teal", {"teal"}) is None  # no other name ends in it
 
 
-def test_the_colour_table_comes_before_wordnet_and_the_encoder():
+def test_the_colour_table_comes_before_wordnet_and_the_encoder(tmp_path):
     d = WordDictionary(TableEncoder(), cache=False)  # the encoder alone reads scarlet as red, tote as bag
+    lexicon = WordNet(write_wordnet(tmp_path / "wn"))  # scarlet a kind of red here too
     vocab = ["red", "blue", "bag", "a"]
-    m = NearestWords(d, vocab, k=3, temperature=0.1, colours=ColourNames({"scarlet": "#0000ff", "sky blue": "#0000f0"}))
+    table = ColourNames({"scarlet": "#0000ff", "sky blue": "#0000f0"})  # a scarlet the colour of the sky
+    without = NearestWords(d, vocab, k=3, temperature=0.1, lexicon=lexicon)
+    assert [w for w, _ in without.explain(["scarlet"])["scarlet"]] == ["red"]
+    m = NearestWords(d, vocab, k=3, temperature=0.1, lexicon=lexicon, colours=table)
     why = m.explain(["scarlet", "tote", "red"])
-    assert why["scarlet"] == [("blue", 1.0)]  # its colour, not the encoder's nearest word
-    assert [w for w, _ in why["tote"]] == [w for w, _ in NearestWords(d, vocab, k=3, temperature=0.1).explain(["tote"])["tote"]]
+    assert why["scarlet"] == [("blue", 1.0)]  # its colour, not WordNet's relation nor the encoder's nearest word
+    assert why["tote"] == without.explain(["tote"])["tote"]  # no colour name: read as before
     row = m.rows(["scarlet"], d.ids(["scarlet"]))[0]
     assert torch.equal(d.vectors[row], d.vectors[d.index["blue"]])
-    assert m.tag.endswith("-colours") and not NearestWords(d, vocab).tag.endswith("-colours")
+    assert m.tag.endswith("-colours") and not without.tag.endswith("-colours")
 
 
 def _spec(**tower):

@@ -135,7 +135,7 @@ def test_wordnet_is_the_default_and_without_one_the_encoder_reads_alone(tmp_path
     import tbps.models.text_stream as ts
 
     monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
-    monkeypatch.setattr(ts, "load_colour_names", lambda: None)  # WordNet alone here (the colour table: test_colour_names.py)
+    monkeypatch.setattr(ts, "load_colour_names", lambda: None)  # WordNet alone (the colour table: test_colour_names.py)
     monkeypatch.setattr(ts, "_WARNED_NO_COLOURS", True)
     torch.manual_seed(0)
     model = create_model(_spec(), load_pretrained=False).eval()

@@ -57,15 +57,16 @@ TEXT_TOWER_DEFAULTS: dict[str, Any] = {
     # words its definitions name. On by default: on a map of synonyms written before it was built it kept more
     # R@1 on both synthetic datasets, without lowering the other maps' mean (docs/performance.md, section 5).
     "oov_definitions": True,
-    # with "wordnet" (also where no WordNet is installed): a word that is a colour name (the xkcd colour survey's, installed with matplotlib)
-    # is read as the training word whose colour names lie nearest in colour ("navy" -> blue; colour_names.py),
-    # before WordNet is asked. On by default: on a map of synonyms written before it was built it kept more R@1 on
-    # both synthetic datasets, and the older maps' mean rose (docs/performance.md, section 5).
+    # with "wordnet" (also where no WordNet is installed): a word that is a colour name (the xkcd colour survey's,
+    # installed with matplotlib) is read as the training word whose colour names lie nearest in colour ("navy" ->
+    # blue; colour_names.py), before WordNet is asked. On by default: on a map of synonyms written before it was
+    # built it kept more R@1 on both synthetic datasets, and the older maps' mean rose (docs/performance.md, 5).
     "oov_colours": True,
     "vocabulary": None,  # the training vocabulary, recorded by training (prepare_vocabulary)
 }
 OOV_MODES = ("wordnet", "nearest", "encode", "drop")
-OOV_KEYS = ("oov", "oov_k", "oov_temperature", "oov_definitions", "oov_colours")  # recorded by training with the vocabulary
+# recorded by training with the vocabulary
+OOV_KEYS = ("oov", "oov_k", "oov_temperature", "oov_definitions", "oov_colours")
 _WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")  # "t-shirt", "man's", "3" ; commas and slashes split
 
 
