@@ -67,7 +67,7 @@ def test_oov_colours_is_recorded_and_read_through_the_tokenizer(tmp_path, monkey
 
     monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
     monkeypatch.setattr(ts, "load_wordnet", lambda: None)
-    monkeypatch.setattr(ts, "_WARNED_NO_WORDNET", True)
+    monkeypatch.setattr(ts, "_WARNED", {"wordnet"})
     monkeypatch.setattr(ts, "load_colour_names", lambda: ColourNames(TABLE))
     torch.manual_seed(0)
     model = create_model(_spec(oov_colours=True), load_pretrained=False).eval()
@@ -81,7 +81,7 @@ def test_oov_colours_is_recorded_and_read_through_the_tokenizer(tmp_path, monkey
     expected = get_tokenizer(without).explain("a navy coat")  # the encoder's reading
     assert set(expected) == {"navy"} and len(expected["navy"]) == 3
     monkeypatch.setattr(ts, "load_colour_names", lambda: None)  # no matplotlib: one warning, the reading without
-    monkeypatch.setattr(ts, "_WARNED_NO_COLOURS", False)
+    monkeypatch.setattr(ts, "_WARNED", {"wordnet"})
     with pytest.warns(UserWarning, match="matplotlib .* not installed"):
         off = get_tokenizer(model.spec)
         assert off.explain("a navy coat") == expected

@@ -136,7 +136,7 @@ def test_wordnet_is_the_default_and_without_one_the_encoder_reads_alone(tmp_path
 
     monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
     monkeypatch.setattr(ts, "load_colour_names", lambda: None)  # WordNet alone (the colour table: test_colour_names.py)
-    monkeypatch.setattr(ts, "_WARNED_NO_COLOURS", True)
+    monkeypatch.setattr(ts, "_WARNED", {"colours"})
     torch.manual_seed(0)
     model = create_model(_spec(), load_pretrained=False).eval()
     model.prepare_vocabulary(["a man in a red coat", "a woman in a blue jacket"])
@@ -152,6 +152,6 @@ def test_wordnet_is_the_default_and_without_one_the_encoder_reads_alone(tmp_path
     expected = get_tokenizer(nearest_spec).explain("a scarlet anorak")
     monkeypatch.delenv("TBPS_WORDNET")
     monkeypatch.setattr(ts, "load_wordnet", lambda: None)
-    monkeypatch.setattr(ts, "_WARNED_NO_WORDNET", False)
+    monkeypatch.setattr(ts, "_WARNED", {"colours"})
     with pytest.warns(UserWarning, match="no WordNet is installed .*apt install wordnet-base"):
         assert get_tokenizer(model.spec).explain("a scarlet anorak") == expected

@@ -344,33 +344,32 @@ def get_dictionary(spec: ModelSpec) -> WordDictionary:
     return d
 
 
-_WARNED_NO_WORDNET = False
+_WARNED: set[str] = set()  # the missing lexicons already warned about in this process
+_MISSING = {
+    "wordnet": ("model.text_tower.oov: wordnet, but no WordNet is installed (apt install wordnet-base, or "
+                f"${WORDNET_ENV}=a WordNet dict folder): unseen query words are read through the word encoder "
+                "alone (oov: nearest)"),
+    "colours": ("model.text_tower.oov_colours: true, but matplotlib (whose xkcd colour names it reads) is not "
+                "installed (pip install 'tbps[nlp]'): unseen colour words are read without it"),
+}
 
 
 def _wordnet() -> WordNet | None:
     """The installed WordNet; None (and one warning per process) when there is none."""
-    global _WARNED_NO_WORDNET
-    lexicon = load_wordnet()
-    if lexicon is None and not _WARNED_NO_WORDNET:
-        _WARNED_NO_WORDNET = True
-        warnings.warn("model.text_tower.oov: wordnet, but no WordNet is installed (apt install wordnet-base, or "
-                      f"${WORDNET_ENV}=a WordNet dict folder): unseen query words are read through the word "
-                      "encoder alone (oov: nearest)", stacklevel=3)
-    return lexicon
-
-
-_WARNED_NO_COLOURS = False
+    return _installed("wordnet", load_wordnet())
 
 
 def _colour_names() -> ColourNames | None:
     """The installed colour-name table; None (and one warning per process) when there is none."""
-    global _WARNED_NO_COLOURS
-    table = load_colour_names()
-    if table is None and not _WARNED_NO_COLOURS:
-        _WARNED_NO_COLOURS = True
-        warnings.warn("model.text_tower.oov_colours: true, but matplotlib (whose xkcd colour names it reads) is not "
-                      "installed (pip install 'tbps[nlp]'): unseen colour words are read without it", stacklevel=3)
-    return table
+    return _installed("colours", load_colour_names())
+
+
+def _installed(name: str, lexicon):
+    """``lexicon`` as given; when it is None (not installed), the warning ``_MISSING[name]``, once per process."""
+    if lexicon is None and name not in _WARNED:
+        _WARNED.add(name)
+        warnings.warn(_MISSING[name], stacklevel=4)
+    return lexicon
 
 
 class WordTokenizer:
