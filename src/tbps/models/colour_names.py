@@ -2,13 +2,13 @@
 
 A query's "mint", "copper" or "graphite" is a colour to its writer, but to the frozen word encoder a word
 near "hoodie", "coat" or "dots", and to WordNet first of all a herb, a metal and a lubricant. A table of
-colour names knows them as colours. The one read here is the xkcd colour survey's (949 names, public domain), which
-matplotlib installs (``matplotlib.colors.XKCD_COLORS``). Many of its names end in a basic colour word
-("navy blue", "olive green", "off white"), so the colours of the names that end in a training word are
-samples of what that training word covers, and an unseen word that is itself a name in the table
-("navy") is read as the last word of the nearest such name in CIELAB ("navy blue" -> blue), its own
-entry left out. No synonym is listed anywhere: the table maps names to colours, and the reading is
-whichever training word's samples lie nearest.
+colour names knows them as colours. The one read here is the xkcd colour survey's (949 names, public
+domain), which matplotlib installs (``matplotlib.colors.XKCD_COLORS``). Many of its names end in a basic
+colour word ("navy blue", "olive green", "off white"), so the colours of the names that end in a training
+word are samples of what that training word covers, and an unseen word that is itself a name in the table
+("navy") is read as the last word of the nearest such name in CIELAB ("navy blue" -> blue), its own entry
+left out. No synonym is listed anywhere: the table maps names to colours, and the reading is whichever
+training word's samples lie nearest.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tbps.files import cache_dir
-from tbps.models.spec import ModelSpec, arch_config
 from tbps.models.colour_names import ColourNames, load_colour_names
+from tbps.models.spec import ModelSpec, arch_config
 from tbps.models.word_map import NearestWords
 from tbps.models.wordnet import ENV as WORDNET_ENV
 from tbps.models.wordnet import WordNet, load_wordnet
