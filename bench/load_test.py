@@ -4,6 +4,7 @@
     python bench/load_test.py --clients 8 --duration 10 --checkpoint runs/x/best.pt
     python bench/load_test.py --soak               # 32 clients, 5 minutes, image uploads mixed in
     python bench/load_test.py --compare main --rounds 2   # main's server and this tree's, side by side
+    python bench/load_test.py --baseline-args "--http h11 --loop asyncio" --rounds 2   # two settings, one tree
 
 It builds a small real index in a temporary folder (synthetic pedestrians from
 ``tbps.synth`` and, unless --checkpoint is given, an untrained tiny-vit checkpoint),
@@ -15,6 +16,8 @@ generator (they share the cores). Exit status 1 if any request failed.
 
 ``--compare REV`` serves the same index from git revision REV's ``src/`` (exported to a
 temporary folder) and from this tree in turn, ``--rounds`` times, and prints them side by side.
+``--baseline-args ARGS`` does the same with this tree served twice, once with ``tbps serve``
+arguments ARGS added (e.g. ``--http h11 --loop asyncio``: uvicorn's pure-Python parser and loop).
 
 Soak mode (``--soak``: 32 clients for 300 s unless told otherwise) mixes image uploads into
 the text queries (``--upload-share``, default 1 in 8): gallery crops, a 10000x10000 JPEG
@@ -34,6 +37,7 @@ import json as json_mod  # RawHTTP.post's argument is called json, as httpx's
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -41,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 COLOURS = ["red", "blue", "black", "white", "green", "yellow", "grey", "pink", "purple", "orange", "brown"]
@@ -109,15 +114,16 @@ def free_port() -> int:
 
 
 def start_server(index: Path, port: int, threads: int | None, log: Path, max_batch: int = 32,
-                 src: Path | None = None) -> subprocess.Popen:
-    """``tbps serve`` on 127.0.0.1:``port``, run from the source tree ``src`` (default: the tbps
-    this bench imports)."""
+                 src: Path | None = None, extra: Sequence[str] = ()) -> subprocess.Popen:
+    """``tbps serve`` on 127.0.0.1:``port`` with arguments ``extra`` added, run from the source
+    tree ``src`` (default: the tbps this bench imports)."""
     import tbps
 
     cmd = [sys.executable, "-m", "tbps.cli.main", "serve", str(index), "--host", "127.0.0.1",
            "--port", str(port), "--log-level", "warning", "--max-batch", str(max_batch)]
     if threads:
         cmd += ["--threads", str(threads)]
+    cmd += list(extra)
     env = dict(os.environ, PYTHONPATH=str(src or Path(tbps.__file__).resolve().parents[1]))
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
@@ -358,13 +364,14 @@ def rss_kib(pid: int) -> dict:
     return out
 
 
-def measure(index: Path, args, log: Path, src: Path | None = None) -> dict:
-    """Start a server (from ``src``), warm it up, run the load, stop it: the figures of one run."""
+def measure(index: Path, args, log: Path, src: Path | None = None, extra: Sequence[str] = ()) -> dict:
+    """Start a server (from ``src``, with ``extra`` arguments), warm it up, run the load, stop it:
+    the figures of one run."""
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(index, port, args.server_threads, log, args.max_batch, src)
+    proc = start_server(index, port, args.server_threads, log, args.max_batch, src, extra)
     try:
         t0 = time.perf_counter()
         wait_healthy(url, proc)
@@ -466,12 +473,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="load generator: raw (a lean asyncio HTTP/1.1 client, default) or httpx")
     ap.add_argument("--compare", metavar="REV",
                     help="also serve from git revision REV (e.g. main) and print both side by side")
-    ap.add_argument("--rounds", type=int, default=1, help="--compare: alternate the two servers this many times")
+    ap.add_argument("--baseline-args", metavar="ARGS",
+                    help="also serve this tree with these `tbps serve` arguments added (e.g. \"--http h11 --loop "
+                    "asyncio\") and print both side by side")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="--compare, --baseline-args: alternate the two servers this many times")
     ap.add_argument("--workdir", help="keep the gallery/index here (default: a temporary folder)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
     args.duration = args.duration or (300.0 if args.soak else 30.0)
+    if args.compare and args.baseline_args:
+        ap.error("--compare and --baseline-args are alternatives (one baseline at a time)")
 
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tbps-load-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -481,13 +494,15 @@ def main(argv: list[str] | None = None) -> int:
             index = root / "index"
         else:
             index, _ = build_demo_index(root, ids=args.ids, checkpoint=args.checkpoint)
-        trees: list[tuple[str, Path | None]] = [("this tree", None)]
+        trees: list[tuple[str, Path | None, list[str]]] = [("this tree", None, [])]
         if args.compare:
-            trees.insert(0, (args.compare, export_tree(args.compare, rev_dir)))
+            trees.insert(0, (args.compare, export_tree(args.compare, rev_dir), []))
+        elif args.baseline_args:
+            trees.insert(0, (args.baseline_args, None, shlex.split(args.baseline_args)))
         runs = []
-        for _ in range(args.rounds if args.compare else 1):
-            for label, src in trees:
-                runs.append((label, measure(index, args, root / "server.log", src)))
+        for _ in range(args.rounds if len(trees) > 1 else 1):
+            for label, src, extra in trees:
+                runs.append((label, measure(index, args, root / "server.log", src, extra)))
                 if not args.json:
                     print(f"--- {label}")
                     print_run(runs[-1][1])
@@ -498,8 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(rev_dir, ignore_errors=True)
     if args.json:
         print(json.dumps([{"server": label, **r} for label, r in runs], indent=2))
-    elif args.compare:
-        print(f"--- side by side: {args.compare} vs this tree, {args.clients} clients ({args.client}) x "
+    elif len(runs) > 1:
+        print(f"--- side by side: {args.compare or args.baseline_args} vs this tree, {args.clients} clients ({args.client}) x "
               f"{args.duration:g} s each, gallery {runs[0][1]['gallery']} images")
         print_comparison(runs)
     return 1 if any(r["errors"] for _, r in runs) else 0

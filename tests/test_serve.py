@@ -676,6 +676,26 @@ def test_serve_command_starts_uvicorn_on_localhost(real_gallery, monkeypatch, ca
     assert code == 2 and "--max-batch" in err
 
 
+def test_serve_command_picks_the_http_parser_and_event_loop(real_gallery, monkeypatch, capsys):
+    """--http and --loop reach uvicorn as given (auto: uvicorn takes httptools and uvloop when
+    installed); asking for one that is not installed is one line, before the model loads."""
+    import importlib.util
+
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    code, err = _serve([str(real_gallery[0]), "--port", "0"], capsys)
+    assert code == 0 and (calls[-1]["http"], calls[-1]["loop"]) == ("auto", "auto"), err
+    code, err = _serve([str(real_gallery[0]), "--port", "0", "--http", "h11", "--loop", "asyncio"], capsys)
+    assert code == 0 and (calls[-1]["http"], calls[-1]["loop"]) == ("h11", "asyncio"), err
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else find_spec(name, *a))
+    code, err = _serve([str(real_gallery[0]), "--port", "0", "--loop", "uvloop"], capsys)
+    assert code == 2 and len(calls) == 2 and "--loop uvloop: uvloop is not installed" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def test_serve_command_with_a_rerank(real_gallery, monkeypatch, capsys):
     """--rerank jaccard: the served ranking is tbps.retrieval.rerank's over the index's candidates."""
     import uvicorn

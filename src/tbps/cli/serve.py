@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import ipaddress
 import os
 import socket
@@ -71,6 +72,12 @@ def register(subparsers) -> None:
                    help="candidates re-ranked per query (default: max(k, 100))")
     add_rescore_arguments(p, "let requests re-score their top K candidates with the checkpoint's ITM head "
                           f"(K default {DEFAULT_RESCORE}; LAIP checkpoints; a request asks with \"rescore\": true)")
+    p.add_argument("--http", default="auto", choices=["auto", "httptools", "h11"],
+                   help="uvicorn's HTTP/1.1 parser: httptools (C, installed with the [serve] extra) or h11 (pure "
+                   "Python); auto (default) takes httptools when it is installed")
+    p.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"],
+                   help="the event loop: uvloop (C, installed with the [serve] extra, not on Windows) or Python's "
+                   "asyncio; auto (default) takes uvloop when it is installed")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run)
@@ -180,6 +187,10 @@ def run(args) -> int:
         import uvicorn
     except ImportError:
         raise UserError("tbps serve needs the [serve] extra: pip install 'tbps[serve]'") from None
+    for flag, module in (("http", "httptools"), ("loop", "uvloop")):
+        if getattr(args, flag) == module and importlib.util.find_spec(module) is None:
+            raise UserError(f"--{flag} {module}: {module} is not installed (pip install {module}, or leave "
+                            f"--{flag} at auto)")
     if args.port:
         _check_port_free(args.host, args.port)
     # Few threads: queries arrive batched, and torch's intra-op threads on a busy machine
@@ -207,7 +218,8 @@ def run(args) -> int:
     gc.collect()
     gc.freeze()
     try:  # ?token= never reaches the access log
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=access_log_config())
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=access_log_config(),
+                    http=args.http, loop=args.loop)
     finally:
         gc.unfreeze()  # served: a caller that goes on (tests, an embedding program) collects as before
     return 0
