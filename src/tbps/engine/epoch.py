@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from tbps.engine import gradcache
 from tbps.engine.distributed import DistInfo, all_agree, average_gradients, broadcast_buffers
+from tbps.engine.ema import WeightAverage
 from tbps.engine.optim import schedule_position, set_lr, staged_lr
 from tbps.engine.runtime import Budget
 from tbps.objectives.base import Objective, StepContext
@@ -68,6 +69,7 @@ class Loop:
     elapsed_before: float = 0.0  # budget-clock seconds spent before a resume
     global_step: int = 0
     stage: tuple[int, ...] = ()  # the recipe's stages whose losses the objective is configured with
+    ema: WeightAverage | None = None  # train.ema: the weights' moving average, updated after each step
 
     def elapsed(self) -> float:
         """Budget-clock seconds of the whole run, resumes included."""
@@ -152,6 +154,8 @@ def _step(loop: Loop, batch: dict, progress: float) -> tuple[dict[str, torch.Ten
         with torch.no_grad():
             loop.model.logit_scale.clamp_(0, math.log(tcfg.logit_scale_max))
     loop.objective.after_step(loop.model)
+    if loop.ema is not None:
+        loop.ema.update(loop.model)
     return outputs, loss, lr
 
 

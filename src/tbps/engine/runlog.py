@@ -6,6 +6,7 @@ Only the main rank writes; the other ranks keep the same counters and write noth
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -22,7 +23,7 @@ from tbps.files import atomic_write
 from tbps.models.checkpoint import load_checkpoint, rng_state, save_checkpoint
 
 # Keys of last.pt that only resuming needs: best.pt (for use) leaves them out.
-RESUME_ONLY = ("optimizer", "scaler", "rng", "stage", "path", "format", "version")
+RESUME_ONLY = ("optimizer", "scaler", "rng", "stage", "ema", "path", "format", "version")
 
 
 def say(msg: str, dist: DistInfo) -> None:
@@ -60,6 +61,8 @@ class RunLog:
         if full:
             s.update(optimizer=loop.optimizer.state_dict(), scaler=loop.scaler.state_dict(), rng=rng_state(),
                      elapsed=loop.elapsed(), stage=list(loop.stage))
+            if loop.ema is not None:
+                s["ema"] = loop.ema.state_dict()
         return s
 
     def save_last(self, loop: Loop, epoch: int, step_in_epoch: int) -> None:
@@ -75,11 +78,16 @@ class RunLog:
     def evaluate(self, loop: Loop, epoch_progress: float) -> dict | None:
         """Evaluate on val, append the row, and save ``best.pt`` when the selection metric improved
         (ties go to the higher mAP); the caller then saves ``last.pt`` and :meth:`write_history`.
-        Returns the metrics (None without val, or off the main rank)."""
-        from tbps.engine.evaluate import evaluate
-
+        Returns the metrics (None without val, or off the main rank). With ``train.ema``, of the
+        weights' moving average, which ``best.pt`` then holds."""
         if self.val_records is None or not self.dist.is_main:
             return None
+        with loop.ema.swapped_in(loop.model) if loop.ema is not None else contextlib.nullcontext():
+            return self._evaluate(loop, epoch_progress)  # train.ema: the average is evaluated and kept
+
+    def _evaluate(self, loop: Loop, epoch_progress: float) -> dict:
+        from tbps.engine.evaluate import evaluate
+
         data, tcfg = loop.recipe.data, loop.recipe.train
         m = evaluate(loop.model, self.tokenizer, self.val_records, batch_size=data.eval_batch_size,
                      device=loop.device, max_words=data.max_words, progress=self.progress).metrics
@@ -111,10 +119,14 @@ class RunLog:
                     self.writer.add_scalar(k.replace("_", "/", 2), v, step)
 
     def close(self) -> None:
-        """Without a val split, ``best.pt`` is ``last.pt`` for use; close TensorBoard."""
+        """Without a val split, ``best.pt`` is ``last.pt`` for use (its weight average in place of the
+        weights, with ``train.ema``); close TensorBoard."""
         if self.dist.is_main and self.val_records is None and (self.out / "last.pt").exists():
             last = load_checkpoint(self.out / "last.pt")
-            save_checkpoint(self.out / "best.pt", {k: v for k, v in last.items() if k not in RESUME_ONLY})
+            best = {k: v for k, v in last.items() if k not in RESUME_ONLY}
+            if "ema" in last:
+                best["model"] = {**last["model"], **last["ema"]["tensors"]}
+            save_checkpoint(self.out / "best.pt", best)
         if self.writer:
             self.writer.close()
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from tbps.engine import gradcache
 from tbps.engine.distributed import DistInfo, barrier, init_distributed, leave_distributed
+from tbps.engine.ema import WeightAverage
 from tbps.engine.epoch import Amp, Loop, train_one_epoch
 from tbps.engine.optim import build_optimizer
 from tbps.engine.runlog import RunLog, say
@@ -141,6 +142,15 @@ def _train(job: TrainJob, out: Path, dist: DistInfo, device: torch.device, fresh
     if resume_ckpt is None and job.init_from:
         say(_init_weights({"model": model, "objective": loop.objective}, job.init_from), dist)
         loop.objective.after_init(model)
+    if tcfg.ema > 0:  # from the weights the run starts with (fresh, --init's, or last.pt's average)
+        loop.ema = WeightAverage(model, tcfg.ema)
+        if resume_ckpt is not None:
+            if "ema" not in resume_ckpt:
+                raise CheckpointError(f"{out / 'last.pt'}: no weight average to resume (the run began without train.ema)")
+            try:
+                loop.ema.load_state_dict(resume_ckpt["ema"])
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{out / 'last.pt'}: {e}") from None
     if fresh:
         fresh.wrote = True
     _write_config(job, out, data, epochs, dist)
