@@ -5,7 +5,8 @@ when ``train.ema`` is above 0 (timm's ``ModelEmaV2`` habit; TensorFlow's ramp of
 
 after every optimiser step t (1, 2, ...), from the weights the run starts with. The ramp lets the
 average forget the first weights quickly: until ``(1 + t) / (10 + t)`` reaches the decay (step 1,790
-for 0.995) it weighs step s about as ``((s + 10) / (t + 10)) ** 9``, the last ~10 % of the steps.
+for 0.995) it weighs step s about in proportion to ``(s / t) ** 8``, nine tenths of its weight on the
+last quarter of the steps.
 Parameters only: buffers (masks, position ids) stay the model's. The training itself never sees the
 average; ``last.pt`` keeps the online weights and the average (``"ema"``) for resuming, ``best.pt``
 the average in place of the weights. One lerp over the parameters a step: about 2.2 ms for the
