@@ -82,7 +82,8 @@ def fake_models(tmp_path, monkeypatch):
 
     made = {}
 
-    def load(checkpoint, device="cpu"):
+    def load(checkpoint, device="cpu", image_tta="none"):
+        assert image_tta == "none", image_tta  # fake encoders have no image tower to mirror
         name = pathlib.Path(checkpoint).name
         assert pathlib.Path(checkpoint).exists(), checkpoint
         made[name] = made.get(name) or FakeEncoder(embed_dim=32, seed=int(name[4]))

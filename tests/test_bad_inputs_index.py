@@ -25,7 +25,7 @@ from tests.fake_encoder import FakeEncoder
 from tests.test_images import png_header
 
 
-def fake_load_encoder(checkpoint, device="cpu"):
+def fake_load_encoder(checkpoint, device="cpu", image_tta="none"):
     """The fake encoder of a checkpoint file: its seed and fingerprint follow the file's bytes."""
     if device != "cpu":
         raise cli_common.UserError(f"device {device!r} is not available")

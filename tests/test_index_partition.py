@@ -80,7 +80,7 @@ def _cli_worker(rank: int, world: int, port: int, argv: list[str], out: str) -> 
     _cli_build(argv, out, rank)
 
 
-def _fake_load_encoder(checkpoint, device="cpu"):
+def _fake_load_encoder(checkpoint, device="cpu", image_tta="none"):
     return FakeEncoder(embed_dim=32)
 
 

@@ -67,24 +67,25 @@ def train(data_root: str | os.PathLike, recipe: Any = "tbps-clip-cpu", out_dir: 
 
 
 def evaluate(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: str = "test", *,
-             device: str = "cpu", layout: str | None = None, progress: bool = False) -> dict:
+             device: str = "cpu", layout: str | None = None, progress: bool = False, image_tta: str = "none") -> dict:
     """Text-to-image and image-to-text R@1/5/10, mAP and mINP (percent) of a checkpoint (or run folder)
-    on one split of a dataset folder, as ``tbps eval`` prints them."""
+    on one split of a dataset folder, as ``tbps eval`` prints them (``image_tta="flip"``: as ``--tta flip``)."""
     from tbps.engine.evaluate import evaluate_checkpoint
 
     return evaluate_checkpoint(checkpoint, data_root, split, layout=layout, device=device,
-                               progress=progress).result.metrics
+                               progress=progress, image_tta=image_tta).result.metrics
 
 
-def load_encoder(checkpoint: str | os.PathLike, device: str = "cpu"):
+def load_encoder(checkpoint: str | os.PathLike, device: str = "cpu", image_tta: str = "none"):
     """A trained checkpoint (``best.pt``, ``last.pt`` or a run folder) or a converted one (``tbps convert``:
     IRRA, RDE, TBPS-CLIP, OpenAI, open_clip) as an image/text encoder: ``preprocess(PIL image)`` gives the
     (3, H, W) tensor the model's source code would, ``encode_images((B, 3, H, W))`` and
     ``encode_texts(list[str])`` give (B, D) L2-normalised float32 arrays, captions cleaned and tokenised
-    as the source did (:class:`tbps.retrieval.encoder.Encoder`)."""
+    as the source did (:class:`tbps.retrieval.encoder.Encoder`). ``image_tta="flip"`` averages each
+    image's features with its mirror image's (as ``tbps index build --tta flip``)."""
     from tbps.retrieval.encoder import Encoder
 
-    return Encoder.from_checkpoint(checkpoint, device=device)
+    return Encoder.from_checkpoint(checkpoint, device=device, image_tta=image_tta)
 
 
 def build_index(path: str | os.PathLike, encoder, images_dir: str | os.PathLike, **options: Any) -> dict:

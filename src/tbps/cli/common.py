@@ -19,11 +19,16 @@ def check_device(name: str | None, default: str | None = "cpu") -> str:
     return _check(name, default)
 
 
-def load_encoder(checkpoint: str, device: str = "cpu"):
+def load_encoder(checkpoint: str, device: str = "cpu", image_tta: str = "none"):
     """The ``tbps.retrieval.encoder.Encoder`` for ``checkpoint`` (torch is imported here)."""
     from tbps.retrieval.encoder import Encoder
 
-    return Encoder.from_checkpoint(checkpoint, device=device)
+    return Encoder.from_checkpoint(checkpoint, device=device, image_tta=image_tta)
+
+
+def index_tta(store) -> str:
+    """The image test-time average an index was built with ("none" unless its fingerprint says)."""
+    return str((getattr(store, "fingerprint", None) or {}).get("image_tta", "none"))
 
 
 def add_rescore_arguments(p, k_help: str) -> None:

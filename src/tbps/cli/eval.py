@@ -12,7 +12,8 @@ def register(sub) -> None:
         description="Evaluate a checkpoint on a split: text-to-image (the headline) and image-to-text "
         "R@1, R@5, R@10, mAP and mINP in percent. Metrics are computed in bounded memory.",
         epilog="examples:\n  tbps eval runs/cpu/best.pt --data data/synth\n"
-        "  tbps eval runs/cuhk/best.pt --data /data/CUHK-PEDES --split test --json",
+        "  tbps eval runs/cuhk/best.pt --data /data/CUHK-PEDES --split test --json\n"
+        "  tbps eval runs/cpu/best.pt --data data/synth --tta flip   # gallery averaged with its mirror images",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", help="a .pt file from `tbps train`, or a run folder (uses best.pt)")
@@ -23,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--strict", action="store_true", help="a missing or corrupt image is an error")
+    p.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="flip: average each gallery image's features with its mirror image's (as `tbps index build "
+                   "--tta flip`); twice the image encoding; never what training validates with (default: none)")
     p.add_argument("--rescore", type=int, metavar="K", default=0,
                    help="re-score each query's top K images with the fusion encoder's ITM head "
                    "(checkpoints of the laip/irra recipes; 128 in RaSa/APTM); prints both tables and the cost per query")
@@ -46,7 +50,8 @@ def run(args) -> int:
     device = _check_args(args)
     ev = evaluate_checkpoint(args.checkpoint, args.data, args.split, layout=args.layout, strict=args.strict,
                              batch_size=args.batch_size, device=device,
-                             progress=sys.stderr.isatty() and not args.json, load_progress=not args.json)
+                             progress=sys.stderr.isatty() and not args.json, load_progress=not args.json,
+                             image_tta=args.tta)
     res, model, ckpt, max_words = ev.result, ev.model, ev.checkpoint, ev.max_words
     rescored = None
     if args.rescore:
@@ -61,10 +66,12 @@ def run(args) -> int:
 
         reranked = rerank_evaluation(res, args.rerank)
     if args.json:
-        out = res.metrics if rescored is None else {**res.metrics, "rescored": rescored}
+        out = dict(res.metrics) if args.tta == "none" else {**res.metrics, "image_tta": args.tta}
+        out = out if rescored is None else {**out, "rescored": rescored}
         print(json.dumps(out if reranked is None else {**out, "reranked": reranked}))
     else:
-        print(format_table(res.metrics, f"{ckpt['path']} on {args.data} [{args.split}]"))
+        tta = "" if args.tta == "none" else f", gallery averaged with its mirror images (--tta {args.tta})"
+        print(format_table(res.metrics, f"{ckpt['path']} on {args.data} [{args.split}]{tta}"))
         if rescored is not None:
             print(format_table({"t2i": rescored["t2i"], "queries": res.metrics["queries"],
                                 "gallery": res.metrics["gallery"]},

@@ -72,8 +72,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from tbps.cli.common import (
-        DEFAULT_RESCORE, UserError, check_device, check_rescore_args, encode_image_file, load_encoder, load_rescorer,
-        resolve_store,
+        DEFAULT_RESCORE, UserError, check_device, check_rescore_args, encode_image_file, index_tta, load_encoder,
+        load_rescorer, resolve_store,
     )
 
     resolve_store(args, "query")
@@ -98,7 +98,7 @@ def run(args) -> int:
         checkpoint = args.checkpoint or ix.checkpoint
         if not checkpoint:
             raise UserError(f"index {args.index} does not record its checkpoint; pass --checkpoint")
-        encoder = load_encoder(checkpoint, args.device)
+        encoder = load_encoder(checkpoint, args.device, image_tta=index_tta(ix))  # image queries as the gallery
         ix.check_encoder(encoder)
         rescorer = load_rescorer(encoder, **rescore) if rescore else None
         options = {}

@@ -138,7 +138,7 @@ def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch
     cause (missing or corrupt index, missing or wrong checkpoint, a checkpoint that cannot
     re-score) raises an error marked ``user_error``, so ``tbps`` prints one line and exits 2.
     """
-    from tbps.cli.common import UserError, load_encoder, load_rescorer
+    from tbps.cli.common import UserError, index_tta, load_encoder, load_rescorer
     from tbps.index.vectorstore import open_store
     from tbps.serve import create_app
 
@@ -149,7 +149,7 @@ def load_app(index_path, *, checkpoint=None, token=None, device="cpu", max_batch
     checkpoint = checkpoint or index.checkpoint
     if not checkpoint:
         raise UserError(f"index {index_path} does not record its checkpoint; pass --checkpoint")
-    encoder = load_encoder(str(checkpoint), device)
+    encoder = load_encoder(str(checkpoint), device, image_tta=index_tta(index))  # image queries as the gallery
     index.check_encoder(encoder)
     reranker = None
     if rerank != "none":

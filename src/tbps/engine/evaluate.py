@@ -30,15 +30,16 @@ class EvalResult:
 
 
 def evaluate(model, tokenizer, records: Sequence[Record], *, batch_size: int = 256, device="cpu",
-             num_workers: int = 0, max_words: int = 77, progress: bool = True) -> EvalResult:
-    """Text-to-image and image-to-text R@1/5/10, mAP and mINP (percent) on ``records``."""
+             num_workers: int = 0, max_words: int = 77, progress: bool = True, image_tta: str = "none") -> EvalResult:
+    """Text-to-image and image-to-text R@1/5/10, mAP and mINP (percent) on ``records``; ``image_tta``:
+    the gallery's test-time average (``tbps.retrieval.encoder.image_features``; "none" in training)."""
     from tbps.retrieval.metrics import evaluate_both
 
     was_training = model.training
     model.eval()
     paths, image_ids, captions, caption_ids = eval_split(records)
     img = encode_images(model, paths, batch_size=batch_size, device=device, num_workers=num_workers,
-                        progress=progress)
+                        progress=progress, tta=image_tta)
     txt = encode_captions(model, tokenizer, captions, batch_size=batch_size, device=device,
                           max_words=max_words, progress=progress)
     model.train(was_training)
@@ -62,10 +63,11 @@ class CheckpointEvaluation:
 
 def evaluate_checkpoint(checkpoint, data_root, split: str = "test", *, layout: str | None = None,
                         strict: bool = False, batch_size: int = 256, device="cpu", progress: bool = False,
-                        load_progress: bool | None = None) -> CheckpointEvaluation:
+                        load_progress: bool | None = None, image_tta: str = "none") -> CheckpointEvaluation:
     """Load a checkpoint (or run folder) and evaluate it on one split of a dataset folder, captions
     truncated as its recipe trained them (what ``tbps eval`` and ``tbps.evaluate`` run).
-    ``load_progress``: a bar while the annotations load (default: as ``progress``)."""
+    ``load_progress``: a bar while the annotations load (default: as ``progress``); ``image_tta``: see
+    :func:`evaluate`."""
     from tbps.data.layouts import load_annotations
     from tbps.models.checkpoint import load_model, max_words
     from tbps.models.factory import get_tokenizer
@@ -75,7 +77,7 @@ def evaluate_checkpoint(checkpoint, data_root, split: str = "test", *, layout: s
                                progress=progress if load_progress is None else load_progress).split(split)
     tokenizer, words = get_tokenizer(model.spec), max_words(ckpt)
     res = evaluate(model, tokenizer, records, batch_size=batch_size, device=device, max_words=words,
-                   progress=progress)
+                   progress=progress, image_tta=image_tta)
     return CheckpointEvaluation(res, model, ckpt, tokenizer, words)
 
 

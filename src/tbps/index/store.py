@@ -276,7 +276,7 @@ class GalleryIndex:
         if not isinstance(got, dict):
             raise EncoderMismatchError("the encoder has no fingerprint; cannot check it against the index")
         diffs = fingerprint_diff(self.fingerprint, got)
-        if diffs and self._same_checkpoint_path(encoder):
+        if any(d.startswith("checkpoint_sha256:") for d in diffs) and self._same_checkpoint_path(encoder):
             raise EncoderMismatchError(self._changed_checkpoint_message())
         if diffs:
             raise EncoderMismatchError(

@@ -28,6 +28,7 @@ from tbps.models.checkpoint import CheckpointError, file_sha256, load_model, sav
 from tbps.models.checkpoint import max_words as checkpoint_max_words
 
 __all__ = [
+    "IMAGE_TTA",
     "CheckpointError",
     "Encoder",
     "caption_settings",
@@ -70,9 +71,23 @@ def resize_settings(spec) -> dict:
     return {"resize": pre.get("resize", "squash"), "interpolation": pre.get("interpolation", "bicubic")}
 
 
-def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) preprocessed images on the model's device -> (B, D) float32, L2-normalised."""
-    return F.normalize(model.encode_image(pixels).float(), dim=-1)
+IMAGE_TTA = ("none", "flip")  # test-time averages of a gallery image's features (``image_features``)
+
+
+def image_features(model, pixels: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """(B, 3, H, W) preprocessed images on the model's device -> (B, D) float32, L2-normalised.
+
+    tta "flip": the normalised mean of the image's and its mirror image's (left-right) normalised
+    features, ``normalize(normalize(f(x)) + normalize(f(flip(x))))``: two forward passes, an option for
+    a gallery (captions that say "left" or "right" would lose what tells the two apart).
+    """
+    feats = F.normalize(model.encode_image(pixels).float(), dim=-1)
+    if tta == "flip":
+        mirrored = F.normalize(model.encode_image(pixels.flip(-1)).float(), dim=-1)
+        return F.normalize(feats + mirrored, dim=-1)
+    if tta != "none":
+        raise ValueError(f"unknown image test-time augmentation {tta!r} ({', '.join(IMAGE_TTA)})")
+    return feats
 
 
 def text_features(model, tokens: torch.Tensor, unpadded: bool = False) -> torch.Tensor:
@@ -85,9 +100,10 @@ def text_features(model, tokens: torch.Tensor, unpadded: bool = False) -> torch.
 
 @torch.no_grad()
 def encode_image_batches(model, batches: Iterable[torch.Tensor], *, device="cpu", progress: bool = False,
-                         desc: str = "encode images", total: int | None = None) -> torch.Tensor:
+                         desc: str = "encode images", total: int | None = None, tta: str = "none") -> torch.Tensor:
     """Batches of (B, 3, H, W) preprocessed images -> (N, D) L2-normalised features on the CPU, in
-    order, with the model in eval mode (its mode is restored afterwards)."""
+    order, with the model in eval mode (its mode is restored afterwards); ``tta`` as in
+    :func:`image_features`."""
     from tqdm import tqdm
 
     was_training = model.training
@@ -95,15 +111,16 @@ def encode_image_batches(model, batches: Iterable[torch.Tensor], *, device="cpu"
     feats = []
     try:
         for x in tqdm(batches, desc=desc, unit="batch", total=total, disable=not progress, leave=False):
-            feats.append(image_features(model, x.to(device)).cpu())
+            feats.append(image_features(model, x.to(device), tta).cpu())
     finally:
         model.train(was_training)
     return torch.cat(feats) if feats else torch.empty(0, 0)
 
 
 def encode_images(model, paths: Sequence, *, batch_size: int = 256, device="cpu", num_workers: int = 0,
-                  progress: bool = True) -> torch.Tensor:
-    """Image files -> (N, D) L2-normalised features, in order (the eval transform of the model)."""
+                  progress: bool = True, tta: str = "none") -> torch.Tensor:
+    """Image files -> (N, D) L2-normalised features, in order (the eval transform of the model;
+    ``tta`` as in :func:`image_features`)."""
     from torch.utils.data import DataLoader
 
     from tbps.data.dataset import GalleryImages
@@ -112,7 +129,7 @@ def encode_images(model, paths: Sequence, *, batch_size: int = 256, device="cpu"
     loader = DataLoader(GalleryImages(paths, model.image_size, spec.mean, spec.std, **resize_settings(spec)),
                         batch_size=batch_size, num_workers=num_workers)
     return encode_image_batches(model, (x for x, _ in loader), device=device, progress=progress,
-                                total=len(loader))
+                                total=len(loader), tta=tta)
 
 
 @torch.no_grad()
@@ -131,11 +148,21 @@ def encode_captions(model, tokenizer, captions: Sequence[str], *, batch_size: in
 
 
 class Encoder:
-    """Image and text encoder of a tbps checkpoint; outputs L2-normalised float32 arrays."""
+    """Image and text encoder of a tbps checkpoint; outputs L2-normalised float32 arrays.
 
-    def __init__(self, model, *, fingerprint: dict, device="cpu", max_words: int = 77, checkpoint: str | None = None):
+    image_tta: "none" or "flip" (:func:`image_features`), applied by ``encode_images``; "flip" is
+    recorded in the fingerprint (``image_tta``), so an index built with it takes image queries and
+    additions only from an encoder that mirrors too (text features do not change).
+    """
+
+    def __init__(self, model, *, fingerprint: dict, device="cpu", max_words: int = 77, checkpoint: str | None = None,
+                 image_tta: str = "none"):
         from tbps.models.factory import get_tokenizer
 
+        if image_tta not in IMAGE_TTA:
+            raise ValueError(f"unknown image test-time augmentation {image_tta!r} ({', '.join(IMAGE_TTA)})")
+        if image_tta != "none":
+            fingerprint = {**fingerprint, "image_tta": image_tta}
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.tokenizer = get_tokenizer(model.spec)
@@ -145,9 +172,10 @@ class Encoder:
         self.checkpoint = checkpoint
         self.image_size = model.image_size
         self.embed_dim = int(fingerprint["embed_dim"])
+        self.image_tta = image_tta
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device="cpu") -> "Encoder":
+    def from_checkpoint(cls, path: str | os.PathLike, device="cpu", image_tta: str = "none") -> "Encoder":
         """Load ``best.pt``/``last.pt`` or a run folder (best.pt preferred)."""
         model, ckpt = load_model(path, device)
         spec = model.spec
@@ -165,7 +193,8 @@ class Encoder:
         if spec.tse:
             fingerprint["tse"] = dict(spec.tse)
         max_words = checkpoint_max_words(ckpt)
-        return cls(model, fingerprint=fingerprint, device=device, max_words=max_words, checkpoint=ckpt["path"])
+        return cls(model, fingerprint=fingerprint, device=device, max_words=max_words, checkpoint=ckpt["path"],
+                   image_tta=image_tta)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> (3, H, W) tensor with the eval transform the model was trained with."""
@@ -174,14 +203,13 @@ class Encoder:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) preprocessed images -> (B, D) float32, L2-normalised."""
-        return image_features(self.model, pixels.to(self.device)).cpu().numpy()
+        return image_features(self.model, pixels.to(self.device), self.image_tta).cpu().numpy()
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Descriptions -> (B, D) float32, L2-normalised (cleaned and truncated as in training)."""
         tokens = tokenize_captions(self.tokenizer, texts, self.max_words, self.cleaning).to(self.device)
         return text_features(self.model, tokens, unpadded=True).cpu().numpy()
-
 
     def unknown_words(self, text: str) -> dict[str, list[tuple[str, float]]]:
         """How a description's words outside the training vocabulary are read: {word: [(training word,
