@@ -84,6 +84,10 @@ def _one_at_a_time(pool: PoolAugment, x: torch.Tensor, rng: random.Random) -> to
     from torchvision.transforms.functional import normalize
 
     erase = []
+    if pool.config.hflip > 0:
+        from torchvision.transforms import RandomHorizontalFlip
+
+        x = RandomHorizontalFlip(pool.config.hflip)(x)
     for name in rng.choices(list(pool.config.pool), k=pool.config.num_ops):
         if name == "erasing":
             erase.append(pool.ops[name])
@@ -118,6 +122,28 @@ def test_batched_augmentation_is_torchvision_one_image_at_a_time():
         for k, ref in enumerate(refs):
             assert torch.equal(out[k], ref), (size, k, plans[k])
         assert torch.equal(pool(images[7], _seeded(random.Random(7), 107)), refs[7])  # one image
+
+
+def test_flip_before_the_pool_is_torchvisions_and_mirrors_about_half():
+    """``augment.hflip``: RandomHorizontalFlip(p) on every image before the pool's draws, bit for bit,
+    from the same generator; the pool's own flip can undo it (a net mirror is still a coin toss)."""
+    size = (96, 48)
+    pool = PoolAugment(size, AugmentConfig(num_ops=1, hflip=0.5), (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
+    images = torch.rand(200, 3, *size, generator=torch.Generator().manual_seed(1))
+    refs, plans = [], []
+    for k, x in enumerate(images):
+        torch.default_generator.manual_seed(300 + k)
+        refs.append(_one_at_a_time(pool, x, random.Random(k)))
+        torch.default_generator.manual_seed(300 + k)
+        plans.append(pool.plan(random.Random(k)))
+    assert all(p[0][0] == "hflip" and len(p) == 2 for p in plans)
+    flipped = sum(p[0][1] is not None for p in plans)
+    assert 70 <= flipped <= 130, flipped
+    out = pool.apply(images.clone(), plans)
+    for k, ref in enumerate(refs):
+        assert torch.equal(out[k], ref), (k, plans[k])
+    plain = PoolAugment(size, AugmentConfig(num_ops=1), (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
+    assert all(len(plain.plan(random.Random(k))) == 1 for k in range(20))  # off: no flip of its own
 
 
 def _seeded(rng, seed):

@@ -16,7 +16,7 @@ BASE = load_recipe_dict("tbps-clip-cpu")
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Real keys (so the fuzzed values reach the typed checks) and junk keys (so the key parser is fuzzed).
-KEYS = ["data.batch_size", "data.num_workers", "data.identity_k", "data.max_words", "data.augment.num_ops",
+KEYS = ["data.batch_size", "data.num_workers", "data.identity_k", "data.max_words", "data.augment.num_ops", "data.augment.hflip",
         "data.augment.pool", "data.text_augment.deletion_prob", "data.cache_images", "optim.lr", "optim.betas",
         "optim.name", "optim.lr_factors", "optim.milestones", "optim.momentum", "train.epochs", "train.amp",
         "train.select_metric", "train.seed", "model.image_size", "model.arch", "model.mean", "model.context_length",

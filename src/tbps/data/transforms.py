@@ -30,6 +30,8 @@ class AugmentConfig:
 
     pool: Sequence[str] = AUGMENT_POOL
     num_ops: int = 2
+    hflip: float = 0.0  # each image mirrored with this probability before the pool's draws (IRRA's and
+                        # person re-id's RandomHorizontalFlip(0.5) on every image); 0: only when the pool draws it
     mvs: bool = False  # a second, independently augmented view for N-ITC (MVS)
     ss_views: bool = False  # two strong views for the SimCLR loss (SS)
 
@@ -139,6 +141,8 @@ class PoolAugment:
         import torchvision.transforms as T
 
         out = []
+        if self.config.hflip > 0:  # torchvision's RandomHorizontalFlip(p), before the pool
+            out.append(("hflip", True if torch.rand(1) < self.config.hflip else None))
         names = rng.choices(list(self.config.pool), k=self.config.num_ops) if self.config.pool else []
         # erasing acts after normalisation, so it draws last (as when it is called last)
         for name in sorted(names, key=lambda n: n == "erasing"):

@@ -296,6 +296,7 @@ _POSITIVE, _NON_NEGATIVE, _FRACTION = _bounds(0, open_low=True), _bounds(0), _bo
 RANGES = {
     "data.batch_size": _POSITIVE, "data.identity_k": _NON_NEGATIVE, "data.num_workers": _NON_NEGATIVE,
     "data.max_words": _POSITIVE, "data.eval_batch_size": _POSITIVE, "data.augment.num_ops": _NON_NEGATIVE,
+    "data.augment.hflip": _FRACTION,
     "data.text_augment.backtranslation_prob": _FRACTION, "data.text_augment.deletion_prob": _FRACTION,
     "optim.lr": _NON_NEGATIVE, "optim.betas": _bounds(0, 1, open_high=True), "optim.eps": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE, "optim.momentum": _FRACTION, "optim.lr_factors": _NON_NEGATIVE,
