@@ -118,9 +118,11 @@ def test_captions_say_the_attributes_and_nothing_else():
     all_colour_words = {w for ws in S.COLOUR_WORDS.values() for w in ws}
     dropped_total = 0
     for i, a in enumerate(identities):
-        rng = np.random.default_rng([99, i])
+        rng, twin = np.random.default_rng([99, i]), np.random.default_rng([99, i])
         for j in range(6):
             cap = S.make_caption(a, rng, facing=("front", "back", "left", "right")[j % 4])
+            same, named = S.described_caption(a, twin, facing=("front", "back", "left", "right")[j % 4])
+            assert same == cap
             low = cap.lower()
             toks = set(S.tokenize(cap))
             # always: gender, upper colour + type, lower colour + type
@@ -156,6 +158,13 @@ def test_captions_say_the_attributes_and_nothing_else():
                 minor["bag"] = _mentions(low, S.CAPTION_WORDS["bag_type"][a["bag_type"]])
             if a["headwear"] != "none":
                 minor["headwear"] = _mentions(low, S.CAPTION_WORDS["headwear"][a["headwear"]])
+            # the fields a caption names (what bench/synth_errors.py reads) are exactly those it mentions
+            fields = {"hair": {"hair_length", "hair_colour"}, "shoes": {"shoe_colour"}, "pattern": {"pattern"},
+                      "bag": {"bag_type", "bag_colour"}, "headwear": {"headwear", "headwear_colour"}}
+            said = {f for fact, told in minor.items() if told for f in fields[fact]}
+            if a["bag_type"] == "none" and "not carrying a bag" in low:
+                said.add("bag_type")
+            assert named == {"gender", "upper_type", "upper_colour", "lower_type", "lower_colour"} | said, (cap, named)
             n_dropped = sum(not v for v in minor.values())
             assert n_dropped <= 2 and n_dropped < len(minor), (cap, minor)
             dropped_total += n_dropped

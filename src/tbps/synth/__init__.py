@@ -31,7 +31,7 @@ from tbps.synth.attributes import (
     identity_key,
     sample_identities,
 )
-from tbps.synth.captions import CAPTION_WORDS, COLOUR_WORDS, RESERVED_SYNONYMS, make_caption, tokenize
+from tbps.synth.captions import CAPTION_WORDS, COLOUR_WORDS, RESERVED_SYNONYMS, described_caption, make_caption, tokenize
 from tbps.synth.render import View, identity_shades, person_shades, render_image, render_person, sample_view
 from tbps.synth.write import ANNOTATION_FILE, JPEG_QUALITY, SPLITS, assign_splits, planned_splits, synthesize
 
@@ -60,6 +60,7 @@ __all__ = [
     "attribute_distance",
     "identity_key",
     "identity_shades",
+    "described_caption",
     "make_caption",
     "person_shades",
     "planned_splits",

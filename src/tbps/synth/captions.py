@@ -262,6 +262,12 @@ def _hair_first(rng, a, noun: str, he: str, garments: list[str], rest: list[str]
 _TEMPLATES = (_narrative, _subject_verb, _fragments, _clothing_first, _hair_first)
 
 
+# The attribute fields each caption names, and those each minor fact adds ("nobag": "she is not carrying a bag").
+NAMED_ALWAYS = ("gender", "upper_type", "upper_colour", "lower_type", "lower_colour")  # a dress: lower is None
+_FACT_FIELDS = {"hair": ("hair_length", "hair_colour"), "shoes": ("shoe_colour",), "bag": ("bag_type", "bag_colour"),
+                "headwear": ("headwear", "headwear_colour"), "nobag": ("bag_type",)}
+
+
 def make_caption(attrs: dict[str, Any], rng: np.random.Generator, facing: str | None = None) -> str:
     """One caption for an identity: varied template, synonyms and clause order.
 
@@ -270,12 +276,21 @@ def make_caption(attrs: dict[str, Any], rng: np.random.Generator, facing: str | 
     headwear) are each mentioned unless dropped: at most two are dropped, never all.
     Mentions nothing the attributes do not say.
     """
+    return described_caption(attrs, rng, facing)[0]
+
+
+def described_caption(attrs: dict[str, Any], rng: np.random.Generator,
+                      facing: str | None = None) -> tuple[str, frozenset[str]]:
+    """:func:`make_caption`'s caption (the same draws) and the ``ATTRIBUTE_FIELDS`` it names: an
+    identity whose values agree on those fields fits the caption as well as its own does."""
     a = attrs
     if facing in ("left", "right"):
         facing = "side"
     he, his = ("he", "his") if a["gender"] == "man" else ("she", "her")
     noun = _ch(rng, CAPTION_WORDS["gender"][a["gender"]])
     with_pattern, rest = _minor_facts(rng, a)
+    named = set(NAMED_ALWAYS) | ({"pattern"} if with_pattern else set())
+    named.update(f for fact in rest for f in _FACT_FIELDS[fact])  # before the template tells (and removes) some
     garments = [_upper_np(rng, a, with_pattern)]
     if a["lower_type"] is not None:
         garments.append(_lower_np(rng, a))
@@ -283,7 +298,7 @@ def make_caption(attrs: dict[str, Any], rng: np.random.Generator, facing: str | 
     sentences = template(rng, a, noun, he, garments, rest, facing)
     for fact in rest:
         sentences.append(_minor_sentence(rng, a, fact, he, his, noun))
-    return _finish(rng, sentences)
+    return _finish(rng, sentences), frozenset(named)
 
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")

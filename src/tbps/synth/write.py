@@ -17,7 +17,7 @@ import numpy as np
 
 from tbps.files import atomic_write
 from tbps.synth.attributes import SynthError, sample_identities
-from tbps.synth.captions import make_caption, tokenize
+from tbps.synth.captions import described_caption, tokenize
 from tbps.synth.render import person_shades, render_image, sample_view
 
 SPLITS = ("train", "val", "test")
@@ -65,13 +65,19 @@ def _image_path(split: str, pid: int, k: int) -> str:
     return f"{split}/{pid:05d}_c{k:02d}.jpg"
 
 
+def image_captions(pid: int, attrs: dict[str, Any], k: int, seed: int) -> list[tuple[str, frozenset[str]]]:
+    """The two captions of person ``pid``'s image ``k`` in a dataset of this ``seed``, each with the
+    attribute fields it names (:func:`tbps.synth.captions.described_caption`)."""
+    facing = sample_view(np.random.default_rng([seed, 2, pid, k])).facing  # as render_image sees it
+    crng = np.random.default_rng([seed, 1, pid, k])
+    return [described_caption(attrs, crng, facing) for _ in range(2)]
+
+
 def _make_records(pid: int, attrs: dict[str, Any], split: str, images_per_id: int, seed: int) -> list[dict]:
     """The annotation records of one person: two captions per image, CUHK-PEDES keys."""
     out = []
     for k in range(images_per_id):
-        facing = sample_view(np.random.default_rng([seed, 2, pid, k])).facing  # as render_image sees it
-        crng = np.random.default_rng([seed, 1, pid, k])
-        caps = [make_caption(attrs, crng, facing) for _ in range(2)]
+        caps = [caption for caption, _ in image_captions(pid, attrs, k, seed)]
         out.append({
             "split": split,
             "captions": caps,
