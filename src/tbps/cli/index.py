@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at INDEX")
     b.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="flip: average each image's features with its mirror image's (left-right); twice the "
-                   "embedding time, +1.45 +- 1.12 text-to-image R@1 on ten tiny CPU models (docs/search.md); "
+                   "embedding time, +1.4 to +1.9 text-to-image R@1 on average on tiny CPU models (docs/search.md); "
                    "recorded in the index, so `index add` and image queries mirror too (default: none)")
     _partition_args(b)
 
