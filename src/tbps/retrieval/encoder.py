@@ -74,6 +74,11 @@ def resize_settings(spec) -> dict:
 IMAGE_TTA = ("none", "flip")  # test-time averages of a gallery image's features (``image_features``)
 
 
+def _check_tta(tta: str) -> None:
+    if tta not in IMAGE_TTA:
+        raise ValueError(f"unknown image test-time augmentation {tta!r} ({', '.join(IMAGE_TTA)})")
+
+
 def image_features(model, pixels: torch.Tensor, tta: str = "none") -> torch.Tensor:
     """(B, 3, H, W) preprocessed images on the model's device -> (B, D) float32, L2-normalised.
 
@@ -81,12 +86,11 @@ def image_features(model, pixels: torch.Tensor, tta: str = "none") -> torch.Tens
     features, ``normalize(normalize(f(x)) + normalize(f(flip(x))))``: two forward passes, an option for
     a gallery (captions that say "left" or "right" would lose what tells the two apart).
     """
+    _check_tta(tta)
     feats = F.normalize(model.encode_image(pixels).float(), dim=-1)
     if tta == "flip":
         mirrored = F.normalize(model.encode_image(pixels.flip(-1)).float(), dim=-1)
         return F.normalize(feats + mirrored, dim=-1)
-    if tta != "none":
-        raise ValueError(f"unknown image test-time augmentation {tta!r} ({', '.join(IMAGE_TTA)})")
     return feats
 
 
@@ -159,8 +163,7 @@ class Encoder:
                  image_tta: str = "none"):
         from tbps.models.factory import get_tokenizer
 
-        if image_tta not in IMAGE_TTA:
-            raise ValueError(f"unknown image test-time augmentation {image_tta!r} ({', '.join(IMAGE_TTA)})")
+        _check_tta(image_tta)
         if image_tta != "none":
             fingerprint = {**fingerprint, "image_tta": image_tta}
         self.model = model.to(device).eval()
