@@ -21,6 +21,7 @@ from tbps.models.spec import (  # noqa: F401  (CLIP_MEAN .. ModelError: re-expor
     list_architectures,
     register_spec_config,
 )
+from tbps.models.conv_stem import replace_patch_embedding
 from tbps.models.resnet import adapt_modified_resnet
 from tbps.models.tbps_model import TBPSModel
 from tbps.models.text_towers import text_tower
@@ -39,6 +40,9 @@ def create_model(spec: ModelSpec, *, load_pretrained: bool = True) -> TBPSModel:
     else:  # a checkpoint carries its architecture's config: make it buildable anywhere
         register_spec_config(spec)
 
+    if spec.conv_stem and spec.pretrained:
+        raise ModelError(f"model.conv_stem replaces {spec.arch}'s patch embedding, so it trains from scratch: "
+                         f"set model.pretrained: null (it is {spec.pretrained!r})")
     pretrained = spec.pretrained if load_pretrained else None
     kwargs: dict[str, Any] = {}
     resnet = isinstance(spec.arch_config["vision_cfg"].get("layers"), (list, tuple))  # open_clip's ModifiedResNet
@@ -59,6 +63,11 @@ def create_model(spec: ModelSpec, *, load_pretrained: bool = True) -> TBPSModel:
     if resnet:  # built square at its native size (weights load as they are), then fitted to the real input
         size = spec.image_size or (clip.visual.image_size,) * 2
         adapt_modified_resnet(clip.visual, tuple(size), spec.resnet_last_stride)
+    if spec.conv_stem:
+        try:
+            replace_patch_embedding(clip.visual, spec.conv_stem)
+        except ValueError as e:
+            raise ModelError(f"{spec.arch}: {e}") from None
     model = TBPSModel(clip, spec)
     if spec.text_attn_dropout:
         model.set_text_attention_dropout(spec.text_attn_dropout)

@@ -60,6 +60,9 @@ class ModelSpec:
     # RDE's token-selection embedding branch ({"ratio": 0.3, "dim": 1024}, models/rde.py): features are
     # the global and the TSE embedding, each L2-normalised and scaled by 1/sqrt(2), concatenated.
     tse: dict[str, Any] | None = None
+    # ViTs trained from scratch only: 3x3 stride-2 convolutions of these channels (then a 1x1 to the width)
+    # in place of the patch embedding, log2(patch size) of them (models/conv_stem.py); None: open_clip's own.
+    conv_stem: list[int] | None = None
     # CLIP ResNets only: stride of layer4 (2: CLIP's own; 1: TextReID's RES5_STRIDE, a H/16 x W/16 final map).
     resnet_last_stride: int = 2
 
