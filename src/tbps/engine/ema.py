@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from tbps.models.momentum import lerp_toward
+
 
 class WeightAverage:
     """The moving average of ``model``'s parameters (by name), started from their current values."""
@@ -43,7 +45,7 @@ class WeightAverage:
         """One step of the average, after an optimiser step."""
         self.steps += 1
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(self.tensors, self._live(model), 1.0 - d)
+        lerp_toward(self.tensors, self._live(model), d)
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:

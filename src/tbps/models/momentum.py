@@ -22,17 +22,25 @@ from torch import nn
 
 
 @torch.no_grad()
+def lerp_toward(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float) -> None:
+    """targets <- momentum * targets + (1 - momentum) * sources, tensor by tensor, in one foreach kernel.
+
+    The one moving-average step of tbps: MoCo keys here, the weight average of ``train.ema``
+    (engine/ema.py) in the trainer."""
+    if len(targets) != len(sources):
+        raise ValueError(f"EMA target has {len(targets)} parameters, source {len(sources)}: not copies of one module")
+    sources = [s.detach().to(t.dtype) for t, s in zip(targets, sources)]
+    torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+
+
+@torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """target <- momentum * target + (1 - momentum) * source, parameter by parameter.
 
     Buffers (running stats, queues of the source) are copied as they are. The two
     modules must have the same structure (one is a deep copy of the other).
     """
-    tp, sp = list(target.parameters()), list(source.parameters())
-    if len(tp) != len(sp):
-        raise ValueError(f"EMA target has {len(tp)} parameters, source {len(sp)}: not copies of one module")
-    for t, s in zip(tp, sp):
-        t.mul_(momentum).add_(s.detach().to(t.dtype), alpha=1.0 - momentum)
+    lerp_toward(list(target.parameters()), list(source.parameters()), momentum)
     for t, s in zip(target.buffers(), source.buffers()):
         t.copy_(s)
 
