@@ -297,3 +297,40 @@ def test_compile_towers_keeps_the_weights_and_the_features():
     for n, p in m.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_conv_stem_replaces_the_patch_embedding_keeping_the_grid_and_round_trips_a_checkpoint(tmp_path):
+    from tbps.models.checkpoint import load_model, save_checkpoint
+    from tbps.models.conv_stem import ConvStem
+
+    torch.manual_seed(0)
+    plain = create_model(ModelSpec(arch="micro-vit"))
+    model = create_model(ModelSpec(arch="micro-vit", conv_stem=[4, 8, 8]))
+    stem = model.clip.visual.conv1
+    assert isinstance(stem, ConvStem)
+    assert [m.stride for m in stem if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 3 + [(1, 1)]
+    x = torch.randn(2, 3, *model.image_size)
+    g, patches = model.image_tokens(x)
+    assert patches.shape == plain.image_tokens(x)[1].shape  # the same 4 x 2 token grid of 8-pixel cells
+    tok = get_tokenizer(model.spec)
+    out = model(x, tok(["a man in a red coat", "a woman"]))
+    (out["image_features"] @ out["text_features"].t()).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
+
+    path = save_checkpoint(tmp_path / "stem.pt", {"model_spec": model.spec.to_dict(), "model": model.state_dict()})
+    loaded, _ = load_model(path)
+    assert loaded.spec.conv_stem == [4, 8, 8]
+    model.eval()
+    assert torch.equal(loaded.encode_image(x), model.encode_image(x))
+
+
+@pytest.mark.parametrize("stem, pretrained, message", [
+    ([8, 8], None, "2 stride-2 convolutions .4-pixel cells. but the architecture's patches are"),
+    ([8, "wide", 8], None, "a list of channel counts"),
+    ([8, 8, 10 ** 9], None, "a list of channel counts"),
+    ("8", None, "a list of channel counts"),
+    ([8, 8, 8], "weights.pt", "trains from scratch: set model.pretrained: null"),
+])
+def test_conv_stem_that_cannot_be_built_is_a_model_error_naming_why(stem, pretrained, message):
+    with pytest.raises(ModelError, match=message):
+        create_model(ModelSpec(arch="micro-vit", conv_stem=stem, pretrained=pretrained))

@@ -30,15 +30,20 @@ class ConvStem(nn.Sequential):
         super().__init__(*layers)
 
 
+MAX_CHANNELS = 4096  # a checkpoint's spec is untrusted: no layer it names may be absurdly large
+
+
 def check_conv_stem(channels: Sequence[int], patch_size) -> None:
     """A ``ValueError`` naming the problem when ``channels`` cannot replace a ``patch_size`` embedding."""
-    if not channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
-        raise ValueError(f"model.conv_stem {list(channels)}: a list of positive channel counts, one per "
+    if (not isinstance(channels, (list, tuple)) or not channels
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 < c <= MAX_CHANNELS for c in channels)):
+        raise ValueError(f"model.conv_stem {channels!r}: a list of channel counts (1 to {MAX_CHANNELS}), one per "
                          "stride-2 convolution")
     patch = patch_size if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
     if any(p != 2 ** len(channels) for p in patch):
         raise ValueError(f"model.conv_stem has {len(channels)} stride-2 convolutions ({2 ** len(channels)}-pixel "
-                         f"cells) but the architecture's patches are {patch_size} pixels: give log2(patch) channel counts")
+                         f"cells) but the architecture's patches are {patch_size} pixels: give log2(patch) channel "
+                         "counts, or model.conv_stem=null for its own patch embedding")
 
 
 def replace_patch_embedding(visual: nn.Module, channels: Sequence[int]) -> None:

@@ -42,7 +42,8 @@ def create_model(spec: ModelSpec, *, load_pretrained: bool = True) -> TBPSModel:
 
     if spec.conv_stem and spec.pretrained:
         raise ModelError(f"model.conv_stem replaces {spec.arch}'s patch embedding, so it trains from scratch: "
-                         f"set model.pretrained: null (it is {spec.pretrained!r})")
+                         f"set model.pretrained: null (it is {spec.pretrained!r}), or model.conv_stem=null "
+                         "to load the weights")
     pretrained = spec.pretrained if load_pretrained else None
     kwargs: dict[str, Any] = {}
     resnet = isinstance(spec.arch_config["vision_cfg"].get("layers"), (list, tuple))  # open_clip's ModifiedResNet
