@@ -125,7 +125,8 @@ def backbone(recipe: str, overrides: list[str]) -> tuple[str, dict]:
     h, w = model["image_size"]
     tower = model.get("text_tower") or {}
     text = f"-{tower['type']}-{tower.get('source', '')}".rstrip("-") if tower else ""
-    return f"{model['arch']}-{h}x{w}-c{model['context_length']}{text}", model
+    stem = "-stem" + "-".join(map(str, model["conv_stem"])) if model.get("conv_stem") else ""  # tbps-clip-cpu's own
+    return f"{model['arch']}{stem}-{h}x{w}-c{model['context_length']}{text}", model
 
 
 def run(name: str, out: Path, cmd_args: list[str], args) -> dict:

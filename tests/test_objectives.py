@@ -26,7 +26,8 @@ class Case:
 CASES = {
     # The -cpu recipe with every TBPS-CLIP term on (MVS, SS, C-ITC) and the paper's frozen patch embedding.
     "tbps-clip": Case("tbps-clip", "tbps-clip-cpu",
-                      ["model.freeze_patch_embed=true", "data.augment.mvs=true", "data.augment.ss_views=true",
+                      ["model.conv_stem=null", "model.freeze_patch_embed=true", "data.augment.mvs=true",
+                       "data.augment.ss_views=true",
                        "losses.mvs.enabled=true", "losses.ss.weight=0.4"],
                       {"nitc_loss", "ritc_loss", "citc_loss", "ss_loss"}, {"image_view2", "ss_view1", "ss_view2"},
                       frozen={"clip.visual.conv1.weight"}),

@@ -196,6 +196,11 @@ def test_cpu_budget_counts_compute_not_waiting():
         Budget(1.0, "gpu")
 
 
+def _same_stem_as_the_run() -> str:
+    """The trained run's image stem (the default recipe's) for a recipe fine-tuned from it."""
+    return f"model.conv_stem={load_recipe('tbps-clip-cpu').model.conv_stem}"
+
+
 def test_init_fine_tunes_from_another_runs_weights(trained_run, tiny_dataset, tmp_path, capsys):
     """--init: a new run (here MeFa) starts from a trained run's weights; modules the checkpoint
     lacks (the refiner) start fresh; the optimiser and epochs start anew."""
@@ -203,7 +208,8 @@ def test_init_fine_tunes_from_another_runs_weights(trained_run, tiny_dataset, tm
 
     run, _ = trained_run
     frozen = ["optim.lr=0", "optim.warmup_start_lr=0", "optim.min_lr=0", "losses.imr_text.weight=0",
-              "losses.imr_image.weight=0", "losses.dcc.weight=0"]  # lr 0: the weights stay as loaded
+              "losses.imr_image.weight=0", "losses.dcc.weight=0",  # lr 0: the weights stay as loaded
+              _same_stem_as_the_run()]
     train(TrainJob(data_root=str(tiny_dataset), recipe=load_recipe("mefa-cpu", MICRO + frozen),
                    out_dir=str(tmp_path / "ft"), epochs=1, init_from=str(run / "best.pt"), progress=False))
     err = capsys.readouterr().err
@@ -232,7 +238,7 @@ def test_init_also_resets_the_momentum_copies(trained_run, tiny_dataset, tmp_pat
 
     run, _ = trained_run
     frozen = ["optim.lr=0", "optim.warmup_start_lr=0", "optim.min_lr=0", "losses.fusion.width=32",
-              "losses.fusion.heads=2", "losses.itc.queue_size=16"]
+              "losses.fusion.heads=2", "losses.itc.queue_size=16", _same_stem_as_the_run()]
     train(TrainJob(data_root=str(tiny_dataset), recipe=load_recipe("laip-cpu", MICRO + frozen),
                    out_dir=str(tmp_path / "ft"), epochs=1, init_from=str(run / "best.pt"), progress=False))
     src, ft = load_checkpoint(run / "best.pt"), load_checkpoint(tmp_path / "ft" / "last.pt")
