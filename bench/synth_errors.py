@@ -55,14 +55,17 @@ def fits(attrs: dict, pid: int, fields) -> list[int]:
 
 
 def main() -> None:
+    from tbps.retrieval.encoder import IMAGE_TTA
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data", type=Path, help="a `tbps synth` dataset folder")
     ap.add_argument("checkpoints", nargs="*", help="checkpoints to break down (none: the ceiling only)")
     ap.add_argument("--seed", type=int, default=0, help="the seed `tbps synth` made the dataset with (default 0)")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--tta", choices=["none", "flip"], default="none", help="as `tbps eval --tta`")
+    ap.add_argument("--tta", choices=IMAGE_TTA, default="none", help="as `tbps eval --tta`")
     args = ap.parse_intermixed_args()
 
+    from tbps.engine.evaluate import evaluate_checkpoint
     from tbps.synth import ATTRIBUTE_FIELDS
 
     named, attrs, pids, family = named_fields(args.data, args.seed, args.split)
@@ -71,8 +74,6 @@ def main() -> None:
     print(f"{args.data} [{args.split}]: {len(named)} captions of {len(pids)} people; a caption fits one person only: "
           f"{100 * unique / len(named):.2f} %; text-only ceiling R@1 {100 * sum(inverse) / len(inverse):.2f}")
     for ckpt in args.checkpoints:
-        from tbps.engine.evaluate import evaluate_checkpoint
-
         ev = evaluate_checkpoint(ckpt, args.data, args.split, image_tta=args.tta).result
         top = ev.similarity.argmax(1).tolist()
         wrong, fit, sibling, fields = 0, 0, 0, collections.Counter()
