@@ -140,7 +140,7 @@ def _train(job: TrainJob, out: Path, dist: DistInfo, device: torch.device, fresh
     loop = _loop(recipe, model, data, device, dist, epochs)
     start = _restore(loop, resume_ckpt, job, out) if resume_ckpt is not None else _Start()
     if resume_ckpt is None and job.init_from:
-        say(_init_weights({"model": model, "objective": loop.objective}, job.init_from), dist)
+        say(_init_weights({"model": model, "objective": loop.objective}, job.init_from, recipe.model.conv_stem), dist)
         loop.objective.after_init(model)
     if tcfg.ema > 0:  # from the weights the run starts with (fresh, --init's, or last.pt's average)
         loop.ema = WeightAverage(model, tcfg.ema)
@@ -341,13 +341,26 @@ def _restore(loop: Loop, ckpt: dict, job: TrainJob, out: Path) -> _Start:
     return start
 
 
-def _init_weights(parts: dict[str, nn.Module], path: str) -> str:
+def _stem_setting(stem: Any) -> str:
+    """``model.conv_stem`` as an override a user can paste (``=null`` for the architecture's own)."""
+    return "model.conv_stem=" + ("[" + ",".join(map(str, stem)) + "]" if stem else "null")
+
+
+def _init_weights(parts: dict[str, nn.Module], path: str, stem: list[int] | None) -> str:
     """Load the weights of a tbps checkpoint into ``parts`` (model, objective) by name, for
     fine-tuning: tensors present on both sides must have the same shape; modules only this
     run has keep their fresh initialisation, and tensors only the checkpoint has are dropped.
-    Objective run state (``_extra_state``, e.g. a feature bank) is not carried over. Returns a
-    one-line summary."""
+    Objective run state (``_extra_state``, e.g. a feature bank) is not carried over. The image
+    stem (``model.conv_stem``, this run's is ``stem``) must be the checkpoint's: otherwise the
+    first layer would start from scratch under trained layers. Returns a one-line summary."""
     ckpt = load_checkpoint(path)
+    spec = ckpt.get("model_spec")
+    theirs = spec.get("conv_stem") if isinstance(spec, dict) else "unknown"
+    readable = theirs is None or (isinstance(theirs, list) and len(theirs) <= 8 and all(type(c) is int for c in theirs))
+    if readable and (theirs or None) != (list(stem) if stem else None):
+        raise CheckpointError(f"--init {path}: its image stem is {_stem_setting(theirs)} and this run's is "
+                              f"{_stem_setting(stem)}; give the run the checkpoint's ({_stem_setting(theirs)}) "
+                              "so that its first layer is the trained one")
     loaded, fresh, dropped = 0, [], []
     for name, part in parts.items():
         own = part.state_dict()
