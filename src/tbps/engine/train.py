@@ -32,6 +32,7 @@ from tbps.engine.runlog import RunLog, say
 from tbps.engine.runtime import Budget, Eta, check_device, cpu_threads, seed_everything
 from tbps.files import atomic_write
 from tbps.models.checkpoint import CheckpointError, load_checkpoint, set_rng_state
+from tbps.models.conv_stem import is_channel_list
 from tbps.recipes.config import ConfigError, Recipe, recipe_from_dict
 
 
@@ -356,8 +357,8 @@ def _init_weights(parts: dict[str, nn.Module], path: str, stem: list[int] | None
     ckpt = load_checkpoint(path)
     spec = ckpt.get("model_spec")
     theirs = spec.get("conv_stem") if isinstance(spec, dict) else "unknown"
-    readable = theirs is None or (isinstance(theirs, list) and len(theirs) <= 8 and all(type(c) is int for c in theirs))
-    if readable and (theirs or None) != (list(stem) if stem else None):
+    readable = not theirs or is_channel_list(theirs)  # no stem, or one this message can name (else: the shape checks)
+    if readable and (list(theirs) if theirs else None) != (list(stem) if stem else None):
         raise CheckpointError(f"--init {path}: its image stem is {_stem_setting(theirs)} and this run's is "
                               f"{_stem_setting(stem)}; give the run the checkpoint's ({_stem_setting(theirs)}) "
                               "so that its first layer is the trained one")

@@ -31,14 +31,21 @@ class ConvStem(nn.Sequential):
 
 
 MAX_CHANNELS = 4096  # a checkpoint's spec is untrusted: no layer it names may be absurdly large
+MAX_CONVS = 8  # 256-pixel patches: more stride-2 convolutions than any ViT's patch size needs
+
+
+def is_channel_list(channels: object) -> bool:
+    """Whether ``channels`` (from a recipe or an untrusted checkpoint's spec) is a list a stem can be built
+    from: 1 to MAX_CONVS channel counts, each 1 to MAX_CHANNELS."""
+    return (isinstance(channels, (list, tuple)) and 0 < len(channels) <= MAX_CONVS
+            and all(isinstance(c, int) and not isinstance(c, bool) and 0 < c <= MAX_CHANNELS for c in channels))
 
 
 def check_conv_stem(channels: Sequence[int], patch_size) -> None:
     """A ``ValueError`` naming the problem when ``channels`` cannot replace a ``patch_size`` embedding."""
-    if (not isinstance(channels, (list, tuple)) or not channels
-            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 < c <= MAX_CHANNELS for c in channels)):
+    if not is_channel_list(channels):
         raise ValueError(f"model.conv_stem {channels!r}: a list of channel counts (1 to {MAX_CHANNELS}), one per "
-                         "stride-2 convolution")
+                         f"stride-2 convolution, at most {MAX_CONVS} of them")
     patch = patch_size if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
     if any(p != 2 ** len(channels) for p in patch):
         raise ValueError(f"model.conv_stem has {len(channels)} stride-2 convolutions ({2 ** len(channels)}-pixel "
