@@ -12,7 +12,9 @@ among the training words WordNet relates to it or to the compounds it begins, wh
 ``definitions`` (``wordnet-3``, and where WordNet relates no training word, the training words
 its definitions name: the default on 5 Dec 2026), ``colours`` (``definitions``, and first a word
 that is a colour name in the xkcd colour survey read as the training word of the nearest colour: the
-default since 6 Dec 2026), ``recipe`` (the checkpoint's own setting, as it records it) and any
+default since 6 Dec 2026), ``heads`` (``colours``, and a word none of those reads that is a closed
+compound ending in a training noun read as that ending: "schoolbag" -> bag), ``colours-drop`` and
+``heads-drop`` (the same, a word no reading reaches left out of the query), ``recipe`` (the checkpoint's own setting, as it records it) and any
 ``--mode NAME=K,T`` or ``NAME=wordnet,K,T`` given (``--only`` keeps a subset of the built-in modes).
 Original queries must come out bit-for-bit the same in every mode (checked). Prints a table; --json
 writes everything.
@@ -143,7 +145,9 @@ REWRITES["heldout7"] = {
 KEPT = ("all", "heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7")
 MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05),
          "wordnet-1": ("wordnet", 1, 1.0), "wordnet-3": ("wordnet", 3, 0.05),
-         "definitions": ("wordnet", 3, 0.05, True), "colours": ("wordnet", 3, 0.05, True, True), "recipe": "recipe"}
+         "definitions": ("wordnet", 3, 0.05, True), "colours": ("wordnet", 3, 0.05, True, True),
+         "heads": ("wordnet", 3, 0.05, True, True, True), "colours-drop": ("wordnet", 3, 0.05, True, True, False, "drop"),
+         "heads-drop": ("wordnet", 3, 0.05, True, True, True, "drop"), "recipe": "recipe"}
 
 
 def rewriter(word_map: dict[str, str]):
@@ -172,9 +176,9 @@ def spec_with(spec, mode):
         s.text_tower["oov"] = mode or "encode"
     elif mode != "recipe":
         oov, k, t, *flags = mode if len(mode) >= 3 else ("nearest", *mode)
-        definitions, colours = (list(flags) + [False, False])[:2]
+        definitions, colours, heads, unread = (list(flags) + [False, False, False, "nearest"][len(flags):])[:4]
         s.text_tower.update(oov=oov, oov_k=int(k), oov_temperature=float(t), oov_definitions=bool(definitions),
-                            oov_colours=bool(colours))
+                            oov_colours=bool(colours), oov_heads=bool(heads), oov_unread=unread)
     return s
 
 

@@ -153,6 +153,9 @@ VECTORS = {  # a 3-d space where the encoder alone gets colours wrong: "scarlet"
     "a": (0.5, 0.5, 0.5), "scarlet": (0.2, 0.9, 0.1), "footwear": (0.3, 0.3, 0.7), "zebra": (0.9, 0.1, 0.0),
     "goose": (0.1, 0.9, 0.2), "olive": (0.0, 0.0, 1.0), "green": (0.0, 0.7, 0.7), "gray": (0.6, 0.0, 0.8),
     "fever": (0.9, 0.0, 0.1), "tawny": (0.0, 0.1, 1.0),
+    "jacket": (0.1, 0.1, 0.9), "with": (0.5, 0.4, 0.6),
+    # closed compounds no database lists; the encoder alone reads the first two wrongly (blue, red)
+    "goosejacket": (0.1, 0.9, 0.2), "redshoes": (0.9, 0.1, 0.0), "zzshoes": (0.0, 0.2, 1.0), "goosewith": (0.5, 0.5, 0.5),
 }
 
 
@@ -215,6 +218,41 @@ def test_a_word_related_to_none_is_read_through_the_words_its_definitions_name(w
     assert on.explain(["goose"]) == off.explain(["goose"])
     # with no lexicon the switch does nothing
     assert NearestWords(d, vocab, k=1, definitions=True).tag == NearestWords(d, vocab, k=1).tag
+
+
+def test_a_closed_compound_no_reading_reaches_is_read_as_its_head(wordnet):
+    d = WordDictionary(WordNetTable(), cache=False)
+    vocab = ["a", "blue", "jacket", "red", "shoe", "with"]
+    off = NearestWords(d, vocab, k=3, temperature=0.1, lexicon=wordnet, definitions=True)
+    on = NearestWords(d, vocab, k=3, temperature=0.1, lexicon=wordnet, definitions=True, heads=True)
+    assert off.explain(["goosejacket"])["goosejacket"][0][0] == "blue"  # the encoder alone: wrong
+    assert off.explain(["redshoes"])["redshoes"][0][0] == "red"
+    # a word WordNet knows ("goose") or a training word ("red"), then a training noun (through its plural)
+    assert on.explain(["goosejacket", "redshoes"]) == {"goosejacket": [("jacket", pytest.approx(1.0))],
+                                                       "redshoes": [("shoe", pytest.approx(1.0))]}
+    # no word before the ending ("zz" + shoes), or an ending that is no noun ("with"): the encoder, as before
+    assert on.explain(["zzshoes", "goosewith"]) == off.explain(["zzshoes", "goosewith"])
+    # words an earlier reading reaches are read as before (scarlet: related to red; tawny: its definition)
+    assert on.explain(["scarlet", "tawny"]) == off.explain(["scarlet", "tawny"])
+    assert on.tag != off.tag
+    assert NearestWords(d, vocab, k=1, heads=True).tag == NearestWords(d, vocab, k=1).tag  # no lexicon: no heads
+
+
+def test_a_word_no_reading_reaches_can_be_left_out(wordnet):
+    d = WordDictionary(WordNetTable(), cache=False)
+    vocab = ["a", "blue", "red", "shoe"]
+    keep = NearestWords(d, vocab, k=1, lexicon=wordnet)
+    drop = NearestWords(d, vocab, k=1, lexicon=wordnet, unread="drop")
+    assert keep.explain(["zebra"]) == {"zebra": [("red", pytest.approx(1.0))]}  # the encoder's guess
+    assert drop.explain(["zebra", "scarlet"]) == {"zebra": [], "scarlet": [("red", pytest.approx(1.0))]}
+    words = ["a", "zebra", "scarlet"]
+    ids = d.ids(words)
+    rows = drop.rows(words, ids)
+    assert rows[0] == ids[0] and rows[1] is None and torch.equal(d.vectors[rows[2]], d.vectors[d.index["red"]])
+    # with no reading to trust (no lexicon, no colour table) every word is the encoder's, none left out
+    assert NearestWords(d, vocab, k=1, unread="drop").explain(["zebra"]) == {"zebra": [("red", pytest.approx(1.0))]}
+    with pytest.raises(ValueError, match="unread 'skip'"):
+        NearestWords(d, vocab, unread="skip")
 
 
 @pytest.mark.skipif(find_wordnet() is None, reason="no WordNet installed (apt install wordnet-base)")
