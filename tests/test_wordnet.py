@@ -273,3 +273,17 @@ def test_the_installed_wordnet_reads_colour_and_garment_synonyms():
                     "anorak": {"jacket"}, "chinos": {"trousers"}, "rucksack": {"backpack"},
                     "footwear": {"shoes"}, "lass": {"girl"}, "fellow": {"man"},
                     "olive": {"green"}, "bermudas": {"shorts"}}  # through olive_green, bermuda_shorts
+
+
+@pytest.mark.skipif(find_wordnet() is None, reason="no WordNet installed (apt install wordnet-base)")
+def test_the_installed_wordnet_reads_closed_compounds_by_their_heads():
+    from tbps.models.wordnet import load_wordnet
+
+    d = WordDictionary(type("Ones", (WordEncoder,), {"key": "ones", "dim": 2,
+                                                     "encode": lambda self, ws: torch.ones(len(ws), 2)})(),
+                       cache=False)
+    vocab = ["a", "red", "shorts", "pants", "bag", "tie", "his", "who", "wearing"]
+    m = NearestWords(d, vocab, k=5, lexicon=load_wordnet(), definitions=True, heads=True, unread="drop")
+    read = {w: {n for n, _ in v} for w, v in m.explain(["boardshorts", "hotpants", "bookbag", "auntie"]).items()}
+    # boardshorts, hotpants, bookbag: no reading before reaches a training word; auntie is no "aun" + tie
+    assert read == {"boardshorts": {"shorts"}, "hotpants": {"pants"}, "bookbag": {"bag"}, "auntie": set()}
