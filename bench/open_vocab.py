@@ -13,8 +13,9 @@ among the training words WordNet relates to it or to the compounds it begins, wh
 its definitions name: the default on 5 Dec 2026), ``colours`` (``definitions``, and first a word
 that is a colour name in the xkcd colour survey read as the training word of the nearest colour: the
 default since 6 Dec 2026), ``heads`` (``colours``, and a word none of those reads that is a closed
-compound ending in a training noun read as that ending: "schoolbag" -> bag), ``colours-drop`` and
-``heads-drop`` (the same, a word no reading reaches left out of the query), ``recipe`` (the checkpoint's own setting, as it records it) and any
+compound ending in a training noun read as that ending: "schoolbag" -> bag), ``-drop`` after either
+(a word no reading reaches left out of the query), ``-rare`` after any of those (only the words of a
+definition that at most 2 % of WordNet's glosses hold count: not "who"), ``recipe`` (the checkpoint's own setting, as it records it) and any
 ``--mode NAME=K,T`` or ``NAME=wordnet,K,T`` given (``--only`` keeps a subset of the built-in modes).
 Original queries must come out bit-for-bit the same in every mode (checked). Prints a table; --json
 writes everything.
@@ -158,9 +159,18 @@ REWRITES["heldout8"] = {
 KEPT = ("all", "heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7", "heldout8")
 MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05),
          "wordnet-1": ("wordnet", 1, 1.0), "wordnet-3": ("wordnet", 3, 0.05),
-         "definitions": ("wordnet", 3, 0.05, True), "colours": ("wordnet", 3, 0.05, True, True),
-         "heads": ("wordnet", 3, 0.05, True, True, True), "colours-drop": ("wordnet", 3, 0.05, True, True, False, "drop"),
-         "heads-drop": ("wordnet", 3, 0.05, True, True, True, "drop"), "recipe": "recipe"}
+         "definitions": ("wordnet", 3, 0.05, True)}
+
+
+def _later(heads: bool, drop: bool, rare: bool) -> dict:
+    """``colours`` (the default since 6 Dec 2026) with the later switches of text_stream.TEXT_TOWER_DEFAULTS."""
+    return {"oov": "wordnet", "oov_k": 3, "oov_temperature": 0.05, "oov_definitions": True, "oov_colours": True,
+            "oov_heads": heads, "oov_unread": "drop" if drop else "nearest", "oov_definitions_rare": rare}
+
+
+MODES.update({("heads" if h else "colours") + ("-drop" if d else "") + ("-rare" if r else ""): _later(h, d, r)
+              for h in (False, True) for d in (False, True) for r in (False, True)})
+MODES["recipe"] = "recipe"
 
 
 def rewriter(word_map: dict[str, str]):
@@ -187,11 +197,14 @@ def spec_with(spec, mode):
     s.text_tower = dict(spec.text_tower or {})
     if mode is None or mode == "drop":
         s.text_tower["oov"] = mode or "encode"
+    elif isinstance(mode, dict):
+        s.text_tower.update(mode)
     elif mode != "recipe":
         oov, k, t, *flags = mode if len(mode) >= 3 else ("nearest", *mode)
-        definitions, colours, heads, unread = (list(flags) + [False, False, False, "nearest"][len(flags):])[:4]
+        definitions, colours = (list(flags) + [False, False])[:2]
         s.text_tower.update(oov=oov, oov_k=int(k), oov_temperature=float(t), oov_definitions=bool(definitions),
-                            oov_colours=bool(colours), oov_heads=bool(heads), oov_unread=unread)
+                            oov_colours=bool(colours), oov_heads=False, oov_unread="nearest",
+                            oov_definitions_rare=False)
     return s
 
 

@@ -57,6 +57,9 @@ TEXT_TOWER_DEFAULTS: dict[str, Any] = {
     # words its definitions name. On by default: on a map of synonyms written before it was built it kept more
     # R@1 on both synthetic datasets, without lowering the other maps' mean (docs/performance.md, section 5).
     "oov_definitions": True,
+    # with oov_definitions: only a definition's words that at most 2 % of WordNet's glosses hold count (not "who",
+    # "his", "the"; word_map.py). Off until measured (docs/performance.md, section 5).
+    "oov_definitions_rare": False,
     # with "wordnet" (also where no WordNet is installed): a word that is a colour name (the xkcd colour survey's,
     # installed with matplotlib) is read as the training word whose colour names lie nearest in colour ("navy" ->
     # blue; colour_names.py), before WordNet is asked. On by default: on a map of synonyms written before it was
@@ -73,7 +76,8 @@ TEXT_TOWER_DEFAULTS: dict[str, Any] = {
 }
 OOV_MODES = ("wordnet", "nearest", "encode", "drop")
 # recorded by training with the vocabulary
-OOV_KEYS = ("oov", "oov_k", "oov_temperature", "oov_definitions", "oov_colours", "oov_heads", "oov_unread")
+OOV_KEYS = ("oov", "oov_k", "oov_temperature", "oov_definitions", "oov_definitions_rare", "oov_colours", "oov_heads",
+            "oov_unread")
 _WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")  # "t-shirt", "man's", "3" ; commas and slashes split
 
 
@@ -194,6 +198,8 @@ def text_tower_config(spec: ModelSpec) -> dict[str, Any]:
         raise TextStreamError(f"model.text_tower.oov_definitions {cfg['oov_definitions']!r}: true or false")
     if not isinstance(cfg["oov_colours"], bool):
         raise TextStreamError(f"model.text_tower.oov_colours {cfg['oov_colours']!r}: true or false")
+    if not isinstance(cfg["oov_definitions_rare"], bool):
+        raise TextStreamError(f"model.text_tower.oov_definitions_rare {cfg['oov_definitions_rare']!r}: true or false")
     if not isinstance(cfg["oov_heads"], bool):
         raise TextStreamError(f"model.text_tower.oov_heads {cfg['oov_heads']!r}: true or false")
     if cfg["oov_unread"] not in UNREAD:
@@ -411,7 +417,8 @@ class WordTokenizer:
             colours = _colour_names() if cfg["oov"] == "wordnet" and cfg["oov_colours"] else None
             self._map = (key, NearestWords(self.dictionary, vocab, cfg["oov_k"], cfg["oov_temperature"], lexicon,
                                            definitions=cfg["oov_definitions"], colours=colours,
-                                           heads=cfg["oov_heads"], unread=cfg["oov_unread"]))
+                                           heads=cfg["oov_heads"], unread=cfg["oov_unread"],
+                                           rare_definition_words=cfg["oov_definitions_rare"]))
         return self._map[1]
 
     def explain(self, text: str) -> dict[str, list[tuple[str, float]]]:

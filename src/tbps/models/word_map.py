@@ -15,7 +15,8 @@ compounds it begins (:meth:`~tbps.models.wordnet.WordNet.compounds`: "olive" thr
 a kind of green; "bermudas" through bermuda_shorts), one step further. With ``definitions`` on, a
 word WordNet knows but relates to no training word either way is read through the training words its
 definitions name (:meth:`~tbps.models.wordnet.WordNet.definitions`: "tawny", "of a light brown to
-brownish orange color", -> brown, orange). With ``heads`` on, a word none of those reads and that is a closed
+brownish orange color", -> brown, orange); with ``rare_definition_words`` only the words of a definition
+that few of WordNet's glosses hold count ("joggers", "someone who runs ...": not "who"). With ``heads`` on, a word none of those reads and that is a closed
 compound ending in a training word after a first part that is a word itself is read as that ending, its head
 ("boardshorts" -> shorts, "schoolbag" -> bag). Failing those, all training words compete, or with ``unread:
 drop`` the word is left out of the query (a wrong guess misleads a query more than a missing word). With a colour-name
@@ -30,7 +31,6 @@ word in it is never touched, so in-vocabulary queries give bit-for-bit the same 
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 from collections.abc import Sequence
 
@@ -38,10 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from tbps.models.colour_names import ColourNames
-from tbps.models.wordnet import POS, WordNet
+from tbps.models.wordnet import GLOSS_WORD, POS, WordNet
 
 UNREAD = ("nearest", "drop")  # what becomes of a word no reading reaches
-_DEFINITION_WORD = re.compile(r"[a-z]{3,}")  # "a", "an", "of", "or" left out: WordNet has some as nouns (vitamin A)
+# With ``rare_definition_words``, a word of a definition counts only if at most this share of WordNet's glosses
+# holds it: "who" (5.1 %), "his" (3.1 %), "the", "with", "having" do not; "white" (1.3 %), "person" (1.9 %) do.
+# Fixed at 2 % from those figures before any measurement of the rule (docs/performance.md, section 5).
+COMMON_GLOSS_SHARE = 0.02
 
 
 class NearestWords:
@@ -54,13 +57,14 @@ class NearestWords:
 
     def __init__(self, dictionary, vocabulary: Sequence[str], k: int = 3, temperature: float = 0.05,
                  lexicon: WordNet | None = None, definitions: bool = False, colours: ColourNames | None = None,
-                 heads: bool = False, unread: str = "nearest"):
+                 heads: bool = False, unread: str = "nearest", rare_definition_words: bool = False):
         self.dictionary = dictionary
         self.vocabulary = sorted(set(vocabulary))
         self.known = frozenset(self.vocabulary)
         self.k, self.temperature = max(1, int(k)), float(temperature)
         self.lexicon = lexicon  # candidates first from WordNet's relations (None: every training word)
         self.definitions = bool(definitions) and lexicon is not None  # then from the words its definitions name
+        self.rare_only = bool(rare_definition_words) and self.definitions  # ... those in few glosses ("who" is in 5 %)
         self.colours = colours  # a colour name first read as the training word of the nearest colour
         self.heads = bool(heads) and lexicon is not None  # a closed compound read as its ending, a training word
         if unread not in UNREAD:
@@ -71,8 +75,8 @@ class NearestWords:
         self._lemmas: dict[tuple[str, str], list[int]] | None = None  # (lemma, pos) -> training words' indices
         h = hashlib.sha256("\n".join(self.vocabulary).encode()).hexdigest()[:12]
         self.tag = f"{h}-k{self.k}-t{self.temperature:g}" + ("-wordnet" if lexicon is not None else "") + (
-            "-definitions" if self.definitions else "") + ("-colours" if colours is not None else "") + (
-            "-heads" if self.heads else "")
+            "-definitions" if self.definitions else "") + ("-rare" if self.rare_only else "") + (
+            "-colours" if colours is not None else "") + ("-heads" if self.heads else "")
         self._vectors: torch.Tensor | None = None  # (V, E) training words' frozen vectors
         self._unit: torch.Tensor | None = None  # the same, L2-normalised
         self._mapped: dict[str, tuple[int | None, list[tuple[str, float]]]] = {}  # word -> (row, [(neighbour, weight)])
@@ -150,7 +154,8 @@ class NearestWords:
                     steps[j] = min(n + 1, steps.get(j, n + 1))
         if not steps and self.definitions:  # nor as a compound's: the training words its definitions name,
             named = {(base, pos): 0 for text in self.lexicon.definitions(word)  # all alike: the encoder chooses
-                     for token in _DEFINITION_WORD.findall(text.lower())
+                     for token in GLOSS_WORD.findall(text.lower())
+                     if not self.rare_only or self.lexicon.gloss_share(token) <= COMMON_GLOSS_SHARE
                      for pos in ("n", "a")  # what a colour, a garment or a person is defined by
                      for base in self.lexicon.base_forms(token, pos)}
             steps = self._steps(named)
