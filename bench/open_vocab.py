@@ -15,7 +15,8 @@ that is a colour name in the xkcd colour survey read as the training word of the
 default since 6 Dec 2026), ``heads`` (``colours``, and a word none of those reads that is a closed
 compound ending in a training noun read as that ending: "schoolbag" -> bag), ``-drop`` after either
 (a word no reading reaches left out of the query), ``-rare`` after any of those (only the words of a
-definition that at most 2 % of WordNet's glosses hold count: not "who"), ``recipe`` (the checkpoint's own setting, as it records it) and any
+definition that at most 2 % of WordNet's glosses hold count: not "who"), ``recipe`` (the
+checkpoint's own setting, as it records it) and any
 ``--mode NAME=K,T`` or ``NAME=wordnet,K,T`` given (``--only`` keeps a subset of the built-in modes).
 Original queries must come out bit-for-bit the same in every mode (checked). Prints a table; --json
 writes everything.

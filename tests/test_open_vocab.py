@@ -129,7 +129,8 @@ def test_vocabulary_travels_in_the_checkpoint(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("bad", [{"oov": "guess"}, {"oov": None}, {"oov_k": 0}, {"oov_k": 1.5}, {"oov_temperature": 0},
                                  {"oov_temperature": "hot"}, {"oov_definitions": "yes"}, {"vocabulary": "red coat"},
-                                 {"vocabulary": [1, 2]}, {"oov_heads": "yes"}, {"oov_unread": "skip"}, {"oov_definitions_rare": 1},
+                                 {"vocabulary": [1, 2]}, {"oov_heads": "yes"}, {"oov_unread": "skip"},
+                                 {"oov_definitions_rare": 1},
                                  {"oov_unread": ["drop"]}])
 def test_bad_oov_settings_are_named(bad):
     with pytest.raises(TextStreamError, match=next(iter(bad))):

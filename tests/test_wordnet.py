@@ -155,7 +155,8 @@ VECTORS = {  # a 3-d space where the encoder alone gets colours wrong: "scarlet"
     "fever": (0.9, 0.0, 0.1), "tawny": (0.0, 0.1, 1.0),
     "jacket": (0.1, 0.1, 0.9), "with": (0.5, 0.4, 0.6), "who": (0.3, 0.6, 0.1), "jogger": (0.0, 0.9, 0.3),
     # closed compounds no database lists; the encoder alone reads the first two wrongly (blue, red)
-    "goosejacket": (0.1, 0.9, 0.2), "redshoes": (0.9, 0.1, 0.0), "zzshoes": (0.0, 0.2, 1.0), "goosewith": (0.5, 0.5, 0.5),
+    "goosejacket": (0.1, 0.9, 0.2), "redshoes": (0.9, 0.1, 0.0), "zzshoes": (0.0, 0.2, 1.0),
+    "goosewith": (0.5, 0.5, 0.5),
 }
 
 

@@ -16,11 +16,12 @@ a kind of green; "bermudas" through bermuda_shorts), one step further. With ``de
 word WordNet knows but relates to no training word either way is read through the training words its
 definitions name (:meth:`~tbps.models.wordnet.WordNet.definitions`: "tawny", "of a light brown to
 brownish orange color", -> brown, orange); with ``rare_definition_words`` only the words of a definition
-that few of WordNet's glosses hold count ("joggers", "someone who runs ...": not "who"). With ``heads`` on, a word none of those reads and that is a closed
-compound ending in a training word after a first part that is a word itself is read as that ending, its head
-("boardshorts" -> shorts, "schoolbag" -> bag). Failing those, all training words compete, or with ``unread:
-drop`` the word is left out of the query (a wrong guess misleads a query more than a missing word). With a colour-name
-table (:class:`tbps.models.colour_names.ColourNames`), a word that is a colour name in it is read as the
+that few of WordNet's glosses hold count ("joggers", "someone who runs ...": not "who"). With ``heads``
+on, a word none of those reads that is a closed compound ending in a training noun after a first part that
+is a word itself is read as that ending, its head ("boardshorts" -> shorts, "schoolbag" -> bag). Failing
+those, all training words compete, or with ``unread="drop"`` the word is left out of the query (a wrong
+guess may mislead a query more than a missing word). With a colour-name table
+(:class:`tbps.models.colour_names.ColourNames`), a word that is a colour name in it is read as the
 training colour word nearest in colour ("navy" -> blue), before WordNet is asked.
 
 The training vocabulary is recorded in the model spec by training (``text_tower.vocabulary``,
