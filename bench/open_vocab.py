@@ -132,14 +132,16 @@ REWRITES["heldout6"] = {
 }
 # Written on 6 Dec 2026 (a thirteenth session, 14:50 UTC) before the head of a closed compound was built or
 # probed and before any figure of this map; chosen without looking any target up in WordNet, the encoder, the
-# colour table or the training captions (the bench's check of unseen targets runs first and is the only look).
+# colour table or the training captions (the bench's check of unseen targets runs first and is the only look:
+# it found tee, maxi and crossbody in the training captions, so they became guayabera, cheongsam and pochette
+# before any figure).
 REWRITES["heldout7"] = {
     "red": "cranberry", "blue": "ultramarine", "green": "chartreuse", "yellow": "daffodil", "orange": "terracotta",
     "pink": "bubblegum", "purple": "aubergine", "white": "milky", "black": "coal", "grey": "dove", "gray": "dove",
     "brown": "camel", "jacket": "puffer", "coat": "poncho", "overcoat": "poncho", "trousers": "sweatpants",
-    "pants": "sweatpants", "jeans": "skinnies", "shirt": "tee", "sweater": "knitwear", "jumper": "knitwear",
-    "pullover": "knitwear", "dress": "maxi", "shorts": "capris", "shoes": "clogs", "sneakers": "clogs",
-    "trainers": "clogs", "hat": "bonnet", "backpack": "pack", "handbag": "crossbody", "purse": "crossbody",
+    "pants": "sweatpants", "jeans": "skinnies", "shirt": "guayabera", "sweater": "knitwear", "jumper": "knitwear",
+    "pullover": "knitwear", "dress": "cheongsam", "shorts": "capris", "shoes": "clogs", "sneakers": "clogs",
+    "trainers": "clogs", "hat": "bonnet", "backpack": "pack", "handbag": "pochette", "purse": "pochette",
     "bag": "suitcase", "man": "mate", "male": "mate", "guy": "homie", "woman": "auntie", "female": "auntie",
     "lady": "belle", "boy": "junior", "girl": "daughter",
 }
