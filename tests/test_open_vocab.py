@@ -129,9 +129,7 @@ def test_vocabulary_travels_in_the_checkpoint(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("bad", [{"oov": "guess"}, {"oov": None}, {"oov_k": 0}, {"oov_k": 1.5}, {"oov_temperature": 0},
                                  {"oov_temperature": "hot"}, {"oov_definitions": "yes"}, {"vocabulary": "red coat"},
-                                 {"vocabulary": [1, 2]}, {"oov_heads": "yes"}, {"oov_unread": "skip"},
-                                 {"oov_definitions_rare": 1},
-                                 {"oov_unread": ["drop"]}])
+                                 {"vocabulary": [1, 2]}])
 def test_bad_oov_settings_are_named(bad):
     with pytest.raises(TextStreamError, match=next(iter(bad))):
         text_tower_config(_spec(**bad))
@@ -162,26 +160,3 @@ def test_wordnet_is_the_default_and_without_one_the_encoder_reads_alone(tmp_path
     monkeypatch.setattr(ts, "_WARNED", {"colours"})
     with pytest.warns(UserWarning, match="no WordNet is installed .*apt install wordnet-base"):
         assert get_tokenizer(model.spec).explain("a scarlet anorak") == expected
-
-
-def test_oov_unread_drop_leaves_only_the_words_nothing_reads_out_of_the_tokens(tmp_path, monkeypatch):
-    from tests.test_wordnet import write_wordnet
-    import tbps.models.text_stream as ts
-
-    monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
-    monkeypatch.setattr(ts, "load_colour_names", lambda: None)  # WordNet alone
-    monkeypatch.setattr(ts, "_WARNED", {"colours"})
-    monkeypatch.setenv("TBPS_WORDNET", str(write_wordnet(tmp_path / "wn")))
-    torch.manual_seed(0)
-    model = create_model(_spec(oov_unread="drop"), load_pretrained=False).eval()
-    model.prepare_vocabulary(["a man in a red coat", "a woman in a blue jacket"])
-    assert model.spec.text_tower["oov_unread"] == "drop" and model.spec.text_tower["oov_heads"] is False  # recorded
-    tok = get_tokenizer(model.spec)
-    # zebra: no reading reaches it, so it is left out; scarlet: WordNet reads it as red, so it stays (as red)
-    assert tok.explain("a zebra scarlet coat") == {"zebra": [], "scarlet": [("red", pytest.approx(1.0))]}
-    assert torch.equal(tok(["a zebra red coat"]), tok(["a red coat"]))
-    with_scarlet = tok(["a zebra scarlet coat", "zebra"])
-    assert (with_scarlet[0] != 0).sum() == 3 and not with_scarlet[1].any()  # a query of unread words alone: empty
-    kept = _spec()
-    kept.text_tower["vocabulary"] = model.spec.text_tower["vocabulary"]
-    assert not torch.equal(get_tokenizer(kept)(["a zebra red coat"]), tok(["a red coat"]))  # nearest: zebra stays

@@ -39,7 +39,7 @@ from torch import nn
 from tbps.files import cache_dir
 from tbps.models.colour_names import ColourNames, load_colour_names
 from tbps.models.spec import ModelSpec, arch_config
-from tbps.models.word_map import UNREAD, NearestWords
+from tbps.models.word_map import NearestWords
 from tbps.models.wordnet import ENV as WORDNET_ENV
 from tbps.models.wordnet import WordNet, load_wordnet
 
@@ -57,27 +57,16 @@ TEXT_TOWER_DEFAULTS: dict[str, Any] = {
     # words its definitions name. On by default: on a map of synonyms written before it was built it kept more
     # R@1 on both synthetic datasets, without lowering the other maps' mean (docs/performance.md, section 5).
     "oov_definitions": True,
-    # with oov_definitions: only a definition's words that at most 2 % of WordNet's glosses hold count (not "who",
-    # "his", "the"; word_map.py). Off until measured (docs/performance.md, section 5).
-    "oov_definitions_rare": False,
     # with "wordnet" (also where no WordNet is installed): a word that is a colour name (the xkcd colour survey's,
     # installed with matplotlib) is read as the training word whose colour names lie nearest in colour ("navy" ->
     # blue; colour_names.py), before WordNet is asked. On by default: on a map of synonyms written before it was
     # built it kept more R@1 on both synthetic datasets, and the older maps' mean rose (docs/performance.md, 5).
     "oov_colours": True,
-    # with "wordnet": a word no reading above reaches and that is a closed compound ending in a training noun after
-    # a first part that is a word ("boardshorts", "schoolbag") is read as that ending (word_map.py). Off until
-    # measured on a map of synonyms written before it was built (docs/performance.md, section 5).
-    "oov_heads": False,
-    # with "wordnet": a word no reading reaches is read as its nearest training words ("nearest": all of them
-    # compete) or left out of the query ("drop"). "nearest" until measured (docs/performance.md, section 5).
-    "oov_unread": "nearest",
     "vocabulary": None,  # the training vocabulary, recorded by training (prepare_vocabulary)
 }
 OOV_MODES = ("wordnet", "nearest", "encode", "drop")
 # recorded by training with the vocabulary
-OOV_KEYS = ("oov", "oov_k", "oov_temperature", "oov_definitions", "oov_definitions_rare", "oov_colours", "oov_heads",
-            "oov_unread")
+OOV_KEYS = ("oov", "oov_k", "oov_temperature", "oov_definitions", "oov_colours")
 _WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")  # "t-shirt", "man's", "3" ; commas and slashes split
 
 
@@ -198,12 +187,6 @@ def text_tower_config(spec: ModelSpec) -> dict[str, Any]:
         raise TextStreamError(f"model.text_tower.oov_definitions {cfg['oov_definitions']!r}: true or false")
     if not isinstance(cfg["oov_colours"], bool):
         raise TextStreamError(f"model.text_tower.oov_colours {cfg['oov_colours']!r}: true or false")
-    if not isinstance(cfg["oov_definitions_rare"], bool):
-        raise TextStreamError(f"model.text_tower.oov_definitions_rare {cfg['oov_definitions_rare']!r}: true or false")
-    if not isinstance(cfg["oov_heads"], bool):
-        raise TextStreamError(f"model.text_tower.oov_heads {cfg['oov_heads']!r}: true or false")
-    if cfg["oov_unread"] not in UNREAD:
-        raise TextStreamError(f"model.text_tower.oov_unread {cfg['oov_unread']!r}: one of {', '.join(UNREAD)}")
     vocab = cfg["vocabulary"]
     if vocab is not None and (not isinstance(vocab, list) or not all(isinstance(w, str) for w in vocab)):
         raise TextStreamError("model.text_tower.vocabulary: a list of words (recorded by training)")
@@ -416,9 +399,7 @@ class WordTokenizer:
             lexicon = _wordnet() if cfg["oov"] == "wordnet" else None
             colours = _colour_names() if cfg["oov"] == "wordnet" and cfg["oov_colours"] else None
             self._map = (key, NearestWords(self.dictionary, vocab, cfg["oov_k"], cfg["oov_temperature"], lexicon,
-                                           definitions=cfg["oov_definitions"], colours=colours,
-                                           heads=cfg["oov_heads"], unread=cfg["oov_unread"],
-                                           rare_definition_words=cfg["oov_definitions_rare"]))
+                                           definitions=cfg["oov_definitions"], colours=colours))
         return self._map[1]
 
     def explain(self, text: str) -> dict[str, list[tuple[str, float]]]:
@@ -441,14 +422,13 @@ class WordTokenizer:
             words = [[w for w in ws if w in m.known] for ws in words]
             m = None
         flat = [w for ws in words for w in ws]
-        ids: list[int | None] = list(self.dictionary.ids(flat))
+        ids = self.dictionary.ids(flat)
         if m is not None:
-            ids = m.rows(flat, ids)  # None: a word left out (oov_unread: drop)
+            ids = m.rows(flat, ids)
         out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
         pos = 0
         for i, ws in enumerate(words):
-            row = [r for r in ids[pos : pos + len(ws)] if r is not None]
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            out[i, : len(ws)] = torch.tensor(ids[pos : pos + len(ws)], dtype=torch.long)
             pos += len(ws)
         return out
 

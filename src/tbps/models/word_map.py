@@ -15,13 +15,8 @@ compounds it begins (:meth:`~tbps.models.wordnet.WordNet.compounds`: "olive" thr
 a kind of green; "bermudas" through bermuda_shorts), one step further. With ``definitions`` on, a
 word WordNet knows but relates to no training word either way is read through the training words its
 definitions name (:meth:`~tbps.models.wordnet.WordNet.definitions`: "tawny", "of a light brown to
-brownish orange color", -> brown, orange); with ``rare_definition_words`` only the words of a definition
-that few of WordNet's glosses hold count ("joggers", "someone who runs ...": not "who"). With ``heads``
-on, a word none of those reads that is a closed compound ending in a training noun after a first part that
-is a word itself is read as that ending, its head ("boardshorts" -> shorts, "schoolbag" -> bag). Failing
-those, all training words compete, or with ``unread="drop"`` the word is left out of the query (a wrong
-guess may mislead a query more than a missing word). With a colour-name table
-(:class:`tbps.models.colour_names.ColourNames`), a word that is a colour name in it is read as the
+brownish orange color", -> brown, orange). Failing those, all training words compete. With a colour-name
+table (:class:`tbps.models.colour_names.ColourNames`), a word that is a colour name in it is read as the
 training colour word nearest in colour ("navy" -> blue), before WordNet is asked.
 
 The training vocabulary is recorded in the model spec by training (``text_tower.vocabulary``,
@@ -32,6 +27,7 @@ word in it is never touched, so in-vocabulary queries give bit-for-bit the same 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Sequence
 
@@ -39,13 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from tbps.models.colour_names import ColourNames
-from tbps.models.wordnet import GLOSS_WORD, POS, WordNet
+from tbps.models.wordnet import POS, WordNet
 
-UNREAD = ("nearest", "drop")  # what becomes of a word no reading reaches
-# With ``rare_definition_words``, a word of a definition counts only if at most this share of WordNet's glosses
-# holds it: "who" (5.1 %), "his" (3.1 %), "the", "with", "having" do not; "white" (1.3 %), "person" (1.9 %) do.
-# Fixed at 2 % from those figures before any measurement of the rule (docs/performance.md, section 5).
-COMMON_GLOSS_SHARE = 0.02
+_DEFINITION_WORD = re.compile(r"[a-z]{3,}")  # "a", "an", "of", "or" left out: WordNet has some as nouns (vitamin A)
 
 
 class NearestWords:
@@ -57,30 +49,22 @@ class NearestWords:
     """
 
     def __init__(self, dictionary, vocabulary: Sequence[str], k: int = 3, temperature: float = 0.05,
-                 lexicon: WordNet | None = None, definitions: bool = False, colours: ColourNames | None = None,
-                 heads: bool = False, unread: str = "nearest", rare_definition_words: bool = False):
+                 lexicon: WordNet | None = None, definitions: bool = False, colours: ColourNames | None = None):
         self.dictionary = dictionary
         self.vocabulary = sorted(set(vocabulary))
         self.known = frozenset(self.vocabulary)
         self.k, self.temperature = max(1, int(k)), float(temperature)
         self.lexicon = lexicon  # candidates first from WordNet's relations (None: every training word)
         self.definitions = bool(definitions) and lexicon is not None  # then from the words its definitions name
-        self.rare_only = bool(rare_definition_words) and self.definitions  # ... those in few glosses ("who" is in 5 %)
         self.colours = colours  # a colour name first read as the training word of the nearest colour
-        self.heads = bool(heads) and lexicon is not None  # a closed compound read as its ending, a training word
-        if unread not in UNREAD:
-            raise ValueError(f"unread {unread!r}: one of {', '.join(UNREAD)}")
-        # a word no reading reaches: all training words compete, or it is left out (only where readings exist)
-        self.drop_unread = unread == "drop" and (lexicon is not None or colours is not None)
         self._index = {w: j for j, w in enumerate(self.vocabulary)}
         self._lemmas: dict[tuple[str, str], list[int]] | None = None  # (lemma, pos) -> training words' indices
         h = hashlib.sha256("\n".join(self.vocabulary).encode()).hexdigest()[:12]
         self.tag = f"{h}-k{self.k}-t{self.temperature:g}" + ("-wordnet" if lexicon is not None else "") + (
-            "-definitions" if self.definitions else "") + ("-rare" if self.rare_only else "") + (
-            "-colours" if colours is not None else "") + ("-heads" if self.heads else "")
+            "-definitions" if self.definitions else "") + ("-colours" if colours is not None else "")
         self._vectors: torch.Tensor | None = None  # (V, E) training words' frozen vectors
         self._unit: torch.Tensor | None = None  # the same, L2-normalised
-        self._mapped: dict[str, tuple[int | None, list[tuple[str, float]]]] = {}  # word -> (row, [(neighbour, weight)])
+        self._mapped: dict[str, tuple[int, list[tuple[str, float]]]] = {}  # word -> (row, [(neighbour, weight)])
         self._lock = threading.Lock()
 
     def _training_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +76,8 @@ class NearestWords:
             self._vectors = vectors
         return self._vectors, self._unit
 
-    def rows(self, words: Sequence[str], ids: Sequence[int]) -> list[int | None]:
-        """``ids`` (the dictionary rows of ``words``) with every unseen word's row replaced by its mix, or by
-        None for a word to leave out (``unread: drop``)."""
+    def rows(self, words: Sequence[str], ids: Sequence[int]) -> list[int]:
+        """``ids`` (the dictionary rows of ``words``) with every unseen word's row replaced by its mix."""
         if not self.known:
             return list(ids)
         unknown = {w: i for w, i in zip(words, ids) if w not in self.known}
@@ -111,7 +94,6 @@ class NearestWords:
             words = sorted(raw_rows)
             query = F.normalize(self.dictionary.vectors[[raw_rows[w] for w in words]].float(), dim=1)  # (N, E)
             cos = query @ unit.t()  # (N, V)
-            unread: set[str] = set()
             if self.lexicon is not None or self.colours is not None:  # only these compete, where there are any
                 for n, w in enumerate(words):
                     allowed = self._allowed(w)
@@ -119,8 +101,6 @@ class NearestWords:
                         outside = torch.ones(cos.shape[1], dtype=torch.bool)
                         outside[allowed] = False
                         cos[n, outside] = float("-inf")
-                    elif self.drop_unread:
-                        unread.add(w)
             cos, top = cos.topk(min(self.k, unit.shape[0]), dim=1)  # (N, k)
             weights = torch.softmax(cos / self.temperature, dim=1)  # excluded candidates weigh exactly 0
             mixed = torch.einsum("nk,nke->ne", weights, vectors[top])  # (N, E)
@@ -128,7 +108,7 @@ class NearestWords:
             rows = self.dictionary.add(keys, mixed)
             for n, w in enumerate(words):
                 why = [(self.vocabulary[int(j)], float(p)) for j, p in zip(top[n], weights[n]) if p > 0]
-                self._mapped[w] = (None, []) if w in unread else (rows[n], why)
+                self._mapped[w] = (rows[n], why)
 
     def _allowed(self, word: str) -> list[int]:
         """Indices of the training words that may read ``word``: the colour table's, else WordNet's; [] for none."""
@@ -155,29 +135,12 @@ class NearestWords:
                     steps[j] = min(n + 1, steps.get(j, n + 1))
         if not steps and self.definitions:  # nor as a compound's: the training words its definitions name,
             named = {(base, pos): 0 for text in self.lexicon.definitions(word)  # all alike: the encoder chooses
-                     for token in GLOSS_WORD.findall(text.lower())
-                     if not self.rare_only or self.lexicon.gloss_share(token) <= COMMON_GLOSS_SHARE
+                     for token in _DEFINITION_WORD.findall(text.lower())
                      for pos in ("n", "a")  # what a colour, a garment or a person is defined by
                      for base in self.lexicon.base_forms(token, pos)}
             steps = self._steps(named)
-        if not steps and self.heads:  # nor through its definitions: a closed compound's head ("boardshorts")
-            steps = self._head(word)
         fewest = min(steps.values(), default=None)
         return sorted(j for j, n in steps.items() if n == fewest)
-
-    def _head(self, word: str) -> dict[int, int]:
-        """{training word's index: 0} for the longest ending of ``word`` (3 letters or more) that is a noun of
-        the training words (WordNet's base forms on both sides: "pants", "bags"), after a first part (2 letters
-        or more) that is a training word or a word WordNet knows: English closed compounds are headed by their
-        last part ("schoolbag" is a bag, "sunhat" a hat); "auntie" is not a tie ("aun" is no word), and a
-        pronoun or a preposition is never a head (WordNet has no noun "her"). {} for none."""
-        assert self.lexicon is not None
-        for cut in range(2, len(word) - 2):
-            first, end = word[:cut], word[cut:]
-            found = self._steps({(base, "n"): 0 for base in self.lexicon.base_forms(end, "n")})
-            if found and (first in self.known or self.lexicon.senses(first)):
-                return found
-        return {}
 
     def _steps(self, related: dict[tuple[str, str], int]) -> dict[int, int]:
         """{training word's index: fewest steps} for WordNet's ``related`` lemmas that are training words."""

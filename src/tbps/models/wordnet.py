@@ -17,9 +17,7 @@ malformed one is a :class:`WordNetError` naming it.
 from __future__ import annotations
 
 import bisect
-import collections
 import os
-import re
 import threading
 from collections import deque
 from pathlib import Path
@@ -36,7 +34,6 @@ _SUFFIXES = {
     "a": (("er", ""), ("est", ""), ("er", "e"), ("est", "e")),
     "r": (),
 }
-GLOSS_WORD = re.compile(r"[a-z]{3,}")  # the words of a gloss that count ("a", "an", "of", "or" do not)
 _UP = {"@", "@i"}  # hypernym, instance hypernym
 _DOWN = {"~", "~i"}  # hyponym, instance hyponym
 _SIMILAR = "&"  # adjectives: satellite -> its head (up), head -> its satellites (down)
@@ -82,7 +79,6 @@ class WordNet:
         self._index: dict[tuple[str, str], tuple[int, ...]] = {}  # (lemma, pos) -> synset offsets, most frequent first
         self._exceptions: dict[tuple[str, str], list[str]] = {}  # (inflected, pos) -> base forms ("geese" -> goose)
         self._synsets: dict[Synset, tuple[str, list[str], list[tuple[str, Synset]]]] = {}
-        self._gloss_counts: tuple[collections.Counter, int] | None = None  # word -> glosses holding it; glosses
         self._lock = threading.Lock()
         for pos, name in POS.items():
             for needed in (f"index.{name}", f"data.{name}"):
@@ -185,23 +181,6 @@ class WordNet:
             _, _, gloss = data[offset : end if end >= 0 else len(data)].decode("latin-1").partition("|")
             found += [part.strip() for part in gloss.split(";") if part.strip() and not part.strip().startswith('"')]
         return found
-
-    def gloss_share(self, word: str) -> float:
-        """The share of all synsets whose gloss (definitions and examples) holds ``word`` (lower-case, as
-        :data:`GLOSS_WORD` splits a gloss): 0.05 for "who", 0.002 for "coat". A word in many glosses, as
-        function words are, says little about what any one defines. Counted once, on first use (about a second)."""
-        if self._gloss_counts is None:
-            counts: collections.Counter = collections.Counter()
-            total = 0
-            for pos in POS:
-                for line in self._data(pos).split(b"\n"):
-                    if line[:1].isdigit():  # a synset line; the licence header's lines begin with spaces
-                        counts.update(set(GLOSS_WORD.findall(line.partition(b"|")[2].decode("latin-1").lower())))
-                        total += 1
-            with self._lock:
-                self._gloss_counts = (counts, max(total, 1))
-        counts, total = self._gloss_counts
-        return counts[word.lower()] / total
 
     def synset(self, key: Synset) -> tuple[str, list[str], list[tuple[str, Synset]]]:
         """(synset type: n, v, a, s for an adjective satellite, r; lemmas; [(pointer symbol, target)])."""
