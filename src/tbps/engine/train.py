@@ -141,7 +141,8 @@ def _train(job: TrainJob, out: Path, dist: DistInfo, device: torch.device, fresh
     loop = _loop(recipe, model, data, device, dist, epochs)
     start = _restore(loop, resume_ckpt, job, out) if resume_ckpt is not None else _Start()
     if resume_ckpt is None and job.init_from:
-        say(_init_weights({"model": model, "objective": loop.objective}, job.init_from, recipe.model.conv_stem), dist)
+        parts = {"model": model, "objective": loop.objective}
+        say(_init_weights(parts, job.init_from, recipe.model.conv_stem), dist)
         loop.objective.after_init(model)
     if tcfg.ema > 0:  # from the weights the run starts with (fresh, --init's, or last.pt's average)
         loop.ema = WeightAverage(model, tcfg.ema)
@@ -356,9 +357,11 @@ def _init_weights(parts: dict[str, nn.Module], path: str, stem: list[int] | None
     first layer would start from scratch under trained layers. Returns a one-line summary."""
     ckpt = load_checkpoint(path)
     spec = ckpt.get("model_spec")
-    theirs = spec.get("conv_stem") if isinstance(spec, dict) else "unknown"
-    readable = not theirs or is_channel_list(theirs)  # no stem, or one this message can name (else: the shape checks)
-    if readable and (list(theirs) if theirs else None) != (list(stem) if stem else None):
+    theirs = spec.get("conv_stem") if isinstance(spec, dict) else None
+    # Compared where the checkpoint names no stem or one this message can name (a damaged entry is left to the
+    # shape checks below, and a checkpoint without a spec is not checked here).
+    named = isinstance(spec, dict) and (not theirs or is_channel_list(theirs))
+    if named and _stem_setting(theirs) != _stem_setting(stem):
         raise CheckpointError(f"--init {path}: its image stem is {_stem_setting(theirs)} and this run's is "
                               f"{_stem_setting(stem)}; give the run the checkpoint's ({_stem_setting(theirs)}) "
                               "so that its first layer is the trained one")
