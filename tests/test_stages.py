@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from tbps.engine.optim import schedule_position, staged_lr
 from tbps.recipes.config import ConfigError, OptimConfig, load_recipe
@@ -182,3 +183,43 @@ def test_fresh_optimizer_clears_the_moments_once_at_the_switch_across_a_resume(
     assert max(int(s["step"]) for s in state.values()) == total
     with pytest.raises(ConfigError, match=r"^stages\[1\]\.fresh_optimizer: true or false"):
         load_recipe("irra-cpu", ["stages=[{start: 0.0, end: 0.5}, {start: 0.5, fresh_optimizer: 2}]"])
+
+
+@pytest.mark.parametrize("epochs", [1, 2])  # the switch mid-epoch, and on the boundary between epochs
+def test_a_run_stopped_at_the_switch_forks_into_the_staged_and_the_base_arm(tiny_dataset, micro_overrides, tmp_path,
+                                                                          monkeypatch, epochs):
+    """``stop_at_stage_switch``: the run stops where stage 2 begins with last.pt saved there; resumed as
+    it is, it ends bit-identical to the run never stopped; resumed with the base recipe written into
+    its last.pt (``stages=[]``, MLM off), it trains the same remaining steps on the base losses."""
+    import shutil
+
+    from tbps.engine.train import TrainJob, train
+    from tbps.models.checkpoint import load_checkpoint, save_checkpoint
+
+    common = micro_overrides + ["losses.fusion.width=32", "losses.fusion.heads=2", "data.batch_size=16"]
+    staged, base = load_recipe("irra-cpu", common + HALF), load_recipe("irra-cpu", common + ["stages=[]",
+                                                                                              "losses.mlm.weight=0"])
+
+    def job(recipe, out, **kw):
+        return TrainJob(str(tiny_dataset), recipe, str(tmp_path / out), epochs=epochs, progress=False, **kw)
+
+    whole = train(job(staged, "whole"))
+    total = whole["global_step"]
+    switch = math.ceil(0.5 * total)
+    trunk = train(job(staged, "trunk", stop_at_stage_switch=True))
+    assert trunk["global_step"] == switch and not trunk["finished"]
+    ck = load_checkpoint(tmp_path / "trunk" / "last.pt")
+    assert ck["global_step"] == switch and ck["stage"] == [0]
+    shutil.copytree(tmp_path / "trunk", tmp_path / "staged")
+    shutil.copytree(tmp_path / "trunk", tmp_path / "base")
+    save_checkpoint(tmp_path / "base" / "last.pt", {**ck, "recipe": base.to_dict()})
+
+    assert train(job(staged, "staged", resume=True))["global_step"] == total
+    for name in ("model", "objective"):
+        a, b = (load_checkpoint(tmp_path / d / "last.pt")[name] for d in ("whole", "staged"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    rows = _spy_steps(monkeypatch)
+    assert train(job(base, "base", resume=True))["global_step"] == total
+    assert [s for s, _, _ in rows] == list(range(switch, total))
+    assert all(keys == ["id_loss", "sdm_loss"] for _, keys, _ in rows)
+    assert load_checkpoint(tmp_path / "base" / "last.pt")["recipe"]["stages"] == []

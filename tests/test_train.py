@@ -125,6 +125,19 @@ def test_time_budget_stops_mid_epoch_saves_evaluates_and_resumes_exactly(tiny_da
     assert _same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
 
 
+def test_a_resumed_run_counts_its_earlier_time_against_the_budget(tiny_dataset, micro_overrides, tmp_path):
+    """The budget is the whole run's, as the schedule that reads it is: a run resumed with an hour
+    behind it and a one-minute budget stops after its first step, not a minute later."""
+    from tbps.models.checkpoint import save_checkpoint
+
+    s = train(_job(tiny_dataset, tmp_path / "b", micro_overrides, epochs=1, time_budget=1e-6))
+    assert s["global_step"] == 1 and s["total_steps"] > 2
+    ck = load_checkpoint(tmp_path / "b" / "last.pt")
+    save_checkpoint(tmp_path / "b" / "last.pt", {**ck, "elapsed": 3600.0})
+    r = train(_job(tiny_dataset, tmp_path / "b", micro_overrides, time_budget=1.0, resume=True))
+    assert r["stopped_by_budget"] and r["global_step"] == 2 and r["elapsed_s"] >= 3600.0
+
+
 @pytest.mark.slow
 def test_killed_process_resumes_to_the_same_result(tiny_dataset, tmp_path):
     """A real SIGKILL mid-run, then `tbps train --resume`: same weights as an uninterrupted run."""

@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--pretrained", help="open_clip weights tag (e.g. openai) or local checkpoint path")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs (a positive integer)")
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
-                   help="stop cleanly after this much time, > 0 (saves and evaluates)")
+                   help="stop cleanly after this much time, > 0 (saves and evaluates); the whole run's: a "
+                   "resumed run counts the time it ran before, as its learning-rate schedule does")
     p.add_argument("--budget-clock", choices=("wall", "cpu"), default="wall",
                    help="what --time-budget counts: wall-clock time (default), or this process's CPU time "
                    "summed over its threads, so that ablations at equal budget get equal compute on a "

@@ -66,14 +66,13 @@ class Loop:
     steps_per_epoch: int
     budget: Budget
     schedule_budget: float | None = None  # seconds: run the lr schedule to its end by then (None: by epochs)
-    elapsed_before: float = 0.0  # budget-clock seconds spent before a resume
     global_step: int = 0
     stage: tuple[int, ...] = ()  # the recipe's stages whose losses the objective is configured with
     ema: WeightAverage | None = None  # train.ema: the weights' moving average, updated after each step
 
     def elapsed(self) -> float:
         """Budget-clock seconds of the whole run, resumes included."""
-        return self.elapsed_before + self.budget.elapsed()
+        return self.budget.elapsed()
 
     def position(self) -> float:
         """Where the next step is, in fractional epochs on the schedule's clock (the share of a time

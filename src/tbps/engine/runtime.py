@@ -25,20 +25,23 @@ class Budget:
     ``clock="wall"`` counts wall-clock time. ``clock="cpu"`` counts this process's CPU time
     (all its threads, :func:`time.process_time`): runs compared "at equal budget" then get
     equal compute even when other work shares the machine (DataLoader workers are other
-    processes and are not counted).
+    processes and are not counted). ``before``: seconds of the same clock a run spent before it was
+    resumed; they count against the budget (the budget is the whole run's, as its schedule is).
     """
 
     CLOCKS = ("wall", "cpu")
 
-    def __init__(self, minutes: float | None, clock: str = "wall"):
+    def __init__(self, minutes: float | None, clock: str = "wall", before: float = 0.0):
         if clock not in self.CLOCKS:
             raise ValueError(f"budget clock {clock!r} is not one of {self.CLOCKS}")
         self.seconds = None if minutes is None else float(minutes) * 60.0
+        self.before = float(before)
         self._now = time.monotonic if clock == "wall" else time.process_time
         self.start = self._now()
 
     def elapsed(self) -> float:
-        return self._now() - self.start
+        """Seconds of the whole run so far: before the resume, and since."""
+        return self.before + self._now() - self.start
 
     def spent(self) -> bool:
         return self.seconds is not None and self.elapsed() >= self.seconds

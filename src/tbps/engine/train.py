@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from tbps.engine import gradcache
-from tbps.engine.distributed import DistInfo, barrier, init_distributed, leave_distributed
+from tbps.engine.distributed import DistInfo, all_agree, barrier, init_distributed, leave_distributed
 from tbps.engine.ema import WeightAverage
 from tbps.engine.epoch import Amp, Loop, train_one_epoch
 from tbps.engine.optim import build_optimizer
@@ -67,6 +67,8 @@ class TrainJob:
     strict: bool = False
     progress: bool = True
     stop_after_epochs: int | None = None  # stop (as if killed) after this many epochs in this call
+    stop_at_stage_switch: bool = False  # stop (as if killed) where the recipe's next stage begins, last.pt
+    #   saved there: a run forked into arms that share everything before the switch (bench/forked_pairs.py)
 
 
 class _TrainModule(nn.Module):
@@ -164,9 +166,9 @@ def _train(job: TrainJob, out: Path, dist: DistInfo, device: torch.device, fresh
         log.write_history()  # the metrics files as last.pt knows them (a kill may have come between the two)
 
     _prepare_data(loop, data.dataset)  # one-off data work (e.g. parsing captions), before the clock starts
-    loop.budget = Budget(job.time_budget, job.budget_clock)
+    loop.budget = Budget(job.time_budget, job.budget_clock, before=start.elapsed)
     loop.schedule_budget = loop.budget.seconds if job.time_budget and tcfg.budget_schedule else None
-    loop.global_step, loop.elapsed_before = start.global_step, start.elapsed
+    loop.global_step = start.global_step
     if job.budget_clock == "cpu" and recipe.data.num_workers > 0:
         say(f"note: a CPU-time budget does not count the {recipe.data.num_workers} DataLoader worker(s); "
             "set data.num_workers=0 for equal-compute comparisons", dist)
@@ -462,7 +464,7 @@ def _adapt_threads(loop: Loop) -> None:
 
 
 def _budget_left(loop: Loop) -> float | None:
-    return None if loop.budget.seconds is None else loop.budget.seconds - loop.budget.elapsed()
+    return None if loop.budget.seconds is None else loop.budget.seconds - loop.elapsed()
 
 
 def _run_epochs(job: TrainJob, loop: Loop, log: RunLog, data: _Data, start: _Start) -> tuple[int, bool]:
@@ -479,8 +481,15 @@ def _run_epochs(job: TrainJob, loop: Loop, log: RunLog, data: _Data, start: _Sta
         if (line := eta.first_report(step, _budget_left(loop))) is not None:
             say(line, dist)
 
-    epoch = start.epoch
+    epoch, first_step = start.epoch, loop.global_step
     while epoch < loop.epochs:
+        if job.stop_at_stage_switch and loop.global_step > first_step and all_agree(
+                loop.stage_changed(), dist, loop.device):
+            log.save_last(loop, epoch, start_batch)
+            log.write_history()
+            say(f"stopped where the next stage begins, after {loop.global_step} steps (run position "
+                f"{loop.position() / loop.epochs:.3f}): saved last.pt", dist)
+            return completed, False
         if epoch > start.epoch and start_batch == 0:
             _adapt_threads(loop)
         loader = _epoch_loader(job, loop, data, epoch, start_batch)
