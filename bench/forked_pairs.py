@@ -20,7 +20,8 @@ test.
 
 The table lists, per seed, the steps before the switch, each arm's steps and test text-to-image R@1,
 and the difference (staged minus base) of every metric, then mean ± sample std over the seeds.
-A seed whose arms already hold results is not retrained.
+A seed whose arms already hold results for the same settings is not retrained (a folder holding a
+pair of other settings is refused).
 """
 
 from __future__ import annotations
@@ -49,14 +50,17 @@ def run_pair(recipe_name: str, data: str, out: Path, seed: int, minutes: float |
     base = tbps.load_recipe(recipe_name, [*overrides, *base_overrides, f"train.seed={seed}"])
     if not staged.stages:
         raise SystemExit(f"{recipe_name} with {overrides or 'no overrides'} has no stages: nothing to fork")
-    trunk = root / "trunk"
+    trunk, key = root / "trunk", {"recipe": recipe_name, "data": str(Path(data).resolve()), "minutes": minutes,
+                                  "epochs": epochs, "overrides": overrides, "base": base_overrides}
+    if (root / "trunk.json").exists() and json.loads((root / "trunk.json").read_text()).get("key") != key:
+        raise SystemExit(f"{root} holds a pair made with other settings: choose another --out")
     if not (trunk / "last.pt").exists() or not (root / "trunk.json").exists():
         shutil.rmtree(trunk, ignore_errors=True)
         t = tbps.train(data, staged, trunk, epochs=epochs, time_budget=minutes, progress=False,
                        stop_at_stage_switch=True)
         if t["finished"] or t["stopped_by_budget"]:
             raise SystemExit(f"seed {seed}: the run ended before its next stage began: nothing to fork")
-        write_json(root / "trunk.json", {"steps": t["global_step"], "elapsed_s": t["elapsed_s"]})
+        write_json(root / "trunk.json", {"key": key, "steps": t["global_step"], "elapsed_s": t["elapsed_s"]})
     at_switch = json.loads((root / "trunk.json").read_text())
     result = {"seed": seed, "switch_step": at_switch["steps"], "switch_s": at_switch["elapsed_s"]}
     for arm, recipe in zip(ARMS, (staged, base)):
