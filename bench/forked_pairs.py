@@ -68,8 +68,9 @@ def run_pair(recipe_name: str, data: str, out: Path, seed: int, minutes: float |
         if not (d / "arm_result.json").exists():
             shutil.rmtree(d, ignore_errors=True)
             shutil.copytree(trunk, d)
-            ck = load_checkpoint(d / "last.pt")
-            save_checkpoint(d / "last.pt", {**ck, "recipe": recipe.to_dict()})
+            if recipe is base:  # the trunk's last.pt already holds the staged recipe
+                ck = load_checkpoint(d / "last.pt")
+                save_checkpoint(d / "last.pt", {**ck, "recipe": recipe.to_dict()})
             s = tbps.train(data, recipe, d, epochs=epochs, time_budget=minutes, progress=False, resume=True)
             test = tbps.evaluate(d / "best.pt", data, "test")
             best = s.get("best_info") or {}
