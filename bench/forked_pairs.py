@@ -22,6 +22,13 @@ The table lists, per seed, the steps before the switch, each arm's steps and tes
 and the difference (staged minus base) of every metric, then mean ± sample std over the seeds.
 A seed whose arms already hold results for the same settings is not retrained (a folder holding a
 pair of other settings is refused).
+
+``--arm NAME KEY=VALUE ...`` (repeatable) adds an arm forked from the same trunk: the staged recipe with
+those overrides from the switch on (``--arm no-mpm losses.mpm.weight=0`` drops one loss of the later
+stage). It goes into ``OUT/seed-S/NAME`` and its differences against the base arm are tabled too. A
+folder whose trunk is already there only trains the arms it lacks, so arms can be added to finished pairs
+(an arm rerun in another hour, as ``--arm base-again 'stages=[]' ...``, shows how much the hour moved the
+others).
 """
 
 from __future__ import annotations
@@ -39,8 +46,11 @@ ARMS = ("staged", "base")
 
 
 def run_pair(recipe_name: str, data: str, out: Path, seed: int, minutes: float | None, epochs: int | None,
-             overrides: list[str], base_overrides: list[str]) -> dict:
-    """The trunk to the switch, then both arms from it; returns (and writes ``pair.json``) the pair."""
+             overrides: list[str], base_overrides: list[str], extra: dict[str, list[str]] | None = None) -> dict:
+    """The trunk to the switch, then every arm from it; returns (and writes ``pair.json``) the results.
+
+    ``extra`` maps an arm's name to its overrides of the staged recipe, applied from the switch on.
+    """
     import tbps
     from tbps.files import write_json
     from tbps.models.checkpoint import load_checkpoint, save_checkpoint
@@ -63,20 +73,29 @@ def run_pair(recipe_name: str, data: str, out: Path, seed: int, minutes: float |
         write_json(root / "trunk.json", {"key": key, "steps": t["global_step"], "elapsed_s": t["elapsed_s"]})
     at_switch = json.loads((root / "trunk.json").read_text())
     result = {"seed": seed, "switch_step": at_switch["steps"], "switch_s": at_switch["elapsed_s"]}
-    for arm, recipe in zip(ARMS, (staged, base)):
+    arms = {"staged": (staged, []), "base": (base, base_overrides)}
+    for name, more in (extra or {}).items():
+        arms[name] = (tbps.load_recipe(recipe_name, [*overrides, *more, f"train.seed={seed}"]), more)
+    for arm, (recipe, more) in arms.items():
         d = root / arm
-        if not (d / "arm_result.json").exists():
+        done = d / "arm_result.json"
+        if arm not in ARMS and done.exists() and json.loads(done.read_text()).get("overrides") != more:
+            raise SystemExit(f"{d} holds an arm made with other overrides: choose another arm name")
+        if not done.exists():
             shutil.rmtree(d, ignore_errors=True)
             shutil.copytree(trunk, d)
-            if recipe is base:  # the trunk's last.pt already holds the staged recipe
+            if arm != "staged":  # the trunk's last.pt already holds the staged recipe
                 ck = load_checkpoint(d / "last.pt")
                 save_checkpoint(d / "last.pt", {**ck, "recipe": recipe.to_dict()})
             s = tbps.train(data, recipe, d, epochs=epochs, time_budget=minutes, progress=False, resume=True)
             test = tbps.evaluate(d / "best.pt", data, "test")
             best = s.get("best_info") or {}
-            write_json(d / "arm_result.json", {"steps": s["global_step"], "picked_epoch": best.get("epoch"),
-                                               "val_score": best.get("score"), "test_t2i": test["t2i"]})
-        result[arm] = json.loads((d / "arm_result.json").read_text())
+            write_json(done, {"steps": s["global_step"], "picked_epoch": best.get("epoch"), "overrides": more,
+                              "val_score": best.get("score"), "test_t2i": test["t2i"]})
+        result[arm] = json.loads(done.read_text())
+    for d in sorted(root.iterdir()):  # arms forked by an earlier call stay in pair.json
+        if d.name not in result and d.name != "trunk" and (d / "arm_result.json").exists():
+            result[d.name] = json.loads((d / "arm_result.json").read_text())
     write_json(root / "pair.json", result)
     return result
 
@@ -102,6 +121,26 @@ def table(pairs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def arms_table(pairs: list[dict]) -> str:
+    """Every arm that all the pairs hold, against the base arm, paired by seed."""
+    names = [a for a in pairs[0] if isinstance(pairs[0][a], dict) and a != "base" and all(a in p for p in pairs)]
+    pairs = sorted(pairs, key=lambda p: p["seed"])
+    head = ["arm", "steps", "test R1", "dR1 vs base, per seed", "dR1 vs base", "dmAP vs base"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in ["base", *names]:
+        r1 = [p[a]["test_t2i"]["R1"] for p in pairs]
+        d = {m: [p[a]["test_t2i"][m] - p["base"]["test_t2i"][m] for p in pairs] for m in ("R1", "mAP")}
+        steps = [p[a]["steps"] for p in pairs]
+        cells = [a, f"{min(steps)}-{max(steps)}", "{:.2f} ± {:.2f}".format(*mean_std(r1))]
+        if a == "base":
+            cells += ["", "", ""]
+        else:
+            cells += [", ".join(f"{x:+.2f}" for x in d["R1"]),
+                      "{:+.2f} ± {:.2f}".format(*mean_std(d["R1"])), "{:+.2f} ± {:.2f}".format(*mean_std(d["mAP"]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -115,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", nargs="+", default=["stages=[]"], metavar="KEY=VALUE",
                    help="overrides that make the base arm (default: 'stages=[]'; add the later stage's "
                    "losses at weight 0, as the recipe's header says)")
+    p.add_argument("--arm", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                   help="one more arm forked at the switch: its name, then its overrides of the staged recipe "
+                   "(repeatable; into OUT/seed-S/NAME)")
     p.add_argument("--report", action="store_true", help="only print the table of finished pairs")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides for both arms")
     args = p.parse_intermixed_args(argv)
@@ -122,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
     passive_openmp_waits()  # as the tbps command does, before torch loads
     out = Path(args.out)
+    extra = {a[0]: a[1:] for a in args.arm}
+    if set(extra) & {*ARMS, "trunk"}:
+        p.error(f"--arm: the names {', '.join(ARMS)} and trunk are taken")
     pairs = []
     if args.report:
         pairs = [json.loads(f.read_text()) for f in sorted(out.glob("seed-*/pair.json"))]
@@ -132,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {s}: trunk to the switch, then the staged and the base arm, into {out / f'seed-{s}'}",
                   flush=True)
             pairs.append(run_pair(args.recipe, args.data, out, s, args.minutes, args.epochs, args.overrides,
-                                  args.base))
+                                  args.base, extra))
             d = pairs[-1]["staged"]["test_t2i"]["R1"] - pairs[-1]["base"]["test_t2i"]["R1"]
             print(f"seed {s}: done, dR1 {d:+.2f}", flush=True)
     if not pairs:
@@ -140,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"\n{args.recipe}, forked at the switch; best.pt picked on val; test split, text->image, percent")
     print(table(pairs))
+    if len({a for p in pairs for a in p if isinstance(p[a], dict)}) > 2:
+        print("\nevery arm against the base arm, paired by seed")
+        print(arms_table(pairs))
     return 0
 
 
