@@ -15,7 +15,9 @@ step there is lr-sized whatever the gradient.
     python bench/switch_grads.py RUN/last.pt irra-cpu --data data/abl --batches 4 data.num_workers=0
 
 Compare each new loss's normalised norm with the base losses': a ratio far above 1 is what
-``fresh_optimizer: true`` on the stage is for (tbps/recipes/stages.py).
+``fresh_optimizer: true`` on the stage is for (tbps/recipes/stages.py). ``--top K`` also lists, per loss,
+the K parameters its normalised gradient is largest on (where a new loss pushes hardest: the shared
+logit scale, one layer's weights).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe", help="the recipe whose losses (its `losses:` section, every stage's loss on) to measure")
     p.add_argument("--data", required=True, help="the dataset the run trained on")
     p.add_argument("--batches", type=int, default=4, help="training batches to average over (default 4)")
+    p.add_argument("--top", type=int, default=0, help="also list each loss's K parameters with the largest "
+                   "|g/sqrt(v)| (default 0: none)")
     p.add_argument("overrides", nargs="*", help="recipe KEY=VALUE overrides (as the run had them)")
     a = p.parse_intermixed_args(argv)
 
@@ -60,12 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = build_optimizer({"model": model, "objective": objective}, recipe.optim)
     optimizer.load_state_dict(ckpt["optimizer"])
     objective.on_epoch_start(model, ds, epoch=int(ckpt["epoch"]), device="cpu")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
     betas = optimizer.param_groups[0].get("betas", (0.9, 0.999))
 
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
     bs = recipe.data.batch_size
     rows: dict[str, list[tuple[float, float, float, float]]] = {}
+    per_param: dict[str, dict[str, float]] = {}  # loss -> parameter -> sum over batches of |g/sqrt(v)|^2
     for b in range(a.batches):
         batch = collate(ds.__getitems__([int(i) for i in order[b * bs:(b + 1) * bs]]))  # as a DataLoader asks
         out = objective(model, batch, StepContext(float(ckpt["epoch"]), 1, 0))
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
             raw = known = fresh = 0.0
-            for p, g in zip(params, grads):
+            for n, p, g in zip(names, params, grads):
                 if g is None:
                     continue
                 raw += float(g.pow(2).sum())
@@ -84,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 v = st["exp_avg_sq"] / (1 - betas[1] ** float(st["step"]))
                 seen = v > 0
-                known += float((g[seen] / (v[seen].sqrt() + 1e-8)).pow(2).sum())
+                sq = float((g[seen] / (v[seen].sqrt() + 1e-8)).pow(2).sum())
+                known += sq
+                mine = per_param.setdefault(name, {})
+                mine[n] = mine.get(n, 0.0) + sq
                 fresh += float(g[~seen].pow(2).sum())
             rows.setdefault(name, []).append((float(value.detach()), raw ** 0.5, known ** 0.5, fresh ** 0.5))
     print(f"{a.checkpoint} (step {ckpt['global_step']}), {a.recipe}, {a.batches} batches of {bs}, means:")
@@ -92,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         m = [sum(x[i] for x in r) / len(r) for i in range(4)]
         print(f"{name:16s} {m[0]:8.3f} {m[1]:9.3f} {m[2]:12.1f} {m[3]:14.3f}")
+    for name, table in per_param.items() if a.top > 0 else ():
+        top = sorted(table.items(), key=lambda kv: -kv[1])[:a.top]
+        print(f"{name}: " + ", ".join(f"{n} {(v / a.batches) ** 0.5:.1f}" for n, v in top))
     return 0
 
 
