@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = {a[0]: a[1:] for a in args.arm}
     if set(extra) & {*ARMS, "trunk"}:
         p.error(f"--arm: the names {', '.join(ARMS)} and trunk are taken")
+    for name in extra:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            p.error(f"--arm {name!r}: an arm's name is a folder name (letters, digits, '_', '.', '-')")
     pairs = []
     if args.report:
         pairs = [json.loads(f.read_text()) for f in sorted(out.glob("seed-*/pair.json"))]
@@ -174,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.data:
             p.error("--data is needed to train (or pass --report)")
         for s in args.seeds:
-            print(f"seed {s}: trunk to the switch, then the staged and the base arm, into {out / f'seed-{s}'}",
-                  flush=True)
+            arms = "the staged, the base and the other arms" if extra else "the staged and the base arm"
+            print(f"seed {s}: trunk to the switch, then {arms}, into {out / f'seed-{s}'}", flush=True)
             pairs.append(run_pair(args.recipe, args.data, out, s, args.minutes, args.epochs, args.overrides,
                                   args.base, extra))
             d = pairs[-1]["staged"]["test_t2i"]["R1"] - pairs[-1]["base"]["test_t2i"]["R1"]
