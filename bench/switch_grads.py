@@ -16,8 +16,8 @@ step there is lr-sized whatever the gradient.
 
 Compare each new loss's normalised norm with the base losses': a ratio far above 1 is what
 ``fresh_optimizer: true`` on the stage is for (tbps/recipes/stages.py). ``--top K`` also lists, per loss,
-the K parameters its normalised gradient is largest on (where a new loss pushes hardest: the shared
-logit scale, one layer's weights).
+the K model parameters its normalised gradient is largest on (which weights a new loss pushes hardest; like
+the norms above, the model's parameters only, not the objective's own, as a fusion encoder).
 """
 
 from __future__ import annotations
