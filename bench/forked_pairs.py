@@ -101,6 +101,17 @@ def run_pair(recipe_name: str, data: str, out: Path, seed: int, minutes: float |
     return result
 
 
+def pm(values: list[float], sign: str = "") -> str:
+    """``mean ± std`` of ``values`` to two decimals; ``sign="+"`` signs the mean (for differences)."""
+    m, sd = mean_std(values)
+    return f"{m:{sign}.2f} ± {sd:.2f}"
+
+
+def arm_names(pair: dict) -> list[str]:
+    """The arms a pair holds (its other entries are the seed and the switch's step and time)."""
+    return [a for a, v in pair.items() if isinstance(v, dict)]
+
+
 def table(pairs: list[dict]) -> str:
     head = ["seed", "steps to the switch", "steps staged / base", "picked at staged / base",
             "test R1 staged", "test R1 base"] + [f"d{m}" for m in METRICS]
@@ -114,17 +125,15 @@ def table(pairs: list[dict]) -> str:
         lines.append("| " + " | ".join([str(p["seed"]), str(p["switch_step"]), f"{s['steps']} / {b['steps']}",
                                         f"{s['picked_epoch']} / {b['picked_epoch']}", f"{s['test_t2i']['R1']:.2f}",
                                         f"{b['test_t2i']['R1']:.2f}"] + [f"{d[m]:+.2f}" for m in METRICS]) + " |")
-    r1 = {arm: mean_std([p[arm]["test_t2i"]["R1"] for p in pairs]) for arm in ARMS}
-    stats = [f"{mean_std(diffs[m])[0]:+.2f} ± {mean_std(diffs[m])[1]:.2f}" for m in METRICS]
-    lines.append("| " + " | ".join([f"mean ± std (n={len(pairs)})", "", "", "",
-                                    f"{r1['staged'][0]:.2f} ± {r1['staged'][1]:.2f}",
-                                    f"{r1['base'][0]:.2f} ± {r1['base'][1]:.2f}"] + stats) + " |")
+    r1 = {arm: pm([p[arm]["test_t2i"]["R1"] for p in pairs]) for arm in ARMS}
+    lines.append("| " + " | ".join([f"mean ± std (n={len(pairs)})", "", "", "", r1["staged"], r1["base"]]
+                                   + [pm(diffs[m], "+") for m in METRICS]) + " |")
     return "\n".join(lines)
 
 
 def arms_table(pairs: list[dict]) -> str:
     """Every arm that all the pairs hold, against the base arm, paired by seed."""
-    names = [a for a in pairs[0] if isinstance(pairs[0][a], dict) and a != "base" and all(a in p for p in pairs)]
+    names = [a for a in arm_names(pairs[0]) if a != "base" and all(a in p for p in pairs)]
     pairs = sorted(pairs, key=lambda p: p["seed"])
     head = ["arm", "steps", "test R1", "dR1 vs base, per seed", "dR1 vs base", "dmAP vs base"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -132,12 +141,11 @@ def arms_table(pairs: list[dict]) -> str:
         r1 = [p[a]["test_t2i"]["R1"] for p in pairs]
         d = {m: [p[a]["test_t2i"][m] - p["base"]["test_t2i"][m] for p in pairs] for m in ("R1", "mAP")}
         steps = [p[a]["steps"] for p in pairs]
-        cells = [a, f"{min(steps)}-{max(steps)}", "{:.2f} ± {:.2f}".format(*mean_std(r1))]
+        cells = [a, f"{min(steps)}-{max(steps)}", pm(r1)]
         if a == "base":
             cells += ["", "", ""]
         else:
-            cells += [", ".join(f"{x:+.2f}" for x in d["R1"]),
-                      "{:+.2f} ± {:.2f}".format(*mean_std(d["R1"])), "{:+.2f} ± {:.2f}".format(*mean_std(d["mAP"]))]
+            cells += [", ".join(f"{x:+.2f}" for x in d["R1"]), pm(d["R1"], "+"), pm(d["mAP"], "+")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"\n{args.recipe}, forked at the switch; best.pt picked on val; test split, text->image, percent")
     print(table(pairs))
-    if len({a for p in pairs for a in p if isinstance(p[a], dict)}) > 2:
+    if len({a for p in pairs for a in arm_names(p)}) > len(ARMS):
         print("\nevery arm against the base arm, paired by seed")
         print(arms_table(pairs))
     return 0

@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         m = [sum(x[i] for x in r) / len(r) for i in range(4)]
         print(f"{name:16s} {m[0]:8.3f} {m[1]:9.3f} {m[2]:12.1f} {m[3]:14.3f}")
-    for name, table in per_param.items() if a.top > 0 else ():
-        top = sorted(table.items(), key=lambda kv: -kv[1])[:a.top]
-        print(f"{name}: " + ", ".join(f"{n} {(v / a.batches) ** 0.5:.1f}" for n, v in top))
+    if a.top > 0:
+        for name, table in per_param.items():
+            top = sorted(table.items(), key=lambda kv: -kv[1])[:a.top]
+            print(f"{name}: " + ", ".join(f"{n} {(v / a.batches) ** 0.5:.1f}" for n, v in top))
     return 0
 
 
