@@ -223,3 +223,32 @@ def test_a_run_stopped_at_the_switch_forks_into_the_staged_and_the_base_arm(tiny
     assert [s for s, _, _ in rows] == list(range(switch, total))
     assert all(keys == ["id_loss", "sdm_loss"] for _, keys, _ in rows)
     assert load_checkpoint(tmp_path / "base" / "last.pt")["recipe"]["stages"] == []
+
+
+def test_a_run_stopped_at_the_switch_does_not_cross_it_when_the_clock_passes_it_between_epochs(
+        tiny_dataset, micro_overrides, tmp_path, monkeypatch):
+    """Under a time budget the switch can fall between an epoch's end and the next epoch's first step
+    (the check of the free cores between them takes a moment). The run must still stop before any step
+    of the next stage: one reading of the clock decides both the stop and the stage trained on. (Before
+    the fix, the stop check read the clock before the switch and the next epoch's setup after it, so the
+    trunk trained on into the next stage and never stopped.)"""
+    import tbps.engine.train as train_mod
+    from tbps.engine.epoch import Loop
+    from tbps.engine.train import TrainJob, train
+    from tbps.models.checkpoint import load_checkpoint
+
+    clock = {"s": 0.0}  # the budget clock, as the schedule and the stages read it: still at 0 s after epoch 1
+    monkeypatch.setattr(Loop, "elapsed", lambda self: clock["s"])
+    monkeypatch.setattr(train_mod, "_adapt_threads", lambda loop: clock.update(s=50.0))  # 50 of 60 s: past 0.75
+    rows = _spy_steps(monkeypatch)
+    r = load_recipe("tbps-clip-cpu", micro_overrides + ["data.batch_size=16",
+        "stages=[{start: 0.0, end: 0.75, losses: {citc: {weight: 0.0}}}, {start: 0.75}]"])
+    res = train(TrainJob(str(tiny_dataset), r, str(tmp_path / "trunk"), epochs=2, time_budget=1.0, progress=False,
+                         stop_at_stage_switch=True))
+    per_epoch = rows.per_epoch[0]
+    # Epoch 2's first step was set up at the position read before the clock jumped (stage 1), then the
+    # switch was seen and the run stopped there, every step on the first stage's losses.
+    assert not res["finished"] and res["global_step"] == per_epoch + 1
+    assert [keys for _, keys, _ in rows] == [["nitc_loss", "ritc_loss"]] * (per_epoch + 1)
+    ck = load_checkpoint(tmp_path / "trunk" / "last.pt")
+    assert ck["global_step"] == per_epoch + 1 and ck["stage"] == [0]

@@ -67,6 +67,16 @@ def all_agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def agreed_max(value: float, info: DistInfo, device: torch.device) -> float:
+    """The largest of every rank's ``value``, on every rank: one reading of a per-rank clock that all
+    ranks then act on (the stage a run is in must be the same on all of them)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op in one process)."""
     if info.enabled:

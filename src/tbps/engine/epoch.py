@@ -19,7 +19,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from tbps.engine import gradcache
-from tbps.engine.distributed import DistInfo, all_agree, average_gradients, broadcast_buffers
+from tbps.engine.distributed import DistInfo, agreed_max, all_agree, average_gradients, broadcast_buffers
 from tbps.engine.ema import WeightAverage
 from tbps.engine.optim import schedule_position, set_lr, staged_lr
 from tbps.engine.runtime import Budget
@@ -80,9 +80,15 @@ class Loop:
         return schedule_position(self.global_step / self.steps_per_epoch, self.epochs, self.elapsed(),
                                  self.schedule_budget)
 
-    def stage_changed(self) -> bool:
-        """Whether the next step falls in other stages than the objective is configured for."""
-        return bool(self.recipe.stages) and self.recipe.stage_at(self.position(), self.epochs) != self.stage
+    def agreed_position(self) -> float:
+        """:meth:`position`, the furthest any rank reads (under a time budget each rank has its own clock)."""
+        return agreed_max(self.position(), self.dist, self.device)
+
+    def stage_changed(self, position: float | None = None) -> bool:
+        """Whether the next step (or ``position``) falls in other stages than the objective is configured for."""
+        if not self.recipe.stages:
+            return False
+        return self.recipe.stage_at(self.position() if position is None else position, self.epochs) != self.stage
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from tbps.engine import gradcache
-from tbps.engine.distributed import DistInfo, all_agree, barrier, init_distributed, leave_distributed
+from tbps.engine.distributed import DistInfo, barrier, init_distributed, leave_distributed
 from tbps.engine.ema import WeightAverage
 from tbps.engine.epoch import Amp, Loop, train_one_epoch
 from tbps.engine.optim import build_optimizer
@@ -419,8 +419,8 @@ def _prepare_data(loop: Loop, dataset) -> None:
             loop.objective.prepare_data(dataset)
 
 
-def _epoch_loader(job: TrainJob, loop: Loop, data: _Data, epoch: int, start_batch: int):
-    """Set the losses in force at the run's position (its stages) and the epoch's data (the
+def _epoch_loader(job: TrainJob, loop: Loop, data: _Data, epoch: int, start_batch: int, position: float):
+    """Set the losses in force at run position ``position`` (its stages) and the epoch's data (the
     objective's per-epoch hooks), then the DataLoader from ``start_batch``."""
     from torch.utils.data import DataLoader
 
@@ -428,7 +428,6 @@ def _epoch_loader(job: TrainJob, loop: Loop, data: _Data, epoch: int, start_batc
     from tbps.recipes.stages import fresh_optimizer
 
     objective, dataset, recipe = loop.objective, data.dataset, loop.recipe
-    position = loop.position()
     stage = recipe.stage_at(position, loop.epochs)
     if recipe.stages and stage != loop.stage:
         fresh = fresh_optimizer(recipe.stages, loop.stage, stage)
@@ -483,16 +482,19 @@ def _run_epochs(job: TrainJob, loop: Loop, log: RunLog, data: _Data, start: _Sta
 
     epoch, first_step = start.epoch, loop.global_step
     while epoch < loop.epochs:
-        if job.stop_at_stage_switch and loop.global_step > first_step and all_agree(
-                loop.stage_changed(), dist, loop.device):
+        # One reading of the run's position decides both whether to stop at a stage switch and which
+        # stage's losses to train on: under a time budget a second reading could already lie in the
+        # next stage (the thread check below takes a moment), and the run would cross the switch.
+        position = loop.agreed_position()
+        if job.stop_at_stage_switch and loop.global_step > first_step and loop.stage_changed(position):
             log.save_last(loop, epoch, start_batch)
             log.write_history()
             say(f"stopped where the next stage begins, after {loop.global_step} steps (run position "
-                f"{loop.position() / loop.epochs:.3f}): saved last.pt", dist)
+                f"{position / loop.epochs:.3f}): saved last.pt", dist)
             return completed, False
         if epoch > start.epoch and start_batch == 0:
             _adapt_threads(loop)
-        loader = _epoch_loader(job, loop, data, epoch, start_batch)
+        loader = _epoch_loader(job, loop, data, epoch, start_batch, position)
         loop.train_module.train()
         end = train_one_epoch(loop, loader, epoch=epoch, start_batch=start_batch,
                               progress=job.progress and dist.is_main, on_log=on_log)
