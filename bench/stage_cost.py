@@ -19,6 +19,13 @@ The validation passes a run makes are the same in every segment and are left out
     python bench/stage_cost.py laip-cpu --data data/abl
     python bench/stage_cost.py irra-cpu --data data/abl --steps 12 losses.mlm.prob=0.3
     python bench/stage_cost.py mefa-cpu --data data/abl optim.fused=true train.attention=math
+    python bench/stage_cost.py laip-cpu --data data/abl --modules model.clip.visual.transformer,\
+    model.clip.transformer,objective.fusion,objective.momentum.module.clip.visual,objective.momentum.module.clip.transformer
+
+``--modules`` adds, per segment, the forward time of each named submodule per timed step (paths from
+``model`` or ``objective``, comma-separated; a module the step never calls through ``__call__`` reads
+0 calls: LAIP's image tower is run block by block, so name its ``transformer``). Its backward is not split off:
+the step's forward and backward totals are printed beside it.
 
 Run it on an otherwise idle machine: it is a timing.
 """
@@ -38,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="a dataset folder (tbps synth makes one)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per segment (default 8), after 2 untimed")
     p.add_argument("--batches", type=int, default=4, help="distinct training batches to cycle through (default 4)")
+    p.add_argument("--modules", type=lambda v: [m for m in v.split(",") if m], default=[], metavar="PATH,...",
+                   help="submodules whose forward time per step to report, comma-separated, e.g. "
+                        "objective.fusion,model.clip.transformer")
     p.add_argument("overrides", nargs="*", help="recipe KEY=VALUE overrides")
     a = p.parse_intermixed_args(argv)
 
@@ -89,23 +99,33 @@ def main(argv: list[str] | None = None) -> int:
         data_s = (time.perf_counter() - t0) / a.batches
         merged = merge_losses(objective.defaults, losses)
         on = sorted(k for k, v in merged.items() if isinstance(v, dict) and v.get("weight", 0) > 0)
+        try:
+            timers = {path: ModuleTimer(_submodule({"model": model, "objective": objective}, path))
+                      for path in a.modules}
+        except LookupError as e:
+            print(f"error: --modules: {e}", file=sys.stderr)
+            return 2
         arms.append({"span": (lo / total, hi / total), "losses": on, "model": model, "objective": objective,
                      "optimizer": optimizer, "batches": batches, "data_s": data_s,
-                     "epoch_s": epoch_s / max(1, len(ds) // bs), "times": []})
+                     "epoch_s": epoch_s / max(1, len(ds) // bs), "times": [], "fwd": [], "timers": timers})
 
     for r in range(a.steps + 2):
         for arm in arms:
             model, objective, optimizer = arm["model"], arm["objective"], arm["optimizer"]
             batch = arm["batches"][r % a.batches]
+            for timer in arm["timers"].values():
+                timer.on = r >= 2
             t = time.perf_counter()
             with attention_kernel(recipe.train.attention):  # as the trainer runs a step
                 out = objective(model, batch, StepContext(arm["span"][0] * total, 1, r))
                 loss = sum(v for k, v in out.items() if k.endswith("_loss"))
+                fwd = time.perf_counter() - t
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             optimizer.step()
             if r >= 2:
                 arm["times"].append(time.perf_counter() - t)
+                arm["fwd"].append(fwd)
 
     serial = recipe.data.num_workers == 0  # the batch is made between the steps, not beside them
 
@@ -125,7 +145,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{lo:5.2f}-{hi:<5.2f} {step * 1000:8.1f} {arm['data_s'] * 1000:8.1f} {arm['epoch_s'] * 1000:8.1f} "
               f"{ratio:8.2f}  {', '.join(arm['losses'])}")
     print(f"a time budget gives the staged run {share:.3f} of the steps its first segment alone would get")
+    if a.modules:
+        print("forward ms per step (median step: forward + backward and AdamW)")
+        width = max(len(m) for m in a.modules)
+        for arm in arms:
+            lo, hi = arm["span"]
+            step, fwd = statistics.median(arm["times"]), statistics.median(arm["fwd"])
+            print(f"{lo:5.2f}-{hi:<5.2f} step {step * 1000:.1f} = forward {fwd * 1000:.1f} + {(step - fwd) * 1000:.1f}")
+            for path, timer in arm["timers"].items():
+                print(f"    {path:<{width}s} {timer.seconds / a.steps * 1000:8.1f} ms  ({timer.calls / a.steps:g} calls)")
     return 0
+
+
+class ModuleTimer:
+    """Wall time spent in a module's forward calls while ``on`` (hooks; calls nested in it count once)."""
+
+    def __init__(self, module) -> None:
+        self.on, self.seconds, self.calls, self._depth, self._t = False, 0.0, 0, 0, 0.0
+        module.register_forward_pre_hook(self._enter)
+        module.register_forward_hook(self._leave)
+
+    def _enter(self, module, args) -> None:
+        self._depth += 1
+        if self._depth == 1:
+            self._t = time.perf_counter()
+
+    def _leave(self, module, args, output) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self.on:
+            self.seconds += time.perf_counter() - self._t
+            self.calls += 1
+
+
+def _submodule(roots: dict, path: str):
+    """``model.clip.visual`` -> that module; LookupError naming what is missing."""
+    head, _, rest = path.partition(".")
+    if head not in roots:
+        raise LookupError(f"{path!r} does not start with one of {sorted(roots)}")
+    try:
+        return roots[head].get_submodule(rest)  # "" is the root itself
+    except AttributeError as e:
+        raise LookupError(f"{path!r}: {e}") from None
 
 
 if __name__ == "__main__":
