@@ -246,7 +246,7 @@ def test_a_run_stopped_at_the_switch_does_not_cross_it_when_the_clock_passes_it_
     res = train(TrainJob(str(tiny_dataset), r, str(tmp_path / "trunk"), epochs=2, time_budget=1.0, progress=False,
                          stop_at_stage_switch=True))
     per_epoch = rows.per_epoch[0]
-    # Epoch 2's first step was set up at the position read before the clock jumped (stage 1), then the
+    # Epoch 2's first step was set up at the position read before the clock jumped (the first stage), then the
     # switch was seen and the run stopped there, every step on the first stage's losses.
     assert not res["finished"] and res["global_step"] == per_epoch + 1
     assert [keys for _, keys, _ in rows] == [["nitc_loss", "ritc_loss"]] * (per_epoch + 1)
