@@ -57,16 +57,6 @@ def leave_distributed(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def all_agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank when it is true on any: ranks must stop at the same step, or the
-    next feature gather would wait forever."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def agreed_max(value: float, info: DistInfo, device: torch.device) -> float:
     """The largest of every rank's ``value``, on every rank: one reading of a per-rank clock that all
     ranks then act on (the stage a run is in must be the same on all of them)."""
@@ -75,6 +65,12 @@ def agreed_max(value: float, info: DistInfo, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def all_agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank when it is true on any: ranks must stop at the same step, or the
+    next feature gather would wait forever."""
+    return agreed_max(1.0 if flag else 0.0, info, device) > 0.0
 
 
 def barrier(info: DistInfo) -> None:
