@@ -252,3 +252,77 @@ def test_a_run_stopped_at_the_switch_does_not_cross_it_when_the_clock_passes_it_
     assert [keys for _, keys, _ in rows] == [["nitc_loss", "ritc_loss"]] * (per_epoch + 1)
     ck = load_checkpoint(tmp_path / "trunk" / "last.pt")
     assert ck["global_step"] == per_epoch + 1 and ck["stage"] == [0]
+
+
+@pytest.mark.parametrize("split", [0.5, 0.25])
+def test_fresh_modules_start_again_once_at_the_switch_across_a_resume(tiny_dataset, micro_overrides, tmp_path,
+                                                                      capsys, split):
+    """``fresh_modules: [objective.fusion]``: the fusion encoder is re-initialised when the run enters the
+    stage, once, and only its optimiser state starts again; a run resumed after the switch (0.25) must not
+    reset it a second time, one resumed before it (0.5) must."""
+    from tbps.engine.train import TrainJob, train
+    from tbps.models.checkpoint import load_checkpoint
+
+    r = load_recipe("irra-cpu", micro_overrides + [
+        "losses.fusion.width=32", "losses.fusion.heads=2", "data.batch_size=16",
+        f"stages=[{{start: 0.0, end: {split}}}, {{start: {split}, fresh_modules: [objective.fusion]}}]"])
+    out = tmp_path / "run"
+
+    def job(**kw):
+        return TrainJob(str(tiny_dataset), r, str(out), epochs=2, progress=False, **kw)
+
+    first = train(job(stop_after_epochs=1))
+    res = train(job(resume=True))
+    total = res["global_step"]
+    switch = math.ceil(split * total)
+    err = capsys.readouterr().err
+    assert err.count("re-initialised objective.fusion") == 1 and f"stage 2 of 2 from step {switch}" in err
+    assert total == 2 * first["global_step"]
+    ck = load_checkpoint(out / "last.pt")
+    steps = [int(s["step"]) for s in ck["optimizer"]["state"].values()]
+    fusion = sum(1 for k in ck["objective"] if k.startswith("fusion."))
+    # MLM trains the fusion encoder at every step: its moments count from the switch, every other one's
+    # from the start
+    reset = sum(s == total - switch for s in steps)
+    assert set(steps) == {total - switch, total} and 0 < reset <= fusion
+
+
+def test_fresh_modules_reset_the_named_submodule_and_its_moments_only():
+    from torch import nn
+
+    from tbps.engine.distributed import DistInfo
+    from tbps.engine.fresh_modules import check, reinitialise
+
+    root = nn.Module()
+    root.model = nn.Linear(4, 4)
+    root.objective = nn.Module()
+    root.objective.fusion = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    opt = torch.optim.AdamW(root.parameters())
+    loss = root.objective.fusion(root.model(torch.randn(3, 4))).square().sum()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for p in root.parameters():
+            p.fill_(7.0)
+    check(root, [{"start": 0.5, "fresh_modules": ["objective.fusion"]}], weight_average=False)
+    assert reinitialise(root, ["objective.fusion"], opt, DistInfo()) == 4
+    lin, norm = root.objective.fusion
+    assert not (lin.weight == 7.0).any() and (norm.weight == 1.0).all() and (norm.bias == 0.0).all()
+    assert (root.model.weight == 7.0).all()  # outside the path: untouched, its moments kept
+    assert set(opt.state) == {root.model.weight, root.model.bias}
+
+    class Raw(nn.Module):  # parameters of its own, and no way to start them again
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+
+    root.objective.raw = Raw()
+    with pytest.raises(ConfigError, match=r"^stages\[0\]\.fresh_modules: objective\.raw: objective\.raw \(Raw\) "
+                                          r"holds parameters but has no reset_parameters"):
+        check(root, [{"start": 0.5, "fresh_modules": ["objective.raw"]}], weight_average=False)
+    with pytest.raises(ConfigError, match=r"^stages\[1\]\.fresh_modules: objective\.fusio is not a submodule"):
+        check(root, [{}, {"start": 0.5, "fresh_modules": ["objective.fusio"]}], weight_average=False)
+    with pytest.raises(ConfigError, match=r"not with train\.ema"):
+        check(root, [{"start": 0.5, "fresh_modules": ["model"]}], weight_average=True)
+    with pytest.raises(ConfigError, match=r"^stages\[1\]\.fresh_modules: a list of submodule paths"):
+        load_recipe("irra-cpu", ["stages=[{start: 0.0, end: 0.5}, {start: 0.5, fresh_modules: objective.fusion}]"])

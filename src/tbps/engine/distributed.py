@@ -86,6 +86,14 @@ def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
             dist.broadcast(b.data, 0)
 
 
+def broadcast_parameters(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+    """Rank 0's values of ``params`` on every rank (no-op in one process): weights a rank changed
+    outside the optimiser step, such as a stage's fresh modules, must be the same on all of them."""
+    if info.enabled:
+        for p in params:
+            dist.broadcast(p.data, 0)
+
+
 def average_gradients(module: torch.nn.Module, info: DistInfo) -> None:
     """Average ``.grad`` over the ranks, as DDP's reducer does, for steps that back-propagate more
     than once outside it (gradient caching). A parameter with a gradient on any rank gets the mean

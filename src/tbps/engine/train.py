@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from tbps.engine import gradcache
+from tbps.engine import fresh_modules, gradcache
 from tbps.engine.distributed import DistInfo, barrier, init_distributed, leave_distributed
 from tbps.engine.ema import WeightAverage
 from tbps.engine.epoch import Amp, Loop, train_one_epoch
@@ -141,6 +141,7 @@ def _train(job: TrainJob, out: Path, dist: DistInfo, device: torch.device, fresh
 
     model, data = _model_and_data(job, recipe, dist, pretrained=resume_ckpt is None)
     loop = _loop(recipe, model, data, device, dist, epochs)
+    fresh_modules.check(loop.module, recipe.stages, weight_average=tcfg.ema > 0)  # before any work
     start = _restore(loop, resume_ckpt, job, out) if resume_ckpt is not None else _Start()
     if resume_ckpt is None and job.init_from:
         parts = {"model": model, "objective": loop.objective}
@@ -425,7 +426,7 @@ def _epoch_loader(job: TrainJob, loop: Loop, data: _Data, epoch: int, start_batc
     from torch.utils.data import DataLoader
 
     from tbps.data.dataset import Collate
-    from tbps.recipes.stages import fresh_optimizer
+    from tbps.recipes.stages import fresh_modules_entered, fresh_optimizer
 
     objective, dataset, recipe = loop.objective, data.dataset, loop.recipe
     stage = recipe.stage_at(position, loop.epochs)
@@ -433,9 +434,13 @@ def _epoch_loader(job: TrainJob, loop: Loop, data: _Data, epoch: int, start_batc
         fresh = fresh_optimizer(recipe.stages, loop.stage, stage)
         if fresh:
             loop.optimizer.state.clear()  # every moment estimate starts again at the next step
+        reset = fresh_modules_entered(recipe.stages, loop.stage, stage)
+        if reset:
+            fresh_modules.reinitialise(loop.module, reset, loop.optimizer, loop.dist)
         say(f"stage {'+'.join(str(i + 1) for i in stage) or 'none'} of {len(recipe.stages)} from step "
             f"{loop.global_step} (run position {position / loop.epochs:.3f})"
-            f"{', optimiser state cleared' if fresh else ''}", loop.dist)
+            f"{', optimiser state cleared' if fresh else ''}"
+            f"{', re-initialised ' + ', '.join(reset) if reset else ''}", loop.dist)
     loop.stage = stage
     objective.configure(recipe.losses_at(position, loop.epochs))
     dataset.set_epoch(epoch)

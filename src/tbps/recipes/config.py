@@ -429,15 +429,15 @@ def _model_spec(d: Any) -> ModelSpec:
 
 
 def _stages(stages: Any) -> list[dict[str, Any]]:
-    """``stages:``: a list of ``{start, end, losses, lr_scale, fresh_optimizer}`` (fractions of the run) or
-    ``{start_epoch, end_epoch, losses, lr_scale, fresh_optimizer}`` (epochs) mappings; one way for all stages."""
+    """``stages:``: a list of ``{start, end, losses, lr_scale, fresh_optimizer, fresh_modules}`` (fractions of the
+    run) or ``{start_epoch, end_epoch, ...}`` (epochs) mappings; one way for all stages."""
     if not isinstance(stages, list):
         raise ConfigError(f"stages: expected a list, got {stages!r}")
     for i, st in enumerate(stages):
         where = f"stages[{i}]"
         if not isinstance(st, dict) or set(st) - set(_st.STAGE_KEYS):
             raise ConfigError(f"{where}: expected a mapping of start and end (fractions of the run) or start_epoch "
-                              f"and end_epoch, losses, lr_scale and fresh_optimizer, got {st!r}")
+                              f"and end_epoch, losses, lr_scale, fresh_optimizer and fresh_modules, got {st!r}")
         for k in (*_st.FRACTION_KEYS, *_st.EPOCH_KEYS, "lr_scale"):
             if k in st:
                 st[k] = _typed(st[k], float, f"{where}.{k}")
@@ -451,6 +451,10 @@ def _stages(stages: Any) -> list[dict[str, Any]]:
             raise ConfigError(f"{where}.lr_scale: must be > 0, got {st['lr_scale']!r}")
         if not isinstance(st.get("fresh_optimizer", False), bool):
             raise ConfigError(f"{where}.fresh_optimizer: true or false, got {st['fresh_optimizer']!r}")
+        mods = st.get("fresh_modules", [])
+        if not isinstance(mods, list) or not all(isinstance(m, str) and m for m in mods):
+            raise ConfigError(f"{where}.fresh_modules: a list of submodule paths (e.g. [objective.fusion]), "
+                              f"got {mods!r}")
         frac = any(k in st for k in _st.FRACTION_KEYS)
         if frac and any(k in st for k in _st.EPOCH_KEYS):
             raise ConfigError(f"{where}: give start/end (fractions of the run) or start_epoch/end_epoch, not both")

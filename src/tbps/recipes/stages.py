@@ -30,6 +30,11 @@ second moments were estimated on is divided by the old, small estimates: AdamW's
 times their usual size for hundreds of steps (beta2 0.999), until the estimates catch up. The state is
 cleared once, when the run crosses the stage's start (a resumed run remembers which stages its
 optimiser state belongs to).
+
+**Fresh modules.** ``fresh_modules: [objective.fusion]`` re-initialises the named submodules (paths
+under the run's model and objective) when the run enters the stage, once, as ``fresh_optimizer``
+clears the moments: a later stage can start with a new head or fusion encoder instead of the one the
+base stage trained (:mod:`tbps.engine.fresh_modules`).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from typing import Any
 
 FRACTION_KEYS = ("start", "end")
 EPOCH_KEYS = ("start_epoch", "end_epoch")
-STAGE_KEYS = (*FRACTION_KEYS, *EPOCH_KEYS, "losses", "lr_scale", "fresh_optimizer")
+STAGE_KEYS = (*FRACTION_KEYS, *EPOCH_KEYS, "losses", "lr_scale", "fresh_optimizer", "fresh_modules")
 
 
 def by_fraction(stages: list[dict[str, Any]]) -> bool:
@@ -89,6 +94,14 @@ def fresh_optimizer(stages: list[dict[str, Any]], before: tuple[int, ...], now: 
     """Whether moving from the stages ``before`` to ``now`` enters a stage that asks for a fresh
     optimiser. ``before`` empty (a run's start) enters nothing: a run starts fresh anyway."""
     return bool(before) and any(stages[i].get("fresh_optimizer", False) for i in set(now) - set(before))
+
+
+def fresh_modules_entered(stages: list[dict[str, Any]], before: tuple[int, ...], now: tuple[int, ...]) -> list[str]:
+    """The submodule paths to re-initialise when moving from the stages ``before`` to ``now``: those of
+    the stages entered. ``before`` empty (a run's start) enters nothing: a run starts fresh anyway."""
+    if not before:
+        return []
+    return [path for i in sorted(set(now) - set(before)) for path in stages[i].get("fresh_modules", [])]
 
 
 def stage_starts(stages: list[dict[str, Any]], total_epochs: float) -> list[float]:
