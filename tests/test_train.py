@@ -239,10 +239,10 @@ def test_init_fine_tunes_from_another_runs_weights(trained_run, tiny_dataset, tm
     assert main(["train", "--data", str(tiny_dataset), "--recipe", "tbps-clip-cpu", "--out", str(tmp_path / "bad"),
                  "--init", str(run / "best.pt"), "--no-progress", *MICRO, "model.context_length=24"]) == 2
     assert "differ in shape" in capsys.readouterr().err and not (tmp_path / "bad" / "last.pt").exists()
-    # Another image stem (the run has tbps-clip-cpu's convolutional stem, laip-cpu the ViT's patch projection)
+    # Another image stem (the run has tbps-clip-cpu's convolutional stem, this one the ViT's patch projection)
     # is refused with the setting to give, not loaded around a first layer that starts from scratch.
     assert main(["train", "--data", str(tiny_dataset), "--recipe", "laip-cpu", "--out", str(tmp_path / "stem"),
-                 "--init", str(run / "best.pt"), "--no-progress", *MICRO]) == 2
+                 "--init", str(run / "best.pt"), "--no-progress", *MICRO, "model.conv_stem=null"]) == 2
     err = capsys.readouterr().err
     assert "its image stem is model.conv_stem=[" in err and "this run's is model.conv_stem=null" in err
     assert not (tmp_path / "stem" / "last.pt").exists()
