@@ -320,7 +320,8 @@ def test_fresh_modules_reset_the_named_submodule_and_its_moments_only():
     with pytest.raises(ConfigError, match=r"^stages\[0\]\.fresh_modules: objective\.raw: objective\.raw \(Raw\) "
                                           r"holds parameters but has no reset_parameters"):
         check(root, [{"start": 0.5, "fresh_modules": ["objective.raw"]}], weight_average=False)
-    with pytest.raises(ConfigError, match=r"^stages\[1\]\.fresh_modules: objective\.fusio is not a submodule"):
+    with pytest.raises(ConfigError, match=r"^stages\[1\]\.fresh_modules: objective\.fusio is not a submodule of the run "
+                                          r"\(objective holds objective\.fusion, objective\.raw\)$"):
         check(root, [{}, {"start": 0.5, "fresh_modules": ["objective.fusio"]}], weight_average=False)
     with pytest.raises(ConfigError, match=r"not with train\.ema"):
         check(root, [{"start": 0.5, "fresh_modules": ["model"]}], weight_average=True)

@@ -30,8 +30,7 @@ def check(root: nn.Module, stages: list[dict], *, weight_average: bool) -> None:
             try:
                 module = root.get_submodule(path)
             except AttributeError:
-                raise ConfigError(f"{where} is not a submodule of the run (paths start with model. or objective.)") \
-                    from None
+                raise ConfigError(f"{where} is not a submodule of the run ({_nearest_children(root, path)})") from None
             for name, sub in module.named_modules(prefix=path):
                 if next(sub.parameters(recurse=False), None) is not None and not callable(
                         getattr(type(sub), "reset_parameters", None)):
@@ -39,6 +38,18 @@ def check(root: nn.Module, stages: list[dict], *, weight_average: bool) -> None:
                                       "reset_parameters to start them again")
             if weight_average and path.split(".")[0] == "model":
                 raise ConfigError(f"{where}: not with train.ema (the weight average would keep the old weights)")
+
+
+def _nearest_children(root: nn.Module, path: str) -> str:
+    """What the deepest part of ``path`` that exists holds, for the error message."""
+    module, at = root, []
+    for part in path.split("."):
+        child = dict(module.named_children()).get(part)
+        if child is None:
+            break
+        module, at = child, [*at, part]
+    names = ", ".join(".".join([*at, name]) for name, _ in module.named_children()) or "no submodules"
+    return f"{'.'.join(at) or 'the run'} holds {names}"
 
 
 def reinitialise(root: nn.Module, paths: list[str], optimizer, info: DistInfo) -> int:
