@@ -146,6 +146,16 @@ def test_under_a_budget_the_switch_follows_the_budget_clock(tiny_dataset, micro_
     assert all(keys == ["citc_loss", "nitc_loss", "ritc_loss"] for _, keys, _ in rows[3:])
 
 
+def _stopped_and_resumed(data, recipe, out):
+    """Two epochs of ``recipe`` into ``out``, stopped after the first and resumed: both summaries."""
+    from tbps.engine.train import TrainJob, train
+
+    def job(**kw):
+        return TrainJob(str(data), recipe, str(out), epochs=2, progress=False, **kw)
+
+    return train(job(stop_after_epochs=1)), train(job(resume=True))
+
+
 @pytest.mark.parametrize("split", [0.5, 0.25])
 def test_fresh_optimizer_clears_the_moments_once_at_the_switch_across_a_resume(
         tiny_dataset, micro_overrides, tmp_path, capsys, split):
@@ -160,12 +170,7 @@ def test_fresh_optimizer_clears_the_moments_once_at_the_switch_across_a_resume(
         f"stages=[{{start: 0.0, end: {split}, losses: {{mlm: {{weight: 0.0}}}}}}, "
         f"{{start: {split}, fresh_optimizer: true}}]"])
     out = tmp_path / "run"
-
-    def job(**kw):
-        return TrainJob(str(tiny_dataset), r, str(out), epochs=2, progress=False, **kw)
-
-    first = train(job(stop_after_epochs=1))
-    res = train(job(resume=True))
+    first, res = _stopped_and_resumed(tiny_dataset, r, out)
     total = res["global_step"]
     assert res["finished"] and total == 2 * first["global_step"]
     switch = math.ceil(split * total)
@@ -260,19 +265,13 @@ def test_fresh_modules_start_again_once_at_the_switch_across_a_resume(tiny_datas
     """``fresh_modules: [objective.fusion]``: the fusion encoder is re-initialised when the run enters the
     stage, once, and only its optimiser state starts again; a run resumed after the switch (0.25) must not
     reset it a second time, one resumed before it (0.5) must."""
-    from tbps.engine.train import TrainJob, train
     from tbps.models.checkpoint import load_checkpoint
 
     r = load_recipe("irra-cpu", micro_overrides + [
         "losses.fusion.width=32", "losses.fusion.heads=2", "data.batch_size=16",
         f"stages=[{{start: 0.0, end: {split}}}, {{start: {split}, fresh_modules: [objective.fusion]}}]"])
     out = tmp_path / "run"
-
-    def job(**kw):
-        return TrainJob(str(tiny_dataset), r, str(out), epochs=2, progress=False, **kw)
-
-    first = train(job(stop_after_epochs=1))
-    res = train(job(resume=True))
+    first, res = _stopped_and_resumed(tiny_dataset, r, out)
     total = res["global_step"]
     switch = math.ceil(split * total)
     err = capsys.readouterr().err
