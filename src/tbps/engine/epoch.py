@@ -84,11 +84,10 @@ class Loop:
         """:meth:`position`, the furthest any rank reads (under a time budget each rank has its own clock)."""
         return agreed_max(self.position(), self.dist, self.device)
 
-    def stage_changed(self, position: float | None = None) -> bool:
-        """Whether the next step (or ``position``) falls in other stages than the objective is configured for."""
-        if not self.recipe.stages:
-            return False
-        return self.recipe.stage_at(self.position() if position is None else position, self.epochs) != self.stage
+    def stage_changed(self, position: float) -> bool:
+        """Whether ``position`` (the :meth:`agreed_position` of the next step) falls in other stages than the
+        objective is configured for."""
+        return bool(self.recipe.stages) and self.recipe.stage_at(position, self.epochs) != self.stage
 
 
 @dataclass
@@ -124,8 +123,7 @@ def train_one_epoch(loop: Loop, loader: Iterable[dict], *, epoch: int, start_bat
         if all_agree(loop.budget.spent(), loop.dist, loop.device):
             stopped = True
             break
-        if loop.recipe.stages and step_in_epoch < loop.steps_per_epoch and all_agree(
-                loop.stage_changed(), loop.dist, loop.device):
+        if loop.recipe.stages and step_in_epoch < loop.steps_per_epoch and loop.stage_changed(loop.agreed_position()):
             switch = True
             break
     bar.close()

@@ -32,12 +32,16 @@ def check(root: nn.Module, stages: list[dict], *, weight_average: bool) -> None:
             except AttributeError:
                 raise ConfigError(f"{where} is not a submodule of the run ({_nearest_children(root, path)})") from None
             for name, sub in module.named_modules(prefix=path):
-                if next(sub.parameters(recurse=False), None) is not None and not callable(
-                        getattr(type(sub), "reset_parameters", None)):
+                if _holds_parameters(sub) and not callable(getattr(type(sub), "reset_parameters", None)):
                     raise ConfigError(f"{where}: {name} ({type(sub).__name__}) holds parameters but has no "
                                       "reset_parameters to start them again")
             if weight_average and path.split(".")[0] == "model":
                 raise ConfigError(f"{where}: not with train.ema (the weight average would keep the old weights)")
+
+
+def _holds_parameters(module: nn.Module) -> bool:
+    """Whether ``module`` holds parameters of its own (not only through its submodules)."""
+    return next(module.parameters(recurse=False), None) is not None
 
 
 def _nearest_children(root: nn.Module, path: str) -> str:
@@ -59,7 +63,7 @@ def reinitialise(root: nn.Module, paths: list[str], optimizer, info: DistInfo) -
     for path in paths:
         module = root.get_submodule(path)
         for sub in module.modules():
-            if next(sub.parameters(recurse=False), None) is not None:
+            if _holds_parameters(sub):
                 sub.reset_parameters()
         params += list(module.parameters())
     for p in params:
