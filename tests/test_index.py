@@ -422,19 +422,27 @@ def test_decoding_threads_and_workers_give_the_reference_batches(tmp_path, enc):
 
 
 class _Logged(FakeEncoder):
-    """FakeEncoder whose preprocess and (slow) forward pass log when they run."""
+    """FakeEncoder whose preprocess and (slow) forward pass log when they run.
 
-    def __init__(self, log):
+    The first forward pass lasts until ``expect`` decodes have been logged since it began (at most
+    30 s: on a busy machine the decoding thread may wait its turn for longer than any fixed pass),
+    or 0.3 s when none is expected, a window in which a wrongly scheduled decode would show."""
+
+    def __init__(self, log, expect: int = 0):
         super().__init__(embed_dim=8, seed=0)
-        self.log = log
+        self.log, self.expect = log, expect
 
     def preprocess(self, image):
         self.log.append("decode")
         return super().preprocess(image)
 
     def encode_images(self, pixels):
+        want = self.expect if "forward" not in self.log else 0
         self.log.append("forward")
-        time.sleep(0.3)
+        start = len(self.log)
+        deadline = time.monotonic() + (30.0 if want else 0.3)
+        while time.monotonic() < deadline and (not want or self.log[start:].count("decode") < want):
+            time.sleep(0.01)
         self.log.append("forward done")
         return super().encode_images(pixels)
 
@@ -450,7 +458,8 @@ def test_spare_cores_decode_the_next_batch_during_the_forward_pass(tmp_path, thr
     paths = [str(p) for p in write_images(tmp_path / "imgs", 4)]
     log: list[str] = []
     with torch_threads(threads if threads == 1 else _cores()):
-        list(embed_files(paths, _Logged(log), batch_size=2, workers=0, progress=False))
+        list(embed_files(paths, _Logged(log, expect=2 if threads == 1 else 0), batch_size=2, workers=0,
+                         progress=False))
     first = log.index("forward")
     during = log[first + 1:log.index("forward done")]
     assert during == (["decode", "decode"] if threads == 1 else [])
