@@ -524,17 +524,23 @@ def test_end_to_end_with_a_real_checkpoint(real_gallery):
 
 class HeldEncoder(ColourEncoder):
     """A ColourEncoder whose next ``encode_texts``, once ``hold(batcher, n)`` is called, waits
-    until ``n`` queries have reached the batcher: the call's own and those queued behind it."""
+    until ``n`` queries have reached the batcher: the call's own and those queued behind it.
+    ``held`` is set when that call has begun (its texts are in the encoder)."""
 
     def __init__(self):
+        import threading
+
         self.calls: list[int] = []  # texts per call
         self.batcher, self.expected = None, 0
+        self.held = threading.Event()
 
     def hold(self, batcher, n: int) -> None:
         self.batcher, self.expected = batcher, n
+        self.held.clear()
 
     def encode_texts(self, texts):
         if self.expected:
+            self.held.set()
             deadline = time.monotonic() + 30  # only reached if the queries never all arrive
             while len(texts) + self.batcher.waiting < self.expected and time.monotonic() < deadline:
                 time.sleep(0.005)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +227,7 @@ def test_a_bad_filter_fails_only_its_own_request_in_a_batch(colour_index):
         held.hold(c.app.state.batcher, 1 + len(bodies))  # the first call waits for all the others to queue
         with ThreadPoolExecutor(1 + len(bodies)) as pool:
             head = pool.submit(c.post, "/search", json=first)
-            time.sleep(0.3)  # the first query is in the encoder: the other four make the next batch
+            assert held.held.wait(30)  # the first query is in the encoder: the other four make the next batch
             rest = [pool.submit(c.post, "/search", json=body) for body in bodies]
             answers = [head.result(), *(f.result() for f in rest)]
     assert held.calls[-2:] == [1, 4], held.calls
