@@ -88,6 +88,8 @@ def report(results: dict, arms: list[str], names: list[str], base: str = "base")
                         m = by_arm[arm]["metrics"][name]
                         cells.append(f"{Path(root).name}/s{seed} {m['R1']:.2f} ({m['mAP']:.2f})")
                         r1.append(m["R1"])
+            if not r1:
+                continue
             mu, sd = mean_std(r1)
             print(f"{arm:>14}: " + ", ".join(cells) + f"  | {mu:.2f} ± {sd:.2f}")
         for arm in arms:
