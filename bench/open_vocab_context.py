@@ -122,22 +122,27 @@ def main(argv: list[str] | None = None) -> None:
         queries = random.Random(1).sample(queries, min(a.queries, len(queries)))
         rewritten = [[m.get(w, w) for w in q] for q in queries]
         right, total, readings, positions = collections.Counter(), collections.Counter(), {}, []
+        unseen = {m[w] for q in queries for w in q if m.get(w, w) != w}  # each unseen word encoded once, alone
+        alone = {w: features([[w]])[0][0] for w in sorted(unseen)}
+        dictionary = {w: torch.as_tensor(st.encode([w], normalize_embeddings=True))[0] for w in sorted(unseen)}
         for qi, (q, f) in enumerate(zip(rewritten, features(rewritten))):
             for pos, (old, new) in enumerate(zip(queries[qi], q)):
                 if old == new:
                     continue
                 positions.append((qi, pos, new))
-                own = {"context": f[pos], "alone": features([[new]])[0][0],
-                       "dictionary": torch.as_tensor(st.encode([new], normalize_embeddings=True))[0]}
+                own = {"context": f[pos], "alone": alone[new], "dictionary": dictionary[new]}
                 for reading, table in tables.items():
                     top = nearest(own[reading], table)
                     right[reading] += top in meant[new]
                     total[reading] += 1
                     readings.setdefault(new, collections.defaultdict(collections.Counter))[reading][vocab[top]] += 1
+        alone_query: dict[int, torch.Tensor] = {}  # each query's features encoded alone, as the candidates are
         for qi, pos, new in positions[:a.substituted]:
             q = rewritten[qi]
             f = torch.stack([x[pos] for x in features([q[:pos] + [w] + q[pos + 1:] for w in vocab])])
-            top = nearest(features([q])[0][pos], f)
+            if qi not in alone_query:
+                alone_query[qi] = features([q])[0]
+            top = nearest(alone_query[qi][pos], f)
             right["substituted"] += top in meant[new]
             total["substituted"] += 1
             readings[new]["substituted"][vocab[top]] += 1
