@@ -1,8 +1,8 @@
 """Open-vocabulary check: R@1 on test queries as written and rewritten into unseen synonyms.
 
 Each test caption is rewritten by word maps of its own (colours, garments, bags, people words,
-all at once, the older ``reserved`` map of ``tbps.synth.RESERVED_SYNONYMS``, and eight held-out
-maps, each written before the rule it checks was measured: ``heldout`` to ``heldout8``); the bench
+all at once, the older ``reserved`` map of ``tbps.synth.RESERVED_SYNONYMS``, and ten held-out
+maps, each written before the rule it checks was measured: ``heldout`` to ``heldout10``); the bench
 first checks, on the data, that no target word occurs in any training caption (nor in the
 checkpoint's recorded vocabulary). Each checkpoint is evaluated against the same gallery with
 its unseen-word handling switched: ``encode`` (the unseen word's own frozen vector, the old
@@ -154,9 +154,34 @@ REWRITES["heldout8"] = {
     "bag": "luggage", "man": "husband", "male": "husband", "guy": "feller", "woman": "sheila", "female": "sheila",
     "lady": "dowager", "boy": "son", "girl": "colleen",
 }
+# Written on 7 Dec 2026 (09:58 UTC) before a reading through GloVe's word vectors was probed, chosen without
+# looking any target up anywhere (the bench's check of unseen targets on the training captions was the only
+# look). That reading was dropped on the older maps' words alone (docs/performance.md, section 5), so this map
+# and the next first measured the default reading (`colours`) on words nobody had tuned for.
+REWRITES["heldout9"] = {
+    "red": "brick", "blue": "periwinkle", "green": "avocado", "yellow": "banana", "orange": "mandarin",
+    "pink": "flamingo", "purple": "mulberry", "white": "bone", "black": "pitch", "grey": "smoke", "gray": "smoke",
+    "brown": "walnut", "jacket": "gilet", "coat": "cape", "overcoat": "cape", "trousers": "palazzos",
+    "pants": "palazzos", "jeans": "bootcuts", "shirt": "overshirt", "sweater": "aran", "jumper": "aran",
+    "pullover": "aran", "dress": "kimono", "shorts": "bloomers", "shoes": "kicks", "sneakers": "kicks",
+    "trainers": "kicks", "hat": "panama", "backpack": "bergen", "handbag": "wristlet", "purse": "wristlet",
+    "bag": "carrier", "man": "dad", "male": "dad", "guy": "guv", "woman": "mum", "female": "mum",
+    "lady": "countess", "boy": "nipper", "girl": "niece",
+}
+# Written at the same time, the same way.
+REWRITES["heldout10"] = {
+    "red": "cardinal", "blue": "cornflower", "green": "fern", "yellow": "butter", "orange": "carrot",
+    "pink": "raspberry", "purple": "eggplant", "white": "porcelain", "black": "licorice", "grey": "stone",
+    "gray": "stone", "brown": "hazel", "jacket": "harrington", "coat": "ulster", "overcoat": "ulster",
+    "trousers": "trackies", "pants": "trackies", "jeans": "bellbottoms", "shirt": "dashiki", "sweater": "cardi",
+    "jumper": "cardi", "pullover": "cardi", "dress": "muumuu", "shorts": "skorts", "shoes": "mules",
+    "sneakers": "mules", "trainers": "mules", "hat": "fez", "backpack": "camelbak", "handbag": "minaudiere",
+    "purse": "minaudiere", "bag": "shopper", "man": "uncle", "male": "uncle", "guy": "blighter", "woman": "wife",
+    "female": "wife", "lady": "baroness", "boy": "grandson", "girl": "granddaughter",
+}
 # the rewrites whose share of R@1 kept the table prints
 KEPT = ("all", "heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7",
-        "heldout8")
+        "heldout8", "heldout9", "heldout10")
 MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05),
          "wordnet-1": ("wordnet", 1, 1.0), "wordnet-3": ("wordnet", 3, 0.05),
          "definitions": ("wordnet", 3, 0.05, True), "colours": ("wordnet", 3, 0.05, True, True), "recipe": "recipe"}
