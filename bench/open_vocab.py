@@ -291,7 +291,22 @@ def main(argv=None) -> int:
                     help="evaluate only these of the built-in modes (default: all), e.g. "
                          "--only encode definitions colours")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--without-lexicons", action="store_true",
+                    help="run even when WordNet or the colour table is missing (the readings that use them then "
+                         "fall back to the encoder alone, so the figures are not the default's)")
     args = ap.parse_args(argv)
+    from tbps.models.colour_names import load_colour_names
+    from tbps.models.wordnet import WordNetError, find_wordnet
+
+    try:
+        wordnet = find_wordnet()
+    except WordNetError as e:
+        raise SystemExit(f"open_vocab: {e}") from None
+    missing = [name for name, ok in (("WordNet (apt install wordnet-base, or $TBPS_WORDNET)", wordnet),
+                                     ("the colour table (matplotlib)", load_colour_names())) if ok is None]
+    if missing and not args.without_lexicons:
+        raise SystemExit(f"open_vocab: {' and '.join(missing)} not installed: the default reading would run "
+                         "without it; install it, or pass --without-lexicons to measure that fallback")
 
     import torch
 
@@ -313,7 +328,7 @@ def main(argv=None) -> int:
         modes[name] = (*oov, int(k), float(t))
     paths, image_ids, captions, caption_ids = eval_split(ann.split(args.split))
     rewritten = {name: [rewriter(m)(c) for c in captions] for name, m in REWRITES.items()}
-    summary = {"queries": len(captions), "train_words": len(train_words), "rewrites": REWRITES,
+    summary = {"queries": len(captions), "train_words": len(train_words), "rewrites": REWRITES, "missing": missing,
                "changed": {n: sum(a != b for a, b in zip(captions, caps)) for n, caps in rewritten.items()},
                "checkpoints": {}}
     print(f"{len(captions)} queries; training vocabulary {len(train_words)} words; queries changed: "
