@@ -305,8 +305,8 @@ def main(argv=None) -> int:
     missing = [name for name, ok in (("WordNet (apt install wordnet-base, or $TBPS_WORDNET)", wordnet),
                                      ("the colour table (matplotlib)", load_colour_names())) if ok is None]
     if missing and not args.without_lexicons:
-        raise SystemExit(f"open_vocab: {' and '.join(missing)} not installed: the default reading would run "
-                         "without it; install it, or pass --without-lexicons to measure that fallback")
+        raise SystemExit(f"open_vocab: {' and '.join(missing)} not installed: the default reading would fall "
+                         "back to the encoder alone; install, or pass --without-lexicons to measure that fallback")
 
     import torch
 
