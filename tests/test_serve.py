@@ -12,6 +12,7 @@ import csv
 import io
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -528,8 +529,6 @@ class HeldEncoder(ColourEncoder):
     ``held`` is set when that call has begun (its texts are in the encoder)."""
 
     def __init__(self):
-        import threading
-
         self.calls: list[int] = []  # texts per call
         self.batcher, self.expected = None, 0
         self.held = threading.Event()
