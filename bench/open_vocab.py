@@ -1,8 +1,8 @@
 """Open-vocabulary check: R@1 on test queries as written and rewritten into unseen synonyms.
 
 Each test caption is rewritten by word maps of its own (colours, garments, bags, people words,
-all at once, the older ``reserved`` map of ``tbps.synth.RESERVED_SYNONYMS``, and ten held-out
-maps, each written before the rule it checks was measured: ``heldout`` to ``heldout10``); the bench
+all at once, the older ``reserved`` map of ``tbps.synth.RESERVED_SYNONYMS``, and twelve held-out
+maps, each written before the rule it checks was measured: ``heldout`` to ``heldout12``); the bench
 first checks, on the data, that no target word occurs in any training caption (nor in the
 checkpoint's recorded vocabulary). Each checkpoint is evaluated against the same gallery with
 its unseen-word handling switched: ``encode`` (the unseen word's own frozen vector, the old
@@ -179,9 +179,34 @@ REWRITES["heldout10"] = {
     "purse": "minaudiere", "bag": "shopper", "man": "uncle", "male": "uncle", "guy": "blighter", "woman": "wife",
     "female": "wife", "lady": "baroness", "boy": "grandson", "girl": "granddaughter",
 }
+# Written 7 Dec 2026 (third session of the day) before any reading of them was looked at: for each slot, the
+# first two words of a candidate list written in one go that no earlier map used and no training caption
+# of either synthetic dataset holds (the lists and the procedure: docs/performance.md, section 5, "A ninth
+# session"); the first to heldout11, the second to heldout12.
+REWRITES["heldout11"] = {
+    "red": "claret", "blue": "sky", "green": "forest", "yellow": "sunflower", "orange": "marmalade",
+    "pink": "peony", "purple": "heather", "white": "snow", "black": "ink", "grey": "granite", "gray": "granite",
+    "brown": "beige", "jacket": "shacket", "coat": "trench", "overcoat": "trench", "trousers": "jodhpurs",
+    "pants": "jodhpurs", "jeans": "selvedge", "shirt": "oxford", "sweater": "gansey", "jumper": "gansey",
+    "pullover": "gansey", "dress": "shift", "shorts": "boxers", "shoes": "boots", "sneakers": "boots",
+    "trainers": "boots", "hat": "homburg", "backpack": "bergan", "handbag": "fannypack", "purse": "fannypack",
+    "bag": "grip", "man": "father", "male": "father", "guy": "cove", "woman": "mother", "female": "mother",
+    "lady": "matriarch", "boy": "tyke", "girl": "sis",
+}
+# The same way, at the same time.
+REWRITES["heldout12"] = {
+    "red": "wine", "blue": "royal", "green": "khaki", "yellow": "dandelion", "orange": "papaya",
+    "pink": "carnation", "purple": "wisteria", "white": "vanilla", "black": "midnight", "grey": "concrete",
+    "gray": "concrete", "brown": "toffee", "jacket": "bolero", "coat": "mac", "overcoat": "mac",
+    "trousers": "leggings", "pants": "leggings", "jeans": "drainpipes", "shirt": "kurta", "sweater": "cashmere",
+    "jumper": "cashmere", "pullover": "cashmere", "dress": "caftan", "shorts": "briefs", "shoes": "sandals",
+    "sneakers": "sandals", "trainers": "sandals", "hat": "cloche", "backpack": "jansport", "handbag": "baguette",
+    "purse": "baguette", "bag": "portmanteau", "man": "grandpa", "male": "grandpa", "guy": "bod", "woman": "mom",
+    "female": "mom", "lady": "heiress", "boy": "urchin", "girl": "tomboy",
+}
 # the rewrites whose share of R@1 kept the table prints
 KEPT = ("all", "heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7",
-        "heldout8", "heldout9", "heldout10")
+        "heldout8", "heldout9", "heldout10", "heldout11", "heldout12")
 MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05),
          "wordnet-1": ("wordnet", 1, 1.0), "wordnet-3": ("wordnet", 3, 0.05),
          "definitions": ("wordnet", 3, 0.05, True), "colours": ("wordnet", 3, 0.05, True, True), "recipe": "recipe"}
