@@ -12,10 +12,12 @@ among the training words WordNet relates to it or to the compounds it begins, wh
 ``definitions`` (``wordnet-3``, and where WordNet relates no training word, the training words
 its definitions name: the default on 5 Dec 2026), ``colours`` (``definitions``, and first a word
 that is a colour name in the xkcd colour survey read as the training word of the nearest colour: the
-default since 6 Dec 2026), ``recipe`` (the checkpoint's own setting, as it records it) and any
-``--mode NAME=K,T`` or ``NAME=wordnet,K,T`` given (``--only`` keeps a subset of the built-in modes).
-Original queries must come out bit-for-bit the same in every mode (checked). Prints a table; --json
-writes everything.
+default since 6 Dec 2026), ``context`` (``colours``, each unseen word's candidates narrowed to those
+the training captions put between its query neighbours; a checkpoint trained before training recorded
+those word pairs gets them from the data's training split, as training would), ``recipe`` (the
+checkpoint's own setting, as it records it) and any ``--mode NAME=K,T`` or ``NAME=wordnet,K,T``
+given (``--only`` keeps a subset of the built-in modes, ``--rewrites`` of the maps). Original queries
+must come out bit-for-bit the same in every mode (checked). Prints a table; --json writes everything.
 
     python bench/open_vocab.py --data /tmp/ov/data400 s0=/tmp/ov/runs/s0/last.pt s1=/tmp/ov/runs/s1/last.pt
 """
@@ -209,7 +211,8 @@ KEPT = ("all", "heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldo
         "heldout8", "heldout9", "heldout10", "heldout11", "heldout12")
 MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05),
          "wordnet-1": ("wordnet", 1, 1.0), "wordnet-3": ("wordnet", 3, 0.05),
-         "definitions": ("wordnet", 3, 0.05, True), "colours": ("wordnet", 3, 0.05, True, True), "recipe": "recipe"}
+         "definitions": ("wordnet", 3, 0.05, True), "colours": ("wordnet", 3, 0.05, True, True),
+         "context": ("wordnet", 3, 0.05, True, True, True), "recipe": "recipe"}
 
 
 def rewriter(word_map: dict[str, str]):
@@ -238,13 +241,14 @@ def spec_with(spec, mode):
         s.text_tower["oov"] = mode or "encode"
     elif mode != "recipe":
         oov, k, t, *flags = mode if len(mode) >= 3 else ("nearest", *mode)
-        definitions, colours = (list(flags) + [False, False])[:2]
+        definitions, colours, context = (list(flags) + [False, False, False])[:3]
         s.text_tower.update(oov=oov, oov_k=int(k), oov_temperature=float(t), oov_definitions=bool(definitions),
-                            oov_colours=bool(colours))
+                            oov_colours=bool(colours), oov_context=bool(context))
     return s
 
 
-def evaluate_checkpoint(path: str, captions, rewritten: dict, qids, gids, paths, modes: dict) -> dict:
+def evaluate_checkpoint(path: str, captions, rewritten: dict, qids, gids, paths, modes: dict,
+                        train_captions: list[list[str]]) -> dict:
     import torch
 
     from tbps.models.checkpoint import load_model
@@ -253,10 +257,17 @@ def evaluate_checkpoint(path: str, captions, rewritten: dict, qids, gids, paths,
     from tbps.retrieval.encoder import encode_captions, encode_images
     from tbps.retrieval.metrics import retrieval_metrics
 
+    from tbps.models.text_stream import word_pairs
+
     model, ckpt = load_model(path)
     mw = checkpoint_max_words(ckpt)
     img = encode_images(model, paths, progress=False)
-    out = {"recorded_vocabulary": len((model.spec.text_tower or {}).get("vocabulary") or []), "modes": {}}
+    tower = model.spec.text_tower or {}
+    out = {"recorded_vocabulary": len(tower.get("vocabulary") or []), "modes": {},
+           "recorded_word_pairs": tower.get("word_pairs") is not None}
+    if tower.get("vocabulary") and tower.get("word_pairs") is None:  # trained before training recorded them:
+        # the pairs training records, from the same training captions (what `context` reads)
+        model.spec.text_tower = {**tower, "word_pairs": word_pairs(tower["vocabulary"], train_captions)}
     reference = None
     for mode_name, mode in modes.items():
         tok = get_tokenizer(spec_with(model.spec, mode))
@@ -315,6 +326,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", metavar="MODE", choices=list(MODES),
                     help="evaluate only these of the built-in modes (default: all), e.g. "
                          "--only encode definitions colours")
+    ap.add_argument("--rewrites", nargs="+", metavar="MAP", choices=list(REWRITES),
+                    help="evaluate only these rewrite maps (default: all), e.g. to keep a fresh map unseen "
+                         "until a rule about it is fixed")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--without-lexicons", action="store_true",
                     help="run even when WordNet or the colour table is missing (the readings that use them then "
@@ -346,13 +360,16 @@ def main(argv=None) -> int:
     assert set(REWRITES["reserved"].values()) <= set(RESERVED_SYNONYMS), "the reserved map must use reserved words"
     ann = load_annotations(args.data, progress=False)
     train_words = {w for r in ann.split("train") for c in r.captions for w in split_words(clean_caption(c, 10**6))}
+    train_captions = [split_words(clean_caption(c, 10**6)) for r in ann.split("train")
+                      for c in r.captions + (r.captions_bt or ())]  # as training reads them (train.py)
     modes = {name: mode for name, mode in MODES.items() if not args.only or name in args.only}
     for m in args.mode:
         name, value = m.split("=", 1)
         *oov, k, t = value.split(",")
         modes[name] = (*oov, int(k), float(t))
     paths, image_ids, captions, caption_ids = eval_split(ann.split(args.split))
-    rewritten = {name: [rewriter(m)(c) for c in captions] for name, m in REWRITES.items()}
+    rewritten = {name: [rewriter(m)(c) for c in captions] for name, m in REWRITES.items()
+                 if not args.rewrites or name in args.rewrites}
     summary = {"queries": len(captions), "train_words": len(train_words), "rewrites": REWRITES, "missing": missing,
                "changed": {n: sum(a != b for a, b in zip(captions, caps)) for n, caps in rewritten.items()},
                "checkpoints": {}}
@@ -363,11 +380,12 @@ def main(argv=None) -> int:
         name, path = spec.split("=", 1)
         recorded = set((load_checkpoint(path)["model_spec"].get("text_tower") or {}).get("vocabulary") or [])
         check_unseen(train_words, recorded)
-        summary["checkpoints"][name] = evaluate_checkpoint(path, captions, rewritten, qids, gids, paths, modes)
+        summary["checkpoints"][name] = evaluate_checkpoint(path, captions, rewritten, qids, gids, paths, modes,
+                                                              train_captions)
         r = summary["checkpoints"][name]["modes"]
         print(f"{name}: done; original queries identical in every mode: "
               f"{all(m['original_identical_to_encode'] for m in r.values())}", flush=True)
-    print_table(summary["checkpoints"], list(REWRITES))
+    print_table(summary["checkpoints"], list(rewritten))
     first = next(iter(summary["checkpoints"].values()))["modes"]
     for mode, res in first.items():
         if mode != "encode":

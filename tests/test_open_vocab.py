@@ -128,8 +128,11 @@ def test_vocabulary_travels_in_the_checkpoint(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("bad", [{"oov": "guess"}, {"oov": None}, {"oov_k": 0}, {"oov_k": 1.5}, {"oov_temperature": 0},
-                                 {"oov_temperature": "hot"}, {"oov_definitions": "yes"}, {"vocabulary": "red coat"},
-                                 {"vocabulary": [1, 2]}])
+                                 {"oov_temperature": "hot"}, {"oov_definitions": "yes"}, {"oov_context": 1},
+                                 {"vocabulary": "red coat"}, {"vocabulary": [1, 2]},
+                                 {"word_pairs": [[0, 1]]},  # pairs without a vocabulary
+                                 {"word_pairs": [[0, 2]], "vocabulary": ["a", "b"]}, {"word_pairs": [[0]], "vocabulary": ["a"]},
+                                 {"word_pairs": [[True, 0]], "vocabulary": ["a", "b"]}])
 def test_bad_oov_settings_are_named(bad):
     with pytest.raises(TextStreamError, match=next(iter(bad))):
         text_tower_config(_spec(**bad))
@@ -160,3 +163,89 @@ def test_wordnet_is_the_default_and_without_one_the_encoder_reads_alone(tmp_path
     monkeypatch.setattr(ts, "_WARNED", {"colours"})
     with pytest.warns(UserWarning, match="no WordNet is installed .*apt install wordnet-base"):
         assert get_tokenizer(model.spec).explain("a scarlet anorak") == expected
+
+
+CONTEXT_VECTORS = {  # "mules" is nearest "woman", then "a", then "coat"; "scarlet" nearest "red"
+    "red": (1.0, 0.0, 0.0), "coat": (0.0, 1.0, 0.0), "woman": (0.0, 0.0, 1.0), "a": (0.5, 0.5, 0.5),
+    "mules": (0.1, 0.3, 0.9), "scarlet": (0.9, 0.1, 0.0),
+}
+
+
+class ContextEncoder(TableEncoder):
+    key, vectors = "table-context", CONTEXT_VECTORS
+
+
+class OneColour:
+    """A colour table that reads every word as one training word (``tbps.models.colour_names.ColourNames``'s
+    ``nearest``), to show a first-stage candidate kept where it fits its neighbours and overruled where not."""
+
+    def __init__(self, word):
+        self.word = word
+
+    def nearest(self, word, known):
+        return self.word if word == "scarlet" else None
+
+
+def test_unseen_word_is_read_among_the_training_words_that_fit_its_neighbours():
+    d = WordDictionary(ContextEncoder(), cache=False)
+    vocab = ["a", "coat", "red", "woman"]
+    captions = [["a", "red", "coat"], ["a", "woman"], ["a", "coat"]]  # pairs: a-red, red-coat, a-woman, a-coat
+    pairs = {(x, y) for c in captions for x, y in zip(c, c[1:])}
+    plain = NearestWords(d, vocab, k=1)
+    m = NearestWords(d, vocab, k=1, pairs=pairs)
+    assert m.tag != plain.tag  # rows are kept apart from the context-free map's
+
+    def read(mapper, words):
+        rows = mapper.rows(words, d.ids(words))
+        return [d.vectors[r].tolist() for r in rows]
+
+    coat, woman = list(CONTEXT_VECTORS["coat"]), list(CONTEXT_VECTORS["woman"])
+    assert read(plain, ["red", "mules"])[1] == woman  # without context: the encoder's nearest
+    assert read(m, ["red", "mules"])[1] == coat  # only "coat" follows "red" in the training captions
+    assert read(m, ["a", "mules"])[1] == woman  # after "a": red, woman and coat fit; the encoder picks
+    assert read(m, ["mules"])[0] == woman  # no training word beside it: no constraint
+    # Both neighbours: none fits between "red" and "a" (red-x-a is never seen), so the words that fit either
+    # compete (coat after red; nothing precedes "a"); the same word gets a row per context.
+    rows = m.rows(["red", "mules", "a", "mules"], d.ids(["red", "mules", "a", "mules"]))
+    assert d.vectors[rows[1]].tolist() == coat and d.vectors[rows[3]].tolist() == woman and rows[1] != rows[3]
+    assert m.explain(["red", "mules", "a", "mules"]) == {"mules": [("coat", pytest.approx(1.0))]}  # its first place
+    # A colour-table (first-stage) reading is kept where it fits and overruled where it does not.
+    coloured = NearestWords(d, vocab, k=1, colours=OneColour("red"), pairs=pairs)
+    assert coloured.explain(["a", "scarlet", "coat"])["scarlet"] == [("red", pytest.approx(1.0))]
+    assert coloured.explain(["red", "scarlet"])["scarlet"] == [("coat", pytest.approx(1.0))]
+    # Training words are never touched.
+    ids = d.ids(["a", "red", "coat"])
+    assert m.rows(["a", "red", "coat"], ids) == ids
+
+
+def test_training_records_word_pairs_and_queries_are_read_in_context(tmp_path, monkeypatch):
+    from tests.test_wordnet import write_wordnet
+    import tbps.models.text_stream as ts
+
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
+    monkeypatch.setenv("TBPS_WORDNET", str(write_wordnet(tmp_path / "wn")))
+    monkeypatch.setattr(ts, "load_colour_names", lambda: None)
+    monkeypatch.setattr(ts, "_WARNED", {"colours"})
+    torch.manual_seed(0)
+    model = create_model(_spec(oov_context=True), load_pretrained=False).eval()
+    model.prepare_vocabulary(["a man in a red coat", "a woman in a blue jacket"])
+    tower = model.spec.text_tower
+    vocab = tower["vocabulary"]
+    assert tower["oov_context"] is True
+    pairs = {(vocab[i], vocab[j]) for i, j in tower["word_pairs"]}
+    assert pairs == {("a", "man"), ("man", "in"), ("in", "a"), ("a", "red"), ("red", "coat"), ("a", "woman"),
+                     ("woman", "in"), ("a", "blue"), ("blue", "jacket")}
+    assert tower["word_pairs"] == sorted(tower["word_pairs"])
+    tok = get_tokenizer(model.spec)
+    # "zorblax" is no word WordNet or a colour table knows: its neighbours decide what may read it.
+    assert [w for w, _ in tok.explain("a red zorblax")["zorblax"]] == ["coat"]
+    assert sorted(w for w, _ in tok.explain("a zorblax in a coat")["zorblax"]) == ["man", "woman"]
+    # WordNet's reading where it fits ("scarlet" is a kind of red, and red follows "a").
+    assert tok.explain("a scarlet coat")["scarlet"] == [("red", pytest.approx(1.0))]
+    with torch.no_grad():  # the model reads exactly the mix it explains: here, coat
+        assert torch.equal(model.encode_text(tok(["a red zorblax"])), model.encode_text(tok(["a red coat"])))
+    # Off (the recorded setting changed), the same word reads the same in every context.
+    off = model.spec.__class__.from_dict(model.spec.to_dict())
+    off.text_tower["oov_context"] = False
+    tok_off = get_tokenizer(off)
+    assert tok_off.explain("a red zorblax") == tok_off.explain("a zorblax in a coat")

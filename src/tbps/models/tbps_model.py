@@ -94,15 +94,14 @@ class TBPSModel(nn.Module):
     def prepare_vocabulary(self, captions: Iterable[str]) -> dict | None:
         """Take in the training vocabulary before training: the words of ``captions`` (already
         cleaned by the caller, e.g. ``clean_caption(c, 10**6)``) go into the text tower's frozen
-        dictionary, and are recorded in the spec (``text_tower.vocabulary``, saved in checkpoints).
+        dictionary, and are recorded in the spec (``text_tower.vocabulary`` and ``word_pairs``, saved in checkpoints).
         Returns ``{"words": N, "cached": bool, ...}``, or None for towers without
         such a step (CLIP's own, Hugging Face). Call it in the main process before DataLoader
         workers start."""
         tower = text_tower(self.spec)
         if tower.prepare is None:
             return None
-        words = {w for c in captions for w in tower.split_words(c)}
-        return tower.prepare(self.spec, self.text_stream, words)
+        return tower.prepare(self.spec, self.text_stream, [tower.split_words(c) for c in captions])
 
     @property
     def embed_dim(self) -> int:

@@ -62,11 +62,17 @@ TEXT_TOWER_DEFAULTS: dict[str, Any] = {
     # blue; colour_names.py), before WordNet is asked. On by default: on a map of synonyms written before it was
     # built it kept more R@1 on both synthetic datasets, and the older maps' mean rose (docs/performance.md, 5).
     "oov_colours": True,
+    # with "wordnet": an unseen word's candidates must also fit its neighbours in the query, as the training
+    # captions paired them (word_pairs): in "a smoke hoodie" a colour, in "white mules" a garment, in "an uncle
+    # with" a person; where none of its candidates fits, the training words that do compete (word_map.py).
+    "oov_context": False,
     "vocabulary": None,  # the training vocabulary, recorded by training (prepare_vocabulary)
+    # the training captions' adjacent word pairs, [i, j] = vocabulary[i] then vocabulary[j], recorded with it
+    "word_pairs": None,
 }
 OOV_MODES = ("wordnet", "nearest", "encode", "drop")
 # recorded by training with the vocabulary
-OOV_KEYS = ("oov", "oov_k", "oov_temperature", "oov_definitions", "oov_colours")
+OOV_KEYS = ("oov", "oov_k", "oov_temperature", "oov_definitions", "oov_colours", "oov_context")
 _WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")  # "t-shirt", "man's", "3" ; commas and slashes split
 
 
@@ -185,20 +191,38 @@ def text_tower_config(spec: ModelSpec) -> dict[str, Any]:
         raise TextStreamError(f"model.text_tower.oov_temperature {t!r}: a number > 0")
     if not isinstance(cfg["oov_definitions"], bool):
         raise TextStreamError(f"model.text_tower.oov_definitions {cfg['oov_definitions']!r}: true or false")
-    if not isinstance(cfg["oov_colours"], bool):
-        raise TextStreamError(f"model.text_tower.oov_colours {cfg['oov_colours']!r}: true or false")
+    for key in ("oov_definitions", "oov_colours", "oov_context"):
+        if not isinstance(cfg[key], bool):
+            raise TextStreamError(f"model.text_tower.{key} {cfg[key]!r}: true or false")
     vocab = cfg["vocabulary"]
     if vocab is not None and (not isinstance(vocab, list) or not all(isinstance(w, str) for w in vocab)):
         raise TextStreamError("model.text_tower.vocabulary: a list of words (recorded by training)")
+    pairs = cfg["word_pairs"]
+    if pairs is not None and not (
+            vocab is not None and isinstance(pairs, list)
+            and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(vocab) for i in p) for p in pairs)):
+        raise TextStreamError("model.text_tower.word_pairs: [i, j] pairs of positions in vocabulary (recorded by training)")
     return cfg
 
 
-def record_vocabulary(spec: ModelSpec, words: set[str]) -> None:
-    """Keep the training vocabulary in the spec (so in every checkpoint): unseen query words are
-    then known as such wherever the model is loaded (see ``oov``)."""
+def word_pairs(vocabulary: Sequence[str], captions: Sequence[Sequence[str]]) -> list[list[int]]:
+    """The adjacent pairs of ``captions`` (each a list of words) as sorted ``[i, j]`` positions in
+    ``vocabulary``: ``vocabulary[i]`` followed by ``vocabulary[j]`` somewhere in the captions."""
+    index = {w: i for i, w in enumerate(vocabulary)}
+    found = {(index[a], index[b]) for words in captions for a, b in zip(words, words[1:])
+             if a in index and b in index}
+    return [list(p) for p in sorted(found)]
+
+
+def record_vocabulary(spec: ModelSpec, captions: Sequence[Sequence[str]]) -> None:
+    """Keep the training vocabulary (the words of ``captions``, each a list of words) and its
+    adjacent word pairs in the spec (so in every checkpoint): unseen query words are then known as
+    such wherever the model is loaded, and read in their context (see ``oov``, ``oov_context``)."""
     cfg = text_tower_config(spec)  # the unseen-word settings in force are recorded too, not left to defaults
+    vocab = sorted({w for words in captions for w in words} - {PAD})
     spec.text_tower = {**(spec.text_tower or {}), **{k: cfg[k] for k in OOV_KEYS},
-                       "vocabulary": sorted(set(words) - {PAD})}
+                       "vocabulary": vocab, "word_pairs": word_pairs(vocab, captions)}
 
 
 def word_encoder(spec: ModelSpec) -> WordEncoder:
@@ -394,12 +418,15 @@ class WordTokenizer:
         vocab = cfg.get("vocabulary")
         if cfg["oov"] == "encode" or not vocab:
             return None
-        key = (*(cfg[k] for k in OOV_KEYS), id(vocab), len(vocab))  # the mode first (read below)
+        pairs = cfg.get("word_pairs")
+        key = (*(cfg[k] for k in OOV_KEYS), id(vocab), len(vocab), id(pairs))  # the mode first (read below)
         if self._map[0] != key:
             lexicon = _wordnet() if cfg["oov"] == "wordnet" else None
             colours = _colour_names() if cfg["oov"] == "wordnet" and cfg["oov_colours"] else None
+            context = ({(vocab[i], vocab[j]) for i, j in pairs}
+                       if cfg["oov"] == "wordnet" and cfg["oov_context"] and pairs else None)
             self._map = (key, NearestWords(self.dictionary, vocab, cfg["oov_k"], cfg["oov_temperature"], lexicon,
-                                           definitions=cfg["oov_definitions"], colours=colours))
+                                           definitions=cfg["oov_definitions"], colours=colours, pairs=context))
         return self._map[1]
 
     def explain(self, text: str) -> dict[str, list[tuple[str, float]]]:
@@ -423,12 +450,11 @@ class WordTokenizer:
             m = None
         flat = [w for ws in words for w in ws]
         ids = self.dictionary.ids(flat)
-        if m is not None:
-            ids = m.rows(flat, ids)
         out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
         pos = 0
         for i, ws in enumerate(words):
-            out[i, : len(ws)] = torch.tensor(ids[pos : pos + len(ws)], dtype=torch.long)
+            row = ids[pos : pos + len(ws)]
+            out[i, : len(ws)] = torch.tensor(m.rows(ws, row) if m is not None else row, dtype=torch.long)
             pos += len(ws)
         return out
 

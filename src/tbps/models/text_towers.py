@@ -36,14 +36,14 @@ class TextTower:
     """One kind of text tower.
 
     ``build(spec, out_dim)`` -> the module (None: CLIP's own tower, already in the open_clip model);
-    ``tokenizer(spec)`` -> captions to (B, L) ids; ``prepare(spec, tower, words)`` -> ``{"words": N,
-    "cached": bool, ...}`` after taking in the training words (None: no vocabulary step), with
+    ``tokenizer(spec)`` -> captions to (B, L) ids; ``prepare(spec, tower, captions)`` -> ``{"words": N,
+    "cached": bool, ...}`` after taking in the training captions, each a list of words (None: no vocabulary step), with
     ``split_words(caption)`` -> the words as the tower stores them.
     """
 
     build: Callable[[ModelSpec, int], nn.Module] | None
     tokenizer: Callable[[ModelSpec], Callable]
-    prepare: Callable[[ModelSpec, nn.Module, set[str]], dict[str, Any]] | None = None
+    prepare: Callable[[ModelSpec, nn.Module, list[list[str]]], dict[str, Any]] | None = None
     split_words: Callable[[str], list[str]] | None = None
 
 
@@ -57,10 +57,11 @@ def _clip_tokenizer(spec: ModelSpec):
     return memoize(open_clip.get_tokenizer(spec.arch, context_length=spec.context_length))
 
 
-def _prepare_frozen_words(spec: ModelSpec, stream: FrozenWordStream, words: set[str]) -> dict[str, Any]:
-    """Encode the training words into the dictionary and record them in the spec (for ``oov``)."""
-    info = stream.prepare_vocabulary(words)
-    record_vocabulary(spec, words)
+def _prepare_frozen_words(spec: ModelSpec, stream: FrozenWordStream, captions: list[list[str]]) -> dict[str, Any]:
+    """Encode the training words into the dictionary and record them, and their adjacent pairs, in the
+    spec (for ``oov``)."""
+    info = stream.prepare_vocabulary({w for words in captions for w in words})
+    record_vocabulary(spec, captions)
     return info
 
 

@@ -17,7 +17,12 @@ word WordNet knows but relates to no training word either way is read through th
 definitions name (:meth:`~tbps.models.wordnet.WordNet.definitions`: "tawny", "of a light brown to
 brownish orange color", -> brown, orange). Failing those, all training words compete. With a colour-name
 table (:class:`tbps.models.colour_names.ColourNames`), a word that is a colour name in it is read as the
-training colour word nearest in colour ("navy" -> blue), before WordNet is asked.
+training colour word nearest in colour ("navy" -> blue), before WordNet is asked. With the training
+captions' adjacent word pairs (``pairs``), a word is read in its context: of its candidates, only those the
+training captions put between the same neighbours (its query neighbours that are training words) compete
+("white mules" -> a word that follows "white", so a garment, not WordNet's "female" from the animal's
+definition); where none of them fits, every training word that fits competes, and where no training word
+fits both neighbours, those that fit either.
 
 The training vocabulary is recorded in the model spec by training (``text_tower.vocabulary``,
 so it travels in the checkpoint and eval, index, search and serve map words the same way); a
@@ -29,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 from tbps.models.colour_names import ColourNames
 from tbps.models.wordnet import POS, WordNet
 
+Key = tuple[str, str | None, str | None]  # an unseen word and its neighbours that are training words
 _DEFINITION_WORD = re.compile(r"[a-z]{3,}")  # "a", "an", "of", "or" left out: WordNet has some as nouns (vitamin A)
 
 
@@ -49,7 +55,8 @@ class NearestWords:
     """
 
     def __init__(self, dictionary, vocabulary: Sequence[str], k: int = 3, temperature: float = 0.05,
-                 lexicon: WordNet | None = None, definitions: bool = False, colours: ColourNames | None = None):
+                 lexicon: WordNet | None = None, definitions: bool = False, colours: ColourNames | None = None,
+                 pairs: Iterable[tuple[str, str]] | None = None):
         self.dictionary = dictionary
         self.vocabulary = sorted(set(vocabulary))
         self.known = frozenset(self.vocabulary)
@@ -58,13 +65,24 @@ class NearestWords:
         self.definitions = bool(definitions) and lexicon is not None  # then from the words its definitions name
         self.colours = colours  # a colour name first read as the training word of the nearest colour
         self._index = {w: j for j, w in enumerate(self.vocabulary)}
+        # the training captions' word pairs: word -> indices of the training words seen after / before it
+        self._after: dict[str, set[int]] | None = None
+        self._before: dict[str, set[int]] = {}
+        if pairs is not None:
+            self._after = {}
+            for a, b in pairs:
+                if a in self._index and b in self._index:
+                    self._after.setdefault(a, set()).add(self._index[b])
+                    self._before.setdefault(b, set()).add(self._index[a])
         self._lemmas: dict[tuple[str, str], list[int]] | None = None  # (lemma, pos) -> training words' indices
         h = hashlib.sha256("\n".join(self.vocabulary).encode()).hexdigest()[:12]
         self.tag = f"{h}-k{self.k}-t{self.temperature:g}" + ("-wordnet" if lexicon is not None else "") + (
-            "-definitions" if self.definitions else "") + ("-colours" if colours is not None else "")
+            "-definitions" if self.definitions else "") + ("-colours" if colours is not None else "") + (
+            "-context" if self._after is not None else "")
         self._vectors: torch.Tensor | None = None  # (V, E) training words' frozen vectors
         self._unit: torch.Tensor | None = None  # the same, L2-normalised
-        self._mapped: dict[str, tuple[int, list[tuple[str, float]]]] = {}  # word -> (row, [(neighbour, weight)])
+        # (word, left, right) -> (row, [(training word, weight)]); the neighbours are None without pairs
+        self._mapped: dict[Key, tuple[int, list[tuple[str, float]]]] = {}
         self._lock = threading.Lock()
 
     def _training_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,26 +95,39 @@ class NearestWords:
         return self._vectors, self._unit
 
     def rows(self, words: Sequence[str], ids: Sequence[int]) -> list[int]:
-        """``ids`` (the dictionary rows of ``words``) with every unseen word's row replaced by its mix."""
+        """``ids`` (the dictionary rows of one text's ``words``, in order) with every unseen word's row
+        replaced by its reading (with ``pairs``, the reading of the word between its neighbours)."""
         if not self.known:
             return list(ids)
-        unknown = {w: i for w, i in zip(words, ids) if w not in self.known}
-        if not unknown:
+        keys = [self._key(words, n) for n in range(len(words))]
+        if all(k is None for k in keys):
             return list(ids)
-        self._map({w: i for w, i in unknown.items() if w not in self._mapped})
-        return [self._mapped[w][0] if w in unknown else i for w, i in zip(words, ids)]
+        self._map({k: i for k, i in zip(keys, ids) if k is not None and k not in self._mapped})
+        return [self._mapped[k][0] if k is not None else i for k, i in zip(keys, ids)]
 
-    def _map(self, raw_rows: dict[str, int]) -> None:
+    def _key(self, words: Sequence[str], n: int) -> Key | None:
+        """(word, left, right) for an unseen ``words[n]``: its neighbours where they are training words
+        and pairs are known, else None; None for a training word."""
+        word = words[n]
+        if word in self.known:
+            return None
+        if self._after is None:
+            return word, None, None
+        left = words[n - 1] if n > 0 and words[n - 1] in self.known else None
+        right = words[n + 1] if n + 1 < len(words) and words[n + 1] in self.known else None
+        return word, left, right
+
+    def _map(self, raw_rows: dict[Key, int]) -> None:
         if not raw_rows:
             return
         with self._lock:
             vectors, unit = self._training_vectors()
-            words = sorted(raw_rows)
-            query = F.normalize(self.dictionary.vectors[[raw_rows[w] for w in words]].float(), dim=1)  # (N, E)
+            keys = sorted(raw_rows, key=lambda k: (k[0], k[1] or "", k[2] or ""))
+            query = F.normalize(self.dictionary.vectors[[raw_rows[k] for k in keys]].float(), dim=1)  # (N, E)
             cos = query @ unit.t()  # (N, V)
-            if self.lexicon is not None or self.colours is not None:  # only these compete, where there are any
-                for n, w in enumerate(words):
-                    allowed = self._allowed(w)
+            if self.lexicon is not None or self.colours is not None or self._after is not None:
+                for n, key in enumerate(keys):  # only these compete, where there are any
+                    allowed = self._allowed(*key)
                     if allowed:
                         outside = torch.ones(cos.shape[1], dtype=torch.bool)
                         outside[allowed] = False
@@ -104,19 +135,31 @@ class NearestWords:
             cos, top = cos.topk(min(self.k, unit.shape[0]), dim=1)  # (N, k)
             weights = torch.softmax(cos / self.temperature, dim=1)  # excluded candidates weigh exactly 0
             mixed = torch.einsum("nk,nke->ne", weights, vectors[top])  # (N, E)
-            keys = [f"{w}\x00{self.tag}" for w in words]
-            rows = self.dictionary.add(keys, mixed)
-            for n, w in enumerate(words):
+            names = ["\x00".join((w, self.tag) if self._after is None else (w, self.tag, left or "", right or ""))
+                     for w, left, right in keys]
+            rows = self.dictionary.add(names, mixed)
+            for n, key in enumerate(keys):
                 why = [(self.vocabulary[int(j)], float(p)) for j, p in zip(top[n], weights[n]) if p > 0]
-                self._mapped[w] = (rows[n], why)
+                self._mapped[key] = (rows[n], why)
 
-    def _allowed(self, word: str) -> list[int]:
-        """Indices of the training words that may read ``word``: the colour table's, else WordNet's; [] for none."""
+    def _allowed(self, word: str, left: str | None = None, right: str | None = None) -> list[int]:
+        """Indices of the training words that may read ``word``: the colour table's, else WordNet's; [] for
+        none (every training word competes). With pairs, only those that fit between ``left`` and ``right``
+        (training words or None); where none does, the training words that fit both, else either."""
+        first: list[int] = []
         if self.colours is not None:
             colour = self.colours.nearest(word, self.known)
             if colour is not None:
-                return [self._index[colour]]
-        return self._related(word) if self.lexicon is not None else []
+                first = [self._index[colour]]
+        if not first and self.lexicon is not None:
+            first = self._related(word)
+        if self._after is None or (left is None and right is None):
+            return first
+        after = self._after.get(left, set()) if left is not None else None  # None: no constraint
+        before = self._before.get(right, set()) if right is not None else None
+        both = after & before if after is not None and before is not None else after if before is None else before
+        fitting = [j for j in first if j in both] or sorted(both) or sorted((after or set()) | (before or set()))
+        return fitting or first
 
     def _related(self, word: str) -> list[int]:
         """Indices of the training words WordNet relates most closely to ``word`` (fewest steps); [] for none."""
@@ -152,9 +195,16 @@ class NearestWords:
         return steps
 
     def explain(self, words: Sequence[str]) -> dict[str, list[tuple[str, float]]]:
-        """For each unseen word among ``words`` (first occurrence order): [(training word, weight)]."""
-        unknown = [w for w in dict.fromkeys(words) if w not in self.known] if self.known else []
-        todo = [w for w in unknown if w not in self._mapped]
+        """For each unseen word among one text's ``words`` (first occurrence order, read where it first
+        occurs): [(training word, weight)]."""
+        if not self.known:
+            return {}
+        first: dict[str, Key] = {}
+        for n in range(len(words)):
+            key = self._key(words, n)
+            if key is not None and key[0] not in first:
+                first[key[0]] = key
+        todo = [k for k in first.values() if k not in self._mapped]
         if todo:
-            self._map(dict(zip(todo, self.dictionary.ids(todo))))
-        return {w: self._mapped[w][1] for w in unknown}
+            self._map(dict(zip(todo, self.dictionary.ids([k[0] for k in todo]))))
+        return {w: self._mapped[k][1] for w, k in first.items()}
