@@ -70,7 +70,9 @@ def test_oov_colours_is_recorded_and_read_through_the_tokenizer(tmp_path, monkey
     monkeypatch.setattr(ts, "_WARNED", {"wordnet"})
     monkeypatch.setattr(ts, "load_colour_names", lambda: ColourNames(TABLE))
     torch.manual_seed(0)
-    model = create_model(_spec(oov_colours=True), load_pretrained=False).eval()
+    # the colour table alone (read in context, "navy" between "a" and "coat" would be red: the only training
+    # word these two captions put there; tests/test_open_vocab.py)
+    model = create_model(_spec(oov_colours=True, oov_context=False), load_pretrained=False).eval()
     model.prepare_vocabulary(["a man in a red coat", "a woman in a blue jacket"])
     assert model.spec.text_tower["oov_colours"] is True
     tok = get_tokenizer(model.spec)

@@ -148,8 +148,9 @@ def test_wordnet_is_the_default_and_without_one_the_encoder_reads_alone(tmp_path
     torch.manual_seed(0)
     model = create_model(_spec(), load_pretrained=False).eval()
     model.prepare_vocabulary(["a man in a red coat", "a woman in a blue jacket"])
-    recorded = {k: model.spec.text_tower[k] for k in ("oov", "oov_k", "oov_definitions", "oov_colours")}
-    assert recorded == {"oov": "wordnet", "oov_k": 3, "oov_definitions": True, "oov_colours": True}
+    recorded = {k: model.spec.text_tower[k] for k in ("oov", "oov_k", "oov_definitions", "oov_colours", "oov_context")}
+    assert recorded == {"oov": "wordnet", "oov_k": 3, "oov_definitions": True, "oov_colours": True, "oov_context": True}
+    model.spec.text_tower["oov_context"] = False  # WordNet's readings alone here (in context: the tests below)
     monkeypatch.setenv("TBPS_WORDNET", str(write_wordnet(tmp_path / "wn")))
     assert get_tokenizer(model.spec).explain("a scarlet anorak") == {"scarlet": [("red", pytest.approx(1.0))],
                                                                      "anorak": [("jacket", pytest.approx(1.0))]}

@@ -65,7 +65,10 @@ TEXT_TOWER_DEFAULTS: dict[str, Any] = {
     # with "wordnet": an unseen word's candidates must also fit its neighbours in the query, as the training
     # captions paired them (word_pairs): in "a smoke hoodie" a colour, in "white mules" a garment, in "an uncle
     # with" a person; where none of its candidates fits, the training words that do compete (word_map.py).
-    "oov_context": False,
+    # On by default: on two maps of synonyms written before it was measured it kept more R@1 on both synthetic
+    # datasets, and the older maps' mean rose (docs/performance.md, section 5). Checkpoints trained before
+    # training recorded word_pairs read as without it.
+    "oov_context": True,
     "vocabulary": None,  # the training vocabulary, recorded by training (prepare_vocabulary)
     # the training captions' adjacent word pairs, [i, j] = vocabulary[i] then vocabulary[j], recorded with it
     "word_pairs": None,
