@@ -131,11 +131,20 @@ def test_vocabulary_travels_in_the_checkpoint(tmp_path, monkeypatch, capsys):
                                  {"oov_temperature": "hot"}, {"oov_definitions": "yes"}, {"oov_context": 1},
                                  {"vocabulary": "red coat"}, {"vocabulary": [1, 2]},
                                  {"word_pairs": [[0, 1]]},  # pairs without a vocabulary
-                                 {"word_pairs": [[0, 2]], "vocabulary": ["a", "b"]}, {"word_pairs": [[0]], "vocabulary": ["a"]},
-                                 {"word_pairs": [[True, 0]], "vocabulary": ["a", "b"]}])
+                                 {"word_pairs": "0 1", "vocabulary": ["a", "b"]}])
 def test_bad_oov_settings_are_named(bad):
     with pytest.raises(TextStreamError, match=next(iter(bad))):
         text_tower_config(_spec(**bad))
+
+
+@pytest.mark.parametrize("pairs", [[[0, 2]], [[0]], [[True, 0]], [[0, -1]], [[0.0, 1]], [5], [[0, 1, 1]]])
+def test_bad_word_pairs_are_named_where_they_are_read(pairs, tmp_path, monkeypatch):
+    """A checkpoint is untrusted: a malformed pair list is one clear error when the tokenizer first reads it."""
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path))
+    spec = _spec(oov="wordnet", vocabulary=["a", "b"], word_pairs=pairs)
+    text_tower_config(spec)  # the list itself passes; its entries are checked where they are read
+    with pytest.raises(TextStreamError, match="word_pairs"):
+        get_tokenizer(spec)(["a zorblax"])
 
 
 def test_wordnet_is_the_default_and_without_one_the_encoder_reads_alone(tmp_path, monkeypatch):

@@ -94,7 +94,8 @@ class TBPSModel(nn.Module):
     def prepare_vocabulary(self, captions: Iterable[str]) -> dict | None:
         """Take in the training vocabulary before training: the words of ``captions`` (already
         cleaned by the caller, e.g. ``clean_caption(c, 10**6)``) go into the text tower's frozen
-        dictionary, and are recorded in the spec (``text_tower.vocabulary`` and ``word_pairs``, saved in checkpoints).
+        dictionary, and are recorded in the spec (``text_tower.vocabulary`` and ``word_pairs``, saved
+        in checkpoints).
         Returns ``{"words": N, "cached": bool, ...}``, or None for towers without
         such a step (CLIP's own, Hugging Face). Call it in the main process before DataLoader
         workers start."""

@@ -192,21 +192,28 @@ def text_tower_config(spec: ModelSpec) -> dict[str, Any]:
     t = cfg["oov_temperature"]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or t == float("inf"):
         raise TextStreamError(f"model.text_tower.oov_temperature {t!r}: a number > 0")
-    if not isinstance(cfg["oov_definitions"], bool):
-        raise TextStreamError(f"model.text_tower.oov_definitions {cfg['oov_definitions']!r}: true or false")
     for key in ("oov_definitions", "oov_colours", "oov_context"):
         if not isinstance(cfg[key], bool):
             raise TextStreamError(f"model.text_tower.{key} {cfg[key]!r}: true or false")
     vocab = cfg["vocabulary"]
     if vocab is not None and (not isinstance(vocab, list) or not all(isinstance(w, str) for w in vocab)):
         raise TextStreamError("model.text_tower.vocabulary: a list of words (recorded by training)")
-    pairs = cfg["word_pairs"]
-    if pairs is not None and not (
-            vocab is not None and isinstance(pairs, list)
-            and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(vocab) for i in p) for p in pairs)):
-        raise TextStreamError("model.text_tower.word_pairs: [i, j] pairs of positions in vocabulary (recorded by training)")
-    return cfg
+    if cfg["word_pairs"] is not None and (vocab is None or not isinstance(cfg["word_pairs"], list)):
+        raise TextStreamError(_BAD_PAIRS)  # their entries are checked where they are read (_context_pairs):
+    return cfg                             # this runs at every forward pass, and the list can be long
+
+
+_BAD_PAIRS = "model.text_tower.word_pairs: [i, j] pairs of positions in vocabulary (recorded by training)"
+
+
+def _context_pairs(vocab: list[str], pairs: list) -> set[tuple[str, str]]:
+    """The recorded ``word_pairs`` as (word, next word) pairs; a malformed entry is a TextStreamError."""
+    try:
+        if all(type(i) is int and type(j) is int and 0 <= i < len(vocab) and 0 <= j < len(vocab) for i, j in pairs):
+            return {(vocab[i], vocab[j]) for i, j in pairs}
+    except (TypeError, ValueError):  # not a pair
+        pass
+    raise TextStreamError(_BAD_PAIRS)
 
 
 def word_pairs(vocabulary: Sequence[str], captions: Sequence[Sequence[str]]) -> list[list[int]]:
@@ -426,7 +433,7 @@ class WordTokenizer:
         if self._map[0] != key:
             lexicon = _wordnet() if cfg["oov"] == "wordnet" else None
             colours = _colour_names() if cfg["oov"] == "wordnet" and cfg["oov_colours"] else None
-            context = ({(vocab[i], vocab[j]) for i, j in pairs}
+            context = (_context_pairs(vocab, pairs)
                        if cfg["oov"] == "wordnet" and cfg["oov_context"] and pairs else None)
             self._map = (key, NearestWords(self.dictionary, vocab, cfg["oov_k"], cfg["oov_temperature"], lexicon,
                                            definitions=cfg["oov_definitions"], colours=colours, pairs=context))

@@ -37,8 +37,8 @@ class TextTower:
 
     ``build(spec, out_dim)`` -> the module (None: CLIP's own tower, already in the open_clip model);
     ``tokenizer(spec)`` -> captions to (B, L) ids; ``prepare(spec, tower, captions)`` -> ``{"words": N,
-    "cached": bool, ...}`` after taking in the training captions, each a list of words (None: no vocabulary step), with
-    ``split_words(caption)`` -> the words as the tower stores them.
+    "cached": bool, ...}`` after taking in the training captions, each a list of words (None: no
+    vocabulary step), with ``split_words(caption)`` -> the words as the tower stores them.
     """
 
     build: Callable[[ModelSpec, int], nn.Module] | None

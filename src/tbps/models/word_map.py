@@ -157,7 +157,10 @@ class NearestWords:
             return first
         after = self._after.get(left, set()) if left is not None else None  # None: no constraint
         before = self._before.get(right, set()) if right is not None else None
-        both = after & before if after is not None and before is not None else after if before is None else before
+        if after is None or before is None:
+            both = after if before is None else before
+        else:
+            both = after & before
         fitting = [j for j in first if j in both] or sorted(both) or sorted((after or set()) | (before or set()))
         return fitting or first
 
