@@ -186,7 +186,7 @@ class ContextEncoder(TableEncoder):
 
 
 class OneColour:
-    """A colour table that reads every word as one training word (``tbps.models.colour_names.ColourNames``'s
+    """A colour table that reads "scarlet" as one given training word (``tbps.models.colour_names.ColourNames``'s
     ``nearest``), to show a first-stage candidate kept where it fits its neighbours and overruled where not."""
 
     def __init__(self, word):
@@ -255,7 +255,7 @@ def test_training_records_word_pairs_and_queries_are_read_in_context(tmp_path, m
     with torch.no_grad():  # the model reads exactly the mix it explains: here, coat
         assert torch.equal(model.encode_text(tok(["a red zorblax"])), model.encode_text(tok(["a red coat"])))
     # Off (the recorded setting changed), the same word reads the same in every context.
-    off = model.spec.__class__.from_dict(model.spec.to_dict())
+    off = ModelSpec.from_dict(model.spec.to_dict())
     off.text_tower["oov_context"] = False
     tok_off = get_tokenizer(off)
     assert tok_off.explain("a red zorblax") == tok_off.explain("a zorblax in a coat")
