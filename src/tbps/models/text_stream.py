@@ -500,7 +500,7 @@ class FrozenWordStream(nn.Module):
     def dictionary(self) -> WordDictionary:
         return self._dictionary_fn()
 
-    def prepare_vocabulary(self, words: set[str]) -> dict[str, Any]:
+    def prepare_vocabulary(self, words: Sequence[str]) -> dict[str, Any]:
         """Encode the training words into the dictionary (through its disk cache) and fit the
         input statistics on them; returns the dictionary's ``add_vocabulary`` info."""
         d = self.dictionary

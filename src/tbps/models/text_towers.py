@@ -60,9 +60,8 @@ def _clip_tokenizer(spec: ModelSpec):
 def _prepare_frozen_words(spec: ModelSpec, stream: FrozenWordStream, captions: list[list[str]]) -> dict[str, Any]:
     """Encode the training words into the dictionary and record them, and their adjacent pairs, in the
     spec (for ``oov``)."""
-    info = stream.prepare_vocabulary({w for words in captions for w in words})
     record_vocabulary(spec, captions)
-    return info
+    return stream.prepare_vocabulary(spec.text_tower["vocabulary"])  # the words, as recorded
 
 
 CLIP_TOWER = TextTower(build=None, tokenizer=_clip_tokenizer)
