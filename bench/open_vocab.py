@@ -1,8 +1,8 @@
 """Open-vocabulary check: R@1 on test queries as written and rewritten into unseen synonyms.
 
 Each test caption is rewritten by word maps of its own (colours, garments, bags, people words,
-all at once, the older ``reserved`` map of ``tbps.synth.RESERVED_SYNONYMS``, and sixteen held-out
-maps, each written before the rule it checks was measured: ``heldout`` to ``heldout16``); the bench
+all at once, the older ``reserved`` map of ``tbps.synth.RESERVED_SYNONYMS``, and eighteen held-out
+maps, each written before the rule it checks was measured: ``heldout`` to ``heldout18``); the bench
 first checks, on the data, that no target word occurs in any training caption (nor in the
 checkpoint's recorded vocabulary). Each checkpoint is evaluated against the same gallery with
 its unseen-word handling switched: ``encode`` (the unseen word's own frozen vector, the old
@@ -250,10 +250,31 @@ REWRITES["heldout16"] = {
     "bag": "gladstone", "man": "brother", "male": "brother", "guy": "chum", "woman": "sister", "female": "sister",
     "lady": "marchioness", "boy": "choirboy",
 }
+# Drawn the same way at 14:20 UTC the same day (the seventh and eighth unused candidates; several lists have
+# run out, so fewer slots), after WordNet's entries of heldout15's and heldout16's people words had been looked
+# at while designing: for a change to how people words are read, these two are the unseen maps.
+REWRITES["heldout17"] = {
+    "red": "cinnabar", "blue": "turquoise", "green": "shamrock", "yellow": "citrine", "orange": "nectarine",
+    "pink": "ballet", "white": "paper", "black": "caviar", "grey": "mist", "gray": "mist", "brown": "mahogany",
+    "jacket": "varsity", "coat": "inverness", "overcoat": "inverness", "trousers": "kecks", "pants": "kecks",
+    "shirt": "chambray", "sweater": "lambswool", "jumper": "lambswool", "pullover": "lambswool", "dress": "kurti",
+    "shoes": "wellies", "sneakers": "wellies", "trainers": "wellies", "hat": "snapback", "bag": "overnighter",
+    "man": "nephew", "male": "nephew", "guy": "cuz", "woman": "bride", "female": "bride", "lady": "viscountess",
+    "boy": "sonny",
+}
+REWRITES["heldout18"] = {
+    "red": "garnet", "blue": "lapis", "green": "basil", "yellow": "buttercup", "orange": "persimmon",
+    "white": "ghost", "grey": "storm", "gray": "storm", "brown": "taupe", "jacket": "norfolk", "coat": "redingote",
+    "overcoat": "redingote", "trousers": "trews", "pants": "trews", "sweater": "shetland", "jumper": "shetland",
+    "pullover": "shetland", "dress": "jumpsuit", "shoes": "galoshes", "sneakers": "galoshes",
+    "trainers": "galoshes", "hat": "deerstalker", "bag": "weekender", "man": "monsieur", "male": "monsieur",
+    "guy": "bruv", "woman": "widow", "female": "widow", "lady": "noblewoman", "boy": "toddler",
+}
 # the rewrites whose share of R@1 kept the table prints
 KEPT = ("all", "heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7",
         "heldout8", "heldout9", "heldout10", "heldout11", "heldout12",
-        "heldout13", "heldout14", "heldout15", "heldout16")
+        "heldout13", "heldout14", "heldout15", "heldout16",
+        "heldout17", "heldout18")
 MODES = {"encode": None, "drop": "drop", "nearest-1": (1, 1.0), "nearest-3": (3, 0.05),
          "wordnet-1": ("wordnet", 1, 1.0), "wordnet-3": ("wordnet", 3, 0.05),
          "definitions": ("wordnet", 3, 0.05, True), "colours": ("wordnet", 3, 0.05, True, True),
