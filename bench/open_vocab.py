@@ -17,7 +17,11 @@ the training captions put between its query neighbours; a checkpoint trained bef
 those word pairs gets them from the data's training split, as training would), ``recipe`` (the
 checkpoint's own setting, as it records it) and any ``--mode NAME=K,T`` or ``NAME=wordnet,K,T``
 given (``--only`` keeps a subset of the built-in modes, ``--rewrites`` of the maps). Original queries
-must come out bit-for-bit the same in every mode (checked). Prints a table; --json writes everything.
+must come out bit-for-bit the same in every mode (checked). For each mode that reads unseen words it also
+counts the rewritten words read as a word naming the same attribute value as the word they replaced (the
+synthetic captions' words, ``tbps.synth.captions.CAPTION_WORDS``: "gentleman" for "man" counts, "woman" does
+not): a query keeps its R@1 only when all its rewritten words are read right, so this share bounds what a map
+can keep. Prints a table; --json writes everything.
 
     python bench/open_vocab.py --data /tmp/ov/data400 s0=/tmp/ov/runs/s0/last.pt s1=/tmp/ov/runs/s1/last.pt
 """
@@ -299,6 +303,42 @@ def check_unseen(train_words: set[str], recorded: set[str]) -> None:
             print(f"note: rewrite {name!r} maps word(s) no training caption uses: {missing}")
 
 
+def value_classes() -> dict[str, set[tuple[str, str]]]:
+    """Synthetic caption word -> the attribute values it names: every caption phrase's head (its last word:
+    "long coat" -> coat, "young man" -> man, "boy" -> man), so "gentleman" and "male" name the same value as
+    "man", and "dark" the hair colour black."""
+    from tbps.synth.captions import CAPTION_WORDS
+
+    classes: dict[str, set[tuple[str, str]]] = {}
+    for attribute, values in CAPTION_WORDS.items():
+        for value, phrases in values.items():
+            for phrase in phrases:
+                classes.setdefault(phrase.split()[-1].lower(), set()).add((attribute, value))
+    return classes
+
+
+def reading_accuracy(tok, captions, rewritten_caps, word_map: dict[str, str], classes, clean) -> dict:
+    """How often a rewritten word is read as a word naming the same attribute value as the word it replaced
+    (its reading's heaviest training word; in context, its reading where it first occurs in the query):
+    {"right": n, "words": n}. Rewritten words are aligned with the originals position by position (a map
+    replaces one word with one word), and a caption whose lengths differ is skipped."""
+    from tbps.models.text_stream import split_words
+
+    targets = set(word_map.values())
+    right = total = 0
+    for original, caption in zip(captions, rewritten_caps):
+        a, b = split_words(clean(original)), split_words(clean(caption))
+        if len(a) != len(b) or a == b:
+            continue
+        readings = tok.explain(clean(caption))
+        for before, after in zip(a, b):
+            if after in targets and before != after and after in readings and readings[after]:
+                top = max(readings[after], key=lambda r: r[1])[0]
+                total += 1
+                right += bool(classes.get(top, {("word", top)}) & classes.get(before, {("word", before)}))
+    return {"right": right, "words": total}
+
+
 def spec_with(spec, mode):
     """A copy of ``spec`` with the unseen-word handling ``mode`` (see MODES)."""
     s = copy.copy(spec)
@@ -320,7 +360,8 @@ def evaluate_checkpoint(path: str, captions, rewritten: dict, qids, gids, paths,
     from tbps.models.checkpoint import load_model
     from tbps.models.checkpoint import max_words as checkpoint_max_words
     from tbps.models.factory import get_tokenizer
-    from tbps.retrieval.encoder import encode_captions, encode_images
+    from tbps.data.text import clean_caption
+    from tbps.retrieval.encoder import caption_settings, encode_captions, encode_images
     from tbps.retrieval.metrics import retrieval_metrics
 
     from tbps.models.text_stream import word_pairs
@@ -334,6 +375,9 @@ def evaluate_checkpoint(path: str, captions, rewritten: dict, qids, gids, paths,
     if tower.get("vocabulary") and tower.get("word_pairs") is None:  # trained before training recorded them:
         # the pairs training records, from the same training captions (what `context` reads)
         model.spec.text_tower = {**tower, "word_pairs": word_pairs(tower["vocabulary"], train_captions)}
+    cleaning, words = caption_settings(model.spec, mw)
+    clean = (lambda c: clean_caption(c, words or 77)) if cleaning == "tbps-clip" else (lambda c: c)
+    classes = value_classes()
     reference = None
     for mode_name, mode in modes.items():
         tok = get_tokenizer(spec_with(model.spec, mode))
@@ -349,6 +393,9 @@ def evaluate_checkpoint(path: str, captions, rewritten: dict, qids, gids, paths,
             if name == "all":  # the text side alone: is a rewritten query nearest its own original caption?
                 tt = feats @ orig.t()
                 res["all_text_self_R1"] = 100.0 * float((tt.argmax(1) == torch.arange(len(caps))).float().mean())
+        if mode not in (None, "drop"):
+            res["reading"] = {name: reading_accuracy(tok, captions, caps, REWRITES[name], classes, clean)
+                              for name, caps in rewritten.items()}
         res["examples"] = {w: tok.explain(w).get(w) for w in ("scarlet", "olive", "mustard", "magenta", "anorak",
                                                               "bermudas", "rucksack", "lass", "jet", "cutoffs")}
         out["modes"][mode_name] = res
@@ -379,6 +426,25 @@ def print_table(results: dict, names: list[str]) -> None:
                 line += (f"   {c}: {statistics.mean(shares):.1f} ± {statistics.stdev(shares):.1f} % ("
                          + ", ".join(f"{k:.1f}" for k in shares) + ")")
             print(line)
+
+
+def print_readings(results: dict, names: list[str]) -> None:
+    """The share of rewritten words read as a word of the same attribute value, per mode and map, over all
+    checkpoints (each checkpoint's share in brackets where they differ: checkpoints trained on the same
+    captions read alike, since a reading depends on the training vocabulary and word pairs, not the weights)."""
+    modes = [m for m, res in next(iter(results.values()))["modes"].items() if "reading" in res]
+    if not modes:
+        return
+    print("rewritten words read as a word of the same value (their reading's heaviest training word):")
+    for mode in modes:
+        parts = []
+        for name in names:
+            counts = [r["modes"][mode]["reading"][name] for r in results.values()]
+            right, total = sum(c["right"] for c in counts), sum(c["words"] for c in counts)
+            each = [f"{100 * c['right'] / max(c['words'], 1):.1f}" for c in counts]
+            parts.append(f"{name} {100 * right / max(total, 1):.1f} %"
+                         + (f" ({', '.join(each)})" if len(set(each)) > 1 else ""))
+        print(f"  {mode:<12} " + "; ".join(parts))
 
 
 def main(argv=None) -> int:
@@ -452,6 +518,7 @@ def main(argv=None) -> int:
         print(f"{name}: done; original queries identical in every mode: "
               f"{all(m['original_identical_to_encode'] for m in r.values())}", flush=True)
     print_table(summary["checkpoints"], list(rewritten))
+    print_readings(summary["checkpoints"], list(rewritten))
     first = next(iter(summary["checkpoints"].values()))["modes"]
     for mode, res in first.items():
         if mode != "encode":
