@@ -40,12 +40,12 @@ import time
 from pathlib import Path
 
 _LAIP_OFF = ["losses.triplet.weight=0", "losses.bidiratt.weight=0", "losses.mpm.weight=0"]
-_MEFA_OFF = {"imr_text": "losses.imr_text.weight=0", "imr_image": "losses.imr_image.weight=0",
-             "cmr": "losses.cmr.weight=0", "dcc": "losses.dcc.weight=0"}
+_MEFA_PATHS = ("imr_text", "imr_image", "cmr", "dcc")
 
 
 def _mefa_only(*on: str) -> list[str]:
-    return [v for k, v in _MEFA_OFF.items() if k not in on]
+    """MeFa's paths ``on`` at the paper's weight 1, the others off (`mefa-cpu` itself ships IMR(T) and IMR(V) off)."""
+    return [f"losses.{k}.weight={1 if k in on else 0}" for k in _MEFA_PATHS]
 
 
 def _bidiratt(mode: str, *more: str) -> list[str]:
@@ -73,7 +73,7 @@ ARMS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("mefa-imr-v", "mefa-cpu", _mefa_only("imr_image")),
         ("mefa-cmr", "mefa-cpu", _mefa_only("cmr")),
         ("mefa-dcc", "mefa-cpu", _mefa_only("dcc")),
-        ("mefa-all", "mefa-cpu", []),
+        ("mefa-all", "mefa-cpu", _mefa_only(*_MEFA_PATHS)),
     ],
     "laip": [
         ("laip-base", "laip-cpu", _LAIP_OFF),

@@ -170,7 +170,8 @@ def _micro(extra=()):
     from tests.conftest import MICRO
     from tbps.recipes.config import load_recipe
 
-    return load_recipe("mefa-cpu", MICRO + ["losses.imr_image.top_k=3", *extra])
+    # the image bank is IMR(V)'s, which mefa-cpu ships off
+    return load_recipe("mefa-cpu", MICRO + ["losses.imr_image.weight=1", "losses.imr_image.top_k=3", *extra])
 
 
 def test_trains_refreshes_the_bank_each_epoch_and_resumes_exactly(tiny_dataset, tmp_path):

@@ -43,7 +43,8 @@ CASES = {
     "laip-forward": Case("laip", "laip-cpu", FUSION_MICRO + ["losses.itc.queue_size=16", "losses.bidiratt.mode=forward"],
                          {"itc_loss", "itm_loss", "triplet_loss", "bidiratt_loss", "mpm_loss"},
                          {"phrase_tokens", "mpm_tokens", "mpm_labels"}),
-    "mefa": Case("mefa", "mefa-cpu", ["losses.imr_image.top_k=3"],
+    "mefa": Case("mefa", "mefa-cpu", ["losses.imr_image.top_k=3", "losses.imr_text.weight=1",  # off in mefa-cpu
+                                      "losses.imr_image.weight=1"],
                  {"nitc_loss", "ritc_loss", "imr_t_loss", "imc_t_loss", "imr_v_loss", "imc_v_loss", "cmr_loss",
                   "dcc_loss"}, {"neg_tokens", "neg_valid", "neg_image"}),
     # The hash-seeded word dictionary (no MiniLM load), and the alignment loss on (off in the CPU recipe).
