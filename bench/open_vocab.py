@@ -317,20 +317,21 @@ def value_classes() -> dict[str, set[tuple[str, str]]]:
     return classes
 
 
-def reading_accuracy(tok, captions, rewritten_caps, word_map: dict[str, str], classes, clean) -> dict:
+def reading_accuracy(tok, captions, rewritten_caps, word_map: dict[str, str], classes) -> dict:
     """How often a rewritten word is read as a word naming the same attribute value as the word it replaced
     (its reading's heaviest training word; in context, its reading where it first occurs in the query):
     {"right": n, "words": n}. Rewritten words are aligned with the originals position by position (a map
-    replaces one word with one word), and a caption whose lengths differ is skipped."""
+    replaces one word with one word), and a caption whose lengths differ is skipped. Both lists are the
+    captions as the tokenizer gets them (``clean_captions``)."""
     from tbps.models.text_stream import split_words
 
     targets = set(word_map.values())
     right = total = 0
     for original, caption in zip(captions, rewritten_caps):
-        a, b = split_words(clean(original)), split_words(clean(caption))
+        a, b = split_words(original), split_words(caption)
         if len(a) != len(b) or a == b:
             continue
-        readings = tok.explain(clean(caption))
+        readings = tok.explain(caption)
         for before, after in zip(a, b):
             if after in targets and before != after and after in readings and readings[after]:
                 top = max(readings[after], key=lambda r: r[1])[0]
@@ -360,8 +361,7 @@ def evaluate_checkpoint(path: str, captions, rewritten: dict, qids, gids, paths,
     from tbps.models.checkpoint import load_model
     from tbps.models.checkpoint import max_words as checkpoint_max_words
     from tbps.models.factory import get_tokenizer
-    from tbps.data.text import clean_caption
-    from tbps.retrieval.encoder import caption_settings, encode_captions, encode_images
+    from tbps.retrieval.encoder import caption_settings, clean_captions, encode_captions, encode_images
     from tbps.retrieval.metrics import retrieval_metrics
 
     from tbps.models.text_stream import word_pairs
@@ -376,7 +376,8 @@ def evaluate_checkpoint(path: str, captions, rewritten: dict, qids, gids, paths,
         # the pairs training records, from the same training captions (what `context` reads)
         model.spec.text_tower = {**tower, "word_pairs": word_pairs(tower["vocabulary"], train_captions)}
     cleaning, words = caption_settings(model.spec, mw)
-    clean = (lambda c: clean_caption(c, words or 77)) if cleaning == "tbps-clip" else (lambda c: c)
+    cleaned = clean_captions(captions, words, cleaning)
+    cleaned_rewrites = {name: clean_captions(caps, words, cleaning) for name, caps in rewritten.items()}
     classes = value_classes()
     reference = None
     for mode_name, mode in modes.items():
@@ -394,8 +395,8 @@ def evaluate_checkpoint(path: str, captions, rewritten: dict, qids, gids, paths,
                 tt = feats @ orig.t()
                 res["all_text_self_R1"] = 100.0 * float((tt.argmax(1) == torch.arange(len(caps))).float().mean())
         if mode not in (None, "drop"):
-            res["reading"] = {name: reading_accuracy(tok, captions, caps, REWRITES[name], classes, clean)
-                              for name, caps in rewritten.items()}
+            res["reading"] = {name: reading_accuracy(tok, cleaned, caps, REWRITES[name], classes)
+                              for name, caps in cleaned_rewrites.items()}
         res["examples"] = {w: tok.explain(w).get(w) for w in ("scarlet", "olive", "mustard", "magenta", "anorak",
                                                               "bermudas", "rucksack", "lass", "jet", "cutoffs")}
         out["modes"][mode_name] = res

@@ -32,6 +32,7 @@ __all__ = [
     "CheckpointError",
     "Encoder",
     "caption_settings",
+    "clean_captions",
     "create_untrained_checkpoint",
     "encode_captions",
     "encode_image_batches",
@@ -42,19 +43,24 @@ __all__ = [
 ]
 
 
-def tokenize_captions(tokenizer, texts: Sequence[str], max_words: int | None,
-                      cleaning: str = "tbps-clip") -> torch.Tensor:
-    """Captions -> (B, L) token ids, cleaned and truncated to ``max_words`` words as in training.
+def clean_captions(texts: Sequence[str], max_words: int | None, cleaning: str = "tbps-clip") -> list[str]:
+    """Captions as the tokenizer gets them, cleaned and truncated to ``max_words`` words as in training.
 
     cleaning "tbps-clip" (tbps's own, TBPS-CLIP's): lower-case, strip ``.!"()*#:;~``, at most ``max_words``
-    words; "none" (IRRA, RDE, OpenAI CLIP, open_clip): the raw caption to the tokenizer (which does its
-    own ftfy/whitespace/lower-case cleaning), cut to ``max_words`` words only when that is set.
+    words; "none" (IRRA, RDE, OpenAI CLIP, open_clip): the raw caption (the tokenizer does its own
+    ftfy/whitespace/lower-case cleaning), cut to ``max_words`` words only when that is set.
     """
     if cleaning == "none":
-        return tokenizer([t if max_words is None else " ".join(t.split()[:max_words]) for t in texts])
+        return [t if max_words is None else " ".join(t.split()[:max_words]) for t in texts]
     if cleaning != "tbps-clip":
         raise ValueError(f"unknown caption cleaning {cleaning!r} (tbps-clip, none)")
-    return tokenizer([clean_caption(t, max_words or 77) for t in texts])
+    return [clean_caption(t, max_words or 77) for t in texts]
+
+
+def tokenize_captions(tokenizer, texts: Sequence[str], max_words: int | None,
+                      cleaning: str = "tbps-clip") -> torch.Tensor:
+    """Captions -> (B, L) token ids, cleaned as :func:`clean_captions` says."""
+    return tokenizer(clean_captions(texts, max_words, cleaning))
 
 
 def caption_settings(spec, max_words: int | None) -> tuple[str, int | None]:
