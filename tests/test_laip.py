@@ -45,6 +45,42 @@ def test_mpm_masks_one_token_inside_the_phrase_only():
         assert "mlm_tokens" not in batch  # MPM only: the caption itself is not masked
 
 
+def test_phrases_of_two_words_or_more_when_asked():
+    from tbps.data.masking import phrase_words
+    from tbps.models import ModelSpec, get_tokenizer
+
+    assert [phrase_words(p) for p in ["head", "black checked t - shirt", "boy , short gray hair"]] == [1, 4, 4]
+    tok = get_tokenizer(ModelSpec(arch="micro-vit"))
+    caps = ["a pair of blue trainers on his head", "a gentleman with his hand up"]
+    table = {caps[0]: ["pair", "blue trainers", "head"], caps[1]: ["gentleman", "hand"]}
+    seen: dict[int, set[str]] = {1: set(), 2: set()}
+    for min_words in (1, 2):
+        hook = FusionBatchHook(spec=MaskSpec.from_tokenizer(tok), phrases=True, phrase_table=table,
+                               min_words=min_words, seed=3)
+        for _ in range(30):
+            batch = hook({"tokens": tok(caps), "captions": list(caps)}, tok)
+            seen[min_words].add(batch["phrases"][0])
+            assert batch["phrases"][1] in table[caps[1]]  # no phrase of two words: every phrase is a candidate
+    assert seen[1] == {"pair", "blue trainers", "head"}
+    assert seen[2] == {"blue trainers"}
+
+
+def test_the_recipe_sets_which_phrases_the_stream_draws():
+    from tbps.models import ModelSpec, create_model
+    from tbps.objectives import build_objective
+    from tbps.recipes.config import ConfigError
+
+    model = create_model(ModelSpec(arch="micro-vit"))
+    losses = {"fusion": {"width": 32, "layers": 2, "heads": 2, "mlp_ratio": 2.0}}
+    obj = build_objective("laip", model, {**losses, "phrases": {"min_words": 2}}, num_identities=4)
+    obj._phrase_table = {}
+    assert obj.batch_hook().min_words == 2
+    obj.configure(losses)  # a stage without the key: back to the default, every noun chunk
+    assert obj.batch_hook().min_words == 1
+    with pytest.raises(ConfigError, match="losses.phrases"):
+        obj.configure({"phrases": {"min_word": 2}})
+
+
 def test_hard_negatives_are_other_identities_drawn_by_similarity():
     pid = torch.tensor([0, 0, 1, 2])
     sim = torch.tensor([[9.0, 9.0, 0.0, 5.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 9.0, 1.0], [0.0, 0.0, 0.0, 9.0]])

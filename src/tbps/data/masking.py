@@ -89,6 +89,11 @@ def mpm_mask(tokens: torch.Tensor, spec: MaskSpec,
     return inputs, labels
 
 
+def phrase_words(phrase: str) -> int:
+    """Words of a parsed phrase: its tokens holding a letter ("t - shirt" is two, "," none)."""
+    return sum(any(ch.isalpha() for ch in w) for w in phrase.split())
+
+
 @dataclass
 class FusionBatchHook:
     """Adds masked-token inputs to a collated batch (runs in DataLoader workers).
@@ -98,12 +103,15 @@ class FusionBatchHook:
     ``mpm_tokens`` and ``mpm_labels`` (one [MASK] inside the phrase). ``phrase_table`` maps a
     cleaned caption to its phrases (parsed once up front); a caption missing from it is
     parsed on the spot; a caption without a noun phrase uses its first four words.
+    ``min_words``: draw only among the caption's phrases of at least that many words ("black
+    hair", not "head" or the "pair" of "a pair of blue trainers"), all of them when it has none.
     """
 
     spec: MaskSpec = field(default_factory=MaskSpec)
     mlm_prob: float = 0.0
     phrases: bool = False
     phrase_table: dict[str, list[str]] = field(default_factory=dict)
+    min_words: int = 1
     seed: int = 0
     _calls: int = 0
 
@@ -112,7 +120,10 @@ class FusionBatchHook:
             from tbps.data.phrases import noun_phrases
 
             self.phrase_table[caption] = noun_phrases([caption])[0]
-        return self.phrase_table[caption] or [" ".join(caption.split()[:4])]
+        phrases = self.phrase_table[caption] or [" ".join(caption.split()[:4])]
+        if self.min_words > 1:
+            return [p for p in phrases if phrase_words(p) >= self.min_words] or phrases
+        return phrases
 
     def __call__(self, batch: dict, tokenizer) -> dict:
         self._calls += 1

@@ -42,6 +42,9 @@ DEFAULTS: dict[str, Any] = {
     "triplet": {"weight": 1.0, "margin": 0.6},
     "bidiratt": {"weight": 1.0, "mode": "both", "layer": -2, "heads": "per_head", "detach": True},
     "mpm": {"weight": 1.0},
+    # Which noun phrases the image-phrase stream draws from: min_words 2 keeps a modifier and its noun
+    # (the paper's example phrase: "black hair (adjective+noun)"), 1 every noun chunk ("head", "pair").
+    "phrases": {"min_words": 1},
     "fusion": {"width": 768, "layers": 6, "heads": 12, "mlp_ratio": 4.0},
 }
 
@@ -103,7 +106,8 @@ class LAIPObjective(Objective):
             return None
         if self._phrase_table is None and dataset is not None:
             self.prepare_data(dataset)
-        return FusionBatchHook(spec=self.mask_spec, phrases=True, phrase_table=self._phrase_table or {})
+        return FusionBatchHook(spec=self.mask_spec, phrases=True, phrase_table=self._phrase_table or {},
+                               min_words=self.cfg["phrases"]["min_words"])
 
     # ------------------------------------------------------------------ pieces
     def _itc(self, model, batch, img, txt, scale) -> torch.Tensor:
