@@ -11,7 +11,7 @@
   for CLIP) or ``training`` (over the tokens of the training captions only, found once from the
   set :meth:`prepare_data` keeps; a masked token outside them, possible only with text augmentation that
   adds words, is left out of the loss). The head's last layer costs M x W x V a step: on CPU,
-  at the tiny recipes' sizes, about 40 % of what MLM adds to a step (docs/laip-irra.md).
+  at the tiny recipes' sizes, about 40 % of what MLM adds to a step (docs/laip-irra-log.md, a second session).
 
 The fusion encoder is the objective's (saved under ``objective.fusion.*``); IRRA uses it
 only for training, but it can also re-score at inference (``tbps eval --rescore``) once

@@ -19,7 +19,7 @@ the EVA-CLIP TBPS baseline trains. Three paths on top, each switched by its weig
   CMR for real can warm the new module on the encoders' features without moving them (linear
   probing before fine-tuning), so its first gradients into the encoders do not come from random
   weights. Not in the paper (its refiner starts with the pretrained encoders, at the same step); tried
-  in ``mefa-cpu`` and not adopted (docs/laip-irra.md).
+  in ``mefa-cpu`` and not adopted (docs/laip-irra-log.md, a fifth session).
 * **DCC, discriminative clue correction** ``dcc`` -- the secondary-similarity words of each
   caption (not the top ``skip_top``, not the bottom ``skip_bottom``) pooled into a clue feature
   and contrasted with the images by D-ITC (eq. 7, :mod:`tbps.losses.ditc`).
