@@ -187,7 +187,7 @@ REWRITES["heldout10"] = {
 }
 # Written 7 Dec 2026 (third session of the day) before any reading of them was looked at: for each slot, the
 # first two words of a candidate list written in one go that no earlier map used and no training caption
-# of either synthetic dataset holds (the lists and the procedure: docs/performance.md, section 5, "A ninth
+# of either synthetic dataset holds (the lists and the procedure: docs/performance-log.md, section 5, "A ninth
 # session"); the first to heldout11, the second to heldout12.
 REWRITES["heldout11"] = {
     "red": "claret", "blue": "sky", "green": "forest", "yellow": "sunflower", "orange": "marmalade",

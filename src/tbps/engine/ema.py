@@ -10,7 +10,7 @@ last quarter of the steps.
 Parameters only: buffers (masks, position ids) stay the model's. The training itself never sees the
 average; ``last.pt`` keeps the online weights and the average (``"ema"``) for resuming, ``best.pt``
 the average in place of the weights. One lerp over the parameters a step: about 2.2 ms for the
-7.3 M of ``tiny-vit`` on 2 CPU threads (docs/performance.md, section 2).
+7.3 M of ``tiny-vit`` on 2 CPU threads (docs/performance-log.md, section 2, tenth sitting).
 """
 
 from __future__ import annotations
