@@ -73,7 +73,6 @@ def test_the_recipe_sets_which_phrases_the_stream_draws():
     model = create_model(ModelSpec(arch="micro-vit"))
     losses = {"fusion": {"width": 32, "layers": 2, "heads": 2, "mlp_ratio": 2.0}}
     obj = build_objective("laip", model, {**losses, "phrases": {"min_words": 2}}, num_identities=4)
-    obj._phrase_table = {}
     assert obj.batch_hook().min_words == 2
     obj.configure(losses)  # a stage without the key: back to the default, every noun chunk
     assert obj.batch_hook().min_words == 1

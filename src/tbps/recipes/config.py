@@ -100,14 +100,15 @@ class TrainConfig:
     grad_cache_chunk: int = 0
     # torch.compile the towers' transformers for training (TBPSModel.compile_towers): fused kernels, a few
     # seconds of compiling at the first step and at the first evaluation; on CPU it needs a C compiler. On
-    # 2 CPU cores with tiny-vit it bought no steps (docs/performance-log.md, section 2, third sitting); not yet timed on a GPU.
+    # 2 CPU cores with tiny-vit it bought no steps (docs/performance-log.md, section 2, third sitting); not
+    # yet timed on a GPU.
     compile: bool = False
     # The scaled-dot-product attention kernel of the training steps: auto (torch picks: flash attention
     # on CPU) or math (the plain matmul-softmax-matmul). Same attention, other rounding.
     attention: str = "auto"
     # A moving average of the weights (tbps.engine.ema): > 0 is its decay, and the average is what val
-    # evaluates and best.pt keeps; 0: off. Probed on tiny-vit at 0.995 (docs/performance-log.md, section 2, tenth sitting):
-    # test R@1 +0.1 +- 0.6 and mAP +0.1 to +0.3 against the online weights at the same step.
+    # evaluates and best.pt keeps; 0: off. Probed on tiny-vit at 0.995 (docs/performance-log.md, section 2,
+    # tenth sitting): test R@1 +0.1 +- 0.6 and mAP +0.1 to +0.3 against the online weights at the same step.
     ema: float = 0.0
 
     def __post_init__(self):
