@@ -11,8 +11,11 @@ a_n sigmoid(a_n (s - m_n)) on a negative: its mean magnitude per pair and the sh
 training batch's total that the negatives hold (a batch of P ids x K images with one caption each has
 P K^2 positive pairs of its B^2).
 
-    python bench/cosines.py base=/tmp/abl/base-X/best.pt align=/tmp/abl/textreid-cmmoco-align-s0/best.pt \\
-        --data data/abl --split val
+    python bench/ablation.py --set textreid --data data/abl --out runs/abl --base-epochs 8 --epochs 1 --seeds 0
+    python bench/cosines.py base=runs/abl/base-KEY/best.pt cmmoco=runs/abl/textreid-cmmoco/seed-0/best.pt \\
+        align=runs/abl/textreid-cmmoco-align/seed-0/best.pt --data data/abl --split val
+
+The table is Markdown; the gradient columns are mean |dL/ds| per pair.
 """
 
 from __future__ import annotations
@@ -31,12 +34,9 @@ def cosine_stats(sim, qids, gids, *, margin_pos: float = 0.6, margin_neg: float 
     pos_mask = qids[:, None] == gids[None, :]
     pos, neg = sim[pos_mask].double(), sim[~pos_mask].double()
     q = torch.tensor(QUANTILES, dtype=torch.float64)
-    # a random subsample keeps torch.quantile within its input limit on large galleries
-    gen = torch.Generator().manual_seed(0)
+    neg_q = neg  # a fixed random subsample keeps torch.quantile within its input limit on large galleries
     if neg.numel() > 4_000_000:
-        neg_q = neg[torch.randint(neg.numel(), (4_000_000,), generator=gen)]
-    else:
-        neg_q = neg
+        neg_q = neg[torch.randint(neg.numel(), (4_000_000,), generator=torch.Generator().manual_seed(0))]
     g_pos = scale_pos * torch.sigmoid(-scale_pos * (pos - margin_pos))  # |dL/ds| per positive pair
     g_neg = scale_neg * torch.sigmoid(scale_neg * (neg - margin_neg))  # per negative pair
     b = ids * k
@@ -47,8 +47,6 @@ def cosine_stats(sim, qids, gids, *, margin_pos: float = 0.6, margin_neg: float 
         "pos_below": (pos < margin_pos).double().mean().item(), "neg_above": (neg > margin_neg).double().mean().item(),
         "grad_pos": g_pos.mean().item(), "grad_neg": g_neg.mean().item(),
         "neg_share": mass_neg / (mass_pos + mass_neg),
-        "loss_pos": torch.nn.functional.softplus(-scale_pos * (pos - margin_pos)).mean().item(),
-        "loss_neg": torch.nn.functional.softplus(scale_neg * (neg - margin_neg)).mean().item(),
     }
 
 
@@ -74,19 +72,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from tbps.data.records import DataError
     from tbps.engine.evaluate import evaluate_checkpoint
-    from tbps.models.checkpoint import CheckpointError
 
     (mp, mn), (ap, an), (ids, k) = a.margins, a.scales, a.batch
-    head = (["checkpoint", "R1"] + [f"pos q{int(q * 100)}" for q in QUANTILES] + [f"neg q{int(q * 100)}" for q in QUANTILES]
-            + [f"pos < {mp}", f"neg > {mn}", "|grad| per pos", "|grad| per neg", "negatives' share of a batch's grad"])
+    head = (["checkpoint", "R1"] + [f"{side} q{int(q * 100)}" for side in ("pos", "neg") for q in QUANTILES]
+            + [f"pos < {mp}", f"neg > {mn}", "grad per pos", "grad per neg", "negatives' share of a batch's grad"])
     print(f"{a.split} split, every caption against every image; margins {mp} / {mn}, scales {ap} / {an}, "
           f"batch {ids} x {k}")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, path in named:
         try:
             ev = evaluate_checkpoint(path, a.data, a.split)
-        except (CheckpointError, OSError, ValueError) as e:
+        except (DataError, OSError, ValueError) as e:  # CheckpointError and the other tbps errors are ValueErrors
             print(f"error: {name}: {e}", file=sys.stderr)
             return 2
         r = ev.result
