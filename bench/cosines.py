@@ -26,8 +26,8 @@ import sys
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def cosine_stats(sim, qids, gids, *, margin_pos: float = 0.6, margin_neg: float = 0.4, scale_pos: float = 10.0,
-                 scale_neg: float = 40.0, ids: int = 16, k: int = 4) -> dict:
+def cosine_stats(sim, qids, gids, *, margin_pos: float, margin_neg: float, scale_pos: float, scale_neg: float,
+                 ids: int, k: int) -> dict:
     """sim (Q, G) cosines, qids (Q,), gids (G,) -> the statistics the table prints (floats)."""
     import torch
 
@@ -39,8 +39,8 @@ def cosine_stats(sim, qids, gids, *, margin_pos: float = 0.6, margin_neg: float 
         neg_q = neg[torch.randint(neg.numel(), (4_000_000,), generator=torch.Generator().manual_seed(0))]
     g_pos = scale_pos * torch.sigmoid(-scale_pos * (pos - margin_pos))  # |dL/ds| per positive pair
     g_neg = scale_neg * torch.sigmoid(scale_neg * (neg - margin_neg))  # per negative pair
-    b = ids * k
-    n_pos, n_neg = ids * k * k, b * b - ids * k * k
+    n_pos = ids * k * k
+    n_neg = (ids * k) ** 2 - n_pos
     mass_pos, mass_neg = n_pos * g_pos.mean().item(), n_neg * g_neg.mean().item()
     return {
         "pos_q": torch.quantile(pos, q).tolist(), "neg_q": torch.quantile(neg_q, q).tolist(),
@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoints", nargs="+", metavar="NAME=PATH", help="checkpoints (or run folders), each named")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--split", default="val", help="split to measure on (default val)")
-    p.add_argument("--margins", type=float, nargs=2, default=(0.6, 0.4), metavar=("M_POS", "M_NEG"),
-                   help="the loss's margins (default TextReID's 0.6 0.4)")
-    p.add_argument("--scales", type=float, nargs=2, default=(10.0, 40.0), metavar=("A_POS", "A_NEG"),
-                   help="the loss's scales (default TextReID's 10 40)")
+    p.add_argument("--margins", type=float, nargs=2, metavar=("M_POS", "M_NEG"),
+                   help="the loss's margins (default: the textreid objective's, 0.6 0.4)")
+    p.add_argument("--scales", type=float, nargs=2, metavar=("A_POS", "A_NEG"),
+                   help="the loss's scales (default: the textreid objective's, 10 40)")
     p.add_argument("--batch", type=int, nargs=2, default=(16, 4), metavar=("P", "K"),
                    help="the training batch's identities and images per identity (default 16 4)")
     a = p.parse_intermixed_args(argv)
@@ -74,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from tbps.data.records import DataError
     from tbps.engine.evaluate import evaluate_checkpoint
+    from tbps.objectives.textreid import DEFAULTS
 
-    (mp, mn), (ap, an), (ids, k) = a.margins, a.scales, a.batch
+    align = DEFAULTS["align"]
+    mp, mn = a.margins or (align["margin_pos"], align["margin_neg"])
+    ap, an = a.scales or (align["scale_pos"], align["scale_neg"])
+    ids, k = a.batch
     head = (["checkpoint", "R1"] + [f"{side} q{int(q * 100)}" for side in ("pos", "neg") for q in QUANTILES]
             + [f"pos < {mp}", f"neg > {mn}", "grad per pos", "grad per neg", "negatives' share of a batch's grad"])
     print(f"{a.split} split, every caption against every image; margins {mp} / {mn}, scales {ap} / {an}, "
