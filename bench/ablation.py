@@ -22,6 +22,11 @@ difference from its method's baseline arm paired by seed (mean ± std of the per
 
 Fine-tuning settings (every arm, the baselines included): one stage at ``lr_scale`` 0.2 (a
 fine-tuning lr: a fifth of the -cpu recipes' from-scratch peak), warm-up ``--warmup`` epochs, then cosine.
+``--fresh PREFIX ...`` starts every arm with the base's model tensors under those prefixes left out, so
+those parts begin at their fresh initialisation (drawn with each arm's seed) while the rest is the base's:
+a paper whose method puts a new module on a pretrained one (TextReID: a new BiGRU text stream on CLIP's
+image encoder; ``--fresh text_stream.gru text_stream.proj``). The arms' momentum copies are made from the
+loaded weights, fresh parts included, as at any ``--init``.
 ``--overrides KEY=VALUE ...`` are applied to every run (a ``losses.X`` one only where the objective has
 loss X; the base takes none of the ``losses.*`` ones).
 A run whose folder already holds a result for the same command is not retrained (``--retrain``
@@ -173,6 +178,28 @@ def train_base(key: str, model: dict, args) -> Path:
     return out / "best.pt"
 
 
+def without(base: Path, prefixes: list[str], args) -> Path:
+    """``base`` with the model tensors under ``prefixes`` left out (``--fresh``), written once into ``--out``."""
+    slug = "-".join(p.replace(".", "_") for p in prefixes)
+    target = Path(args.out) / f"{base.parent.name}-without-{slug}.pt"
+    if args.report or target.exists():
+        return target
+    from tbps.models.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(base)
+    ckpt.pop("path", None)
+    model = ckpt["model"]
+    gone = [k for k in model if any(k == p or k.startswith(p + ".") for p in prefixes)]
+    unmatched = [p for p in prefixes if not any(k == p or k.startswith(p + ".") for k in gone)]
+    if unmatched:
+        raise SystemExit(f"--fresh {' '.join(unmatched)}: no tensor of {base}'s model is under it "
+                         f"(its top-level parts: {', '.join(sorted({k.split('.')[0] for k in model}))})")
+    ckpt["model"] = {k: v for k, v in model.items() if k not in gone}
+    save_checkpoint(target, ckpt)
+    print(f"{target}: {base} without {len(gone)} tensor(s) under {', '.join(prefixes)}", flush=True)
+    return target
+
+
 def COMMON(args) -> list[str]:  # noqa: N802  every run: no DataLoader workers, all cores to torch
     return ["data.num_workers=0", f"train.cpu_threads={args.threads or len(os.sched_getaffinity(0))}"]
 
@@ -196,6 +223,8 @@ def arm_runs(args) -> list[tuple[str, str, str, list[str], int]]:
             mine = for_recipe(recipe, args.overrides)
             key, model = backbone(recipe, mine)
             base = train_base(key, model, args)
+            if args.fresh:
+                base = without(base, args.fresh, args)
             for seed in args.seeds:
                 cmd = ["--recipe", recipe, "--epochs", str(args.epochs), "--init", str(base), *COMMON(args),
                        *mine, *over, FT_STAGE, f"optim.warmup_epochs={args.warmup}",
@@ -242,6 +271,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: every core; runs are serial)")
     p.add_argument("--only", nargs="*", help="arm names to run (default: all of the set; a set's baseline for "
                    "dR1 is then its first arm that ran)")
+    p.add_argument("--fresh", nargs="+", default=[], metavar="PREFIX",
+                   help="start every arm with the base's model tensors under these prefixes left out (their fresh "
+                   "initialisation), e.g. text_stream.gru text_stream.proj")
     p.add_argument("--report", action="store_true", help="print the table of finished runs, train nothing")
     p.add_argument("--retrain", action="store_true", help="train again even where a result exists")
     p.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
@@ -256,8 +288,9 @@ def main() -> int:
                 results.setdefault((s, arm), {})[seed] = json.loads(f.read_text())
             continue
         results.setdefault((s, arm), {})[seed] = run(f"{arm} seed {seed}", out, cmd, args)
+    fresh = f" with {', '.join(args.fresh)} started afresh" if args.fresh else ""
     print(f"\n{' + '.join(args.set)}: each arm fine-tuned {args.epochs} epoch(s) from the shared base "
-          f"({args.base_epochs} epochs of N-ITC + R-ITC), seeds {args.seeds}; test split, text-to-image")
+          f"({args.base_epochs} epochs of N-ITC + R-ITC){fresh}, seeds {args.seeds}; test split, text-to-image")
     print(table(results))
     return 0
 
