@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from _args import named_path  # bench/_args.py
+
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
@@ -53,7 +55,8 @@ def cosine_stats(sim, qids, gids, *, margin_pos: float, margin_neg: float, scale
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("checkpoints", nargs="+", metavar="NAME=PATH", help="checkpoints (or run folders), each named")
+    p.add_argument("checkpoints", nargs="+", type=named_path, metavar="NAME=PATH",
+                   help="checkpoints (or run folders), each named")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--split", default="val", help="split to measure on (default val)")
     p.add_argument("--margins", type=float, nargs=2, metavar=("M_POS", "M_NEG"),
@@ -63,12 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs=2, default=(16, 4), metavar=("P", "K"),
                    help="the training batch's identities and images per identity (default 16 4)")
     a = p.parse_intermixed_args(argv)
-    named = []
-    for item in a.checkpoints:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            p.error(f"{item!r}: give NAME=PATH")
-        named.append((name, path))
 
     import torch
 
@@ -85,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.split} split, every caption against every image; margins {mp} / {mn}, scales {ap} / {an}, "
           f"batch {ids} x {k}")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for name, path in named:
+    for name, path in a.checkpoints:
         try:
             ev = evaluate_checkpoint(path, a.data, a.split)
         except (DataError, OSError, ValueError) as e:  # CheckpointError and the other tbps errors are ValueErrors

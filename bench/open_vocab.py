@@ -34,6 +34,8 @@ import re
 import statistics
 import sys
 
+from _args import named_path  # bench/_args.py
+
 # Training-caption word -> a synonym the synthetic captions never use (checked on the data).
 REWRITES: dict[str, dict[str, str]] = {
     "colours": {"red": "scarlet", "blue": "navy", "green": "olive", "yellow": "mustard", "orange": "tangerine",
@@ -450,7 +452,7 @@ def print_readings(results: dict, names: list[str]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="+", help="NAME=PATH pairs")
+    ap.add_argument("checkpoints", nargs="+", type=named_path, metavar="NAME=PATH", help="checkpoints, each named")
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", default="test")
     ap.add_argument("--mode", action="append", default=[], metavar="NAME=[wordnet,]K,T",
@@ -509,8 +511,7 @@ def main(argv=None) -> int:
     print(f"{len(captions)} queries; training vocabulary {len(train_words)} words; queries changed: "
           + ", ".join(f"{n} {c}" for n, c in summary["changed"].items()), flush=True)
     qids, gids = torch.tensor(caption_ids), torch.tensor(image_ids)
-    for spec in args.checkpoints:
-        name, path = spec.split("=", 1)
+    for name, path in args.checkpoints:
         recorded = set((load_checkpoint(path)["model_spec"].get("text_tower") or {}).get("vocabulary") or [])
         check_unseen(train_words, recorded)
         summary["checkpoints"][name] = evaluate_checkpoint(path, captions, rewritten, qids, gids, paths, modes,

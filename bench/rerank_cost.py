@@ -15,10 +15,12 @@ import json
 import sys
 import time
 
+from _args import named_path  # bench/_args.py
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="*", help="NAME=PATH pairs")
+    ap.add_argument("checkpoints", nargs="*", type=named_path, metavar="NAME=PATH", help="checkpoints, each named")
     ap.add_argument("--data")
     ap.add_argument("--split", default="test")
     ap.add_argument("--synthetic", nargs=2, type=int, metavar=("Q", "G"))
@@ -31,16 +33,18 @@ def main(argv=None) -> int:
     from tbps.retrieval.rerank import rerank, rerank_evaluation
 
     out: dict = {}
-    for spec in args.checkpoints:
+    if args.checkpoints:
         from tbps.data.layouts import load_annotations
+        from tbps.engine.evaluate import evaluate
         from tbps.models.checkpoint import load_model
         from tbps.models.checkpoint import max_words as checkpoint_max_words
-        from tbps.engine.evaluate import evaluate
         from tbps.models.factory import get_tokenizer
 
-        name, path = spec.split("=", 1)
-        model, ckpt = load_model(path)
+        if not args.data:
+            ap.error("checkpoints need --data")
         records = load_annotations(args.data, progress=False).split(args.split)
+    for name, path in args.checkpoints:
+        model, ckpt = load_model(path)
         res = evaluate(model, get_tokenizer(model.spec), records, progress=False,
                        max_words=checkpoint_max_words(ckpt))
         out[name] = {"none": {"t2i": res.metrics["t2i"], "seconds_per_query": 0.0}}
