@@ -189,11 +189,12 @@ def without(base: Path, prefixes: list[str], args) -> Path:
     ckpt = load_checkpoint(base)
     ckpt.pop("path", None)
     model = ckpt["model"]
-    gone = [k for k in model if any(k == p or k.startswith(p + ".") for p in prefixes)]
-    unmatched = [p for p in prefixes if not any(k == p or k.startswith(p + ".") for k in gone)]
+    under = {p: [k for k in model if k == p or k.startswith(p + ".")] for p in prefixes}
+    unmatched = [p for p, keys in under.items() if not keys]
     if unmatched:
         raise SystemExit(f"--fresh {' '.join(unmatched)}: no tensor of {base}'s model is under it "
                          f"(its top-level parts: {', '.join(sorted({k.split('.')[0] for k in model}))})")
+    gone = {k for keys in under.values() for k in keys}
     ckpt["model"] = {k: v for k, v in model.items() if k not in gone}
     save_checkpoint(target, ckpt)
     print(f"{target}: {base} without {len(gone)} tensor(s) under {', '.join(prefixes)}", flush=True)
