@@ -175,6 +175,18 @@ def test_objectives_that_cannot_be_cached_refuse_the_key_before_reading_data(rec
         load_recipe("tbps-clip-cpu", ["train.grad_cache_chunk=-1"])
 
 
+def test_irra_refuses_the_key_only_where_mlm_runs_on_part_of_the_batch():
+    """IRRA is cacheable, but ``losses.mlm.samples`` (MLM on the first k captions) cannot be split into
+    chunks: refused when a stage runs MLM with it, accepted when MLM is off wherever it is set."""
+    key = "train.grad_cache_chunk=4"
+    gradcache.check_supported(load_recipe("irra-cpu", [key]))
+    with pytest.raises(ConfigError, match=r"'irra' .*losses.mlm.samples > 0") as e:
+        gradcache.check_supported(load_recipe("irra-cpu", [key, "losses.mlm.samples=16"]))  # on in the later stage
+    assert "\n" not in str(e.value)
+    gradcache.check_supported(load_recipe("irra-cpu", [key, "losses.mlm.samples=16", "stages=[]",
+                                                       "losses.mlm.weight=0"]))
+
+
 @pytest.mark.slow
 def test_training_with_grad_cache_reaches_the_same_weights(tiny_dataset, micro_overrides, tmp_path):
     """End to end through tbps train: an epoch of the CPU recipe (no dropout) with chunks of 3 pairs

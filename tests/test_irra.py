@@ -172,3 +172,39 @@ def test_irra_with_the_training_vocabulary_trains_end_to_end(tiny_dataset, micro
     support = seen[0][0]
     assert 10 < support < 1000 and all(n == support for n, _ in seen)
     assert all(0 < loss < math.log(support) + 1.0 for _, loss in seen), seen
+
+
+def test_mlm_on_the_first_k_captions_is_mlm_on_those_rows_alone():
+    """``mlm.samples=k``: the hook masks the batch's first k captions only (all of a smaller batch), and
+    the MLM loss of the whole batch equals the loss IRRA's MLM (every caption) gives on a batch of those k
+    rows with the same masks: the other rows take no part. A negative count is refused in one line."""
+    import pytest
+
+    from tbps.models import get_tokenizer
+    from tbps.objectives import StepContext
+    from tbps.recipes.config import ConfigError
+
+    ctx = StepContext(epoch=0.0, total_epochs=1, step=0)
+    m, obj = _micro_irra()
+    m.eval()  # no dropout: the k rows' features do not depend on the rest of the batch
+    obj.configure({"mlm": {"samples": 3}})
+    tok = get_tokenizer(m.spec)
+    caps = ["a man in a red coat", "a woman with a black backpack", "grey shoes and a hat", "long hair",
+            "blue jeans and a white shirt", "a skirt"]
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(6, 3, 32, 16, generator=g), "tokens": tok(caps), "pid": torch.tensor([0, 0, 1, 2, 3, 3]),
+             "captions": caps}
+    batch = obj.batch_hook(None)(batch, tok)
+    assert batch["mlm_tokens"].shape == (3, batch["tokens"].shape[1])
+    assert ((batch["mlm_labels"] != -100) | (batch["mlm_tokens"] == batch["tokens"][:3])).all()
+    out = obj(m, batch, ctx)
+    obj.configure({"mlm": {"samples": 0}})
+    rows = {k: v[:3] for k, v in batch.items() if k in ("image", "tokens", "pid", "mlm_tokens", "mlm_labels")}
+    ref = obj(m, rows, ctx)
+    assert torch.allclose(out["mlm_loss"], ref["mlm_loss"], atol=1e-6)
+    assert not torch.allclose(out["sdm_loss"], ref["sdm_loss"])  # the other losses still see all six rows
+    obj.configure({"mlm": {"samples": 10}})
+    small = obj.batch_hook(None)({k: batch[k] for k in ("image", "tokens", "pid", "captions")}, tok)
+    assert small["mlm_tokens"].shape[0] == 6  # a batch smaller than k: every caption
+    with pytest.raises(ConfigError, match=r"losses.mlm.samples -1: 0 \(every caption\) or a count > 0"):
+        obj.configure({"mlm": {"samples": -1}})

@@ -98,7 +98,8 @@ def phrase_words(phrase: str) -> int:
 class FusionBatchHook:
     """Adds masked-token inputs to a collated batch (runs in DataLoader workers).
 
-    ``mlm_prob > 0``: ``mlm_tokens`` and ``mlm_labels`` (B, L) from the caption tokens.
+    ``mlm_prob > 0``: ``mlm_tokens`` and ``mlm_labels`` (B, L) from the caption tokens; with
+    ``mlm_samples`` = k > 0, (k, L) from the batch's first k captions only (min(k, B)).
     ``phrases``: one noun phrase per caption drawn at random -> ``phrase_tokens`` (B, L),
     ``mpm_tokens`` and ``mpm_labels`` (one [MASK] inside the phrase). ``phrase_table`` maps a
     cleaned caption to its phrases (parsed once up front); a caption missing from it is
@@ -109,6 +110,7 @@ class FusionBatchHook:
 
     spec: MaskSpec = field(default_factory=MaskSpec)
     mlm_prob: float = 0.0
+    mlm_samples: int = 0
     phrases: bool = False
     phrase_table: dict[str, list[str]] = field(default_factory=dict)
     min_words: int = 1
@@ -130,7 +132,8 @@ class FusionBatchHook:
         key = zlib.crc32("\x00".join(batch["captions"]).encode())
         g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self._calls) * 4_294_967_311 + key) % 2**63)
         if self.mlm_prob > 0:
-            batch["mlm_tokens"], batch["mlm_labels"] = mlm_mask(batch["tokens"], self.spec, self.mlm_prob, g)
+            tokens = batch["tokens"][: self.mlm_samples] if self.mlm_samples > 0 else batch["tokens"]
+            batch["mlm_tokens"], batch["mlm_labels"] = mlm_mask(tokens, self.spec, self.mlm_prob, g)
         if self.phrases:
             rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=g)))
             chosen = [rng.choice(self._phrases_of(c)) for c in batch["captions"]]

@@ -40,12 +40,17 @@ def check_supported(recipe) -> None:
     """Refuse ``train.grad_cache_chunk`` with one line when the recipe's objective cannot be cached."""
     from tbps.objectives import OBJECTIVES
     from tbps.recipes.config import ConfigError
+    from tbps.recipes.stages import stage_starts
 
     chunk = recipe.train.grad_cache_chunk
     cls = OBJECTIVES.get(recipe.objective)
-    if chunk and cls is not None and cls.not_cacheable is not None:
+    if not chunk or cls is None:
+        return
+    sections = [recipe.losses_at(start) for start in [0.0] + stage_starts(recipe.stages, recipe.train.epochs)]
+    reason = next((r for r in map(cls.cache_refusal, sections) if r is not None), None)
+    if reason is not None:
         raise ConfigError(f"train.grad_cache_chunk={chunk}: objective {recipe.objective!r} cannot be trained with "
-                          f"gradient caching ({cls.not_cacheable}); drop the key and reach the global batch with "
+                          f"gradient caching ({reason}); drop the key and reach the global batch with "
                           "data.batch_size per GPU x GPUs")
 
 

@@ -60,6 +60,13 @@ class Objective(nn.Module):
     # declares its encoder calls in embeddings()).
     not_cacheable: ClassVar[str | None] = "it does not declare its encoder calls for gradient caching"
 
+    @classmethod
+    def cache_refusal(cls, losses: dict[str, Any]) -> str | None:
+        """Why gradient caching cannot train this objective under ``losses`` (a ``losses:`` section, as a
+        stage has it); None when it can. The default is the class's ``not_cacheable``; an objective with a
+        setting that gradient caching cannot split overrides this."""
+        return cls.not_cacheable
+
     def configure(self, losses: dict[str, Any]) -> None:
         """Apply a (possibly per-stage) ``losses:`` section; called before every epoch. Required."""
         raise NotImplementedError(f"{type(self).__name__} does not implement configure(losses)")

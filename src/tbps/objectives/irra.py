@@ -12,6 +12,9 @@
   set :meth:`prepare_data` keeps; a masked token outside them, possible only with text augmentation that
   adds words, is left out of the loss). The head's last layer costs M x W x V a step: on CPU,
   at the tiny recipes' sizes, about 40 % of what MLM adds to a step (docs/laip-irra-log.md, a second session).
+  ``mlm.samples``: 0 (IRRA: every caption of the batch) or k > 0, MLM on the batch's first k captions
+  only (per process; the batch is shuffled): the masked captions' text pass and the fusion encoder then
+  run on k rows, a CPU setting that makes the MLM step cheaper. Not with gradient caching (refused).
 
 The fusion encoder is the objective's (saved under ``objective.fusion.*``); IRRA uses it
 only for training, but it can also re-score at inference (``tbps eval --rescore``) once
@@ -39,7 +42,7 @@ FUSION_DEFAULTS = {"width": 512, "layers": 4, "heads": 8, "mlp_ratio": 4.0}
 DEFAULTS: dict[str, Any] = {
     "sdm": {"weight": 1.0, "logit_scale": 50.0},
     "id": {"weight": 1.0, "label_smoothing": 0.0},
-    "mlm": {"weight": 1.0, "prob": 0.15, "vocabulary": "all"},
+    "mlm": {"weight": 1.0, "prob": 0.15, "vocabulary": "all", "samples": 0},
     "fusion": dict(FUSION_DEFAULTS),
     "gather": True,
 }
@@ -74,6 +77,17 @@ class IRRAObjective(Objective):
             from tbps.recipes.config import ConfigError
 
             raise ConfigError(f"losses.mlm.vocabulary {self.cfg['mlm']['vocabulary']!r}: all or training")
+        if self.cfg["mlm"]["samples"] < 0:
+            from tbps.recipes.config import ConfigError
+
+            raise ConfigError(f"losses.mlm.samples {self.cfg['mlm']['samples']}: 0 (every caption) or a count > 0")
+
+    @classmethod
+    def cache_refusal(cls, losses: dict[str, Any]) -> str | None:
+        mlm = merge_losses(cls.defaults, losses or {})["mlm"]
+        if mlm["weight"] > 0 and mlm["samples"] > 0:
+            return "losses.mlm.samples > 0 masks a part of the batch, which gradient caching cannot split"
+        return cls.not_cacheable
 
     def prepare_data(self, dataset) -> None:
         """Keep the training set: with ``mlm.vocabulary: training`` (from the start or from a later stage)
@@ -117,7 +131,9 @@ class IRRAObjective(Objective):
     def batch_hook(self, dataset=None) -> FusionBatchHook | None:
         """Masked captions for MLM, made in the data pipeline."""
         m = self.cfg["mlm"]
-        return FusionBatchHook(spec=self.mask_spec, mlm_prob=m["prob"]) if m["weight"] > 0 else None
+        if m["weight"] <= 0:
+            return None
+        return FusionBatchHook(spec=self.mask_spec, mlm_prob=m["prob"], mlm_samples=m["samples"])
 
     def forward(self, model: nn.Module, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -142,8 +158,8 @@ class IRRAObjective(Objective):
             if "mlm_tokens" not in batch:
                 raise ValueError("losses.mlm has weight > 0 but the batch has no mlm_tokens (Collate without the "
                                  "objective's batch_hook)")
-            _, words, mask = model.text_tokens(batch["mlm_tokens"])  # (B, L, D), (B, L)
-            fused = self.fusion(words, mask, memory)
+            _, words, mask = model.text_tokens(batch["mlm_tokens"])  # (k, L, D), (k, L): k = B, or mlm.samples
+            fused = self.fusion(words, mask, memory[: words.shape[0]])
             chosen = batch["mlm_labels"] != -100
             support, labels = self._mlm_targets(batch["mlm_labels"][chosen])
             logits = self.fusion.mlm_logits(fused, chosen, support)  # (M, V) or (M, S)
