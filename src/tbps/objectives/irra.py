@@ -13,7 +13,7 @@
   adds words, is left out of the loss). The head's last layer costs M x W x V a step: on CPU,
   at the tiny recipes' sizes, about 40 % of what MLM adds to a step (docs/laip-irra-log.md, a second session).
   ``mlm.samples``: 0 (IRRA: every caption of the batch) or k > 0, MLM on the batch's first k captions
-  only (per process; the batch is shuffled): the masked captions' text pass and the fusion encoder then
+  only (per process; in a shuffled batch, a random k): the masked captions' text pass and the fusion encoder then
   run on k rows, a CPU setting that makes the MLM step cheaper. Not with gradient caching (refused).
 
 The fusion encoder is the objective's (saved under ``objective.fusion.*``); IRRA uses it
