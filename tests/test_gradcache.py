@@ -177,7 +177,8 @@ def test_objectives_that_cannot_be_cached_refuse_the_key_before_reading_data(rec
 
 def test_irra_refuses_the_key_only_where_mlm_runs_on_part_of_the_batch():
     """IRRA is cacheable, but ``losses.mlm.samples`` (MLM on the first k captions) cannot be split into
-    chunks: refused when a stage runs MLM with it, accepted when MLM is off wherever it is set."""
+    chunks: refused when any part of the run (a stage, or the time after one ends) runs MLM with it,
+    accepted when MLM is off wherever it is set."""
     key = "train.grad_cache_chunk=4"
     gradcache.check_supported(load_recipe("irra-cpu", [key]))
     with pytest.raises(ConfigError, match=r"'irra' .*losses.mlm.samples > 0") as e:
@@ -185,6 +186,9 @@ def test_irra_refuses_the_key_only_where_mlm_runs_on_part_of_the_batch():
     assert "\n" not in str(e.value)
     gradcache.check_supported(load_recipe("irra-cpu", [key, "losses.mlm.samples=16", "stages=[]",
                                                        "losses.mlm.weight=0"]))
+    with pytest.raises(ConfigError, match="losses.mlm.samples"):  # on after a first stage that has it off ends
+        gradcache.check_supported(load_recipe("irra-cpu", [
+            key, "losses.mlm.samples=16", "stages=[{start: 0.0, end: 0.5, losses: {mlm: {weight: 0.0}}}]"]))
 
 
 @pytest.mark.slow

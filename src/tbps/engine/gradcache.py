@@ -40,13 +40,13 @@ def check_supported(recipe) -> None:
     """Refuse ``train.grad_cache_chunk`` with one line when the recipe's objective cannot be cached."""
     from tbps.objectives import OBJECTIVES
     from tbps.recipes.config import ConfigError
-    from tbps.recipes.stages import stage_starts
+    from tbps.recipes.stages import segment_starts
 
     chunk = recipe.train.grad_cache_chunk
     cls = OBJECTIVES.get(recipe.objective)
     if not chunk or cls is None:
         return
-    sections = [recipe.losses_at(start) for start in [0.0] + stage_starts(recipe.stages, recipe.train.epochs)]
+    sections = [recipe.losses_at(p) for p in segment_starts(recipe.stages, recipe.train.epochs)]
     reason = next((r for r in map(cls.cache_refusal, sections) if r is not None), None)
     if reason is not None:
         raise ConfigError(f"train.grad_cache_chunk={chunk}: objective {recipe.objective!r} cannot be trained with "

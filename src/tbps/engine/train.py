@@ -409,10 +409,10 @@ def _write_config(job: TrainJob, out: Path, data: _Data, epochs: int, dist: Dist
 def _prepare_data(loop: Loop, dataset) -> None:
     """The objective's one-off data work for every losses section the recipe's stages use (each
     after ``configure`` with it), so a later stage's data work is not done on the time budget."""
-    from tbps.recipes.stages import stage_starts
+    from tbps.recipes.stages import segment_starts
 
     recipe, seen = loop.recipe, []
-    for position in [0.0, *stage_starts(recipe.stages, loop.epochs)]:
+    for position in segment_starts(recipe.stages, loop.epochs):
         losses = recipe.losses_at(position, loop.epochs)
         if losses not in seen:
             seen.append(losses)

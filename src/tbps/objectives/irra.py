@@ -72,14 +72,12 @@ class IRRAObjective(Objective):
         self.fusion.itm_head.requires_grad_(False)
 
     def configure(self, losses: dict[str, Any]) -> None:
+        from tbps.recipes.config import ConfigError
+
         self.cfg = merge_losses(self.defaults, losses or {})
         if self.cfg["mlm"]["vocabulary"] not in ("all", "training"):
-            from tbps.recipes.config import ConfigError
-
             raise ConfigError(f"losses.mlm.vocabulary {self.cfg['mlm']['vocabulary']!r}: all or training")
         if self.cfg["mlm"]["samples"] < 0:
-            from tbps.recipes.config import ConfigError
-
             raise ConfigError(f"losses.mlm.samples {self.cfg['mlm']['samples']}: 0 (every caption) or a count > 0")
 
     @classmethod

@@ -107,3 +107,11 @@ def fresh_modules_entered(stages: list[dict[str, Any]], before: tuple[int, ...],
 def stage_starts(stages: list[dict[str, Any]], total_epochs: float) -> list[float]:
     """Every stage's start position (epochs), in list order."""
     return [bounds(st, total_epochs)[0] for st in stages]
+
+
+def segment_starts(stages: list[dict[str, Any]], total_epochs: float) -> list[float]:
+    """Where each segment of the run begins (epochs, sorted): 0, every stage's start and every end
+    before the run's. The losses in force change only there, so these positions give every ``losses:``
+    section a run uses (the recipe's own after a stage ends included)."""
+    edges = {0.0} | {b for st in stages for b in bounds(st, total_epochs) if b < total_epochs}
+    return sorted(edges)
